@@ -1,0 +1,36 @@
+"""The pure-torch specification of rtlynx: every kernel is tested bit for bit (pruning, packing) or
+within bf16 tolerance (GEMMs) against these functions. Math lives here and nowhere else.
+
+- ``nm``: N:M masks, pruning, compression to values + metadata ("rows" layout), the norm scale,
+  weight-sparsity baselines (magnitude, Wanda) and the full RT-Lynx linear.
+- GPU layouts of the compressed operand (for the Hopper kernels) live in sibling modules and are
+  registered in ``LAYOUTS`` so tests can ask for any of them by name.
+"""
+
+from .nm import (
+    SUPPORTED_M,
+    channel_norm,
+    check_pattern,
+    compress,
+    decompress,
+    meta_bits,
+    meta_bytes_per_row,
+    nm_mask,
+    norm_scale,
+    pad_to_multiple,
+    prune_nm,
+    prune_weight_magnitude,
+    prune_weight_wanda,
+    ranking_key,
+    sparse_act_linear,
+    wanda_score,
+)
+
+# name -> function(x, n, m) returning the tensors a kernel emits for that layout.
+LAYOUTS = {"rows": compress}
+
+__all__ = [
+    "LAYOUTS", "SUPPORTED_M", "channel_norm", "check_pattern", "compress", "decompress", "meta_bits",
+    "meta_bytes_per_row", "nm_mask", "norm_scale", "pad_to_multiple", "prune_nm", "prune_weight_magnitude",
+    "prune_weight_wanda", "ranking_key", "sparse_act_linear", "wanda_score",
+]

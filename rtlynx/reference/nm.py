@@ -1,0 +1,217 @@
+"""N:M pruning, compression and compensation: the pure-torch ground truth.
+
+Every kernel in rtlynx is tested against these functions. They run on any device and any float dtype
+and never change the dtype of the values they keep.
+
+Conventions (shared with the kernels):
+- Groups are ``m`` consecutive elements along the last dim. A group keeps the ``n`` elements with the
+  largest magnitude. The ranking key is ``|x|`` with NaN counted as +inf, so a NaN is always kept and
+  propagates to the output. Ties go to the lower index (deterministic, independent of sort algorithms).
+- Kept values are stored in index order inside their group.
+- Metadata ("rows" layout): the in-group index of every kept element, ``b`` bits each (``b = 2`` for
+  ``m <= 4``, ``b = 4`` for ``m <= 16``), packed little-endian into uint8 along the last dim: the first
+  kept element of a row sits in the lowest bits of byte 0. For 2:4 this is exactly the PTX sparse
+  metadata nibble per group of 4 (``idx0 | idx1 << 2``, ``idx0 < idx1``), two groups per byte.
+  The byte count per row is ``ceil(kept_per_row * b / 8)``; padding bits are zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_M = (2, 4, 8, 16)
+
+
+def check_pattern(n: int, m: int) -> None:
+    """Raise a clear ValueError for an unsupported N:M pattern."""
+    if not (isinstance(n, int) and isinstance(m, int)):
+        raise TypeError(f"N:M pattern must be two ints, got n={n!r}, m={m!r}")
+    if m not in SUPPORTED_M:
+        raise ValueError(f"m must be one of {SUPPORTED_M}, got m={m}")
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m for an N:M pattern, got {n}:{m}")
+
+
+def _check_input(x: torch.Tensor, m: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"N:M pruning needs a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("N:M pruning needs at least one dimension")
+    if x.shape[-1] % m != 0:
+        raise ValueError(
+            f"last dim {x.shape[-1]} is not a multiple of m={m}; pad it (rtlynx.reference.pad_to_multiple) "
+            "or keep this layer dense"
+        )
+
+
+def ranking_key(x: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN mapped to +inf: the magnitude every N:M selection in rtlynx ranks by."""
+    a = x.abs()
+    return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
+
+
+def nm_mask(x: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask keeping the ``n`` highest-scoring of every ``m`` consecutive elements of the last dim.
+
+    ``score`` defaults to ``ranking_key(x)``; pass e.g. a Wanda score to rank weights differently.
+    Ties go to the lower index.
+    """
+    check_pattern(n, m)
+    _check_input(x, m)
+    key = ranking_key(x) if score is None else ranking_key(score.to(x.device))
+    if key.shape != x.shape:
+        raise ValueError(f"score shape {tuple(key.shape)} != x shape {tuple(x.shape)}")
+    g = key.reshape(*key.shape[:-1], -1, m)
+    # rank_i = #{j : k_j > k_i} + #{j < i : k_j == k_i}; keep rank < n. O(m^2) per group, exact and stable.
+    kj = g.unsqueeze(-2)  # [..., G, 1, m] over j
+    ki = g.unsqueeze(-1)  # [..., G, m, 1] over i
+    idx = torch.arange(m, device=x.device)
+    before = (idx.view(1, m) < idx.view(m, 1))  # [i, j]: j < i
+    beats = (kj > ki) | ((kj == ki) & before)
+    rank = beats.sum(-1)
+    return (rank < n).reshape(x.shape)
+
+
+def prune_nm(x: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """x with all but the ``n`` largest-|x| of every ``m`` elements set to zero (same dtype and shape)."""
+    mask = nm_mask(x, n, m)
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def meta_bits(m: int) -> int:
+    """Bits per stored in-group index in the "rows" metadata layout."""
+    return 2 if m <= 4 else 4
+
+
+def meta_bytes_per_row(k: int, n: int, m: int) -> int:
+    return math.ceil((k // m) * n * meta_bits(m) / 8)
+
+
+def compress(x: torch.Tensor, n: int = 2, m: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune and pack: returns ``values [..., K*n/m]`` (x's dtype) and ``meta [..., bytes]`` (uint8).
+
+    See the module docstring for the metadata layout.
+    """
+    mask = nm_mask(x, n, m)
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    gm = mask.reshape(*lead, k // m, m)
+    # In-group positions of the kept elements, ascending: sort positions with dropped ones pushed last.
+    pos = torch.arange(m, device=x.device).expand_as(gm)
+    order = torch.where(gm, pos, pos + m).sort(dim=-1).values[..., :n]  # [..., G, n], in-group index
+    values = torch.gather(x.reshape(*lead, k // m, m), -1, order).reshape(*lead, k // m * n)
+    return values, _pack_indices(order.reshape(*lead, -1), meta_bits(m))
+
+
+def _pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    cnt = idx.shape[-1]
+    pad = (-cnt) % per_byte
+    if pad:
+        idx = torch.nn.functional.pad(idx, (0, pad))
+    idx = idx.to(torch.int32).reshape(*idx.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, device=idx.device, dtype=torch.int32) * bits
+    return (idx << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_indices(meta: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=meta.device, dtype=torch.int32) * bits
+    idx = (meta.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return idx.reshape(*meta.shape[:-1], -1)[..., :count].to(torch.int64)
+
+
+def decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Inverse of :func:`compress`: the dense pruned tensor ``[..., K]``."""
+    check_pattern(n, m)
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"metadata must be uint8, got {meta.dtype}")
+    kept = values.shape[-1]
+    if kept % n:
+        raise ValueError(f"values last dim {kept} is not a multiple of n={n}")
+    groups = kept // n
+    k = groups * m
+    if meta.shape[:-1] != values.shape[:-1] or meta.shape[-1] != meta_bytes_per_row(k, n, m):
+        raise ValueError(
+            f"metadata shape {tuple(meta.shape)} does not match values {tuple(values.shape)} for {n}:{m}"
+        )
+    idx = _unpack_indices(meta, meta_bits(m), kept).reshape(*values.shape[:-1], groups, n)
+    if bool((idx >= m).any()):
+        raise ValueError("corrupt metadata: in-group index >= m")
+    out = torch.zeros(*values.shape[:-1], groups, m, dtype=values.dtype, device=values.device)
+    out.scatter_(-1, idx, values.reshape(*values.shape[:-1], groups, n))
+    return out.reshape(*values.shape[:-1], k)
+
+
+def norm_scale(x: torch.Tensor, x_pruned: torch.Tensor | None = None, n: int = 2, m: int = 4,
+               eps: float = 1e-8) -> torch.Tensor:
+    """Per-token compensation ``s = sqrt(|x|^2 / (|x~|^2 + eps))`` over the last dim, in float32.
+
+    s lies in [1, sqrt(m/n)] for finite non-zero rows, so it can scale the GEMM output row instead of
+    the packed values. NaN/Inf rows give NaN/Inf scales (propagated, not hidden).
+    """
+    if x_pruned is None:
+        x_pruned = prune_nm(x, n, m)
+    xf = x.float()
+    pf = x_pruned.float()
+    return torch.sqrt((xf * xf).sum(-1) / ((pf * pf).sum(-1) + eps))
+
+
+def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Zero-pad the last dim up to a multiple of ``m`` (a zero never displaces a real value's slot
+    unless the real values of the group number fewer than n)."""
+    pad = (-x.shape[-1]) % m
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def prune_weight_magnitude(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Baseline: magnitude N:M on W [N, K] along K (what weight-sparse 2:4 kernels run)."""
+    return prune_nm(weight, n, m)
+
+
+def wanda_score(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij| * ||X_j||_2 with ``act_norm`` the per-input-channel L2 norm [K]."""
+    if act_norm.shape != weight.shape[-1:]:
+        raise ValueError(f"act_norm must have shape [{weight.shape[-1]}], got {tuple(act_norm.shape)}")
+    return weight.abs().float() * act_norm.to(weight.device).float()
+
+
+def prune_weight_wanda(weight: torch.Tensor, act_norm: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Baseline: Wanda N:M on W along K, ranking by :func:`wanda_score`."""
+    mask = nm_mask(weight, n, m, score=wanda_score(weight, act_norm))
+    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every input channel (last dim) over all tokens, float32 [K]: Wanda's calibration stat."""
+    return x.float().reshape(-1, x.shape[-1]).pow(2).sum(0).sqrt()
+
+
+def sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      n: int = 2, m: int = 4, compensation: str = "norm",
+                      lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+                      eps: float = 1e-8, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The RT-Lynx layer: ``y = s * (prune(x) @ W^T) + b + (x @ A^T) @ B^T``.
+
+    ``s`` is the per-token norm scale (``compensation="norm"``) or 1 (``"none"``); the LoRA branch
+    runs on the dense x. ``compute_dtype=torch.float32`` gives the fp32 product kernels are checked
+    against; by default the math runs in x's dtype like the layer would. Output has x's dtype.
+    """
+    if compensation not in ("none", "norm"):
+        raise ValueError(f"compensation must be 'none' or 'norm', got {compensation!r}")
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x last dim {x.shape[-1]} != weight in_features {weight.shape[-1]}")
+    cd = compute_dtype or x.dtype
+    xp = prune_nm(x, n, m)
+    y = torch.nn.functional.linear(xp.to(cd), weight.to(cd))
+    if compensation == "norm":
+        y = y * norm_scale(x, xp, eps=eps).to(cd).unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.to(cd)
+    if lora_a is not None and lora_b is not None:
+        y = y + torch.nn.functional.linear(torch.nn.functional.linear(x.to(cd), lora_a.to(cd)), lora_b.to(cd))
+    return y.to(x.dtype)
