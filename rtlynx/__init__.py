@@ -1,0 +1,19 @@
+"""rtlynx: online N:M activation sparsity for Diffusion Transformers (RT-Lynx).
+
+    import rtlynx
+    rtlynx.sparsify(transformer)                 # 2:4 on the paper's layers, norm compensation
+    print(rtlynx.summary(transformer))
+    rtlynx.save(transformer, "lynx/")            # config + LoRA only, never the base weights
+"""
+
+from .api import configure, dense_mode, eligible_layers, sparse_layers, sparsify, summary, unsparsify
+from .config import SparsityConfig
+from .io import load, save
+from .nn import SparseActLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseActLinear", "SparsityConfig", "configure", "dense_mode", "eligible_layers", "load", "save",
+    "sparse_layers", "sparsify", "summary", "unsparsify",
+]

@@ -1,0 +1,125 @@
+"""Execution backends of SparseActLinear on a 2-D input ``x [M, K]``.
+
+Each backend computes exactly ``reference.sparse_act_linear`` (the spec) and raises
+:class:`BackendUnavailable` when it cannot run the given call; the layer then falls back along
+``FALLBACK`` with a one-time warning.
+
+- reference: pure torch on any device (mask + dense GEMM on the pruned x). Correct, not fast.
+- cusparselt: PyTorch's ``torch._cslt_compress`` / ``torch._cslt_sparse_mm`` (2:4, fp16/bf16, CUDA):
+  what a user can assemble today. Its fused bias is added per row when the sparse operand is on the
+  left, so bias, norm scale and LoRA are applied outside the call.
+- lynx: rtlynx's fused Hopper kernels (``rtlynx.ops``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+_warned: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run this call (device, dtype, pattern, shape or missing library)."""
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` is seen in this process (fallbacks are per-call decisions)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cusparselt_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        ok = torch.backends.cusparselt.is_available()
+    except Exception as e:  # very old torch
+        return False, f"torch.backends.cusparselt unavailable ({e})"
+    return (True, f"cuSPARSELt {torch.backends.cusparselt.version()}") if ok else (False, "torch built without cuSPARSELt")
+
+
+def lynx_status() -> tuple[bool, str]:
+    try:
+        from . import ops
+    except ImportError as e:
+        return False, f"rtlynx.ops not importable ({e})"
+    status = getattr(ops, "lynx_status", None)
+    return status() if status else (False, "rtlynx.ops has no lynx kernels in this build")
+
+
+def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+    return reference.sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
+
+
+def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+    ok, why = cusparselt_status()
+    if not ok:
+        raise BackendUnavailable(why)
+    if (n, m) != (2, 4):
+        raise BackendUnavailable(f"cuSPARSELt runs 2:4 only, not {n}:{m}")
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        raise BackendUnavailable(f"cuSPARSELt needs CUDA fp16/bf16 x and weight, got {x.dtype}/{weight.dtype} on {x.device}")
+    # cuSPARSELt wants every dim a multiple of 16 (bf16/fp16); pad rows, refuse odd K/N.
+    mrows, k = x.shape
+    if k % 16 or weight.shape[0] % 16:
+        raise BackendUnavailable(f"cuSPARSELt needs K and N multiples of 16, got K={k}, N={weight.shape[0]}")
+    xp = reference.prune_nm(x, n, m)
+    pad = (-mrows) % 16
+    xs = F.pad(xp, (0, 0, 0, pad)) if pad else xp
+    try:
+        y = torch._cslt_sparse_mm(torch._cslt_compress(xs.contiguous()), weight.t())[:mrows]
+    except RuntimeError as e:
+        raise BackendUnavailable(f"cuSPARSELt failed: {e}") from e
+    if compensation == "norm":
+        y = y * reference.norm_scale(x, xp, eps=eps).to(y.dtype).unsqueeze(-1)
+    if bias is not None:
+        y = y + bias
+    if lora_a is not None and lora_b is not None:
+        y = y + F.linear(F.linear(x, lora_a), lora_b)
+    return y
+
+
+def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+    ok, why = lynx_status()
+    if not ok:
+        raise BackendUnavailable(why)
+    from . import ops
+
+    try:
+        return ops.lynx_linear(x, weight, bias, compensation == "norm", lora_a, lora_b, n=n, m=m, eps=eps)
+    except ops.Unsupported as e:
+        raise BackendUnavailable(str(e)) from e
+
+
+RUNNERS = {"reference": run_reference, "cusparselt": run_cusparselt, "lynx": run_lynx}
+# Where each backend goes when it cannot run a call; "auto" starts at the fastest.
+FALLBACK = {"auto": "lynx", "lynx": "cusparselt", "cusparselt": "reference", "reference": None}
+
+
+def run(backend: str, *args):
+    """Run ``backend`` on the call, falling back (with a one-time warning) until one can run it.
+
+    The "auto" chain falls back silently from lynx/cuSPARSELt to the reference on CPU, where that
+    is the expected path; an explicitly requested backend that cannot run always warns.
+    """
+    requested = backend
+    name = FALLBACK[backend] if backend == "auto" else backend
+    reasons = []
+    while name is not None:
+        try:
+            return RUNNERS[name](*args)
+        except BackendUnavailable as e:
+            reasons.append(f"{name}: {e}")
+            nxt = FALLBACK[name]
+            x = args[0]
+            if requested != "auto" or x.is_cuda:
+                warn_once(f"{requested}->{name}:{e}",
+                          f"rtlynx backend {name!r} cannot run this call ({e}); falling back to {nxt!r}")
+            name = nxt
+    raise RuntimeError("no rtlynx backend could run this call: " + "; ".join(reasons))

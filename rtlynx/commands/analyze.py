@@ -1,0 +1,68 @@
+"""`rtlynx analyze`: per-layer weight-vs-activation N:M error of a model, as CSV + PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TINY = ("tiny-flux", "tiny-qwen-image", "tiny-z-image")
+
+
+def load_model_and_inputs(spec: str, batches: int, seed: int):
+    """(model, list of forward kwargs, label) for a model spec: a tiny random diffusers model,
+    "miniflux" (the shipped trained model, real sampling-trajectory inputs) or a local diffusers
+    model directory (random latent inputs)."""
+    import torch
+
+    from ..integrations.diffusers import example_inputs, tiny_transformer
+
+    if spec in TINY:
+        model = tiny_transformer(spec.removeprefix("tiny-"), seed=seed)
+        return model, [example_inputs(model, seed=seed + i) for i in range(batches)], spec
+    if spec == "miniflux":
+        from ..models import miniflux
+
+        return miniflux.analysis_inputs(batches=batches, seed=seed)
+    path = Path(spec)
+    if not path.is_dir():
+        raise SystemExit(f"rtlynx analyze: unknown model {spec!r}: use one of {TINY}, 'miniflux' or a local "
+                         "diffusers model directory")
+    import diffusers
+
+    cfg = diffusers.ConfigMixin.load_config(str(path))
+    cls = getattr(diffusers, cfg.get("_class_name", ""), None)
+    if cls is None:
+        raise SystemExit(f"rtlynx analyze: {path} has no diffusers _class_name in its config")
+    model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    torch.manual_seed(seed)
+    return model, [example_inputs(model, seed=seed + i) for i in range(batches)], path.name
+
+
+def run(args) -> int:
+    from .. import analysis
+
+    model, inputs, label = load_model_and_inputs(args.model, args.batches, args.seed)
+    rows = analysis.analyze(model, inputs, n=args.n, m=args.m, preset=args.preset, max_tokens=args.max_tokens)
+    if not rows:
+        raise SystemExit("rtlynx analyze: no sparsifiable layer saw any input")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = analysis.write_csv(rows, out / "layer_errors.csv")
+    png_path = analysis.plot(rows, out / "layer_errors.png", title=f"{label}: {args.n}:{args.m} per-layer output error",
+                             n=args.n, m=args.m)
+    print(analysis.report(rows))
+    print(f"wrote {csv_path} and {png_path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="per-layer weight vs activation N:M error (CSV + PNG)")
+    p.add_argument("--model", default="tiny-flux",
+                   help=f"{', '.join(TINY)}, miniflux (shipped model) or a local diffusers model dir")
+    p.add_argument("--out", default="rtlynx-analysis", help="output directory")
+    p.add_argument("--n", type=int, default=2)
+    p.add_argument("--m", type=int, default=4)
+    p.add_argument("--preset", default=None, help="which layers (default: all token linears)")
+    p.add_argument("--batches", type=int, default=2, help="forward passes to collect inputs from")
+    p.add_argument("--max-tokens", type=int, default=4096, help="input rows kept per layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)

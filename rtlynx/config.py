@@ -1,0 +1,70 @@
+"""SparsityConfig: everything `rtlynx.sparsify` needs, validated, versioned, JSON-serializable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .reference import check_pattern
+
+BACKENDS = ("auto", "reference", "cusparselt", "lynx")
+COMPENSATIONS = ("none", "norm")
+K_REMAINDER = ("pad", "dense")
+CONFIG_VERSION = 1
+
+
+@dataclass
+class SparsityConfig:
+    """How to sparsify a model.
+
+    n, m: the N:M pattern along K (2:4 is what the sparse tensor cores run; 1:4, 4:8, 8:16 for studies).
+    preset: "auto" (by model class), a name from ``rtlynx.presets.PRESETS``, or None (use ``include``).
+    include / exclude: extra fnmatch globs on qualified module names, added to the preset's.
+    compensation: "norm" (per-token norm rescale of the GEMM output) or "none".
+    lora_rank: rank of the LoRA branch on the dense input (0 = off).
+    backend: "auto" (fastest that runs here), "reference" (pure torch), "cusparselt", "lynx".
+    k_remainder: K not a multiple of m: "pad" with zeros (exact for the kept set) or run "dense".
+    """
+
+    n: int = 2
+    m: int = 4
+    preset: str | None = "auto"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    compensation: str = "norm"
+    lora_rank: int = 0
+    backend: str = "auto"
+    k_remainder: str = "pad"
+    eps: float = 1e-8
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self):
+        check_pattern(self.n, self.m)
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
+                                     ("backend", self.backend, BACKENDS),
+                                     ("k_remainder", self.k_remainder, K_REMAINDER)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported (this rtlynx reads {CONFIG_VERSION})")
+        if self.preset is None and not self.include:
+            raise ValueError("preset=None needs include globs naming the layers to sparsify")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsityConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig fields {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,74 @@
+"""diffusers glue: tiny random-config transformers (offline tests, demos) and example forward inputs.
+
+The configs mirror the real models' structure (block types, RoPE axes, MLPs) at toy width, the way
+diffusers' own tests build them, so the real block code is what runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_CONFIGS = {
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])),
+    "qwen-image": ("QwenImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))),
+    "z-image": ("ZImageTransformer2DModel", dict(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=4, n_kv_heads=4, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32])),
+}
+
+
+def tiny_transformer(kind: str, seed: int = 0, dtype=torch.float32):
+    """A randomly initialised tiny diffusers transformer of ``kind`` (flux, qwen-image, z-image)."""
+    import diffusers
+
+    if kind not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose from {sorted(TINY_CONFIGS)}")
+    cls_name, cfg = TINY_CONFIGS[kind]
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls_name)(**cfg).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def example_inputs(model, batch: int = 1, height: int = 8, width: int = 8, text_len: int = 6,
+                   seed: int = 0) -> dict:
+    """Random forward kwargs for a Flux / Qwen-Image / Z-Image transformer (latent ``height x width``)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev, dtype)
+
+    name = type(model).__name__
+    if name == "FluxTransformer2DModel":
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(height).float(), torch.arange(width).float(),
+                                         indexing="ij"), -1).reshape(-1, 3).float()
+        return dict(hidden_states=rnd(batch, height * width, cfg.in_channels),
+                    encoder_hidden_states=rnd(batch, text_len, cfg.joint_attention_dim),
+                    pooled_projections=rnd(batch, cfg.pooled_projection_dim),
+                    timestep=torch.full((batch,), 0.5, device=dev), img_ids=ids.to(dev),
+                    txt_ids=torch.zeros(text_len, 3, device=dev), return_dict=False)
+    if name == "QwenImageTransformer2DModel":
+        h, w = height // 2, width // 2
+        return dict(hidden_states=rnd(batch, h * w, cfg.in_channels),
+                    encoder_hidden_states=rnd(batch, text_len, cfg.joint_attention_dim),
+                    encoder_hidden_states_mask=torch.ones(batch, text_len, device=dev, dtype=torch.long),
+                    timestep=torch.full((batch,), 0.5, device=dev), img_shapes=[[(1, h, w)]] * batch,
+                    return_dict=False)
+    if name == "ZImageTransformer2DModel":
+        return dict(x=[rnd(cfg.in_channels, 1, height, width) for _ in range(batch)],
+                    t=torch.full((batch,), 0.5, device=dev),
+                    cap_feats=[rnd(text_len, cfg.cap_feat_dim) for _ in range(batch)], return_dict=False)
+    raise ValueError(f"no example inputs for {name}; pass your own forward kwargs")
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The main tensor of a transformer forward (tuple / list / output object)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "sample", out)

@@ -1,0 +1,129 @@
+"""SparseActLinear: a drop-in for nn.Linear whose input is pruned to N:M online, every forward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends, reference
+from .config import BACKENDS, COMPENSATIONS, K_REMAINDER
+
+MODES = ("sparse", "dense", "weight")
+
+
+class SparseActLinear(nn.Module):
+    """``y = s * (prune_nm(x) @ W^T) + b + (x @ A^T) @ B^T``, reusing the wrapped Linear's parameters.
+
+    - ``weight`` / ``bias`` are the original ``nn.Parameter`` objects (no copy), so the original
+      state_dict keys stay valid and training / loading the base model still reaches them.
+    - ``compensation="norm"``: s is the per-token norm scale; ``"none"``: s = 1.
+    - ``lora_rank > 0`` adds ``lora_A [r, K]`` / ``lora_B [N, r]`` on the dense x; ``lora_B`` starts at
+      zero so a fresh layer equals the norm-compensated one.
+    - ``mode``: "sparse" (default), "dense" (exactly the original Linear, for A/B runs without
+      rebuilding), "weight" (baseline: magnitude N:M on W instead of on x).
+    - K not a multiple of m: ``k_remainder="pad"`` zero-pads the last group, ``"dense"`` runs the
+      layer dense; either way a one-time warning says so.
+    """
+
+    def __init__(self, linear: nn.Linear, n: int = 2, m: int = 4, compensation: str = "norm",
+                 lora_rank: int = 0, backend: str = "auto", k_remainder: str = "pad", eps: float = 1e-8):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseActLinear wraps an nn.Linear, got {type(linear).__name__}")
+        reference.check_pattern(n, m)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.n, self.m, self.eps = n, m, eps
+        self.compensation = compensation
+        self.backend = backend
+        self.k_remainder = k_remainder
+        self.mode = "sparse"
+        self.lora_enabled = True
+        self.lora_rank = 0
+        self.lora_A = self.lora_B = None
+        if lora_rank:
+            self.add_lora(lora_rank)
+        self._weight_cache = None
+        self._validate()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseActLinear":
+        return cls(linear, **kwargs)
+
+    def add_lora(self, rank: int) -> None:
+        """(Re)create the LoRA branch: A like nn.Linear's init, B = 0 (the layer output is unchanged)."""
+        if rank <= 0:
+            raise ValueError(f"LoRA rank must be > 0, got {rank}")
+        w = self.weight
+        a = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.lora_rank = rank
+
+    def _validate(self) -> None:
+        for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
+                                     ("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
+                                     ("k_remainder", self.k_remainder, K_REMAINDER)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={self.n}:{self.m}, compensation={self.compensation}, lora_rank={self.lora_rank}, "
+                f"backend={self.backend}, mode={self.mode}")
+
+    def to_linear(self) -> nn.Linear:
+        """The plain nn.Linear holding this layer's (shared) weight and bias; the LoRA is dropped."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device="meta", dtype=self.weight.dtype)
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+    def _pruned_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            wp = reference.prune_weight_magnitude(reference.pad_to_multiple(w.detach(), self.m), self.n, self.m)
+            self._weight_cache = (key, wp[:, : self.in_features])
+        return self._weight_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._validate()
+        if not x.is_floating_point():
+            raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+        if self.mode == "dense":
+            return F.linear(x, self.weight, self.bias)
+        if self.mode == "weight":
+            return F.linear(x, self._pruned_weight(), self.bias)
+        k = self.in_features
+        if k % self.m:
+            msg = f"K={k} is not a multiple of m={self.m}"
+            if self.k_remainder == "dense":
+                backends.warn_once(f"kdense:{k}:{self.m}", f"rtlynx: {msg}; running this layer dense")
+                return F.linear(x, self.weight, self.bias)
+            backends.warn_once(f"kpad:{k}:{self.m}", f"rtlynx: {msg}; zero-padding the last group")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        use_lora = self.lora_enabled and self.lora_A is not None
+        lora_a, lora_b = (self.lora_A, self.lora_B) if use_lora else (None, None)
+        if k % self.m:
+            y = self._forward_padded(x2, lora_a, lora_b)
+        else:
+            y = backends.run(self.backend, x2, self.weight, self.bias, self.n, self.m, self.compensation,
+                             lora_a, lora_b, self.eps)
+        return y.reshape(*lead, self.out_features)
+
+    def _forward_padded(self, x2, lora_a, lora_b):
+        # Zero columns in x and W change neither the kept set of full groups nor any dot product.
+        xp = reference.pad_to_multiple(x2, self.m)
+        wp = reference.pad_to_multiple(self.weight, self.m)
+        ap = reference.pad_to_multiple(lora_a, self.m) if lora_a is not None else None
+        return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps)

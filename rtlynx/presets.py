@@ -1,0 +1,98 @@
+"""Which linears of which model get sparsified: plain data, one entry per preset.
+
+Names are fnmatch globs on qualified module names (``*`` also matches dots). A layer is sparsified
+when it matches an ``include`` glob and no ``exclude`` glob. Conditioning-only layers (timestep /
+modulation / pooled embedders: they run on M = batch rows and gain nothing), embedders and final
+projections are never included. "paper" presets follow RT-Lynx: Q/K/V and MLP up/down projections,
+attention output projections kept dense.
+"""
+
+from __future__ import annotations
+
+# Globs that name conditioning-only, embedding or output-head linears in diffusers transformers.
+# They are excluded by every preset, including user-written include rules that would catch them.
+CONDITIONING_EXCLUDES = (
+    "*time*embed*", "*timestep*", "*guidance_embed*", "*text_embedder*", "*t_embedder*",
+    "*adaLN*", "*adaln*", "*_mod.*", "*norm*.linear", "*norm_out*", "*condition_embedder*",
+    "*caption_projection*", "*pos_embed*",
+)
+
+PRESETS: dict[str, dict] = {
+    "flux": {
+        "models": ["FluxTransformer2DModel"],
+        "doc": "FLUX.1 paper preset: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "include": [
+            "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
+            "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
+            "transformer_blocks.*.attn.add_v_proj",
+            "transformer_blocks.*.ff.net.0.proj", "transformer_blocks.*.ff.net.2",
+            "transformer_blocks.*.ff_context.net.0.proj", "transformer_blocks.*.ff_context.net.2",
+            "single_transformer_blocks.*.attn.to_q", "single_transformer_blocks.*.attn.to_k",
+            "single_transformer_blocks.*.attn.to_v", "single_transformer_blocks.*.proj_mlp",
+            # K = [attention output | GELU(MLP up)]: mostly the MLP down-projection.
+            "single_transformer_blocks.*.proj_out",
+        ],
+        "exclude": [],
+    },
+    "flux-all": {
+        "models": ["FluxTransformer2DModel"],
+        "doc": "FLUX.1: every token-level linear inside the blocks",
+        "include": ["transformer_blocks.*", "single_transformer_blocks.*"],
+        "exclude": [],
+    },
+    "qwen-image": {
+        "models": ["QwenImageTransformer2DModel"],
+        "doc": "Qwen-Image paper preset: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "include": [
+            "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
+            "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
+            "transformer_blocks.*.attn.add_v_proj",
+            "transformer_blocks.*.img_mlp.net.0.proj", "transformer_blocks.*.img_mlp.net.2",
+            "transformer_blocks.*.txt_mlp.net.0.proj", "transformer_blocks.*.txt_mlp.net.2",
+        ],
+        "exclude": [],
+    },
+    "qwen-image-all": {
+        "models": ["QwenImageTransformer2DModel"],
+        "doc": "Qwen-Image: every token-level linear inside the blocks",
+        "include": ["transformer_blocks.*"],
+        "exclude": [],
+    },
+    "z-image": {
+        "models": ["ZImageTransformer2DModel"],
+        "doc": "Z-Image paper preset: Q/K/V and SwiGLU w1/w3 (up) and w2 (down) in all layers and refiners",
+        "include": [
+            "*layers.*.attention.to_q", "*layers.*.attention.to_k", "*layers.*.attention.to_v",
+            "*refiner.*.attention.to_q", "*refiner.*.attention.to_k", "*refiner.*.attention.to_v",
+            "*layers.*.feed_forward.w1", "*layers.*.feed_forward.w2", "*layers.*.feed_forward.w3",
+            "*refiner.*.feed_forward.w1", "*refiner.*.feed_forward.w2", "*refiner.*.feed_forward.w3",
+        ],
+        "exclude": [],
+    },
+    "z-image-all": {
+        "models": ["ZImageTransformer2DModel"],
+        "doc": "Z-Image: every token-level linear inside the layers and refiners",
+        "include": ["layers.*", "noise_refiner.*", "context_refiner.*"],
+        "exclude": [],
+    },
+    "default": {
+        "models": [],
+        "doc": "Any other diffusers transformer (SD3, PixArt, DiT, Wan...): token linears inside the blocks",
+        "include": ["transformer_blocks.*", "single_transformer_blocks.*", "blocks.*", "layers.*"],
+        "exclude": [],
+    },
+}
+
+# The preset "auto" picks by model class name; unknown classes get "default".
+MODEL_PRESETS = {cls: name for name, p in PRESETS.items() if not name.endswith("-all") for cls in p["models"]}
+
+
+def resolve_preset(name: str | None, model_class: str) -> str | None:
+    """Preset name for ``name`` ("auto" -> by model class, None -> no preset)."""
+    if name is None or name == "none":
+        return None
+    if name == "auto":
+        return MODEL_PRESETS.get(model_class, "default")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, 'auto' or None")
+    return name
