@@ -1,0 +1,28 @@
+"""`rtlynx data emoji64`: build (or reuse) the Emoji-64 npz from npm packages."""
+from __future__ import annotations
+
+
+def register(subparsers):
+    p = subparsers.add_parser("data", help="build data sets")
+    sub = p.add_subparsers(dest="dataset", required=True)
+    e = sub.add_parser("emoji64", help="Emoji-64: Noto + Twemoji + Fluent 3D at 64x64 with prompts")
+    from rtlynx.data.emoji64 import DEFAULT_PATH
+
+    e.add_argument("--out", default=str(DEFAULT_PATH), help="output npz (default: %(default)s)")
+    e.add_argument("--npm-cache", default=None, help="folder for the npm tarballs (default: next to --out)")
+    e.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
+    e.set_defaults(func=_emoji64)
+
+
+def _emoji64(args):
+    from pathlib import Path
+
+    from rtlynx.data import emoji64
+
+    existed = Path(args.out).exists()
+    path = emoji64.build_from_npm(args.out, args.npm_cache, force=args.force)
+    d = emoji64.load(path)
+    what = "reused" if existed and not args.force else "built"
+    print(f"{what} {path}: {len(d['images'])} images, {len(set(d['identity'].tolist()))} identities, "
+          f"{len(d['category_names'])} categories, styles {list(d['style_names'])}")
+    return 0
