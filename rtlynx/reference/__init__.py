@@ -28,6 +28,7 @@ from .nm import (
 
 # name -> function(x, n, m) returning the tensors a kernel emits for that layout.
 LAYOUTS = {"rows": compress}
+LAYOUTS["sm90"] = __import__(f"{__name__}.sm90", fromlist=["compress_sm90"]).compress_sm90  # Hopper kernels
 
 __all__ = [
     "LAYOUTS", "SUPPORTED_M", "channel_norm", "check_pattern", "compress", "decompress", "meta_bits",

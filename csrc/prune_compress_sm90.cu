@@ -1,0 +1,216 @@
+// Online 2:4 prune + compress of activations for the Hopper sparse GEMM, plus the per-token norm scale.
+//
+// One pass over X: every thread owns one 16-element run of a row (32 bytes in, 16 bytes of values and one
+// 16-bit metadata word out); a half-warp owns a row inside a 16-row slab, so the |x|^2 / |x~|^2 row sums
+// reduce with shuffles and the metadata words of a block fill whole 128-byte lines of the sm90 layout.
+//
+// Selection rule (== rtlynx.reference.nm): keep the 2 largest |x| of each group of 4, NaN ranks as +inf,
+// ties go to the lower index, kept values in index order. Metadata nibble per group: idx0 | idx1 << 2.
+//
+// sm90 metadata layout (CUTLASS Sm90GemmSparseConfig, 16-bit A, tile K 128): in units of 16-bit words
+// (one word = the 4 nibbles of 16 consecutive logical elements of a row), for row m and word column
+// kw = k / 16:  m = m0 + 8 m1 + 16 m2 + 64 ma,  kw = k1 + 2 k2 + 8 ka  (m0<8, m1<2, m2<4, k1<2, k2<4)
+//   word = m1 + 2 k2 + 8 m0 + 64 k1 + 128 m2 + 512 ma + 512 (Mp/64) ka
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "rtlynx_sm90.h"
+
+#define RTLYNX_API __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int kRowsPerBlock = 16;
+constexpr int kThreads = 256;  // 16 rows x 16 threads
+
+template <class T>
+struct Traits;
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr uint16_t kInf = 0x7F80;
+  __device__ static float to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
+  __device__ static uint16_t from_float(float f) {
+    __nv_bfloat16 h = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+};
+template <>
+struct Traits<__half> {
+  static constexpr uint16_t kInf = 0x7C00;
+  __device__ static float to_float(uint16_t b) {
+    __half h = *reinterpret_cast<__half*>(&b);
+    return __half2float(h);
+  }
+  __device__ static uint16_t from_float(float f) {
+    __half h = __float2half_rn(f);
+    return *reinterpret_cast<uint16_t*>(&h);
+  }
+};
+
+__device__ __forceinline__ long meta_word_index(int m, int kw, int mtiles) {
+  int m0 = m & 7, m1 = (m >> 3) & 1, m2 = (m >> 4) & 3, ma = m >> 6;
+  int k1 = kw & 1, k2 = (kw >> 1) & 3, ka = kw >> 3;
+  return long(m1 + 2 * k2 + 8 * m0 + 64 * k1 + 128 * m2) + 512L * ma + 512L * mtiles * ka;
+}
+
+// Select 2 of 4 (16-bit encodings e[0..3]). Returns nibble idx0 | idx1 << 2 and the kept encodings.
+template <class T>
+__device__ __forceinline__ uint32_t select24(const uint16_t e[4], uint16_t& v0, uint16_t& v1) {
+  uint16_t k[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint16_t a = e[i] & 0x7FFF;
+    k[i] = a > Traits<T>::kInf ? Traits<T>::kInf : a;  // NaN -> +inf
+  }
+  // rank_i = #{j > i: k_j > k_i} + #{j < i: k_j >= k_i}; keep rank < 2
+  uint32_t keep = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int rank = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j < i) rank += (k[j] >= k[i]);
+      if (j > i) rank += (k[j] > k[i]);
+    }
+    keep |= (rank < 2 ? 1u : 0u) << i;
+  }
+  uint32_t i0 = __ffs(keep) - 1;
+  uint32_t i1 = 31 - __clz(keep);
+  // constant-index selects: a run-time index would put the run in local memory
+  v0 = i0 == 0 ? e[0] : (i0 == 1 ? e[1] : e[2]);
+  v1 = i1 == 3 ? e[3] : (i1 == 2 ? e[2] : e[1]);
+  return i0 | (i1 << 2);
+}
+
+// One 16-element run: 8 kept values (packed 16-bit), meta word, and sum of squares (all, kept).
+template <class T>
+__device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint16_t& word, float& sx, float& sp) {
+  const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
+  uint16_t* o = reinterpret_cast<uint16_t*>(&out);
+  uint32_t w = 0;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    uint16_t v0, v1;
+    uint32_t nib = select24<T>(e + 4 * g, v0, v1);
+    w |= nib << (4 * g);
+    o[2 * g] = v0;
+    o[2 * g + 1] = v1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float f = Traits<T>::to_float(e[4 * g + i]);
+      sx = fmaf(f, f, sx);
+    }
+    float f0 = Traits<T>::to_float(v0), f1 = Traits<T>::to_float(v1);
+    sp = fmaf(f0, f0, sp);
+    sp = fmaf(f1, f1, sp);
+  }
+  word = uint16_t(w);
+}
+
+template <class T, int kUnroll>
+__global__ void __launch_bounds__(kThreads)
+prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, const uint16_t* __restrict__ h,
+                      long ldh, int r, uint16_t* __restrict__ values, long ldv, uint16_t* __restrict__ meta,
+                      float* __restrict__ scale, int with_norm, float eps, int Kp, int mtiles) {
+  const int lane16 = threadIdx.x & 15;
+  const int m = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 4);
+  const bool row_ok = m < M;
+  const int runs = Kp / 16;       // 16-element runs of the padded row
+  const bool full = (K % 16) == 0;
+  const uint16_t* xr = x + long(m) * ldx;
+  uint16_t* vr = values + long(m) * ldv;
+  float sx = 0.f, sp = 0.f;
+
+  for (int base = lane16; base < runs; base += 16 * kUnroll) {
+    uint4 in[kUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      int c = base + 16 * u;
+      int k = c * 16;
+      in[u][0] = make_uint4(0, 0, 0, 0);
+      in[u][1] = make_uint4(0, 0, 0, 0);
+      if (row_ok && c < runs) {
+        if (full || k + 16 <= K) {
+          if (k < K) {
+            in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+            in[u][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+          }
+        } else if (k < K) {  // K % 8 == 0 is required: the tail run is half valid
+          in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      int c = base + 16 * u;
+      if (c < runs) {
+        uint4 out;
+        uint16_t word;
+        process_run<T>(in[u], out, word, sx, sp);
+        if (row_ok) *reinterpret_cast<uint4*>(vr + c * 8) = out;
+        meta[meta_word_index(m, c, mtiles)] = word;  // rows M..Mp-1 get zero groups: 0x4444
+      }
+    }
+  }
+  // Row reduction over the 16 lanes of this row.
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) {
+    sx += __shfl_xor_sync(0xffffffffu, sx, off);
+    sp += __shfl_xor_sync(0xffffffffu, sp, off);
+  }
+  float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
+  if (row_ok && lane16 == 0 && scale != nullptr) scale[m] = s;
+
+  // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, h1/s, 0, 0], nibble 0b0100.
+  if (r > 0) {
+    const int tail_runs = (2 * r) / 16;  // each run holds 8 h values
+    const float inv = s > 0.f ? 1.0f / s : 0.f;  // an all-zero row has s = 0 and h = 0
+    for (int t = lane16; t < tail_runs; t += 16) {
+      uint4 out = make_uint4(0, 0, 0, 0);
+      if (row_ok) {
+        const uint16_t* hr = h + long(m) * ldh + t * 8;
+        uint4 hv = *reinterpret_cast<const uint4*>(hr);
+        const uint16_t* he = reinterpret_cast<const uint16_t*>(&hv);
+        uint16_t* o = reinterpret_cast<uint16_t*>(&out);
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          o[i] = with_norm ? Traits<T>::from_float(Traits<T>::to_float(he[i]) * inv) : he[i];
+        *reinterpret_cast<uint4*>(vr + (Kp / 2) + t * 8) = out;
+      }
+      meta[meta_word_index(m, runs + t, mtiles)] = uint16_t(0x4444);
+    }
+  }
+}
+
+template <class T>
+int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
+           void* meta, float* scale, int with_norm, float eps, cudaStream_t stream) {
+  const int Kp = (K + 127) / 128 * 128;
+  const int Mp = (M + 63) / 64 * 64;
+  const dim3 grid(Mp / kRowsPerBlock);
+  prune_compress_kernel<T, 2><<<grid, kThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
+      static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
+                                                      const void* h, long ldh, int r, void* values, long ldv,
+                                                      void* meta, float* scale, int with_norm, float eps,
+                                                      void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 8 != 0) return RTLYNX_ERR_ARGS;
+  const int Kp = (K + 127) / 128 * 128;
+  if (ldv < Kp / 2 + r || r < 0 || r % 64 != 0 || (r > 0 && (h == nullptr || ldh % 8 != 0))) return RTLYNX_ERR_ARGS;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(h)) % 16)
+    return RTLYNX_ERR_ARGS;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == RTLYNX_BF16)
+    return launch<__nv_bfloat16>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, st);
+  if (dtype == RTLYNX_FP16)
+    return launch<__half>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, st);
+  return RTLYNX_ERR_CONFIG;
+}

@@ -1,0 +1,52 @@
+// rtlynx sm90 kernels: plain C ABI (no torch headers), called from rtlynx/ops through ctypes.
+//
+// Notation: M tokens, K input features, N output features, r LoRA rank.
+//   Mp = round_up(M, 64), Kp = round_up(K, 128)   (the sm90 metadata atom is 64 x 128 logical elements)
+//   values [M, Kp/2 + r]  kept elements in index order ("rows" values layout), row stride ldv
+//   meta   [Mp * Kg / 8] bytes, Kg = Kp + 2r, CUTLASS 3.x Sm90GemmSparseConfig LayoutE (see
+//          rtlynx/reference/sm90.py for the exact permutation of the "rows" layout)
+// Every function returns 0 on success, a cudaError_t (> 0) or a negative rtlynx error code.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes
+enum { RTLYNX_BF16 = 0, RTLYNX_FP16 = 1 };
+enum {
+  RTLYNX_ERR_ARGS = -1,        // bad shapes / alignment
+  RTLYNX_ERR_CANNOT_IMPL = -2, // CUTLASS can_implement refused
+  RTLYNX_ERR_INIT = -3,        // CUTLASS initialize failed
+  RTLYNX_ERR_RUN = -4,         // CUTLASS run failed
+  RTLYNX_ERR_WORKSPACE = -5,   // kernel would need a workspace (not supported)
+  RTLYNX_ERR_CONFIG = -6,      // unknown config id / dtype
+};
+
+// Prune X [M, K] (row stride ldx elements) to 2:4 along K, write values/meta in the sm90 layout and the
+// per-token norm scale s [M] (fp32, s = sqrt(|x|^2 / (|x~|^2 + eps))). Rows M..Mp-1 and columns K..Kp-1 are
+// written as zeros (values) and "keep 0,1" nibbles (meta). If h != nullptr ([M, r], row stride ldh, same dtype),
+// the LoRA tail is appended: logical columns Kp .. Kp+2r-1 hold groups [h[2g]/s, h[2g+1]/s, 0, 0]
+// (divided by s only when with_norm), so that the sparse GEMM against [W | B-expanded] adds h B^T after the
+// epilogue multiplies by s. r must be a multiple of 64 (pad h with zero columns).
+int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
+                               const void* h, long ldh, int r,
+                               void* values, long ldv, void* meta, float* scale, int with_norm, float eps,
+                               void* stream);
+
+// Y [M, N] (row stride ldy) = s[m] * (A~ @ W^T)[m, n] + bias[n]; A~ given by values/meta with logical K = Kg
+// (multiple of 128), W [N, Kg] row-major (row stride ldw). scale may be null (s = 1), bias may be null.
+int rtlynx_sparse_gemm_sm90(int config, int dtype, const void* values, long ldv, const void* meta,
+                            const void* w, long ldw, void* y, long ldy, const float* scale, const void* bias,
+                            int M, int N, int Kg, void* stream);
+
+int rtlynx_sparse_gemm_sm90_num_configs(void);
+const char* rtlynx_sparse_gemm_sm90_config_name(int config);
+// Shared-memory bytes / stages of a config (for notes), -1 if unknown.
+int rtlynx_sparse_gemm_sm90_config_info(int config, int* smem_bytes, int* stages);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,119 @@
+"""rtlynx's GPU kernels behind torch.library ops, and the entry points ``SparseActLinear`` calls.
+
+Public API (nothing CUDA is imported or built at import time):
+
+- :func:`lynx_status` -> ``(ok, reason)``: can the Hopper lynx kernels run here? (cached)
+- :func:`lynx_linear` (x2d, weight, bias, norm, lora_a, lora_b, n=2, m=4, eps=1e-8) -> y2d
+- :func:`prune_compress` (x2d) -> (values, meta, scale) in the sm90 layout (rtlynx.reference.sm90)
+- :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
+
+The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
+``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered when that module is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class Unsupported(RuntimeError):
+    """The lynx kernels cannot run this call (device, dtype, pattern, shape); fall back to the reference."""
+
+
+@functools.lru_cache(maxsize=None)
+def _status(device_index: int) -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) != (9, 0):
+        return False, f"needs an sm_90 (Hopper) GPU, device {device_index} is sm_{major}{minor}"
+    import os
+
+    if os.environ.get("RTLYNX_LIB"):
+        return (True, "prebuilt library " + os.environ["RTLYNX_LIB"]) if os.path.exists(os.environ["RTLYNX_LIB"]) \
+            else (False, f"RTLYNX_LIB={os.environ['RTLYNX_LIB']} does not exist")
+    from . import _build
+
+    if _build.find_nvcc() is None:
+        return False, "nvcc not found (needed to build the kernels once; set CUDA_HOME)"
+    if _build.find_cutlass_include() is None:
+        return False, "CUTLASS headers not found (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE)"
+    return True, "sm_90 GPU, kernels built or buildable"
+
+
+def lynx_status() -> tuple[bool, str]:
+    """Whether the lynx kernels can run on the current CUDA device, and why not. Cheap, cached."""
+    if not torch.cuda.is_available():
+        return _status(-1)
+    return _status(torch.cuda.current_device())
+
+
+def _check_x(x2d: torch.Tensor) -> None:
+    if x2d.dim() != 2:
+        raise Unsupported(f"expected a 2-D [M, K] input, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in (torch.bfloat16, torch.float16):
+        raise Unsupported(f"lynx kernels take bf16/fp16 activations, got {x2d.dtype}")
+    if x2d.device.type not in ("cuda", "meta"):
+        raise Unsupported(f"lynx kernels need a CUDA tensor, got {x2d.device}")
+    if x2d.device.type == "cuda":
+        ok, why = _status(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
+        if not ok:
+            raise Unsupported(why)
+
+
+def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
+    """2:4 prune + compress of ``x2d [M, K]`` along K: ``(values [M, Kp/2], meta [Mp*Kp/8] uint8, scale [M] f32)``
+    in the sm90 layout (see rtlynx.reference.sm90; K % 8 == 0 required here)."""
+    _check_x(x2d)
+    if x2d.shape[1] % 8:
+        raise Unsupported(f"prune_compress needs K % 8 == 0, got K={x2d.shape[1]}")
+    from . import sm90
+
+    return sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
+
+
+def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: bool,
+                lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, n: int = 2, m: int = 4,
+                eps: float = 1e-8) -> torch.Tensor:
+    """``y = s * (prune24(x) @ W^T) + b + (x A^T) B^T`` on Hopper sparse tensor cores (s = 1 unless ``norm``).
+
+    x2d [M, K] bf16/fp16 CUDA; weight [N, K]; bias [N] or None; lora_a [r, K] and lora_b [N, r] or None.
+    Any M works (the kernels pad internally); K is padded to a multiple of 8 here if needed (a copy).
+    Raises :class:`Unsupported` for what the kernels cannot run.
+    """
+    if (n, m) != (2, 4):
+        raise Unsupported(f"lynx kernels run 2:4 only, got {n}:{m}")
+    _check_x(x2d)
+    mm, k = x2d.shape
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise Unsupported(f"weight must be [N, {k}], got {tuple(weight.shape)}")
+    nn_ = weight.shape[0]
+    if nn_ % 8:
+        raise Unsupported(f"N must be a multiple of 8 (16-byte rows of Y), got N={nn_}")
+    if bias is not None and tuple(bias.shape) != (nn_,):
+        raise Unsupported(f"bias must be [{nn_}], got {tuple(bias.shape)}")
+    if (lora_a is None) != (lora_b is None):
+        raise Unsupported("lora_a and lora_b must be given together")
+    if lora_a is not None and (lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
+        raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x {tuple(x2d.shape)}")
+    dt = x2d.dtype
+    weight = weight.to(dt)
+    bias = None if bias is None else bias.to(dt).contiguous()
+    x2d = x2d.contiguous()
+    if k % 8:
+        pad = 8 - k % 8
+        x2d = torch.nn.functional.pad(x2d, (0, pad))
+        if lora_a is not None:
+            lora_a = torch.nn.functional.pad(lora_a, (0, pad))
+    if mm == 0:
+        return x2d.new_empty(0, nn_)
+    from . import sm90
+
+    return sm90.sparse_linear_sm90(x2d, weight.contiguous(), bias,
+                                   None if lora_a is None else lora_a.to(dt).contiguous(),
+                                   None if lora_b is None else lora_b.to(dt).contiguous(), bool(norm), float(eps))
+
+
+__all__ = ["Unsupported", "lynx_linear", "lynx_status", "prune_compress"]

@@ -1,0 +1,74 @@
+"""ctypes binding of librtlynx_sm90 (csrc/rtlynx_sm90.h). Loaded lazily, once; never at import of rtlynx."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+_LOCK = threading.Lock()
+_LIB = None
+
+ERRORS = {
+    -1: "bad shapes or alignment",
+    -2: "CUTLASS can_implement refused the problem",
+    -3: "CUTLASS initialize failed",
+    -4: "CUTLASS kernel launch failed",
+    -5: "kernel would need a workspace",
+    -6: "unknown config or dtype",
+}
+
+c_int, c_long, c_float, c_void_p = ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.c_void_p
+
+
+def _declare(lib):
+    lib.rtlynx_prune_compress_sm90.argtypes = [
+        c_int, c_void_p, c_long, c_int, c_int, c_void_p, c_long, c_int, c_void_p, c_long, c_void_p, c_void_p,
+        c_int, c_float, c_void_p]
+    lib.rtlynx_prune_compress_sm90.restype = c_int
+    lib.rtlynx_sparse_gemm_sm90.argtypes = [
+        c_int, c_int, c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p,
+        c_int, c_int, c_int, c_void_p]
+    lib.rtlynx_sparse_gemm_sm90.restype = c_int
+    lib.rtlynx_sparse_gemm_sm90_num_configs.argtypes = []
+    lib.rtlynx_sparse_gemm_sm90_num_configs.restype = c_int
+    lib.rtlynx_sparse_gemm_sm90_config_name.argtypes = [c_int]
+    lib.rtlynx_sparse_gemm_sm90_config_name.restype = ctypes.c_char_p
+    lib.rtlynx_sparse_gemm_sm90_config_info.argtypes = [c_int, ctypes.POINTER(c_int), ctypes.POINTER(c_int)]
+    lib.rtlynx_sparse_gemm_sm90_config_info.restype = c_int
+    return lib
+
+
+def lib():
+    """The loaded library; builds it (cached) on first use. ``RTLYNX_LIB`` points at a prebuilt one."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    with _LOCK:
+        if _LIB is None:
+            path = os.environ.get("RTLYNX_LIB")
+            if not path:
+                from ._build import build
+
+                path = str(build())
+            _LIB = _declare(ctypes.CDLL(path))
+    return _LIB
+
+
+def check(rc: int, what: str) -> None:
+    if rc == 0:
+        return
+    if rc > 0:
+        raise RuntimeError(f"rtlynx {what}: CUDA error {rc}")
+    raise RuntimeError(f"rtlynx {what}: {ERRORS.get(rc, rc)}")
+
+
+def config_names() -> list[str]:
+    L = lib()
+    return [L.rtlynx_sparse_gemm_sm90_config_name(i).decode() for i in range(L.rtlynx_sparse_gemm_sm90_num_configs())]
+
+
+def config_info(i: int) -> tuple[int, int]:
+    smem, stages = c_int(), c_int()
+    check(lib().rtlynx_sparse_gemm_sm90_config_info(i, ctypes.byref(smem), ctypes.byref(stages)), "config_info")
+    return smem.value, stages.value

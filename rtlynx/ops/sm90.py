@@ -1,0 +1,171 @@
+"""torch.library custom ops of the Hopper (sm_90a) lynx kernels, with fake (meta) implementations.
+
+Notation: M tokens, K in-features, N out-features, r LoRA rank; Mp = round_up(M, 64), Kp = round_up(K, 128),
+rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
+
+- ``rtlynx::prune_compress_sm90(x [M,K], h [M,r]?, norm, eps) -> (values [M, Kg/2], meta [Mp*Kg/8] u8, scale [M] f32)``
+  2:4 prune + compress along K in the sm90 layout (rtlynx.reference.sm90) + the per-token norm scale;
+  with ``h`` the LoRA tail h/s is appended (see csrc/rtlynx_sm90.h).
+- ``rtlynx::sparse_gemm_sm90(values, meta, weight [N,Kg], scale?, bias?, config) -> y [M,N]``
+  y = scale[m] * (X~ @ W^T) + bias, wgmma.sp (CUTLASS 3.x), fp32 accumulation, epilogue fused.
+- ``rtlynx::sparse_linear_sm90(x, weight [N,K], bias?, lora_a [r,K]?, lora_b [N,r]?, norm, eps) -> y [M,N]``
+  the whole RT-Lynx linear: h = x A^T (cuBLAS), prune+compress (+tail), sparse GEMM with [W | B-expanded].
+
+Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
+(no host syncs, no allocations outside the caching allocator, launches on the current stream).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import torch
+
+from ..reference.sm90 import expand_lora_b, padded_shape, round_up
+from . import _lib
+
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+# ----------------------------------------------------------------------------------------------- configs
+# Config ids are positions in csrc/gen_configs.py's CONFIGS (csrc/sparse_gemm_sm90_dispatch.cu).
+CONFIG_NAMES = (
+    "t128x128_coop_c2x1",
+    "t128x128_coop_c1x2",
+    "t256x128_coop_c1x2",
+    "t128x256_coop_c2x1",
+    "t128x128_pp_c1x2",
+    "t64x256_pp_c1x2",
+)
+# (M, N, K) -> config name, measured on H100 by benchmarks/linear.py --sweep (benchmarks/NOTES.md).
+CONFIG_TABLE: dict[tuple[int, int, int], str] = {}
+
+
+def choose_config(m: int, n: int, k: int) -> int:
+    """Per-shape config: the measured table first, else a heuristic on the tile count."""
+    env = os.environ.get("RTLYNX_SM90_CONFIG")
+    if env:
+        return CONFIG_NAMES.index(env) if not env.isdigit() else int(env)
+    name = CONFIG_TABLE.get((m, n, k))
+    if name is None:
+        name = "t128x128_coop_c2x1"
+    return CONFIG_NAMES.index(name)
+
+
+# ----------------------------------------------------------------------------------------------- prune
+@torch.library.custom_op("rtlynx::prune_compress_sm90", mutates_args=(), device_types="cuda")
+def prune_compress_sm90(x: torch.Tensor, h: torch.Tensor | None, norm: bool,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    mp, kp = padded_shape(m, k)
+    r = 0 if h is None else h.shape[1]
+    if h is not None and r % 64:
+        h = torch.nn.functional.pad(h, (0, 64 - r % 64))
+        r = h.shape[1]
+    kg = kp + 2 * r
+    values = torch.empty(m, kg // 2, dtype=x.dtype, device=x.device)
+    meta = torch.empty(mp * kg // 8, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    rc = _lib.lib().rtlynx_prune_compress_sm90(
+        _DTYPES[x.dtype], x.data_ptr(), x.stride(0), m, k, _ptr(h), 0 if h is None else h.stride(0), r,
+        values.data_ptr(), values.stride(0), meta.data_ptr(), scale.data_ptr(), int(norm), float(eps), _stream())
+    _lib.check(rc, "prune_compress_sm90")
+    return values, meta, scale
+
+
+@prune_compress_sm90.register_fake
+def _(x, h, norm, eps):
+    m, k = x.shape
+    mp, kp = padded_shape(m, k)
+    r = 0 if h is None else round_up(h.shape[1], 64)
+    kg = kp + 2 * r
+    return (x.new_empty(m, kg // 2), x.new_empty(mp * kg // 8, dtype=torch.uint8),
+            x.new_empty(m, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------- GEMM
+@torch.library.custom_op("rtlynx::sparse_gemm_sm90", mutates_args=(), device_types="cuda")
+def sparse_gemm_sm90(values: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                     bias: torch.Tensor | None, config: int) -> torch.Tensor:
+    m = values.shape[0]
+    n, kg = weight.shape
+    y = torch.empty(m, n, dtype=values.dtype, device=values.device)
+    cfg = choose_config(m, n, kg) if config < 0 else config
+    rc = _lib.lib().rtlynx_sparse_gemm_sm90(
+        cfg, _DTYPES[values.dtype], values.data_ptr(), values.stride(0), meta.data_ptr(), weight.data_ptr(),
+        weight.stride(0), y.data_ptr(), y.stride(0), _ptr(scale), _ptr(bias), m, n, kg, _stream())
+    _lib.check(rc, f"sparse_gemm_sm90[{CONFIG_NAMES[cfg] if 0 <= cfg < len(CONFIG_NAMES) else cfg}]")
+    return y
+
+
+@sparse_gemm_sm90.register_fake
+def _(values, meta, weight, scale, bias, config):
+    return values.new_empty(values.shape[0], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------- linear
+class _WeightCache:
+    """[W | B-expanded] per (weight, lora_b) pair, rebuilt when either is modified in place, dropped when the
+    weight is freed. Holds one extra copy of W for LoRA layers (or K % 128 != 0): pass a prepared weight via
+    :func:`prepare_weight` to avoid it."""
+
+    def __init__(self):
+        self._d: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> torch.Tensor:
+        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device,
+               None if lora_b is None else (lora_b.data_ptr(), tuple(lora_b.shape)))
+        ver = (weight._version, None if lora_b is None else lora_b._version)
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is not None and hit[0] == ver:
+                return hit[1]
+        wext = expand_lora_b(weight, lora_b, k)
+        with self._lock:
+            if key not in self._d:
+                weakref.finalize(weight, self._d.pop, key, None)
+            self._d[key] = (ver, wext)
+        return wext
+
+    def clear(self):
+        with self._lock:
+            self._d.clear()
+
+
+WEIGHT_CACHE = _WeightCache()
+
+
+def prepare_weight(weight: torch.Tensor, lora_b: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEMM operand ``[N, Kg]`` (``Kg = round_up(K,128) + 2 round_up(r,64)``) for ``sparse_gemm_sm90``."""
+    return expand_lora_b(weight, lora_b, weight.shape[1])
+
+
+@torch.library.custom_op("rtlynx::sparse_linear_sm90", mutates_args=(), device_types="cuda")
+def sparse_linear_sm90(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, norm: bool,
+                       eps: float) -> torch.Tensor:
+    k = x.shape[1]
+    use_lora = lora_a is not None and lora_b is not None
+    if k % 128 == 0 and not use_lora:
+        wext = weight
+    else:
+        wext = WEIGHT_CACHE.get(weight, lora_b if use_lora else None, k)
+    h = torch.nn.functional.linear(x, lora_a.to(x.dtype)) if use_lora else None
+    values, meta, scale = prune_compress_sm90(x, h, norm, eps)
+    return sparse_gemm_sm90(values, meta, wext, scale if norm else None, bias, -1)
+
+
+@sparse_linear_sm90.register_fake
+def _(x, weight, bias, lora_a, lora_b, norm, eps):
+    return x.new_empty(x.shape[0], weight.shape[0])
