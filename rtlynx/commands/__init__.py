@@ -7,4 +7,7 @@ COMMANDS = [
     "rtlynx.commands.analyze",
     "rtlynx.commands.data",
     "rtlynx.commands.train_reference",
+    "rtlynx.commands.distill",
+    "rtlynx.commands.demo",
+    "rtlynx.commands.bench",
 ]

@@ -1,0 +1,229 @@
+"""Linear-layer benchmark of the lynx Hopper kernels against cuBLAS dense and cuSPARSELt.
+
+    python benchmarks/linear.py [--csv benchmarks/shapes_1024.csv] [--out benchmarks/results/h100_linear.json]
+                                [--sweep] [--quick]
+
+Columns per (M, K, N) of the target models' token-level linears (bf16, Y = X W^T + b):
+- dense:        cuBLAS via F.linear(x, w, b)
+- cslt_best:    cuSPARSELt GEMM only, X pre-pruned and pre-compressed, best algorithm from its search
+                (its fused bias is per row for a sparse left operand, so no bias: GEMM only)
+- cslt_online:  torch prune (reference) + _cslt_compress + _cslt_sparse_mm (what PyTorch offers today)
+- lynx_gemm:    rtlynx::sparse_gemm_sm90 on pre-compressed X, epilogue s * acc + b included
+- lynx_linear:  rtlynx.ops.lynx_linear, prune + compress + norm + GEMM + bias
+- lynx_lora:    the same + LoRA r = 64 (h = x A^T by cuBLAS, h B^T fused into the sparse GEMM as extra K)
+- prune:        rtlynx::prune_compress_sm90 alone (TB/s = bytes of x read + values, meta, scale written)
+Times: triton.testing.do_bench medians (it flushes a 256 MB buffer between reps, so every rep starts with
+cold L2), after warm-up; ratios are dense time / variant time from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rtlynx import ops  # noqa: E402
+from rtlynx.reference import prune_nm  # noqa: E402
+
+DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "h100_linear.json"
+
+
+def bench(fn, rep_ms=100, warmup_ms=25):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def cslt_search(compressed, dense_b):
+    """Best cuSPARSELt algorithm id (API differs across torch versions)."""
+    fns = []
+    if hasattr(torch._C, "_cusparselt") and hasattr(torch._C._cusparselt, "mm_search"):
+        fns.append(torch._C._cusparselt.mm_search)
+    if hasattr(torch, "_cslt_sparse_mm_search"):
+        fns.append(torch._cslt_sparse_mm_search)
+    for f in fns:
+        try:
+            r = f(compressed, dense_b, None, None, None, False)
+            if isinstance(r, (tuple, list)):
+                return {"alg_id": int(r[0]), "split_k": int(r[1]) if len(r) > 1 else 1,
+                        "split_k_mode": int(r[2]) if len(r) > 2 else -1}
+            return {"alg_id": int(r), "split_k": 1, "split_k_mode": -1}
+        except Exception as e:  # noqa: BLE001
+            last = e
+    raise RuntimeError(f"no cuSPARSELt search available: {last if fns else 'missing'}")
+
+
+def load_shapes(path):
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        for key in ("M", "K", "N", "count_per_forward"):
+            r[key] = int(r[key])
+        r["flop_share"] = float(r["flop_share"])
+    return rows
+
+
+def run_shape(m, k, n, sweep, quick, names):
+    dt = torch.bfloat16
+    torch.manual_seed(m * 7 + k * 3 + n)
+    x = torch.randn(m, k, device="cuda", dtype=dt)
+    w = torch.randn(n, k, device="cuda", dtype=dt) * k ** -0.5
+    b = torch.randn(n, device="cuda", dtype=dt)
+    a = torch.randn(64, k, device="cuda", dtype=dt) * k ** -0.5
+    bb = torch.randn(n, 64, device="cuda", dtype=dt) * 0.1
+    from rtlynx.ops import sm90 as k90
+
+    rep = 40 if quick else 100
+    res = {"M": m, "K": k, "N": n}
+    res["dense_ms"] = bench(lambda: torch.nn.functional.linear(x, w, b), rep)
+    # cuSPARSELt: needs M, K, N multiples of 16 (here all are)
+    try:
+        xp = prune_nm(x)
+        comp = torch._cslt_compress(xp)
+        wt = w.t()
+        alg = cslt_search(comp, wt)
+        res["cslt_alg"] = alg
+        res["cslt_best_ms"] = bench(lambda: torch._cslt_sparse_mm(comp, wt, alg_id=alg["alg_id"],
+                                                                   split_k=alg["split_k"],
+                                                                   split_k_mode=alg["split_k_mode"]), rep)
+        res["cslt_online_ms"] = bench(lambda: torch._cslt_sparse_mm(torch._cslt_compress(prune_nm(x)), wt,
+                                                                     alg_id=alg["alg_id"], split_k=alg["split_k"],
+                                                                     split_k_mode=alg["split_k_mode"]), 20, 5)
+    except Exception as e:  # noqa: BLE001
+        res["cslt_error"] = f"{type(e).__name__}: {e}"[:300]
+    values, meta, scale = ops.prune_compress(x)
+    wext = k90.prepare_weight(w)
+    res["prune_ms"] = bench(lambda: k90.prune_compress_sm90(x, None, True, 1e-8), rep)
+    kp = wext.shape[1]
+    mp = (m + 63) // 64 * 64
+    bytes_moved = m * k * 2 + m * kp // 2 * 2 + mp * kp // 8 + m * 4
+    res["prune_tbps"] = bytes_moved / (res["prune_ms"] * 1e-3) / 1e12
+    cfg_default = k90.choose_config(m, n, kp)
+    res["config_default"] = names[cfg_default]
+    if sweep:
+        res["config_ms"] = {}
+        for c, name in enumerate(names):
+            try:
+                res["config_ms"][name] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, c), rep)
+            except Exception as e:  # noqa: BLE001
+                res["config_ms"][name] = None
+                res.setdefault("config_errors", {})[name] = str(e)[:200]
+        ok = {kk: v for kk, v in res["config_ms"].items() if v is not None}
+        res["config_best"] = min(ok, key=ok.get) if ok else None
+    res["lynx_gemm_ms"] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, cfg_default), rep)
+    res["lynx_linear_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, None, None), rep)
+    ops.lynx_linear(x, w, b, True, a, bb)  # fill the weight cache
+    res["lynx_lora_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, a, bb), rep)
+    res["dense_lora_ms"] = bench(
+        lambda: torch.addmm(b, x, w.t()).addmm_(torch.mm(x, a.t()), bb.t()), rep)  # dense + unfused LoRA
+    flops = 2 * m * n * k
+    res["dense_tflops"] = flops / (res["dense_ms"] * 1e-3) / 1e12
+    res["lynx_gemm_tflops_dense_equiv"] = flops / (res["lynx_gemm_ms"] * 1e-3) / 1e12
+    for key in ("cslt_best", "cslt_online", "lynx_gemm", "lynx_linear", "lynx_lora"):
+        if f"{key}_ms" in res:
+            res[f"{key}_speedup"] = res["dense_ms"] / res[f"{key}_ms"]
+    del x, w, b, a, bb, values, meta, scale, wext
+    return res
+
+
+def geomean(v):
+    v = [x for x in v if x and x > 0]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
+
+
+def summarize(rows, per_shape):
+    out = {}
+    models = sorted({r["model"] for r in rows})
+    keys = ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora")
+    for model in models + ["all"]:
+        sel = [r for r in rows if model == "all" or r["model"] == model]
+        shapes = {(r["M"], r["K"], r["N"]) for r in sel}
+        s = {}
+        for key in keys:
+            vals = [per_shape[sh].get(f"{key}_speedup") for sh in shapes]
+            s[f"{key}_speedup_geomean"] = geomean(vals)
+            # FLOP-weighted mean over the model's layers, and the per-forward time ratio
+            tot = sum(r["flop_share"] for r in sel)
+            if tot > 0 and all(per_shape[(r["M"], r["K"], r["N"])].get(f"{key}_ms") for r in sel):
+                s[f"{key}_speedup_flop_weighted"] = sum(
+                    r["flop_share"] * per_shape[(r["M"], r["K"], r["N"])][f"{key}_speedup"] for r in sel) / tot
+                td = sum(r["count_per_forward"] * per_shape[(r["M"], r["K"], r["N"])]["dense_ms"] for r in sel)
+                tv = sum(r["count_per_forward"] * per_shape[(r["M"], r["K"], r["N"])][f"{key}_ms"] for r in sel)
+                s[f"{key}_forward_time_ratio"] = td / tv
+        out[model] = s
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--csv", default=str(DEFAULT_CSV))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--sweep", action="store_true", help="time every compiled GEMM config per shape")
+    p.add_argument("--quick", action="store_true", help="shorter timing (40 ms per measurement)")
+    p.add_argument("--shapes", default="", help="only these M,K,N triples, e.g. 4608x3072x3072;512x3072x3072")
+    args = p.parse_args(argv)
+
+    ok, why = ops.lynx_status()
+    if not ok:
+        print(f"lynx kernels unavailable: {why}")
+        return 1
+    from rtlynx.ops import _lib
+
+    names = _lib.config_names()
+    rows = load_shapes(args.csv)
+    uniq = sorted({(r["M"], r["K"], r["N"]) for r in rows}, key=lambda t: -t[0] * t[1] * t[2])
+    if args.shapes:
+        want = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(";") if s}
+        uniq = [u for u in uniq if u in want]
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}  torch {torch.__version__}  configs: {', '.join(names)}", flush=True)
+    per_shape = {}
+    t0 = time.time()
+    for m, k, n in uniq:
+        r = run_shape(m, k, n, args.sweep, args.quick, names)
+        per_shape[(m, k, n)] = r
+        print(f"{m:>5} {k:>6} {n:>6}  dense {r['dense_ms']:.4f} ms ({r['dense_tflops']:.0f} TF/s)  "
+              f"cslt {r.get('cslt_best_speedup', float('nan')):.2f}x  gemm {r['lynx_gemm_speedup']:.2f}x  "
+              f"linear {r['lynx_linear_speedup']:.2f}x  lora {r['lynx_lora_speedup']:.2f}x  "
+              f"prune {r['prune_tbps']:.2f} TB/s" + (f"  best cfg {r.get('config_best')}" if args.sweep else ""),
+              flush=True)
+    summ = summarize([r for r in rows if (r["M"], r["K"], r["N"]) in per_shape], per_shape)
+    big = [r for r in per_shape.values() if r["M"] * r["K"] >= 4096 * 3072]
+    summary = {
+        "gemm_speedup_geomean": summ["all"]["lynx_gemm_speedup_geomean"],
+        "linear_speedup_geomean": summ["all"]["lynx_linear_speedup_geomean"],
+        "lora_linear_speedup_geomean": summ["all"]["lynx_lora_speedup_geomean"],
+        "cslt_best_speedup_geomean": summ["all"]["cslt_best_speedup_geomean"],
+        "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]) if big else None,
+        "per_model": summ,
+    }
+    result = {"device": dev, "torch": torch.__version__, "configs": names, "timing": "triton do_bench median, L2 flushed",
+              "rows": [per_shape[u] for u in uniq], "csv_rows": rows, "summary": summary,
+              "seconds": time.time() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\n{dev}: speedup vs cuBLAS dense (geomean over {len(uniq)} shapes)")
+    print(f"{'model':<16}{'cslt best':>10}{'lynx gemm':>11}{'linear':>9}{'+LoRA':>8}   FLOP-weighted gemm/linear/lora")
+    for model, s in summ.items():
+        fw = [s.get(f"{k}_speedup_flop_weighted", float("nan")) for k in ("lynx_gemm", "lynx_linear", "lynx_lora")]
+        print(f"{model:<16}{s['cslt_best_speedup_geomean']:>10.3f}{s['lynx_gemm_speedup_geomean']:>11.3f}"
+              f"{s['lynx_linear_speedup_geomean']:>9.3f}{s['lynx_lora_speedup_geomean']:>8.3f}   "
+              + "/".join(f"{v:.3f}" for v in fw))
+    print(f"prune+compress: {summary['prune_compress_tbps']} TB/s (geomean, M*K >= 4096*3072)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
