@@ -1,0 +1,49 @@
+"""`rtlynx demo`: the five variants on the shipped mini-FLUX, side by side, with paired metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import demo
+    from ..models.miniflux import ASSET_DIR, load_miniflux
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        model = load_miniflux(args.model_dir or ASSET_DIR, device=dev)
+    except FileNotFoundError as e:
+        raise SystemExit(f"rtlynx demo: {e}")
+    has_lora = demo.prepare(model, Path(args.lora_dir) if args.lora_dir else demo.LORA_DIR,
+                            backend="auto" if dev != "cpu" else "reference")
+    variants = [v for v in demo.VARIANTS if has_lora or v != "rtlynx"]
+    if not has_lora:
+        print("note: no distilled LoRA found; the RT-Lynx variant is skipped (run `rtlynx train-lora`)")
+    prompts = args.prompt or demo.DEMO_PROMPTS
+    out = demo.fresh_dir(Path(args.out), args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    results = demo.generate_variants(model, prompts, variants, seed=args.seed, num_steps=args.steps)
+    metrics = demo.paired_metrics(results)
+    sheet = demo.sheet(results, prompts, out / "sheet.png",
+                       title=f"mini-FLUX, {args.steps} steps, seed {args.seed}, device {dev}")
+    (out / "metrics.json").write_text(json.dumps({"device": dev, "steps": args.steps, "seed": args.seed,
+                                                  "prompts": prompts, "variants": metrics}, indent=1))
+    print(demo.table(metrics))
+    print(f"wrote {sheet} and {out / 'metrics.json'}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="dense vs weight 2:4 vs activation 2:4 (+norm, +LoRA) on the shipped model")
+    p.add_argument("--out", default="rtlynx-demo", help="output directory (a fresh -N suffix if it is taken)")
+    p.add_argument("--overwrite", action="store_true", help="reuse --out even if it holds files")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: a fixed set of 8")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA")
+    p.set_defaults(func=run)
