@@ -19,9 +19,7 @@ def load_model_and_inputs(spec: str, batches: int, seed: int):
         model = tiny_transformer(spec.removeprefix("tiny-"), seed=seed)
         return model, [example_inputs(model, seed=seed + i) for i in range(batches)], spec
     if spec == "miniflux":
-        from ..models import miniflux
-
-        return miniflux.analysis_inputs(batches=batches, seed=seed)
+        return miniflux_inputs(batches, seed)
     path = Path(spec)
     if not path.is_dir():
         raise SystemExit(f"rtlynx analyze: unknown model {spec!r}: use one of {TINY}, 'miniflux' or a local "
@@ -35,6 +33,26 @@ def load_model_and_inputs(spec: str, batches: int, seed: int):
     model = cls.from_pretrained(str(path), local_files_only=True).eval()
     torch.manual_seed(seed)
     return model, [example_inputs(model, seed=seed + i) for i in range(batches)], path.name
+
+
+def miniflux_inputs(batches: int, seed: int, steps: int = 20, every: int = 4):
+    """The shipped mini-FLUX's transformer and real inputs: the transformer's forward kwargs along dense
+    sampling trajectories of the demo prompts (every ``every``-th step, so early and late t both count)."""
+    import torch
+
+    from ..demo import DEMO_PROMPTS
+    from ..models.miniflux import load_miniflux
+
+    model = load_miniflux(device="cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+    try:
+        for b in range(batches):
+            model.sample(DEMO_PROMPTS, num_steps=steps, seed=seed + b)
+    finally:
+        hook.remove()
+    return model.transformer, calls[::every], "mini-FLUX"
 
 
 def run(args) -> int:

@@ -1,0 +1,114 @@
+"""Quality benchmark on the shipped mini-FLUX (GPU): FID / KID against Emoji-64 and paired PSNR / SSIM
+against the dense model, for the five variants (dense, weight 2:4, activation 2:4, + norm, RT-Lynx).
+
+Protocol: n images (default 5000) from prompts drawn uniformly over Emoji-64 with a fixed seed; batch i
+starts from the noise of seed + i, the same for every variant, so the paired metrics compare the same
+prompt, seed and noise. FID / KID / Inception preprocessing: see rtlynx.eval.fid. Sparse variants run on
+the reference backend (the quality of the method, independent of kernel rounding).
+
+    python benchmarks/quality.py --data .cache/emoji64.npz --inception .cache/inception_fp16.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtlynx import api, demo
+from rtlynx.data import emoji64
+from rtlynx.eval import fid as F
+from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(emoji64.DEFAULT_PATH))
+    ap.add_argument("--inception", default=str(F.DEFAULT_INCEPTION))
+    ap.add_argument("--prompts-file", default=None, help="prompts, one a line, when --data is not here")
+    ap.add_argument("--model-dir", default=str(ASSET_DIR))
+    ap.add_argument("--lora-dir", default=str(demo.LORA_DIR))
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS))
+    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/quality.py needs a CUDA GPU (FID over 5000 images); --device cpu for a smoke run")
+    model = load_miniflux(args.model_dir, device=dev)
+    has_lora = demo.prepare(model, Path(args.lora_dir), backend="reference")
+    variants = [v for v in args.variants if has_lora or v != "rtlynx"]
+    t0 = time.time()
+    if Path(args.data).is_file():
+        data = emoji64.load(args.data)
+        all_prompts = data["prompts"]
+    else:  # prompts only (the images are needed for FID alone)
+        data, all_prompts = None, Path(args.prompts_file).read_text().splitlines()
+    net, real, fid_note = None, None, None
+    if data is not None and Path(args.inception).is_file():
+        net = F.load_inception(args.inception, dev)
+        real = F.inception_features(net, data["images"])
+    else:
+        fid_note = f"FID/KID skipped: needs both {args.data} and {args.inception} on this machine"
+        print(fid_note)
+    prompts = F.fid_prompts(all_prompts, args.n, args.seed)
+    steps = args.steps or model.config["num_steps"]
+
+    images, out = {}, {}
+    for name in variants:
+        api.configure(model.transformer, **demo.VARIANTS[name][1])
+        t1 = time.time()
+        images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
+        gen_s = time.time() - t1
+        row = {"seconds_generate": gen_s}
+        if net is not None:
+            feats = F.inception_features(net, images[name])
+            kid, kid_std = F.kid_from_features(feats, real)
+            row.update(fid=F.fid_from_features(feats, real), kid=kid, kid_std=kid_std)
+        if name != "dense" and "dense" in images:
+            a, b = torch.from_numpy(images[name]), torch.from_numpy(images["dense"])
+            row["psnr"] = float(F.psnr(a, b).mean())
+            row["ssim"] = float(torch.cat([F.ssim(a[i:i + 500].to(dev), b[i:i + 500].to(dev)).cpu()
+                                           for i in range(0, len(a), 500)]).mean())
+        out[name] = row
+        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+
+    summary = {}
+    if {"dense", "act24", "rtlynx"} <= set(out):
+        summary["rtlynx_psnr_gain_over_act24_db"] = out["rtlynx"]["psnr"] - out["act24"]["psnr"]
+        summary["weight24_is_worst_psnr"] = min((v for v in out if v != "dense"), key=lambda v: out[v]["psnr"]) == "weight24"
+        if net is not None:
+            gap = out["act24"]["fid"] - out["dense"]["fid"]
+            summary["fid_gap_closed"] = (out["act24"]["fid"] - out["rtlynx"]["fid"]) / gap if gap else None
+            summary["rtlynx_fid_over_dense"] = out["rtlynx"]["fid"] / out["dense"]["fid"]
+            summary["weight24_is_worst_fid"] = max(out, key=lambda v: out[v]["fid"]) == "weight24"
+    result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
+              "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
+              "fid_note": fid_note,
+              "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": "reference",
+              "lora": json.loads((Path(args.lora_dir) / "distill_report.json").read_text())["rank"]
+              if has_lora and (Path(args.lora_dir) / "distill_report.json").is_file() else None,
+              "variants": out, "summary": summary, "seconds_total": time.time() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    k = 8
+    demo.sheet({v: (torch.from_numpy(images[v][:k]), 0.0) for v in variants}, prompts[:k],
+               Path(args.out).with_name("quality_sheet.png"), title=f"mini-FLUX, {steps} steps (quality benchmark)")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call (H100): distil the mini-FLUX LoRA (rank sweep), then the demo, the per-layer analysis and
+# the quality benchmark, everything tarred into $OUT/quality_results.tgz.
+# Carry: .qcarry (diffusers wheels + prompt lists made from Emoji-64; see benchmarks/NOTES_quality.md).
+#   run: bash benchmarks/quality_session.sh [RANK] [N]
+set -uo pipefail
+RANK=${1:-8}
+N=${2:-5000}
+C=.qcarry
+W=/tmp/rtlynx-quality
+OUT=${OUT:-/tmp/out}
+mkdir -p "$W" "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+log() { echo "== $(date +%T) $*"; }
+{
+log calibrate
+python -m rtlynx calibrate --prompts-file $C/prompts_calib.txt --num-prompts 1024 --batch-size 256 --steps 20 \
+    --out $W/calib.safetensors --overwrite
+python -m rtlynx calibrate --prompts-file $C/prompts_val.txt --num-prompts 256 --batch-size 256 --steps 20 --seed 1 \
+    --out $W/val.safetensors --overwrite
+for r in 4 8 16 32; do
+    log "train-lora rank $r"
+    python -m rtlynx train-lora --calib $W/calib.safetensors --val $W/val.safetensors --rank $r --out $W/lora_r$r --overwrite
+done
+log demo
+python -m rtlynx demo --lora-dir $W/lora_r$RANK --out $W/demo --overwrite
+log analyze
+python -m rtlynx analyze --model miniflux --out $W/analysis --batches 1
+log quality
+python benchmarks/quality.py --prompts-file $C/prompts_all.txt --data none --n "$N" --lora-dir $W/lora_r$RANK \
+    --out $W/quality.json
+log done
+} 2>&1 | tee "$OUT/quality_log.txt"
+tar czf "$OUT/quality_results.tgz" -C $W --exclude='*calib.safetensors' --exclude='val.safetensors' .
+ls -la "$OUT"
