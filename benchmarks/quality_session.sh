@@ -14,6 +14,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 log() { echo "== $(date +%T) $*"; }
 {
+log "core tests on this machine's torch (CUDA backends + reference math + diffusers integration)"
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+python -m pytest -q -p no:cacheprovider tests/test_backends_cuda.py tests/test_reference.py tests/test_nn.py \
+    tests/test_api.py 2>&1 | tail -4
 log calibrate
 python -m rtlynx calibrate --prompts-file $C/prompts_calib.txt --num-prompts 1024 --batch-size 256 --steps 20 \
     --out $W/calib.safetensors --overwrite
