@@ -8,7 +8,8 @@ Public API (nothing CUDA is imported or built at import time):
 - :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
 
 The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
-``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered when that module is first imported.
+``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at import of rtlynx.ops (pure Python:
+the CUDA library is built/loaded at the first kernel call).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
 
 
 class Unsupported(RuntimeError):
@@ -57,7 +60,7 @@ def _check_x(x2d: torch.Tensor) -> None:
         raise Unsupported(f"lynx kernels take bf16/fp16 activations, got {x2d.dtype}")
     if x2d.device.type not in ("cuda", "meta"):
         raise Unsupported(f"lynx kernels need a CUDA tensor, got {x2d.device}")
-    if x2d.device.type == "cuda":
+    if x2d.device.type == "cuda" and not torch.compiler.is_compiling():
         ok, why = _status(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
         if not ok:
             raise Unsupported(why)
@@ -69,9 +72,7 @@ def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
     _check_x(x2d)
     if x2d.shape[1] % 8:
         raise Unsupported(f"prune_compress needs K % 8 == 0, got K={x2d.shape[1]}")
-    from . import sm90
-
-    return sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
+    return _sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
 
 
 def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: bool,
@@ -109,9 +110,7 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             lora_a = torch.nn.functional.pad(lora_a, (0, pad))
     if mm == 0:
         return x2d.new_empty(0, nn_)
-    from . import sm90
-
-    return sm90.sparse_linear_sm90(x2d, weight.contiguous(), bias,
+    return _sm90.sparse_linear_sm90(x2d, weight.contiguous(), bias,
                                    None if lora_a is None else lora_a.to(dt).contiguous(),
                                    None if lora_b is None else lora_b.to(dt).contiguous(), bool(norm), float(eps))
 

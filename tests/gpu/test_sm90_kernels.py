@@ -63,7 +63,7 @@ def test_prune_compress_bitwise(m, k, dtype, gen):
     assert values.shape == rv.shape and meta.shape == rmeta.shape
     assert torch.equal(values.view(torch.int16), rv.view(torch.int16)), "values differ"
     assert torch.equal(meta, rmeta), "metadata differs"
-    torch.testing.assert_close(scale, rscale, rtol=2e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(scale, rscale, rtol=3e-5, atol=0, equal_nan=True)  # fp32 sums, other order
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
