@@ -24,5 +24,5 @@ def _emoji64(args):
     d = emoji64.load(path)
     what = "reused" if existed and not args.force else "built"
     print(f"{what} {path}: {len(d['images'])} images, {len(set(d['identity'].tolist()))} identities, "
-          f"{len(d['category_names'])} categories, styles {list(d['style_names'])}")
+          f"{len(d['category_names'])} categories, styles {[str(s) for s in d['style_names']]}")
     return 0
