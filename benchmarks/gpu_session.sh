@@ -6,7 +6,7 @@ OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
 what=${1:-all}; shift || true
 export RTLYNX_BUILD_DIR=${RTLYNX_BUILD_DIR:-$PWD/.cache/build}
 export CUTLASS_INCLUDE=${CUTLASS_INCLUDE:-$PWD/.cache/cutlass/include}
-export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 {
   date; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'

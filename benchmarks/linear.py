@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -108,20 +109,35 @@ def run_shape(m, k, n, sweep, quick, names):
     mp = (m + 63) // 64 * 64
     bytes_moved = m * k * 2 + m * kp // 2 * 2 + mp * kp // 8 + m * 4
     res["prune_tbps"] = bytes_moved / (res["prune_ms"] * 1e-3) / 1e12
-    cfg_default = k90.choose_config(m, n, kp)
-    res["config_default"] = names[cfg_default]
+    cfg_default, sched_default = k90.choose_config(m, n, kp)
+    res["config_default"] = [names[cfg_default], sched_default]
     if sweep:
         res["config_ms"] = {}
         for c, name in enumerate(names):
             try:
-                res["config_ms"][name] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, c), rep)
+                res["config_ms"][name] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, c, 0), rep)
             except Exception as e:  # noqa: BLE001
                 res["config_ms"][name] = None
                 res.setdefault("config_errors", {})[name] = str(e)[:200]
         ok = {kk: v for kk, v in res["config_ms"].items() if v is not None}
-        res["config_best"] = min(ok, key=ok.get) if ok else None
-    res["lynx_gemm_ms"] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, cfg_default), rep)
+        best = min(ok, key=ok.get)
+        res["config_best"] = [best, 0, ok[best]]
+        if m * n >= 2048 * 2048:  # tile-scheduler options for the best config: swizzle x raster order
+            c = names.index(best)
+            res["sched_ms"] = {}
+            for sw, ra in itertools.product((1, 2, 4, 8), (1, 2)):
+                sched = sw | ra << 8
+                res["sched_ms"][sched] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b, c, sched),
+                                               rep)
+            sb = min(res["sched_ms"], key=res["sched_ms"].get)
+            if res["sched_ms"][sb] < 0.98 * ok[best]:
+                res["config_best"] = [best, sb, res["sched_ms"][sb]]
+    res["lynx_gemm_ms"] = bench(lambda: k90.sparse_gemm_sm90(values, meta, wext, scale, b), rep)
     res["lynx_linear_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, None, None), rep)
+    if sweep:  # A/B of programmatic dependent launch
+        k90.PDL = False
+        res["lynx_linear_nopdl_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, None, None), rep)
+        k90.PDL = True
     ops.lynx_linear(x, w, b, True, a, bb)  # fill the weight cache
     res["lynx_lora_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, a, bb), rep)
     res["dense_lora_ms"] = bench(
@@ -221,6 +237,12 @@ def main(argv=None):
               f"{s['lynx_linear_speedup_geomean']:>9.3f}{s['lynx_lora_speedup_geomean']:>8.3f}   "
               + "/".join(f"{v:.3f}" for v in fw))
     print(f"prune+compress: {summary['prune_compress_tbps']} TB/s (geomean, M*K >= 4096*3072)")
+    if args.sweep:
+        table = {(r["M"], r["N"], (r["K"] + 127) // 128 * 128): tuple(r["config_best"][:2]) for r in per_shape.values()}
+        print("suggested CONFIG_TABLE = {")
+        for key, val in sorted(table.items()):
+            print(f"    {key}: {val},")
+        print("}")
     print(f"wrote {args.out}")
     return 0
 

@@ -18,7 +18,7 @@ fi
 if [[ -z $INC || ! -d $INC/cutlass ]]; then echo "compile_check: CUTLASS headers not found, skipped"; exit 2; fi
 UTIL=""
 [[ -f $INC/cutlass/util/packed_stride.hpp ]] || UTIL="-I$INC/../tools/util/include"
-FLAGS="-std=c++17 -O3 -DNDEBUG --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC -I$INC $UTIL -I. -Xptxas -v"
+FLAGS="-std=c++17 -O3 -DNDEBUG -DCUTLASS_ENABLE_GDC_FOR_SM90 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC -I$INC $UTIL -I. -Xptxas -v"
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 srcs=(prune_compress_sm90.cu sparse_gemm_sm90_dispatch.cu)
 if [[ ${RTLYNX_CHECK_ALL:-0} == 1 ]]; then srcs+=(sparse_gemm_sm90_t*.cu); else srcs+=(sparse_gemm_sm90_t128x128_coop_c2x1.cu); fi

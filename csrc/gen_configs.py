@@ -6,12 +6,13 @@ Tile K is always 128 (the metadata layout depends on it).
 
 CONFIGS = [
     # name, tile M, tile N, cluster M, cluster N, schedule
+    # v1 sweep (H100, benchmarks/NOTES.md) dropped t128x128_coop_c1x2 and t64x256_pp_c1x2 (never best)
     ("t128x128_coop_c2x1", 128, 128, 2, 1, "coop"),
-    ("t128x128_coop_c1x2", 128, 128, 1, 2, "coop"),
     ("t256x128_coop_c1x2", 256, 128, 1, 2, "coop"),
     ("t128x256_coop_c2x1", 128, 256, 2, 1, "coop"),
     ("t128x128_pp_c1x2", 128, 128, 1, 2, "pp"),
-    ("t64x256_pp_c1x2", 64, 256, 1, 2, "pp"),
+    ("t256x128_coop_c2x1", 256, 128, 2, 1, "coop"),
+    ("t256x128_coop_c1x1", 256, 128, 1, 1, "coop"),
 ]
 SCHED = {
     "coop": ("cutlass::gemm::KernelTmaWarpSpecializedCooperative", "cutlass::epilogue::TmaWarpSpecializedCooperative"),
@@ -34,7 +35,7 @@ RTLYNX_DEFINE_SGEMM_CONFIG({name}, Tile_{name}, Cluster_{name}, {ml}, {ep})
     names = [c[0] for c in CONFIGS]
     decl = "\n".join(
         f'extern "C" int rtlynx_sgemm_sm90_{n}(int, const void*, long, const void*, const void*, long, void*, long, '
-        f'const float*, const void*, int, int, int, void*);\nextern "C" int rtlynx_sgemm_sm90_{n}_info(int*, int*);'
+        f'const float*, const void*, int, int, int, int, void*);\nextern "C" int rtlynx_sgemm_sm90_{n}_info(int*, int*);'
         for n in names)
     table = ",\n".join(f'    {{"{n}", rtlynx_sgemm_sm90_{n}, rtlynx_sgemm_sm90_{n}_info}}' for n in names)
     with open("sparse_gemm_sm90_dispatch.cu", "w") as f:
@@ -47,7 +48,7 @@ RTLYNX_DEFINE_SGEMM_CONFIG({name}, Tile_{name}, Cluster_{name}, {ml}, {ep})
 
 namespace {{
 typedef int (*SgemmFn)(int, const void*, long, const void*, const void*, long, void*, long, const float*,
-                       const void*, int, int, int, void*);
+                       const void*, int, int, int, int, void*);
 typedef int (*InfoFn)(int*, int*);
 struct Entry {{ const char* name; SgemmFn fn; InfoFn info; }};
 const Entry kConfigs[] = {{
@@ -66,9 +67,9 @@ extern "C" RTLYNX_API int rtlynx_sparse_gemm_sm90_config_info(int c, int* smem, 
 }}
 extern "C" RTLYNX_API int rtlynx_sparse_gemm_sm90(int c, int dtype, const void* v, long ldv, const void* e,
                                                   const void* w, long ldw, void* y, long ldy, const float* s,
-                                                  const void* b, int M, int N, int K, void* stream) {{
+                                                  const void* b, int M, int N, int K, int sched, void* stream) {{
   if (c < 0 || c >= kNum) return RTLYNX_ERR_CONFIG;
-  return kConfigs[c].fn(dtype, v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, stream);
+  return kConfigs[c].fn(dtype, v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, sched, stream);
 }}
 """)
 

@@ -1,8 +1,9 @@
 // Online 2:4 prune + compress of activations for the Hopper sparse GEMM, plus the per-token norm scale.
 //
-// One pass over X: every thread owns one 16-element run of a row (32 bytes in, 16 bytes of values and one
-// 16-bit metadata word out); a half-warp owns a row inside a 16-row slab, so the |x|^2 / |x~|^2 row sums
-// reduce with shuffles and the metadata words of a block fill whole 128-byte lines of the sm90 layout.
+// One pass over X: every thread owns 16-element runs of a row (32 bytes in, 16 bytes of values and one
+// 16-bit metadata word out per run); kRow threads own a row (8..128, picked per shape so that small M still
+// fills the GPU), the |x|^2 / |x~|^2 row sums reduce with shuffles (+ shared memory across warps) and s is
+// written in the same pass.
 //
 // Selection rule (== rtlynx.reference.nm): keep the 2 largest |x| of each group of 4, NaN ranks as +inf,
 // ties go to the lower index, kept values in index order. Metadata nibble per group: idx0 | idx1 << 2.
@@ -22,8 +23,7 @@
 
 namespace {
 
-constexpr int kRowsPerBlock = 16;
-constexpr int kThreads = 256;  // 16 rows x 16 threads
+constexpr int kThreads = 128;
 
 template <class T>
 struct Traits;
@@ -109,13 +109,18 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
   word = uint16_t(w);
 }
 
-template <class T, int kUnroll>
+// kRow threads own one row (kRow in {8, ..., 128}); a 128-thread block owns 128 / kRow rows. Few rows (small M)
+// -> more threads per row, so every shape puts enough loads in flight; many rows -> a warp or less per row.
+template <class T, int kRow, int kUnroll>
 __global__ void __launch_bounds__(kThreads)
 prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, const uint16_t* __restrict__ h,
                       long ldh, int r, uint16_t* __restrict__ values, long ldv, uint16_t* __restrict__ meta,
                       float* __restrict__ scale, int with_norm, float eps, int Kp, int mtiles) {
-  const int lane16 = threadIdx.x & 15;
-  const int m = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 4);
+  constexpr int kRowsPerBlock = kThreads / kRow;
+  // Let a GEMM launched with PDL start its prologue (it waits with griddepcontrol.wait before reading).
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int sub = threadIdx.x % kRow;
+  const int m = blockIdx.x * kRowsPerBlock + threadIdx.x / kRow;
   const bool row_ok = m < M;
   const int runs = Kp / 16;       // 16-element runs of the padded row
   const bool full = (K % 16) == 0;
@@ -123,28 +128,23 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   uint16_t* vr = values + long(m) * ldv;
   float sx = 0.f, sp = 0.f;
 
-  for (int base = lane16; base < runs; base += 16 * kUnroll) {
+  for (int base = sub; base < runs; base += kRow * kUnroll) {
     uint4 in[kUnroll][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      int c = base + 16 * u;
+      int c = base + kRow * u;
       int k = c * 16;
       in[u][0] = make_uint4(0, 0, 0, 0);
       in[u][1] = make_uint4(0, 0, 0, 0);
-      if (row_ok && c < runs) {
-        if (full || k + 16 <= K) {
-          if (k < K) {
-            in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-            in[u][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
-          }
-        } else if (k < K) {  // K % 8 == 0 is required: the tail run is half valid
-          in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-        }
+      if (row_ok && c < runs && k < K) {
+        in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+        if (full || k + 16 <= K) in[u][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+        // else: K % 8 == 0 (required), the tail run is half valid
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      int c = base + 16 * u;
+      int c = base + kRow * u;
       if (c < runs) {
         uint4 out;
         uint16_t word;
@@ -154,20 +154,38 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
       }
     }
   }
-  // Row reduction over the 16 lanes of this row.
+  // Row reduction over the kRow threads of this row: shuffles inside a warp, shared memory across warps.
 #pragma unroll
-  for (int off = 8; off > 0; off >>= 1) {
+  for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
     sx += __shfl_xor_sync(0xffffffffu, sx, off);
     sp += __shfl_xor_sync(0xffffffffu, sp, off);
   }
+  if constexpr (kRow > 32) {
+    constexpr int kWarpsPerRow = kRow / 32;
+    __shared__ float red[kThreads / 32][2];
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) == 0) {
+      red[warp][0] = sx;
+      red[warp][1] = sp;
+    }
+    __syncthreads();
+    const int first = (warp / kWarpsPerRow) * kWarpsPerRow;
+    sx = 0.f;
+    sp = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerRow; ++w) {
+      sx += red[first + w][0];
+      sp += red[first + w][1];
+    }
+  }
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
-  if (row_ok && lane16 == 0 && scale != nullptr) scale[m] = s;
+  if (row_ok && sub == 0 && scale != nullptr) scale[m] = s;
 
   // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, h1/s, 0, 0], nibble 0b0100.
   if (r > 0) {
     const int tail_runs = (2 * r) / 16;  // each run holds 8 h values
     const float inv = s > 0.f ? 1.0f / s : 0.f;  // an all-zero row has s = 0 and h = 0
-    for (int t = lane16; t < tail_runs; t += 16) {
+    for (int t = sub; t < tail_runs; t += kRow) {
       uint4 out = make_uint4(0, 0, 0, 0);
       if (row_ok) {
         const uint16_t* hr = h + long(m) * ldh + t * 8;
@@ -184,15 +202,45 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   }
 }
 
+int sm_count() {
+  static int n = 0;
+  if (n == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (n <= 0) n = 132;
+  }
+  return n;
+}
+
+template <class T, int kRow>
+void launch_row(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
+                void* meta, float* scale, int with_norm, float eps, int Kp, int Mp, cudaStream_t stream) {
+  const dim3 grid(Mp / (kThreads / kRow));
+  prune_compress_kernel<T, kRow, 2><<<grid, kThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
+      static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+}
+
 template <class T>
 int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
            void* meta, float* scale, int with_norm, float eps, cudaStream_t stream) {
   const int Kp = (K + 127) / 128 * 128;
   const int Mp = (M + 63) / 64 * 64;
-  const dim3 grid(Mp / kRowsPerBlock);
-  prune_compress_kernel<T, 2><<<grid, kThreads, 0, stream>>>(
-      static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
-      static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+  const int runs = Kp / 16;
+  // Threads per row: the fewest (less reduction, whole rows per warp) that still give every SM about
+  // 1024 threads; never more than the row has runs.
+  const long want = long(sm_count()) * 1024;
+  int row = 32;
+  while (row < 128 && long(Mp) * row < want) row *= 2;
+  while (row > 8 && row / 2 >= runs) row /= 2;
+  switch (row) {
+    case 8: launch_row<T, 8>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+    case 16: launch_row<T, 16>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+    case 32: launch_row<T, 32>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+    case 64: launch_row<T, 64>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+    default: launch_row<T, 128>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+  }
   return int(cudaGetLastError());
 }
 

@@ -38,9 +38,11 @@ int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
 
 // Y [M, N] (row stride ldy) = s[m] * (A~ @ W^T)[m, n] + bias[n]; A~ given by values/meta with logical K = Kg
 // (multiple of 128), W [N, Kg] row-major (row stride ldw). scale may be null (s = 1), bias may be null.
+// sched: tile-scheduler options, max_swizzle_size | raster << 8 (raster 0 heuristic, 1 along M, 2 along N)
+// | 1 << 16 to launch with programmatic dependent launch; 0 = CUTLASS defaults, no PDL.
 int rtlynx_sparse_gemm_sm90(int config, int dtype, const void* values, long ldv, const void* meta,
                             const void* w, long ldw, void* y, long ldy, const float* scale, const void* bias,
-                            int M, int N, int Kg, void* stream);
+                            int M, int N, int Kg, int sched, void* stream);
 
 int rtlynx_sparse_gemm_sm90_num_configs(void);
 const char* rtlynx_sparse_gemm_sm90_config_name(int config);

@@ -83,7 +83,7 @@ struct SparseGemmSm90 {
   }
 
   static int run(const void* values, long ldv, const void* meta, const void* w, long ldw, void* y, long ldy,
-                 const float* scale, const void* bias, int M, int N, int Kg, cudaStream_t stream) {
+                 const float* scale, const void* bias, int M, int N, int Kg, int sched, cudaStream_t stream) {
     if (M <= 0 || N <= 0 || Kg <= 0 || Kg % 128 != 0) return RTLYNX_ERR_ARGS;
     // The kernel derives strides from the problem shape: operands must be packed.
     if (ldv != Kg / 2 || ldw != Kg || ldy != N) return RTLYNX_ERR_ARGS;
@@ -111,11 +111,22 @@ struct SparseGemmSm90 {
         {static_cast<const ElementD*>(bias), ElementD(0), {_0{}, _1{}, int64_t(0)}},
         {}};
 
+    // sched = max_swizzle_size (low byte, 0 -> 1) | raster order << 8 (0 heuristic, 1 along M, 2 along N)
+    //         | 1 << 16: launch with programmatic dependent launch (PDL)
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.max_swizzle_size = (sched & 0xff) ? (sched & 0xff) : 1;
+    int raster = (sched >> 8) & 0xff;
+    args.scheduler.raster_order = raster == 1 ? Raster::AlongM : raster == 2 ? Raster::AlongN : Raster::Heuristic;
+
     Gemm gemm;
     if (Gemm::get_workspace_size(args) != 0) return RTLYNX_ERR_WORKSPACE;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return RTLYNX_ERR_CANNOT_IMPL;
     if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return RTLYNX_ERR_INIT;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    // PDL: with CUTLASS_ENABLE_GDC_FOR_SM90 the producer warps wait (griddepcontrol.wait) before their first
+    // global read and every other global access is causally after that, so launching the GEMM as a
+    // programmatic dependent of the prune kernel only overlaps its prologue with the prune's tail.
+    const bool pdl = (sched >> 16) & 1;
+    if (gemm.run(stream, nullptr, pdl) != cutlass::Status::kSuccess) {
       cudaError_t e = cudaGetLastError();
       return e != cudaSuccess ? int(e) : RTLYNX_ERR_RUN;
     }
@@ -137,12 +148,12 @@ struct SparseGemmSm90 {
   }                                                                                                           \
   extern "C" int rtlynx_sgemm_sm90_##NAME(int dtype, const void* v, long ldv, const void* e, const void* w,   \
                                           long ldw, void* y, long ldy, const float* s, const void* b, int M,  \
-                                          int N, int K, void* stream) {                                       \
+                                          int N, int K, int sched, void* stream) {                            \
     cudaStream_t st = static_cast<cudaStream_t>(stream);                                                      \
     if (dtype == RTLYNX_BF16)                                                                                 \
-      return Cfg_##NAME<cutlass::bfloat16_t>::run(v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, st);              \
+      return Cfg_##NAME<cutlass::bfloat16_t>::run(v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, sched, st);              \
     if (dtype == RTLYNX_FP16)                                                                                 \
-      return Cfg_##NAME<cutlass::half_t>::run(v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, st);                  \
+      return Cfg_##NAME<cutlass::half_t>::run(v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, sched, st);                  \
     return RTLYNX_ERR_CONFIG;                                                                                 \
   }                                                                                                           \
   extern "C" int rtlynx_sgemm_sm90_##NAME##_info(int* smem, int* stages) {                                    \

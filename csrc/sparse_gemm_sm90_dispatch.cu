@@ -3,31 +3,31 @@
 
 #define RTLYNX_API __attribute__((visibility("default")))
 
-extern "C" int rtlynx_sgemm_sm90_t128x128_coop_c2x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t128x128_coop_c2x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
 extern "C" int rtlynx_sgemm_sm90_t128x128_coop_c2x1_info(int*, int*);
-extern "C" int rtlynx_sgemm_sm90_t128x128_coop_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
-extern "C" int rtlynx_sgemm_sm90_t128x128_coop_c1x2_info(int*, int*);
-extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
 extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c1x2_info(int*, int*);
-extern "C" int rtlynx_sgemm_sm90_t128x256_coop_c2x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t128x256_coop_c2x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
 extern "C" int rtlynx_sgemm_sm90_t128x256_coop_c2x1_info(int*, int*);
-extern "C" int rtlynx_sgemm_sm90_t128x128_pp_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t128x128_pp_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
 extern "C" int rtlynx_sgemm_sm90_t128x128_pp_c1x2_info(int*, int*);
-extern "C" int rtlynx_sgemm_sm90_t64x256_pp_c1x2(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, void*);
-extern "C" int rtlynx_sgemm_sm90_t64x256_pp_c1x2_info(int*, int*);
+extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c2x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c2x1_info(int*, int*);
+extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c1x1(int, const void*, long, const void*, const void*, long, void*, long, const float*, const void*, int, int, int, int, void*);
+extern "C" int rtlynx_sgemm_sm90_t256x128_coop_c1x1_info(int*, int*);
 
 namespace {
 typedef int (*SgemmFn)(int, const void*, long, const void*, const void*, long, void*, long, const float*,
-                       const void*, int, int, int, void*);
+                       const void*, int, int, int, int, void*);
 typedef int (*InfoFn)(int*, int*);
 struct Entry { const char* name; SgemmFn fn; InfoFn info; };
 const Entry kConfigs[] = {
     {"t128x128_coop_c2x1", rtlynx_sgemm_sm90_t128x128_coop_c2x1, rtlynx_sgemm_sm90_t128x128_coop_c2x1_info},
-    {"t128x128_coop_c1x2", rtlynx_sgemm_sm90_t128x128_coop_c1x2, rtlynx_sgemm_sm90_t128x128_coop_c1x2_info},
     {"t256x128_coop_c1x2", rtlynx_sgemm_sm90_t256x128_coop_c1x2, rtlynx_sgemm_sm90_t256x128_coop_c1x2_info},
     {"t128x256_coop_c2x1", rtlynx_sgemm_sm90_t128x256_coop_c2x1, rtlynx_sgemm_sm90_t128x256_coop_c2x1_info},
     {"t128x128_pp_c1x2", rtlynx_sgemm_sm90_t128x128_pp_c1x2, rtlynx_sgemm_sm90_t128x128_pp_c1x2_info},
-    {"t64x256_pp_c1x2", rtlynx_sgemm_sm90_t64x256_pp_c1x2, rtlynx_sgemm_sm90_t64x256_pp_c1x2_info}
+    {"t256x128_coop_c2x1", rtlynx_sgemm_sm90_t256x128_coop_c2x1, rtlynx_sgemm_sm90_t256x128_coop_c2x1_info},
+    {"t256x128_coop_c1x1", rtlynx_sgemm_sm90_t256x128_coop_c1x1, rtlynx_sgemm_sm90_t256x128_coop_c1x1_info}
 };
 constexpr int kNum = sizeof(kConfigs) / sizeof(kConfigs[0]);
 }  // namespace
@@ -42,7 +42,7 @@ extern "C" RTLYNX_API int rtlynx_sparse_gemm_sm90_config_info(int c, int* smem, 
 }
 extern "C" RTLYNX_API int rtlynx_sparse_gemm_sm90(int c, int dtype, const void* v, long ldv, const void* e,
                                                   const void* w, long ldw, void* y, long ldy, const float* s,
-                                                  const void* b, int M, int N, int K, void* stream) {
+                                                  const void* b, int M, int N, int K, int sched, void* stream) {
   if (c < 0 || c >= kNum) return RTLYNX_ERR_CONFIG;
-  return kConfigs[c].fn(dtype, v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, stream);
+  return kConfigs[c].fn(dtype, v, ldv, e, w, ldw, y, ldy, s, b, M, N, K, sched, stream);
 }

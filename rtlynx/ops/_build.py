@@ -25,7 +25,7 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 LIB_NAME = "librtlynx_sm90.so"
 NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
-    "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+    "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", "-DCUTLASS_ENABLE_GDC_FOR_SM90",
 ]
 
 

@@ -28,7 +28,7 @@ def _declare(lib):
     lib.rtlynx_prune_compress_sm90.restype = c_int
     lib.rtlynx_sparse_gemm_sm90.argtypes = [
         c_int, c_int, c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p,
-        c_int, c_int, c_int, c_void_p]
+        c_int, c_int, c_int, c_int, c_void_p]
     lib.rtlynx_sparse_gemm_sm90.restype = c_int
     lib.rtlynx_sparse_gemm_sm90_num_configs.argtypes = []
     lib.rtlynx_sparse_gemm_sm90_num_configs.restype = c_int

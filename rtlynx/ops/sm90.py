@@ -41,31 +41,36 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 # Config ids are positions in csrc/gen_configs.py's CONFIGS (csrc/sparse_gemm_sm90_dispatch.cu).
 CONFIG_NAMES = (
     "t128x128_coop_c2x1",
-    "t128x128_coop_c1x2",
     "t256x128_coop_c1x2",
     "t128x256_coop_c2x1",
     "t128x128_pp_c1x2",
-    "t64x256_pp_c1x2",
+    "t256x128_coop_c2x1",
+    "t256x128_coop_c1x1",
 )
-# (M, N, K) -> config name, measured on H100 by benchmarks/linear.py --sweep (benchmarks/NOTES.md).
-CONFIG_TABLE: dict[tuple[int, int, int], str] = {}
+# (M, N, Kg) -> (config name, sched), measured on H100 by benchmarks/linear.py --sweep (benchmarks/NOTES.md).
+# sched = max_swizzle_size | raster << 8 (raster 0 heuristic, 1 along M, 2 along N); 0 = CUTLASS defaults.
+CONFIG_TABLE: dict[tuple[int, int, int], tuple[str, int]] = {}
 
 
-def choose_config(m: int, n: int, k: int) -> int:
-    """Per-shape config: the measured table first, else a heuristic on the tile count."""
+def choose_config(m: int, n: int, k: int) -> tuple[int, int]:
+    """(config id, sched) for a GEMM of M x N x Kg: the measured table first, else a heuristic.
+
+    Heuristic (v1 sweep on H100): 256 x 128 tiles, cluster 1x2, win by 15-25 % on every shape with M >= 4096
+    and N >= 3072; for few tiles (small M or N) the 128 x 128 tile with cluster 2x1 wastes least."""
     env = os.environ.get("RTLYNX_SM90_CONFIG")
     if env:
-        return CONFIG_NAMES.index(env) if not env.isdigit() else int(env)
-    name = CONFIG_TABLE.get((m, n, k))
-    if name is None:
-        name = "t128x128_coop_c2x1"
-    return CONFIG_NAMES.index(name)
+        name, _, sched = env.partition(":")
+        return (int(name) if name.isdigit() else CONFIG_NAMES.index(name)), int(sched or 0)
+    hit = CONFIG_TABLE.get((m, n, k))
+    if hit is not None:
+        return CONFIG_NAMES.index(hit[0]), hit[1]
+    if m >= 2048 and n >= 1024:
+        return CONFIG_NAMES.index("t256x128_coop_c1x2"), 0
+    return CONFIG_NAMES.index("t128x128_coop_c2x1"), 0
 
 
 # ----------------------------------------------------------------------------------------------- prune
-@torch.library.custom_op("rtlynx::prune_compress_sm90", mutates_args=(), device_types="cuda")
-def prune_compress_sm90(x: torch.Tensor, h: torch.Tensor | None, norm: bool,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prune_impl(x, h, norm, eps):
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     r = 0 if h is None else h.shape[1]
@@ -83,6 +88,12 @@ def prune_compress_sm90(x: torch.Tensor, h: torch.Tensor | None, norm: bool,
     return values, meta, scale
 
 
+@torch.library.custom_op("rtlynx::prune_compress_sm90", mutates_args=(), device_types="cuda")
+def prune_compress_sm90(x: torch.Tensor, h: torch.Tensor | None, norm: bool,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _prune_impl(x, h, norm, eps)
+
+
 @prune_compress_sm90.register_fake
 def _(x, h, norm, eps):
     m, k = x.shape
@@ -94,22 +105,34 @@ def _(x, h, norm, eps):
 
 
 # ----------------------------------------------------------------------------------------------- GEMM
-@torch.library.custom_op("rtlynx::sparse_gemm_sm90", mutates_args=(), device_types="cuda")
-def sparse_gemm_sm90(values: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                     bias: torch.Tensor | None, config: int) -> torch.Tensor:
+# Launch the GEMM with programmatic dependent launch (overlaps its prologue with the prune kernel's tail).
+PDL = os.environ.get("RTLYNX_PDL", "1") != "0"
+
+
+def _gemm_impl(values, meta, weight, scale, bias, config, sched):
     m = values.shape[0]
     n, kg = weight.shape
     y = torch.empty(m, n, dtype=values.dtype, device=values.device)
-    cfg = choose_config(m, n, kg) if config < 0 else config
+    if config < 0:
+        config, sched = choose_config(m, n, kg)
+    if PDL:
+        sched |= 1 << 16
     rc = _lib.lib().rtlynx_sparse_gemm_sm90(
-        cfg, _DTYPES[values.dtype], values.data_ptr(), values.stride(0), meta.data_ptr(), weight.data_ptr(),
-        weight.stride(0), y.data_ptr(), y.stride(0), _ptr(scale), _ptr(bias), m, n, kg, _stream())
-    _lib.check(rc, f"sparse_gemm_sm90[{CONFIG_NAMES[cfg] if 0 <= cfg < len(CONFIG_NAMES) else cfg}]")
+        config, _DTYPES[values.dtype], values.data_ptr(), values.stride(0), meta.data_ptr(), weight.data_ptr(),
+        weight.stride(0), y.data_ptr(), y.stride(0), _ptr(scale), _ptr(bias), m, n, kg, sched, _stream())
+    _lib.check(rc, f"sparse_gemm_sm90[{CONFIG_NAMES[config] if 0 <= config < len(CONFIG_NAMES) else config}]")
     return y
 
 
+@torch.library.custom_op("rtlynx::sparse_gemm_sm90", mutates_args=(), device_types="cuda")
+def sparse_gemm_sm90(values: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                     bias: torch.Tensor | None, config: int = -1, sched: int = 0) -> torch.Tensor:
+    """config = -1: per-shape choice (:func:`choose_config`), else a config id with scheduler options sched."""
+    return _gemm_impl(values, meta, weight, scale, bias, config, sched)
+
+
 @sparse_gemm_sm90.register_fake
-def _(values, meta, weight, scale, bias, config):
+def _(values, meta, weight, scale, bias, config=-1, sched=0):
     return values.new_empty(values.shape[0], weight.shape[0])
 
 
@@ -162,8 +185,8 @@ def sparse_linear_sm90(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         wext = WEIGHT_CACHE.get(weight, lora_b if use_lora else None, k)
     h = torch.nn.functional.linear(x, lora_a.to(x.dtype)) if use_lora else None
-    values, meta, scale = prune_compress_sm90(x, h, norm, eps)
-    return sparse_gemm_sm90(values, meta, wext, scale if norm else None, bias, -1)
+    values, meta, scale = _prune_impl(x, h, norm, eps)  # plain calls: no nested op dispatch overhead
+    return _gemm_impl(values, meta, wext, scale if norm else None, bias, -1, 0)
 
 
 @sparse_linear_sm90.register_fake

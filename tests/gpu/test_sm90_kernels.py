@@ -50,7 +50,7 @@ def rel_err(y, ref):
 
 # ------------------------------------------------------------------------------------------- prune/compress
 PRUNE_SHAPES = [(1, 64), (3, 200), (7, 128), (64, 256), (65, 520), (333, 3072), (300, 3840), (129, 15360),
-                (4224, 136), (2, 8)]
+                (4224, 136), (2, 8), (512, 3072), (2100, 1000), (4608, 3072), (4096, 64)]  # every row width
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,6 +110,14 @@ def test_sparse_gemm_configs(config, m, n, k, gen):
     y = k90.sparse_gemm_sm90(values, meta, ref90.expand_lora_b(w, None, k), scale, b, config)
     assert not y.isnan().any(), "unwritten or NaN output"
     assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("sched", [1 | 1 << 8, 2 | 2 << 8, 8 | 1 << 8])
+def test_sparse_gemm_scheduler_options(sched, gen):
+    values, meta, scale, w, b, ref = _gemm_case(1000, 1536, 1024, torch.bfloat16, gen)
+    for config in range(len(k90.CONFIG_NAMES)):
+        y = k90.sparse_gemm_sm90(values, meta, ref90.expand_lora_b(w, None, 1024), scale, b, config, sched)
+        assert rel_err(y, ref) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
