@@ -41,12 +41,14 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS))
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="sampling dtype (all variants)")
     args = ap.parse_args(argv)
 
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/quality.py needs a CUDA GPU (FID over 5000 images); --device cpu for a smoke run")
-    model = load_miniflux(args.model_dir, device=dev)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    model = load_miniflux(args.model_dir, device=dev, dtype=dtype)
     has_lora = demo.prepare(model, Path(args.lora_dir), backend="reference")
     variants = [v for v in args.variants if has_lora or v != "rtlynx"]
     t0 = time.time()
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,
-              "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": "reference",
+              "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": "reference", "dtype": args.dtype,
               "lora": json.loads((Path(args.lora_dir) / "distill_report.json").read_text())["rank"]
               if has_lora and (Path(args.lora_dir) / "distill_report.json").is_file() else None,
               "variants": out, "summary": summary, "seconds_total": time.time() - t0}

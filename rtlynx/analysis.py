@@ -33,7 +33,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def layer_errors(x: torch.Tensor, weight: torch.Tensor, n: int = 2, m: int = 4) -> dict:
     """Errors and activation statistics of one layer on its input rows ``x [T, K]`` (float32 math)."""
-    x = reference.pad_to_multiple(x.float(), m)
+    x = reference.pad_to_multiple(x.to(weight.device).float(), m)
     w = reference.pad_to_multiple(weight.detach().float(), m)
     y = F.linear(x, w)
     xp = reference.prune_nm(x, n, m)

@@ -54,25 +54,45 @@ def ranking_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(a), torch.full_like(a, float("inf")), a)
 
 
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+def _order_bits(key: torch.Tensor) -> torch.Tensor:
+    """Integers that order like the ranking key: for non-negative floats the bit pattern is monotone in
+    the value, so ``bits(|x|)`` clamped at ``bits(+inf)`` (NaN bits sit above it) ranks as ``ranking_key``."""
+    if key.dtype not in _INT_VIEW:
+        key = key.float()
+    itype = _INT_VIEW[key.dtype]
+    inf_bits = torch.tensor(float("inf"), dtype=key.dtype).view(itype).item()
+    return key.abs().view(itype).clamp(max=inf_bits)
+
+
 def nm_mask(x: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None = None) -> torch.Tensor:
     """Bool mask keeping the ``n`` highest-scoring of every ``m`` consecutive elements of the last dim.
 
-    ``score`` defaults to ``ranking_key(x)``; pass e.g. a Wanda score to rank weights differently.
-    Ties go to the lower index.
+    ``score`` defaults to ``|x|``; pass e.g. a Wanda score to rank weights differently. NaN ranks as
+    +inf and ties go to the lower index.
     """
     check_pattern(n, m)
     _check_input(x, m)
-    key = ranking_key(x) if score is None else ranking_key(score.to(x.device))
+    key = x if score is None else score.to(x.device)
     if key.shape != x.shape:
         raise ValueError(f"score shape {tuple(key.shape)} != x shape {tuple(x.shape)}")
-    g = key.reshape(*key.shape[:-1], -1, m)
-    # rank_i = #{j : k_j > k_i} + #{j < i : k_j == k_i}; keep rank < n. O(m^2) per group, exact and stable.
-    kj = g.unsqueeze(-2)  # [..., G, 1, m] over j
-    ki = g.unsqueeze(-1)  # [..., G, m, 1] over i
-    idx = torch.arange(m, device=x.device)
-    before = (idx.view(1, m) < idx.view(m, 1))  # [i, j]: j < i
-    beats = (kj > ki) | ((kj == ki) & before)
-    rank = beats.sum(-1)
+    bits = _order_bits(key)
+    pos = torch.arange(m, device=x.device)
+    if bits.dtype != torch.int64:
+        # Unique keys (bits, then lower index first) make top-n exact and deterministic: one pass.
+        wide = torch.int32 if bits.dtype == torch.int16 else torch.int64
+        g = (bits.to(wide).reshape(*bits.shape[:-1], -1, m) * m + (m - 1 - pos).to(wide))
+        idx = g.topk(n, dim=-1, sorted=False).indices
+        return torch.zeros(g.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True).reshape(x.shape)
+    # float64 bits leave no room for the index: rank_i = #{j: k_j > k_i} + #{j < i: k_j == k_i}.
+    g = bits.reshape(*bits.shape[:-1], -1, m)
+    rank = torch.zeros(g.shape, dtype=torch.int8, device=x.device)
+    for j in range(m):
+        kj = g[..., j:j + 1]
+        rank += (kj > g) | ((kj == g) & (pos > j))
     return (rank < n).reshape(x.shape)
 
 
