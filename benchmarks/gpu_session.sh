@@ -23,8 +23,9 @@ fi
 if [[ $what == all || $what == bench ]]; then
   timeout 400 python3 benchmarks/linear.py --out "$OUT/h100_linear.json" "$@" 2>&1 | tee "$OUT/bench.txt"
 fi
-if [[ $what == ncu ]]; then
-  timeout 300 ncu --set full -k regex:'device_kernel|prune' -c 4 -o "$OUT/lynx" python3 benchmarks/linear.py \
-    --quick --shapes 4608x3072x12288 --out /tmp/x.json 2>&1 | tail -20 | tee "$OUT/ncu.txt"
+if [[ $what == all || $what == ncu ]]; then
+  timeout 150 ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    -k regex:'device_kernel|prune' --launch-skip 2 --launch-count 2 python3 benchmarks/ncu_one.py 4608 3072 12288 \
+    > "$OUT/ncu.txt" 2>&1; grep -E "prune_compress|device_kernel|Throughput|Duration|Achieved Occupancy" "$OUT/ncu.txt" | cut -c1-150 | head -30
 fi
 date

@@ -61,7 +61,7 @@ def choose_config(m: int, n: int, k: int) -> tuple[int, int]:
     if env:
         name, _, sched = env.partition(":")
         return (int(name) if name.isdigit() else CONFIG_NAMES.index(name)), int(sched or 0)
-    hit = CONFIG_TABLE.get((m, n, k))
+    hit = CONFIG_TABLE.get((m, n, k)) or CONFIG_TABLE.get((m, n, k - 128))  # k - 128: same GEMM + LoRA tail
     if hit is not None:
         return CONFIG_NAMES.index(hit[0]), hit[1]
     if m >= 2048 and n >= 1024:
