@@ -144,3 +144,16 @@ def test_sparse_act_linear_composition(compensation, gen):
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         R.sparse_act_linear(x, w, compensation="bogus")
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_both_mask_algorithms_agree_with_bruteforce(n, m, dtype, gen):
+    from rtlynx.reference import nm
+
+    x = torch.randint(-3, 4, (6, 4 * m), generator=gen).to(dtype) * torch.randn(6, 4 * m, generator=gen).sign().to(dtype)
+    x[0, 1], x[1, 0], x[2, 2] = float("nan"), float("inf"), -float("inf")
+    bits = nm._order_bits(x)
+    want = brute_mask(x, n, m)
+    for algo in (nm._mask_topk, nm._mask_compare):
+        assert torch.equal(algo(bits, n, m).reshape(x.shape), want), algo.__name__

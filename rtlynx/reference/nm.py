@@ -80,22 +80,30 @@ def nm_mask(x: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None 
     if key.shape != x.shape:
         raise ValueError(f"score shape {tuple(key.shape)} != x shape {tuple(x.shape)}")
     bits = _order_bits(key)
-    pos = torch.arange(m, device=x.device)
-    if bits.dtype != torch.int64 and not bits.is_cuda:
-        # Unique keys (bits, then lower index first) make top-n exact and deterministic. (CPU only:
-        # CUDA's top-k over millions of 4-wide slices was 4x slower than the compare loop below.)
-        wide = torch.int32 if bits.dtype == torch.int16 else torch.int64
-        g = (bits.to(wide).reshape(*bits.shape[:-1], -1, m) * m + (m - 1 - pos).to(wide))
-        idx = g.topk(n, dim=-1, sorted=False).indices
-        return torch.zeros(g.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True).reshape(x.shape)
-    # rank_i = #{j: k_j > k_i} + #{j < i: k_j == k_i}; keep rank < n (float64 bits leave no room for
-    # an index in the key, and on CUDA m elementwise passes beat top-k).
+    # CUDA's top-k over millions of 4-wide slices was 4x slower than m compare passes; float64 bits
+    # leave no room for the index in a unique key.
+    use_topk = bits.dtype != torch.int64 and not bits.is_cuda
+    return (_mask_topk if use_topk else _mask_compare)(bits, n, m).reshape(x.shape)
+
+
+def _mask_topk(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Unique keys (bits, then lower index first) make top-n exact and deterministic."""
+    wide = torch.int32 if bits.dtype == torch.int16 else torch.int64
+    pos = torch.arange(m, device=bits.device)
+    g = bits.to(wide).reshape(*bits.shape[:-1], -1, m) * m + (m - 1 - pos).to(wide)
+    idx = g.topk(n, dim=-1, sorted=False).indices
+    return torch.zeros(g.shape, dtype=torch.bool, device=bits.device).scatter_(-1, idx, True)
+
+
+def _mask_compare(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """rank_i = #{j: k_j > k_i} + #{j < i: k_j == k_i}; keep rank < n."""
+    pos = torch.arange(m, device=bits.device)
     g = bits.reshape(*bits.shape[:-1], -1, m)
-    rank = torch.zeros(g.shape, dtype=torch.int8, device=x.device)
+    rank = torch.zeros(g.shape, dtype=torch.int8, device=bits.device)
     for j in range(m):
         kj = g[..., j:j + 1]
         rank += (kj > g) | ((kj == g) & (pos > j))
-    return (rank < n).reshape(x.shape)
+    return rank < n
 
 
 def prune_nm(x: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
