@@ -46,6 +46,20 @@ def bench(fn, rep_ms=100, warmup_ms=25):
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream): times the GPU work without host overhead."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def cslt_search(compressed, dense_b):
     """Best cuSPARSELt algorithm id (API differs across torch versions)."""
     fns = []
@@ -104,11 +118,17 @@ def run_shape(m, k, n, sweep, quick, names):
         res["cslt_error"] = f"{type(e).__name__}: {e}"[:300]
     values, meta, scale = ops.prune_compress(x)
     wext = k90.prepare_weight(w)
+    from rtlynx.ops import _lib
+
+    old = _lib.set_prune_impl(2)
+    res["prune_v2_ms"] = bench(lambda: k90.prune_compress_sm90(x, None, True, 1e-8), rep)
+    _lib.set_prune_impl(old)
     res["prune_ms"] = bench(lambda: k90.prune_compress_sm90(x, None, True, 1e-8), rep)
     kp = wext.shape[1]
     mp = (m + 63) // 64 * 64
     bytes_moved = m * k * 2 + m * kp // 2 * 2 + mp * kp // 8 + m * 4
     res["prune_tbps"] = bytes_moved / (res["prune_ms"] * 1e-3) / 1e12
+    res["prune_v2_tbps"] = bytes_moved / (res["prune_v2_ms"] * 1e-3) / 1e12
     cfg_default, sched_default = k90.choose_config(m, n, kp)
     res["config_default"] = [names[cfg_default], sched_default]
     if sweep:
@@ -142,6 +162,12 @@ def run_shape(m, k, n, sweep, quick, names):
     res["lynx_lora_ms"] = bench(lambda: ops.lynx_linear(x, w, b, True, a, bb), rep)
     res["dense_lora_ms"] = bench(
         lambda: torch.addmm(b, x, w.t()).addmm_(torch.mm(x, a.t()), bb.t()), rep)  # dense + unfused LoRA
+    # the same calls captured in CUDA graphs: GPU time without Python / dispatch overhead
+    res["dense_graph_ms"] = bench(graphed(lambda: torch.nn.functional.linear(x, w, b)), rep)
+    res["lynx_linear_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, None, None)), rep)
+    res["lynx_lora_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, a, bb)), rep)
+    res["lynx_linear_graph_speedup"] = res["dense_graph_ms"] / res["lynx_linear_graph_ms"]
+    res["lynx_lora_graph_speedup"] = res["dense_graph_ms"] / res["lynx_lora_graph_ms"]
     flops = 2 * m * n * k
     res["dense_tflops"] = flops / (res["dense_ms"] * 1e-3) / 1e12
     res["lynx_gemm_tflops_dense_equiv"] = flops / (res["lynx_gemm_ms"] * 1e-3) / 1e12
@@ -160,7 +186,7 @@ def geomean(v):
 def summarize(rows, per_shape):
     out = {}
     models = sorted({r["model"] for r in rows})
-    keys = ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora")
+    keys = ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph")
     for model in models + ["all"]:
         sel = [r for r in rows if model == "all" or r["model"] == model]
         shapes = {(r["M"], r["K"], r["N"]) for r in sel}
@@ -173,7 +199,8 @@ def summarize(rows, per_shape):
             if tot > 0 and all(per_shape[(r["M"], r["K"], r["N"])].get(f"{key}_ms") for r in sel):
                 s[f"{key}_speedup_flop_weighted"] = sum(
                     r["flop_share"] * per_shape[(r["M"], r["K"], r["N"])][f"{key}_speedup"] for r in sel) / tot
-                td = sum(r["count_per_forward"] * per_shape[(r["M"], r["K"], r["N"])]["dense_ms"] for r in sel)
+                base = "dense_graph_ms" if "graph" in key else "dense_ms"
+                td = sum(r["count_per_forward"] * per_shape[(r["M"], r["K"], r["N"])][base] for r in sel)
                 tv = sum(r["count_per_forward"] * per_shape[(r["M"], r["K"], r["N"])][f"{key}_ms"] for r in sel)
                 s[f"{key}_forward_time_ratio"] = td / tv
         out[model] = s
@@ -211,7 +238,8 @@ def main(argv=None):
         print(f"{m:>5} {k:>6} {n:>6}  dense {r['dense_ms']:.4f} ms ({r['dense_tflops']:.0f} TF/s)  "
               f"cslt {r.get('cslt_best_speedup', float('nan')):.2f}x  gemm {r['lynx_gemm_speedup']:.2f}x  "
               f"linear {r['lynx_linear_speedup']:.2f}x  lora {r['lynx_lora_speedup']:.2f}x  "
-              f"prune {r['prune_tbps']:.2f} TB/s" + (f"  best cfg {r.get('config_best')}" if args.sweep else ""),
+              f"(graphs {r['lynx_linear_graph_speedup']:.2f}x/{r['lynx_lora_graph_speedup']:.2f}x)  "
+              f"prune {r['prune_tbps']:.2f} TB/s (v2 {r['prune_v2_tbps']:.2f})" + (f"  best cfg {r.get('config_best')}" if args.sweep else ""),
               flush=True)
     summ = summarize([r for r in rows if (r["M"], r["K"], r["N"]) in per_shape], per_shape)
     big = [r for r in per_shape.values() if r["M"] * r["K"] >= 4096 * 3072]
@@ -220,6 +248,12 @@ def main(argv=None):
         "linear_speedup_geomean": summ["all"]["lynx_linear_speedup_geomean"],
         "lora_linear_speedup_geomean": summ["all"]["lynx_lora_speedup_geomean"],
         "cslt_best_speedup_geomean": summ["all"]["cslt_best_speedup_geomean"],
+        "linear_graph_speedup_geomean": summ["all"]["lynx_linear_graph_speedup_geomean"],
+        "lora_linear_graph_speedup_geomean": summ["all"]["lynx_lora_graph_speedup_geomean"],
+        "large_shapes": {  # M >= 4096 and N, K >= 3072: the layers that carry > 95 % of the FLOPs
+            key: geomean([r.get(f"{key}_speedup") for r in per_shape.values()
+                          if r["M"] >= 4096 and min(r["N"], r["K"]) >= 3072])
+            for key in ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph")},
         "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]) if big else None,
         "per_model": summ,
     }
@@ -230,12 +264,15 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"\n{dev}: speedup vs cuBLAS dense (geomean over {len(uniq)} shapes)")
-    print(f"{'model':<16}{'cslt best':>10}{'lynx gemm':>11}{'linear':>9}{'+LoRA':>8}   FLOP-weighted gemm/linear/lora")
+    print(f"{'model':<16}{'cslt best':>10}{'lynx gemm':>11}{'linear':>9}{'+LoRA':>8}{'lin(graph)':>11}"
+          f"{'LoRA(graph)':>12}   FLOP-weighted gemm/linear/lora")
     for model, s in summ.items():
         fw = [s.get(f"{k}_speedup_flop_weighted", float("nan")) for k in ("lynx_gemm", "lynx_linear", "lynx_lora")]
         print(f"{model:<16}{s['cslt_best_speedup_geomean']:>10.3f}{s['lynx_gemm_speedup_geomean']:>11.3f}"
-              f"{s['lynx_linear_speedup_geomean']:>9.3f}{s['lynx_lora_speedup_geomean']:>8.3f}   "
+              f"{s['lynx_linear_speedup_geomean']:>9.3f}{s['lynx_lora_speedup_geomean']:>8.3f}"
+              f"{s['lynx_linear_graph_speedup_geomean']:>11.3f}{s['lynx_lora_graph_speedup_geomean']:>12.3f}   "
               + "/".join(f"{v:.3f}" for v in fw))
+    print("large shapes (M >= 4096, N, K >= 3072): " + ", ".join(f"{k} {v:.3f}" for k, v in summary["large_shapes"].items()))
     print(f"prune+compress: {summary['prune_compress_tbps']} TB/s (geomean, M*K >= 4096*3072)")
     if args.sweep:
         table = {(r["M"], r["N"], (r["K"] + 127) // 128 * 128): tuple(r["config_best"][:2]) for r in per_shape.values()}

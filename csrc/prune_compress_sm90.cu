@@ -84,8 +84,31 @@ __device__ __forceinline__ uint32_t select24(const uint16_t e[4], uint16_t& v0, 
   return i0 | (i1 << 2);
 }
 
-// One 16-element run: 8 kept values (packed 16-bit), meta word, and sum of squares (all, kept).
+// v3 selection: make the 4 keys distinct by appending the inverted index (lower index wins ties), then
+// keep the keys >= the second largest (a 5-op max/min network instead of 12 pairwise rank comparisons).
 template <class T>
+__device__ __forceinline__ uint32_t select24_fast(const uint16_t e[4], uint16_t& v0, uint16_t& v1) {
+  uint32_t u[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t a = e[i] & 0x7FFFu;
+    a = a > Traits<T>::kInf ? Traits<T>::kInf : a;  // NaN -> +inf
+    u[i] = (a << 2) | uint32_t(3 - i);
+  }
+  const uint32_t hi01 = max(u[0], u[1]), lo01 = min(u[0], u[1]);
+  const uint32_t hi23 = max(u[2], u[3]), lo23 = min(u[2], u[3]);
+  const uint32_t second = max(min(hi01, hi23), max(lo01, lo23));
+  const uint32_t keep = uint32_t(u[0] >= second) | uint32_t(u[1] >= second) << 1 | uint32_t(u[2] >= second) << 2 |
+                        uint32_t(u[3] >= second) << 3;
+  uint32_t i0 = __ffs(keep) - 1;
+  uint32_t i1 = 31 - __clz(keep);
+  v0 = i0 == 0 ? e[0] : (i0 == 1 ? e[1] : e[2]);
+  v1 = i1 == 3 ? e[3] : (i1 == 2 ? e[2] : e[1]);
+  return i0 | (i1 << 2);
+}
+
+// One 16-element run: 8 kept values (packed 16-bit), meta word, and sum of squares (all, kept).
+template <class T, bool kFast>
 __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint16_t& word, float& sx, float& sp) {
   const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
   uint16_t* o = reinterpret_cast<uint16_t*>(&out);
@@ -93,7 +116,7 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
     uint16_t v0, v1;
-    uint32_t nib = select24<T>(e + 4 * g, v0, v1);
+    uint32_t nib = kFast ? select24_fast<T>(e + 4 * g, v0, v1) : select24<T>(e + 4 * g, v0, v1);
     w |= nib << (4 * g);
     o[2 * g] = v0;
     o[2 * g + 1] = v1;
@@ -111,7 +134,7 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
 
 // kRow threads own one row (kRow in {8, ..., 128}); a 128-thread block owns 128 / kRow rows. Few rows (small M)
 // -> more threads per row, so every shape puts enough loads in flight; many rows -> a warp or less per row.
-template <class T, int kRow, int kUnroll>
+template <class T, int kRow, int kUnroll, bool kFast>
 __global__ void __launch_bounds__(kThreads)
 prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, const uint16_t* __restrict__ h,
                       long ldh, int r, uint16_t* __restrict__ values, long ldv, uint16_t* __restrict__ meta,
@@ -128,8 +151,7 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   uint16_t* vr = values + long(m) * ldv;
   float sx = 0.f, sp = 0.f;
 
-  for (int base = sub; base < runs; base += kRow * kUnroll) {
-    uint4 in[kUnroll][2];
+  auto load = [&](uint4 (&in)[kUnroll][2], int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       int c = base + kRow * u;
@@ -142,16 +164,39 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
         // else: K % 8 == 0 (required), the tail run is half valid
       }
     }
+  };
+  auto store = [&](const uint4 (&in)[kUnroll][2], int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       int c = base + kRow * u;
       if (c < runs) {
         uint4 out;
         uint16_t word;
-        process_run<T>(in[u], out, word, sx, sp);
+        process_run<T, kFast>(in[u], out, word, sx, sp);
         if (row_ok) *reinterpret_cast<uint4*>(vr + c * 8) = out;
         meta[meta_word_index(m, c, mtiles)] = word;  // rows M..Mp-1 get zero groups: 0x4444
       }
+    }
+  };
+  constexpr int kStep = kRow * kUnroll;
+  if constexpr (kFast) {
+    // software pipelined: the loads of the next step are in flight while this step is processed
+    uint4 cur[kUnroll][2], nxt[kUnroll][2];
+    load(cur, sub);
+    for (int base = sub; base < runs; base += kStep) {
+      if (base + kStep < runs) load(nxt, base + kStep);
+      store(cur, base);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        cur[u][0] = nxt[u][0];
+        cur[u][1] = nxt[u][1];
+      }
+    }
+  } else {
+    for (int base = sub; base < runs; base += kStep) {
+      uint4 in[kUnroll][2];
+      load(in, base);
+      store(in, base);
     }
   }
   // Row reduction over the kRow threads of this row: shuffles inside a warp, shared memory across warps.
@@ -213,13 +258,21 @@ int sm_count() {
   return n;
 }
 
+int g_impl = 3;  // 3: fast selection + pipelined loads (default); 2: the v2 kernel (kept for A/B and as fallback)
+
 template <class T, int kRow>
 void launch_row(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
                 void* meta, float* scale, int with_norm, float eps, int Kp, int Mp, cudaStream_t stream) {
   const dim3 grid(Mp / (kThreads / kRow));
-  prune_compress_kernel<T, kRow, 2><<<grid, kThreads, 0, stream>>>(
-      static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
-      static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+  auto args = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
+        static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+  };
+  if (g_impl == 2)
+    args(prune_compress_kernel<T, kRow, 2, false>);
+  else
+    args(prune_compress_kernel<T, kRow, 2, true>);
 }
 
 template <class T>
@@ -245,6 +298,13 @@ int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r
 }
 
 }  // namespace
+
+// Select the prune kernel implementation (2 or 3); returns the previous one. Not thread-safe: A/B tests only.
+extern "C" RTLYNX_API int rtlynx_prune_set_impl_sm90(int impl) {
+  int old = g_impl;
+  if (impl == 2 || impl == 3) g_impl = impl;
+  return old;
+}
 
 extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
                                                       const void* h, long ldh, int r, void* values, long ldv,

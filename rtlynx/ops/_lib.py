@@ -30,6 +30,8 @@ def _declare(lib):
         c_int, c_int, c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p,
         c_int, c_int, c_int, c_int, c_void_p]
     lib.rtlynx_sparse_gemm_sm90.restype = c_int
+    lib.rtlynx_prune_set_impl_sm90.argtypes = [c_int]
+    lib.rtlynx_prune_set_impl_sm90.restype = c_int
     lib.rtlynx_sparse_gemm_sm90_num_configs.argtypes = []
     lib.rtlynx_sparse_gemm_sm90_num_configs.restype = c_int
     lib.rtlynx_sparse_gemm_sm90_config_name.argtypes = [c_int]
@@ -72,3 +74,8 @@ def config_info(i: int) -> tuple[int, int]:
     smem, stages = c_int(), c_int()
     check(lib().rtlynx_sparse_gemm_sm90_config_info(i, ctypes.byref(smem), ctypes.byref(stages)), "config_info")
     return smem.value, stages.value
+
+
+def set_prune_impl(impl: int) -> int:
+    """Select the prune kernel (3 = default, 2 = the v2 kernel, for A/B tests); returns the previous one."""
+    return lib().rtlynx_prune_set_impl_sm90(impl)

@@ -49,7 +49,30 @@ CONFIG_NAMES = (
 )
 # (M, N, Kg) -> (config name, sched), measured on H100 by benchmarks/linear.py --sweep (benchmarks/NOTES.md).
 # sched = max_swizzle_size | raster << 8 (raster 0 heuristic, 1 along M, 2 along N); 0 = CUTLASS defaults.
-CONFIG_TABLE: dict[tuple[int, int, int], tuple[str, int]] = {}
+# v2 sweep (benchmarks/results/v2, H100 80GB HBM3, quick timings; sched 257/513 = swizzle 1, raster M/N; 260 =
+# swizzle 4, raster M). Differences under ~3 % between the 256x128 variants are within run-to-run noise.
+CONFIG_TABLE: dict[tuple[int, int, int], tuple[str, int]] = {
+    (512, 3072, 3072): ("t128x128_coop_c2x1", 0),
+    (512, 3072, 4096): ("t128x128_coop_c2x1", 0),
+    (512, 3072, 12288): ("t128x128_coop_c2x1", 0),
+    (512, 12288, 3072): ("t128x128_coop_c2x1", 0),
+    (4096, 64, 3072): ("t128x128_coop_c2x1", 0),
+    (4096, 3072, 128): ("t256x128_coop_c1x2", 260),
+    (4096, 3072, 3072): ("t256x128_coop_c2x1", 0),
+    (4096, 3072, 12288): ("t256x128_coop_c1x1", 0),
+    (4096, 3840, 128): ("t256x128_coop_c1x2", 260),
+    (4096, 3840, 3840): ("t256x128_coop_c1x2", 0),
+    (4096, 3840, 10240): ("t256x128_coop_c1x2", 0),
+    (4096, 10240, 3840): ("t256x128_coop_c1x2", 0),
+    (4096, 12288, 3072): ("t256x128_coop_c1x2", 0),
+    (4224, 64, 3840): ("t128x128_coop_c2x1", 0),
+    (4224, 3840, 3840): ("t256x128_coop_c1x2", 257),
+    (4224, 3840, 10240): ("t256x128_coop_c1x2", 513),
+    (4224, 10240, 3840): ("t256x128_coop_c2x1", 0),
+    (4608, 3072, 3072): ("t256x128_coop_c1x1", 0),
+    (4608, 3072, 15360): ("t256x128_coop_c1x2", 0),
+    (4608, 12288, 3072): ("t256x128_coop_c1x2", 0),
+}
 
 
 def choose_config(m: int, n: int, k: int) -> tuple[int, int]:
@@ -138,27 +161,39 @@ def _(values, meta, weight, scale, bias, config=-1, sched=0):
 
 # ----------------------------------------------------------------------------------------------- linear
 class _WeightCache:
-    """[W | B-expanded] per (weight, lora_b) pair, rebuilt when either is modified in place, dropped when the
-    weight is freed. Holds one extra copy of W for LoRA layers (or K % 128 != 0): pass a prepared weight via
-    :func:`prepare_weight` to avoid it."""
+    """[W | B-expanded] per (weight, lora_b) pair, rebuilt when either is modified in place, dropped with the
+    weight (keyed weakly by the weight tensor object itself, so a freed weight whose memory is reused cannot
+    alias a new one). Holds one extra copy of W for LoRA layers (or K % 128 != 0): pass a prepared weight via
+    :func:`prepare_weight` to ``sparse_gemm_sm90`` to avoid it."""
 
     def __init__(self):
-        self._d: dict = {}
+        self._d: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, {sub key: (version, wext)})
         self._lock = threading.Lock()
 
-    def get(self, weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> torch.Tensor:
-        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device,
-               None if lora_b is None else (lora_b.data_ptr(), tuple(lora_b.shape)))
-        ver = (weight._version, None if lora_b is None else lora_b._version)
+    def _drop(self, key):
         with self._lock:
-            hit = self._d.get(key)
-            if hit is not None and hit[0] == ver:
-                return hit[1]
+            e = self._d.get(key)
+            if e is not None and e[0]() is None:
+                del self._d[key]
+
+    def get(self, weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> torch.Tensor:
+        sub = (k, None if lora_b is None else (id(lora_b), lora_b.data_ptr(), tuple(lora_b.shape)))
+        ver = (weight._version, weight.data_ptr(), None if lora_b is None else lora_b._version)
+        with self._lock:
+            e = self._d.get(id(weight))
+            hit = e[1].get(sub) if e is not None and e[0]() is weight else None
+        if hit is not None and hit[0] == ver:
+            return hit[1]
         wext = expand_lora_b(weight, lora_b, k)
         with self._lock:
-            if key not in self._d:
-                weakref.finalize(weight, self._d.pop, key, None)
-            self._d[key] = (ver, wext)
+            e = self._d.get(id(weight))
+            if e is None or e[0]() is not weight:
+                e = (weakref.ref(weight), {})
+                self._d[id(weight)] = e
+                weakref.finalize(weight, self._drop, id(weight))
+            if len(e[1]) > 4:  # a weight seen with many different lora_b: keep the newest few
+                e[1].clear()
+            e[1][sub] = (ver, wext)
         return wext
 
     def clear(self):

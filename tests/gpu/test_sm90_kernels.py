@@ -53,9 +53,18 @@ PRUNE_SHAPES = [(1, 64), (3, 200), (7, 128), (64, 256), (65, 520), (333, 3072), 
                 (4224, 136), (2, 8), (512, 3072), (2100, 1000), (4608, 3072), (4096, 64)]  # every row width
 
 
+@pytest.fixture(params=[3, 2], ids=["prune_v3", "prune_v2"])
+def prune_impl(request):
+    from rtlynx.ops import _lib
+
+    old = _lib.set_prune_impl(request.param)
+    yield request.param
+    _lib.set_prune_impl(old)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", PRUNE_SHAPES)
-def test_prune_compress_bitwise(m, k, dtype, gen):
+def test_prune_compress_bitwise(m, k, dtype, gen, prune_impl):
     x = special(rnd((m, k), dtype, gen))
     poison_allocator()
     values, meta, scale = ops.prune_compress(x)
@@ -68,7 +77,7 @@ def test_prune_compress_bitwise(m, k, dtype, gen):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
-def test_prune_lora_tail(dtype, norm, gen):
+def test_prune_lora_tail(dtype, norm, gen, prune_impl):
     m, k, r = 77, 384, 64
     x = rnd((m, k), dtype, gen)
     x[5] = 0.0  # s = 0 row: tail must be 0, not NaN
