@@ -28,6 +28,16 @@ from . import _lib
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
+# Low-level registration (torch.library.Library + register_fake) rather than @custom_op: same schema, fake,
+# opcheck and torch.compile behaviour, but ~4x less host overhead per call (measured on the CPU: 10 vs 39 us),
+# which matters in eager mode for the 20-60 us layers.
+_LIB = torch.library.Library("rtlynx", "FRAGMENT")
+_LIB.define("prune_compress_sm90(Tensor x, Tensor? h, bool norm, float eps) -> (Tensor, Tensor, Tensor)")
+_LIB.define("sparse_gemm_sm90(Tensor values, Tensor meta, Tensor weight, Tensor? scale, Tensor? bias, "
+            "int config=-1, int sched=0) -> Tensor")
+_LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, bool norm, "
+            "float eps) -> Tensor")
+
 
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
@@ -111,13 +121,11 @@ def _prune_impl(x, h, norm, eps):
     return values, meta, scale
 
 
-@torch.library.custom_op("rtlynx::prune_compress_sm90", mutates_args=(), device_types="cuda")
-def prune_compress_sm90(x: torch.Tensor, h: torch.Tensor | None, norm: bool,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _prune_impl(x, h, norm, eps)
+_LIB.impl("prune_compress_sm90", _prune_impl, "CUDA")
+prune_compress_sm90 = torch.ops.rtlynx.prune_compress_sm90.default
 
 
-@prune_compress_sm90.register_fake
+@torch.library.register_fake("rtlynx::prune_compress_sm90", lib=_LIB)
 def _(x, h, norm, eps):
     m, k = x.shape
     mp, kp = padded_shape(m, k)
@@ -147,14 +155,12 @@ def _gemm_impl(values, meta, weight, scale, bias, config, sched):
     return y
 
 
-@torch.library.custom_op("rtlynx::sparse_gemm_sm90", mutates_args=(), device_types="cuda")
-def sparse_gemm_sm90(values: torch.Tensor, meta: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                     bias: torch.Tensor | None, config: int = -1, sched: int = 0) -> torch.Tensor:
-    """config = -1: per-shape choice (:func:`choose_config`), else a config id with scheduler options sched."""
-    return _gemm_impl(values, meta, weight, scale, bias, config, sched)
+_LIB.impl("sparse_gemm_sm90", _gemm_impl, "CUDA")
+# config = -1: per-shape choice (choose_config), else a config id with scheduler options sched
+sparse_gemm_sm90 = torch.ops.rtlynx.sparse_gemm_sm90.default
 
 
-@sparse_gemm_sm90.register_fake
+@torch.library.register_fake("rtlynx::sparse_gemm_sm90", lib=_LIB)
 def _(values, meta, weight, scale, bias, config=-1, sched=0):
     return values.new_empty(values.shape[0], weight.shape[0])
 
@@ -209,10 +215,7 @@ def prepare_weight(weight: torch.Tensor, lora_b: torch.Tensor | None = None) -> 
     return expand_lora_b(weight, lora_b, weight.shape[1])
 
 
-@torch.library.custom_op("rtlynx::sparse_linear_sm90", mutates_args=(), device_types="cuda")
-def sparse_linear_sm90(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, norm: bool,
-                       eps: float) -> torch.Tensor:
+def _linear_impl(x, weight, bias, lora_a, lora_b, norm, eps):
     k = x.shape[1]
     use_lora = lora_a is not None and lora_b is not None
     if k % 128 == 0 and not use_lora:
@@ -224,6 +227,10 @@ def sparse_linear_sm90(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return _gemm_impl(values, meta, wext, scale if norm else None, bias, -1, 0)
 
 
-@sparse_linear_sm90.register_fake
+_LIB.impl("sparse_linear_sm90", _linear_impl, "CUDA")
+sparse_linear_sm90 = torch.ops.rtlynx.sparse_linear_sm90.default
+
+
+@torch.library.register_fake("rtlynx::sparse_linear_sm90", lib=_LIB)
 def _(x, weight, bias, lora_a, lora_b, norm, eps):
     return x.new_empty(x.shape[0], weight.shape[0])
