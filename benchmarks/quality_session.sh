@@ -17,28 +17,28 @@ log() { echo "== $(date +%T) $*"; }
 log "core tests on this machine's torch (CUDA backends + reference math + diffusers integration)"
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 python -m pytest -q -p no:cacheprovider tests/test_backends_cuda.py tests/test_reference.py tests/test_nn.py \
-    tests/test_api.py --tb=line 2>&1 | grep -v "^tests/\|^\.\|Warning\|warn" | tail -15
+    tests/test_api.py --tb=line 2>&1 | grep -E "passed|failed|values differ|Error" | cut -c1-400 | tail -12
 log calibrate
-python -m rtlynx calibrate --prompts-file $C/prompts_calib.txt --num-prompts 1024 --batch-size 256 --steps 20 \
+python -m rtlynx calibrate --prompts-file $C/prompts_calib.txt --num-prompts ${NCAL:-512} --batch-size 256 --steps 20 \
     --out $W/calib.safetensors --overwrite
-python -m rtlynx calibrate --prompts-file $C/prompts_val.txt --num-prompts 256 --batch-size 256 --steps 20 --seed 1 \
+python -m rtlynx calibrate --prompts-file $C/prompts_val.txt --num-prompts 128 --batch-size 128 --steps 20 --seed 1 \
     --out $W/val.safetensors --overwrite
-for r in 4 8 16 32; do
+for r in ${RANKS:-8 32}; do
     log "train-lora rank $r"
     python -m rtlynx train-lora --calib $W/calib.safetensors --val $W/val.safetensors --rank $r --out $W/lora_r$r --overwrite
 done
-tar czf "$OUT/lora.tgz" -C $W lora_r4 lora_r8 lora_r16 lora_r32
+tar czf "$OUT/lora.tgz" -C $W $(cd $W && ls -d lora_r*)
 log demo
 python -m rtlynx demo --lora-dir $W/lora_r$RANK --out $W/demo --overwrite
 cp $W/demo/sheet.png "$OUT/demo_sheet.png"; cp $W/demo/metrics.json "$OUT/demo_metrics.json"
-for r in 4 16 32; do log "demo rank $r"; python -m rtlynx demo --lora-dir $W/lora_r$r --out $W/demo_r$r --overwrite 2>&1 | grep -A6 "^variant"; done
+for r in ${RANKS:-8 32}; do [ "$r" = "$RANK" ] && continue; log "demo rank $r"; python -m rtlynx demo --lora-dir $W/lora_r$r --out $W/demo_r$r --overwrite 2>&1 | grep -A6 "^variant"; done
 log analyze
 python -m rtlynx analyze --model miniflux --out $W/analysis --batches 1
 cp $W/analysis/layer_errors.png $W/analysis/layer_errors.csv "$OUT/" 2>/dev/null
 log quality
 python benchmarks/quality.py --prompts-file $C/prompts_all.txt --data none --n "$N" --lora-dir $W/lora_r$RANK \
     --out $W/quality.json
+cp $W/quality.json $W/quality_sheet.png "$OUT/" 2>/dev/null
 log done
 } 2>&1 | tee "$OUT/quality_log.txt"
-cp $W/quality.json $W/quality_sheet.png "$OUT/" 2>/dev/null
 ls -la "$OUT"
