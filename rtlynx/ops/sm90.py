@@ -140,7 +140,7 @@ def _(x, h, norm, eps):
 PDL = os.environ.get("RTLYNX_PDL", "1") != "0"
 
 
-def _gemm_impl(values, meta, weight, scale, bias, config, sched):
+def _gemm_impl(values, meta, weight, scale, bias, config=-1, sched=0):  # defaults: the dispatcher passes only given args
     m = values.shape[0]
     n, kg = weight.shape
     y = torch.empty(m, n, dtype=values.dtype, device=values.device)
