@@ -25,7 +25,9 @@ def test_reference_on_gpu_matches_cpu_bitwise(dtype, n, m):
     v, meta = R.compress(xg, n, m)
     vc, metac = R.compress(x, n, m)
     assert torch.equal(meta.cpu(), metac)
-    bad = (v.cpu().view(torch.int16) != vc.view(torch.int16)).nonzero()
+    # NaN payload bits are not part of the spec (CPU and CUDA copies may differ); NaN-ness is.
+    assert torch.equal(v.cpu().isnan(), vc.isnan())
+    bad = ((v.cpu().view(torch.int16) != vc.view(torch.int16)) & ~vc.isnan()).nonzero()
     assert len(bad) == 0, f"{len(bad)} values differ, first at {bad[:3].tolist()}: gpu {v.cpu()[tuple(bad[0])]} cpu {vc[tuple(bad[0])]}"
 
 

@@ -141,3 +141,16 @@ def test_calibrate_train_lora_demo_cli(tiny_model_dir, tmp_path):
                  "--prompt", "fire, noto style"]) == 0
     assert (tmp_path / "demo-2" / "metrics.json").is_file()
     assert json.loads((demo_out / "metrics.json").read_text()) == metrics
+
+
+def test_shipped_lora_loads_into_shipped_model():
+    pytest.importorskip("diffusers")
+    from rtlynx import demo
+    from rtlynx.models.miniflux import load_miniflux
+
+    model = load_miniflux()
+    assert demo.prepare(model)  # the distilled LoRA ships with the package
+    layers = rtlynx.sparse_layers(model.transformer)
+    assert len(layers) == 80 and all(l.lora_rank == 8 for l in layers.values())
+    assert sorted(layers) == sorted(rtlynx.eligible_layers(model.transformer))  # exactly the paper preset
+    assert all(l.lora_B.abs().sum() > 0 for l in layers.values())  # trained, not the zero init

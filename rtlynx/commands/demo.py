@@ -22,7 +22,8 @@ def run(args) -> int:
     variants = [v for v in demo.VARIANTS if has_lora or v != "rtlynx"]
     if not has_lora:
         print("note: no distilled LoRA found; the RT-Lynx variant is skipped (run `rtlynx train-lora`)")
-    prompts = args.prompt or demo.DEMO_PROMPTS
+    # On a CPU, half the prompt set keeps the five variants to a few minutes.
+    prompts = args.prompt or demo.DEMO_PROMPTS[: args.num_prompts or (8 if dev != "cpu" else 4)]
     out = demo.fresh_dir(Path(args.out), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     results = demo.generate_variants(model, prompts, variants, seed=args.seed, num_steps=args.steps)
@@ -42,7 +43,8 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="reuse --out even if it holds files")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: a fixed set of 8")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: a fixed set")
+    p.add_argument("--num-prompts", type=int, default=None, help="how many of the fixed set (default 8; 4 on CPU)")
     p.add_argument("--device", default="auto")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA")
