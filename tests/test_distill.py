@@ -149,8 +149,9 @@ def test_shipped_lora_loads_into_shipped_model():
     from rtlynx.models.miniflux import load_miniflux
 
     model = load_miniflux()
+    paper = rtlynx.eligible_layers(model.transformer)
     assert demo.prepare(model)  # the distilled LoRA ships with the package
     layers = rtlynx.sparse_layers(model.transformer)
     assert len(layers) == 80 and all(l.lora_rank == 8 for l in layers.values())
-    assert sorted(layers) == sorted(rtlynx.eligible_layers(model.transformer))  # exactly the paper preset
+    assert sorted(layers) == sorted(paper)  # exactly the paper preset
     assert all(l.lora_B.abs().sum() > 0 for l in layers.values())  # trained, not the zero init
