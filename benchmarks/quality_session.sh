@@ -4,6 +4,33 @@
 # Carry: .qcarry (diffusers wheels + prompt lists made from Emoji-64; see benchmarks/NOTES_quality.md).
 #   run: bash benchmarks/quality_session.sh [RANK] [N]
 set -uo pipefail
+if [ "${1:-}" = lynx ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .qcarry/*.whl
+    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    python3 -m rtlynx info
+    python3 -m pytest -q -p no:cacheprovider tests/test_lynx_integration.py tests/test_backends_cuda.py 2>&1 | tail -15
+    N=${N:-500} python3 - <<'PY'
+import time, torch, rtlynx
+from rtlynx import demo
+from rtlynx.models.miniflux import load_miniflux
+from rtlynx.eval.fid import psnr
+from rtlynx.models.miniflux import to_uint8
+m = load_miniflux(device="cuda", dtype=torch.bfloat16); demo.prepare(m, backend="lynx")
+p = demo.DEMO_PROMPTS * 8
+out = {}
+for be in ("reference", "lynx"):
+    rtlynx.configure(m.transformer, backend=be); m.sample(p[:8], num_steps=2)
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    out[be] = to_uint8(m.sample(p, num_steps=20, seed=0)); torch.cuda.synchronize()
+    print(f"{be}: {time.perf_counter() - t0:.2f} s for {len(p)} images (20 steps)")
+rtlynx.configure(m.transformer, mode="dense"); torch.cuda.synchronize(); t0 = time.perf_counter()
+d = to_uint8(m.sample(p, num_steps=20, seed=0)); torch.cuda.synchronize()
+print(f"dense: {time.perf_counter() - t0:.2f} s")
+print("PSNR lynx vs reference backend:", float(psnr(out["lynx"], out["reference"]).mean()),
+      "| lynx vs dense:", float(psnr(out["lynx"], d).mean()), "| reference vs dense:", float(psnr(out["reference"], d).mean()))
+PY
+    exit 0
+fi
 RANK=${1:-8}
 N=${2:-2000}
 C=.qcarry
@@ -42,3 +69,5 @@ cp $W/quality.json $W/quality_sheet.png "$OUT/" 2>/dev/null
 log done
 } 2>&1 | tee "$OUT/quality_log.txt"
 ls -la "$OUT"
+# Lynx integration (Hopper): SparseActLinear and the mini-FLUX on the fused kernels vs the reference path.
+#   RTLYNX_LIB=.cache/build/librtlynx_sm90.<hash>.so bash benchmarks/quality_session.sh lynx
