@@ -79,10 +79,8 @@ def main(argv=None) -> int:
             kid, kid_std = F.kid_from_features(feats, real)
             row.update(fid=F.fid_from_features(feats, real), kid=kid, kid_std=kid_std)
         if name != "dense" and "dense" in images:
-            a, b = torch.from_numpy(images[name]), torch.from_numpy(images["dense"])
-            row["psnr"] = float(F.psnr(a, b).mean())
-            row["ssim"] = float(torch.cat([F.ssim(a[i:i + 500].to(dev), b[i:i + 500].to(dev)).cpu()
-                                           for i in range(0, len(a), 500)]).mean())
+            pair = F.paired_metrics(images[name], images["dense"])
+            row.update(psnr=pair["psnr"], ssim=pair["ssim"])
         out[name] = row
         print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
 

@@ -68,15 +68,15 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
 
 def paired_metrics(results: dict) -> dict:
     """PSNR / SSIM of every variant against the dense images (same prompts, seeds, noise)."""
-    from .eval.fid import psnr, ssim
+    from .eval.fid import paired_metrics as pair
 
     dense = results["dense"][0]
     metrics = {}
     for name, (imgs, spi) in results.items():
         m = {"seconds_per_image": spi}
         if name != "dense":
-            m["psnr"] = float(psnr(imgs, dense).mean())
-            m["ssim"] = float(ssim(imgs, dense).mean())
+            p = pair(imgs, dense)
+            m.update(psnr=p["psnr"], ssim=p["ssim"])
         metrics[name] = m
     return metrics
 
