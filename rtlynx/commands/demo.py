@@ -10,11 +10,14 @@ def run(args) -> int:
     import torch
 
     from .. import demo
+    from ..backends import lynx_status
     from ..models.miniflux import ASSET_DIR, load_miniflux
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
-        model = load_miniflux(args.model_dir or ASSET_DIR, device=dev)
+        # bf16 on GPUs, the dtype the fused kernels (and cuSPARSELt) run
+        model = load_miniflux(args.model_dir or ASSET_DIR, device=dev,
+                              dtype=torch.float32 if dev == "cpu" else torch.bfloat16)
     except FileNotFoundError as e:
         raise SystemExit(f"rtlynx demo: {e}")
     has_lora = demo.prepare(model, Path(args.lora_dir) if args.lora_dir else demo.LORA_DIR,
@@ -30,7 +33,10 @@ def run(args) -> int:
     metrics = demo.paired_metrics(results)
     sheet = demo.sheet(results, prompts, out / "sheet.png",
                        title=f"mini-FLUX, {args.steps} steps, seed {args.seed}, device {dev}")
-    (out / "metrics.json").write_text(json.dumps({"device": dev, "steps": args.steps, "seed": args.seed,
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
+    (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "backend": backend,
+                                                  "steps": args.steps, "seed": args.seed,
                                                   "prompts": prompts, "variants": metrics}, indent=1))
     print(demo.table(metrics))
     print(f"wrote {sheet} and {out / 'metrics.json'}")
