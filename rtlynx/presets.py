@@ -3,8 +3,15 @@
 Names are fnmatch globs on qualified module names (``*`` also matches dots). A layer is sparsified
 when it matches an ``include`` glob and no ``exclude`` glob. Conditioning-only layers (timestep /
 modulation / pooled embedders: they run on M = batch rows and gain nothing), embedders and final
-projections are never included. "paper" presets follow RT-Lynx: Q/K/V and MLP up/down projections,
-attention output projections kept dense.
+projections are never included.
+
+- "<model>-paper": RT-Lynx's choice, Q/K/V and MLP up/down projections of every stream, attention
+  output projections dense.
+- "<model>" (the default, picked by "auto"): the same on the image stream only. The text stream runs on
+  M = 128-512 rows, where the sparse kernels lose to dense (benchmarks/results/h100_linear.json) for
+  1-4% of the FLOPs, and on the mini-FLUX it was the most pruning-sensitive part that the LoRA could not
+  repair (benchmarks/results/layer_ablation_streams.json).
+- "<model>-all": every token-level linear inside the blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +27,21 @@ CONDITIONING_EXCLUDES = (
 PRESETS: dict[str, dict] = {
     "flux": {
         "models": ["FluxTransformer2DModel"],
-        "doc": "FLUX.1 paper preset: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "auto": True,
+        "doc": "FLUX.1 image stream: Q/K/V and MLP up/down; text stream and attention outputs dense",
+        "include": [
+            "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
+            "transformer_blocks.*.ff.net.0.proj", "transformer_blocks.*.ff.net.2",
+            "single_transformer_blocks.*.attn.to_q", "single_transformer_blocks.*.attn.to_k",
+            "single_transformer_blocks.*.attn.to_v", "single_transformer_blocks.*.proj_mlp",
+            # K = [attention output | GELU(MLP up)]: mostly the MLP down-projection.
+            "single_transformer_blocks.*.proj_out",
+        ],
+        "exclude": [],
+    },
+    "flux-paper": {
+        "models": ["FluxTransformer2DModel"],
+        "doc": "FLUX.1 as RT-Lynx: Q/K/V (both streams) and MLP up/down; attention outputs dense",
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
@@ -42,7 +63,17 @@ PRESETS: dict[str, dict] = {
     },
     "qwen-image": {
         "models": ["QwenImageTransformer2DModel"],
-        "doc": "Qwen-Image paper preset: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "auto": True,
+        "doc": "Qwen-Image image stream: Q/K/V and MLP up/down; text stream and attention outputs dense",
+        "include": [
+            "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
+            "transformer_blocks.*.img_mlp.net.0.proj", "transformer_blocks.*.img_mlp.net.2",
+        ],
+        "exclude": [],
+    },
+    "qwen-image-paper": {
+        "models": ["QwenImageTransformer2DModel"],
+        "doc": "Qwen-Image as RT-Lynx: Q/K/V (both streams) and MLP up/down; attention outputs dense",
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
@@ -60,7 +91,20 @@ PRESETS: dict[str, dict] = {
     },
     "z-image": {
         "models": ["ZImageTransformer2DModel"],
-        "doc": "Z-Image paper preset: Q/K/V and SwiGLU w1/w3 (up) and w2 (down) in all layers and refiners",
+        "auto": True,
+        "doc": "Z-Image: Q/K/V and SwiGLU w1/w3/w2 of the main layers and the noise refiner; "
+               "the caption (context) refiner and attention outputs dense",
+        "include": [
+            "layers.*.attention.to_q", "layers.*.attention.to_k", "layers.*.attention.to_v",
+            "noise_refiner.*.attention.to_q", "noise_refiner.*.attention.to_k", "noise_refiner.*.attention.to_v",
+            "layers.*.feed_forward.w1", "layers.*.feed_forward.w2", "layers.*.feed_forward.w3",
+            "noise_refiner.*.feed_forward.w1", "noise_refiner.*.feed_forward.w2", "noise_refiner.*.feed_forward.w3",
+        ],
+        "exclude": [],
+    },
+    "z-image-paper": {
+        "models": ["ZImageTransformer2DModel"],
+        "doc": "Z-Image as RT-Lynx: Q/K/V and SwiGLU w1/w3 (up) and w2 (down) in all layers and refiners",
         "include": [
             "*layers.*.attention.to_q", "*layers.*.attention.to_k", "*layers.*.attention.to_v",
             "*refiner.*.attention.to_q", "*refiner.*.attention.to_k", "*refiner.*.attention.to_v",
@@ -77,6 +121,7 @@ PRESETS: dict[str, dict] = {
     },
     "default": {
         "models": [],
+        "auto": True,
         "doc": "Any other diffusers transformer (SD3, PixArt, DiT, Wan...): token linears inside the blocks",
         "include": ["transformer_blocks.*", "single_transformer_blocks.*", "blocks.*", "layers.*"],
         "exclude": [],
@@ -84,7 +129,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # The preset "auto" picks by model class name; unknown classes get "default".
-MODEL_PRESETS = {cls: name for name, p in PRESETS.items() if not name.endswith("-all") for cls in p["models"]}
+MODEL_PRESETS = {cls: name for name, p in PRESETS.items() if p.get("auto") for cls in p["models"]}
 
 
 def resolve_preset(name: str | None, model_class: str) -> str | None:

@@ -20,18 +20,21 @@ PAPER_SUFFIXES = {
     "z-image": ["attention.to_q", "attention.to_k", "attention.to_v", "feed_forward.w1", "feed_forward.w2",
                 "feed_forward.w3"],
 }
-COND_WORDS = ("time", "norm", "adaLN", "_mod", "embedder", "x_embedder", "img_in", "txt_in")
+# Text-stream layers, which the default presets keep dense (small M, most sensitive).
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "ff_context.", "txt_mlp.", "context_refiner.")
 
 
 def linears(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def expected_paper(kind, model):
+def expected_paper(kind, model, text_stream=True):
     out = []
     for name in linears(model):
         if "." not in name:
             continue  # top-level embedders / heads
+        if not text_stream and any(t in name for t in TEXT_STREAM):
+            continue
         if any(fnmatch.fnmatchcase(name, "*" + s) if "*" in s else name.endswith(s) for s in PAPER_SUFFIXES[kind]):
             out.append(name)
     return out
@@ -42,16 +45,18 @@ def kind(request):
     return request.param
 
 
-def test_paper_preset_replaces_exactly_intended_layers(kind):
+@pytest.mark.parametrize("paper", [False, True])
+def test_presets_replace_exactly_intended_layers(kind, paper):
     model = tiny_transformer(kind)
-    want = expected_paper(kind, model)
-    rtlynx.sparsify(model)
+    want = expected_paper(kind, model, text_stream=paper)
+    rtlynx.sparsify(model, preset=kind + "-paper" if paper else "auto")
     got = list(rtlynx.sparse_layers(model))
     assert sorted(got) == sorted(want) and got
     assert not any(n.endswith(("to_out.0", "to_add_out")) for n in got)  # attention outputs stay dense
+    assert paper == any(t in n for n in got for t in TEXT_STREAM)  # the default keeps the text stream dense
 
 
-@pytest.mark.parametrize("preset_suffix", ["", "-all"])
+@pytest.mark.parametrize("preset_suffix", ["", "-paper", "-all"])
 def test_conditioning_layers_never_sparse_and_see_more_than_batch_rows(kind, preset_suffix):
     model = tiny_transformer(kind)
     rtlynx.sparsify(model, preset=kind + preset_suffix)

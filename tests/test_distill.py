@@ -152,6 +152,6 @@ def test_shipped_lora_loads_into_shipped_model():
     paper = rtlynx.eligible_layers(model.transformer)
     assert demo.prepare(model)  # the distilled LoRA ships with the package
     layers = rtlynx.sparse_layers(model.transformer)
-    assert len(layers) == 80 and all(l.lora_rank == 8 for l in layers.values())
+    assert len(layers) == 60 and all(l.lora_rank == 8 for l in layers.values())
     assert sorted(layers) == sorted(paper)  # exactly the paper preset
     assert all(l.lora_B.abs().sum() > 0 for l in layers.values())  # trained, not the zero init

@@ -79,7 +79,9 @@ def run_train_lora(args) -> int:
     model = _load_model(args)
     stats = distill.CalibStats.load(args.calib, device=model.img_ids.device)
     val = distill.CalibStats.load(args.val, device=model.img_ids.device) if args.val else None
-    api.sparsify(model.transformer, preset=stats.meta.get("preset", "auto"), lora_rank=args.rank)
+    # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
+    # gives exactly the same LoRA for the layers it keeps.
+    api.sparsify(model.transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
     rows = distill.fit_lora(model.transformer, stats, args.rank, ridge=args.ridge, val=val)
     io.save(model.transformer, out, overwrite=args.overwrite)
     (out / "distill_report.json").write_text(json.dumps({"rank": args.rank, "ridge": args.ridge,
@@ -118,6 +120,7 @@ def register(sub) -> None:
     p.add_argument("--val", default=None, help="held-out statistics to report generalisation")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean input power")
+    p.add_argument("--preset", default=None, help="layers to give a LoRA (default: the calibration's preset)")
     p.add_argument("--out", required=True, help="output directory (rtlynx.save format)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_train_lora)
