@@ -21,7 +21,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# In a source checkout csrc/ sits at the repository root; wheels carry it as rtlynx/csrc (a symlink
+# to ../csrc in the checkout, whose files setuptools copies into the package).
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+if not CSRC.is_dir():
+    CSRC = Path(__file__).resolve().parents[2] / "csrc"
 LIB_NAME = "librtlynx_sm90.so"
 NVCC_FLAGS = [
     "-std=c++17", "-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
