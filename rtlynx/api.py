@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import SparsityConfig
-from .nn import MODES, SparseActLinear
+from .nn import SparseActLinear, check_choice
 from .presets import CONDITIONING_EXCLUDES, PRESETS, resolve_preset
 
 
@@ -100,8 +100,9 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     layers = sparse_layers(model)
     if not layers:
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, value in (("mode", mode), ("compensation", compensation), ("backend", backend)):
+        if value is not None:
+            check_choice(name, value)  # all checked before any layer changes
     for layer in layers.values():
         if mode is not None:
             layer.mode = mode
@@ -111,7 +112,6 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
             layer.lora_enabled = lora
         if backend is not None:
             layer.backend = backend
-        layer._validate()
     return model
 
 

@@ -54,11 +54,7 @@ class LayerStats:
             raise ValueError("distillation needs K to be a multiple of m")
         w = layer.weight.detach().float()
         y = F.linear(x, w)
-        xp = reference.prune_nm(x, layer.n, layer.m)
-        ys = F.linear(xp, w)
-        if layer.compensation == "norm":
-            ys = ys * reference.norm_scale(x, xp, eps=layer.eps).unsqueeze(-1)
-        r = y - ys
+        r = y - reference.sparse_act_linear(x, w, None, layer.n, layer.m, layer.compensation, eps=layer.eps)
         self.xtx += (x.T @ x).double()
         self.xtr += (x.T @ r).double()
         self.rr += float(r.double().pow(2).sum())

@@ -12,6 +12,24 @@ from . import backends, reference
 from .config import BACKENDS, COMPENSATIONS, K_REMAINDER
 
 MODES = ("sparse", "dense", "weight")
+CHOICES = {"mode": MODES, "compensation": COMPENSATIONS, "backend": BACKENDS, "k_remainder": K_REMAINDER}
+
+
+def check_choice(name: str, value) -> None:
+    if value not in CHOICES[name]:
+        raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
+
+
+def _choice(name: str) -> property:
+    """A layer option checked when it is set, so a typo fails at once and forward() checks nothing."""
+    def get(self):
+        return self.__dict__["_" + name]
+
+    def set(self, value):
+        check_choice(name, value)
+        self.__dict__["_" + name] = value
+
+    return property(get, set)
 
 
 class SparseActLinear(nn.Module):
@@ -27,6 +45,11 @@ class SparseActLinear(nn.Module):
     - K not a multiple of m: ``k_remainder="pad"`` zero-pads the last group, ``"dense"`` runs the
       layer dense; either way a one-time warning says so.
     """
+
+    mode = _choice("mode")
+    compensation = _choice("compensation")
+    backend = _choice("backend")
+    k_remainder = _choice("k_remainder")
 
     def __init__(self, linear: nn.Linear, n: int = 2, m: int = 4, compensation: str = "norm",
                  lora_rank: int = 0, backend: str = "auto", k_remainder: str = "pad", eps: float = 1e-8):
@@ -48,7 +71,6 @@ class SparseActLinear(nn.Module):
         if lora_rank:
             self.add_lora(lora_rank)
         self._weight_cache = None
-        self._validate()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseActLinear":
@@ -64,13 +86,6 @@ class SparseActLinear(nn.Module):
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.lora_rank = rank
-
-    def _validate(self) -> None:
-        for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
-                                     ("backend", self.backend, BACKENDS), ("mode", self.mode, MODES),
-                                     ("k_remainder", self.k_remainder, K_REMAINDER)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -94,7 +109,6 @@ class SparseActLinear(nn.Module):
         return self._weight_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._validate()
         if not x.is_floating_point():
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:

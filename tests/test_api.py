@@ -146,6 +146,9 @@ def test_sparsify_errors_and_overrides():
         rtlynx.sparsify(model, exclude=("single_transformer_blocks.*",))
     with pytest.raises(ValueError):
         rtlynx.configure(model, mode="sideways")
+    with pytest.raises(ValueError, match="compensation"):
+        rtlynx.configure(model, mode="dense", compensation="bogus")
+    assert all(l.mode == "sparse" for l in layers.values())  # nothing half-applied
     with pytest.raises(ValueError, match="sparsify first"):
         rtlynx.configure(nn.Linear(4, 4), mode="dense")
 

@@ -137,9 +137,11 @@ def test_bad_inputs(gen):
         SparseActLinear(lin, backend="tensorrt")
     with pytest.raises(TypeError):
         SparseActLinear(nn.Conv1d(2, 2, 1))
-    layer.mode = "half-sparse"
     with pytest.raises(ValueError, match="mode"):
-        layer(torch.randn(2, 32))
+        layer.mode = "half-sparse"
+    with pytest.raises(ValueError, match="compensation"):
+        layer.compensation = "var"
+    assert layer.mode == "sparse" and layer.compensation == "norm"  # a refused value changes nothing
 
 
 def test_nan_inf_propagate_without_crash(gen):
