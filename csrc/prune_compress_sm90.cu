@@ -8,6 +8,11 @@
 // Selection rule (== rtlynx.reference.nm): keep the 2 largest |x| of each group of 4, NaN ranks as +inf,
 // ties go to the lower index, kept values in index order. Metadata nibble per group: idx0 | idx1 << 2.
 //
+// Producer fusion (kAct = 1, rtlynx_gelu_prune_compress_sm90): the loaded run is the MLP pre-activation H; every
+// element goes through GELU-tanh in fp32 (torch's CUDA expression, see gelu_tanh_bits) and is rounded to the dtype
+// before the selection, so the pass reads H once and emits the compressed GELU output (optionally also the
+// dense GELU output, for a LoRA branch) instead of a GELU pass + a prune pass.
+//
 // sm90 metadata layout (CUTLASS Sm90GemmSparseConfig, 16-bit A, tile K 128): in units of 16-bit words
 // (one word = the 4 nibbles of 16 consecutive logical elements of a row), for row m and word column
 // kw = k / 16:  m = m0 + 8 m1 + 16 m2 + 64 ma,  kw = k1 + 2 k2 + 8 ka  (m0<8, m1<2, m2<4, k1<2, k2<4)
@@ -16,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "rtlynx_sm90.h"
 
@@ -48,6 +55,21 @@ struct Traits<__half> {
     return *reinterpret_cast<uint16_t*>(&h);
   }
 };
+
+// GELU with the tanh approximation on one 16-bit encoding, exactly as torch's CUDA kernel computes it for
+// F.gelu(h, approximate="tanh") (ATen GeluCUDAKernelImpl: opmath float, tanhf, result rounded once to the dtype).
+// nvcc contracts torch's `x + kKappa * x_cube` into one FMA (default -fmad=true); the intrinsics pin that here and
+// keep every other operation a separately rounded fp32 multiply / add, as in torch's expression.
+template <class T>
+__device__ __forceinline__ uint16_t gelu_tanh_bits(uint16_t b) {
+  constexpr float kBeta = float(1.41421356237309504880 * 1.12837916709551257390 * 0.5);  // M_SQRT2*M_2_SQRTPI*0.5
+  constexpr float kKappa = 0.044715f;
+  const float x = Traits<T>::to_float(b);
+  const float x_cube = __fmul_rn(__fmul_rn(x, x), x);
+  const float inner = __fmul_rn(kBeta, __fmaf_rn(kKappa, x_cube, x));
+  const float g = __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner)));
+  return Traits<T>::from_float(g);
+}
 
 __device__ __forceinline__ long meta_word_index(int m, int kw, int mtiles) {
   int m0 = m & 7, m1 = (m >> 3) & 1, m2 = (m >> 4) & 3, ma = m >> 6;
@@ -134,11 +156,13 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
 
 // kRow threads own one row (kRow in {8, ..., 128}); a 128-thread block owns 128 / kRow rows. Few rows (small M)
 // -> more threads per row, so every shape puts enough loads in flight; many rows -> a warp or less per row.
-template <class T, int kRow, int kUnroll, bool kFast>
+// kAct: 0 = X as loaded; 1 = X = GELU_tanh(loaded run), and the dense X is written to y (row stride ldy) if y.
+template <class T, int kRow, int kUnroll, bool kFast, int kAct>
 __global__ void __launch_bounds__(kThreads)
 prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, const uint16_t* __restrict__ h,
                       long ldh, int r, uint16_t* __restrict__ values, long ldv, uint16_t* __restrict__ meta,
-                      float* __restrict__ scale, int with_norm, float eps, int Kp, int mtiles) {
+                      float* __restrict__ scale, int with_norm, float eps, int Kp, int mtiles,
+                      uint16_t* __restrict__ y, long ldy) {
   constexpr int kRowsPerBlock = kThreads / kRow;
   // Let a GEMM launched with PDL start its prologue (it waits with griddepcontrol.wait before reading).
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -165,11 +189,22 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
       }
     }
   };
-  auto store = [&](const uint4 (&in)[kUnroll][2], int base) {
+  auto store = [&](uint4 (&in)[kUnroll][2], int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       int c = base + kRow * u;
       if (c < runs) {
+        if constexpr (kAct == 1) {
+          uint16_t* e = reinterpret_cast<uint16_t*>(in[u]);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);  // padding: GELU(0) = +0, still a zero group
+          const int k = c * 16;
+          if (y != nullptr && row_ok && k < K) {
+            uint16_t* yr = y + long(m) * ldy + k;
+            *reinterpret_cast<uint4*>(yr) = in[u][0];
+            if (full || k + 16 <= K) *reinterpret_cast<uint4*>(yr + 8) = in[u][1];
+          }
+        }
         uint4 out;
         uint16_t word;
         process_run<T, kFast>(in[u], out, word, sx, sp);
@@ -260,24 +295,26 @@ int sm_count() {
 
 int g_impl = 3;  // 3: fast selection + pipelined loads (default); 2: the v2 kernel (kept for A/B and as fallback)
 
-template <class T, int kRow>
+template <class T, int kRow, int kAct>
 void launch_row(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
-                void* meta, float* scale, int with_norm, float eps, int Kp, int Mp, cudaStream_t stream) {
+                void* meta, float* scale, int with_norm, float eps, int Kp, int Mp, void* y, long ldy,
+                cudaStream_t stream) {
   const dim3 grid(Mp / (kThreads / kRow));
   auto args = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(
         static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
-        static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64);
+        static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64,
+        static_cast<uint16_t*>(y), ldy);
   };
   if (g_impl == 2)
-    args(prune_compress_kernel<T, kRow, 2, false>);
+    args(prune_compress_kernel<T, kRow, 2, false, kAct>);
   else
-    args(prune_compress_kernel<T, kRow, 2, true>);
+    args(prune_compress_kernel<T, kRow, 2, true, kAct>);
 }
 
-template <class T>
+template <class T, int kAct>
 int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
-           void* meta, float* scale, int with_norm, float eps, cudaStream_t stream) {
+           void* meta, float* scale, int with_norm, float eps, void* y, long ldy, cudaStream_t stream) {
   const int Kp = (K + 127) / 128 * 128;
   const int Mp = (M + 63) / 64 * 64;
   const int runs = Kp / 16;
@@ -287,12 +324,16 @@ int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r
   int row = 32;
   while (row < 128 && long(Mp) * row < want) row *= 2;
   while (row > 8 && row / 2 >= runs) row /= 2;
+  auto go = [&](auto row_c) {
+    launch_row<T, decltype(row_c)::value, kAct>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps,
+                                                Kp, Mp, y, ldy, stream);
+  };
   switch (row) {
-    case 8: launch_row<T, 8>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
-    case 16: launch_row<T, 16>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
-    case 32: launch_row<T, 32>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
-    case 64: launch_row<T, 64>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
-    default: launch_row<T, 128>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, Kp, Mp, stream); break;
+    case 8: go(std::integral_constant<int, 8>{}); break;
+    case 16: go(std::integral_constant<int, 16>{}); break;
+    case 32: go(std::integral_constant<int, 32>{}); break;
+    case 64: go(std::integral_constant<int, 64>{}); break;
+    default: go(std::integral_constant<int, 128>{}); break;
   }
   return int(cudaGetLastError());
 }
@@ -317,8 +358,24 @@ extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, l
     return RTLYNX_ERR_ARGS;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (dtype == RTLYNX_BF16)
-    return launch<__nv_bfloat16>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, st);
+    return launch<__nv_bfloat16, 0>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0, st);
   if (dtype == RTLYNX_FP16)
-    return launch<__half>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, st);
+    return launch<__half, 0>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0, st);
+  return RTLYNX_ERR_CONFIG;
+}
+
+extern "C" RTLYNX_API int rtlynx_gelu_prune_compress_sm90(int dtype, const void* h, long ldh, int M, int K, void* y,
+                                                           long ldy, void* values, long ldv, void* meta, float* scale,
+                                                           int with_norm, float eps, void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldh % 8 != 0 || ldv % 8 != 0) return RTLYNX_ERR_ARGS;
+  const int Kp = (K + 127) / 128 * 128;
+  if (ldv < Kp / 2 || (y != nullptr && (ldy % 8 != 0 || ldy < K))) return RTLYNX_ERR_ARGS;
+  if ((reinterpret_cast<uintptr_t>(h) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(y)) % 16)
+    return RTLYNX_ERR_ARGS;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == RTLYNX_BF16)
+    return launch<__nv_bfloat16, 1>(h, ldh, M, K, nullptr, 0, 0, values, ldv, meta, scale, with_norm, eps, y, ldy, st);
+  if (dtype == RTLYNX_FP16)
+    return launch<__half, 1>(h, ldh, M, K, nullptr, 0, 0, values, ldv, meta, scale, with_norm, eps, y, ldy, st);
   return RTLYNX_ERR_CONFIG;
 }

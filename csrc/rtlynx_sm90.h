@@ -36,6 +36,17 @@ int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
                                void* values, long ldv, void* meta, float* scale, int with_norm, float eps,
                                void* stream);
 
+// Producer-fused variant for the MLP down-projection: X = GELU_tanh(H) computed on the fly from the
+// pre-activation H [M, K] (row stride ldh), then exactly the prune/compress/norm of rtlynx_prune_compress_sm90
+// on X (values [M, Kp/2] with row stride ldv >= Kp/2, meta, scale; no LoRA tail). GELU per element, in fp32,
+// the expression of torch's CUDA kernel (F.gelu(h, approximate="tanh")):
+//   u = h*h*h; inner = kBeta * fma(0.044715f, u, h); g = (0.5f*h) * (1 + tanhf(inner)),
+//   kBeta = (float)(sqrt(2) * 2/sqrt(pi) * 0.5), rounded once (RN) to the dtype.
+// If y != nullptr the dense GELU output [M, K] (row stride ldy) is written too (for a LoRA branch on dense x).
+int rtlynx_gelu_prune_compress_sm90(int dtype, const void* h, long ldh, int M, int K, void* y, long ldy,
+                                    void* values, long ldv, void* meta, float* scale, int with_norm, float eps,
+                                    void* stream);
+
 // Y [M, N] (row stride ldy) = s[m] * (A~ @ W^T)[m, n] + bias[n]; A~ given by values/meta with logical K = Kg
 // (multiple of 128), W [N, Kg] row-major (row stride ldw). scale may be null (s = 1), bias may be null.
 // sched: tile-scheduler options, max_swizzle_size | raster << 8 (raster 0 heuristic, 1 along M, 2 along N)

@@ -5,10 +5,12 @@ Public API (nothing CUDA is imported or built at import time):
 - :func:`lynx_status` -> ``(ok, reason)``: can the Hopper lynx kernels run here? (cached)
 - :func:`lynx_linear` (x2d, weight, bias, norm, lora_a, lora_b, n=2, m=4, eps=1e-8) -> y2d
 - :func:`prune_compress` (x2d) -> (values, meta, scale) in the sm90 layout (rtlynx.reference.sm90)
+- :func:`gelu_prune_compress` (h2d) -> the same for x = GELU_tanh(h2d), computed inside the prune pass
+- :func:`lynx_gelu_linear` (h2d, weight, bias, norm) -> y2d: the MLP down-projection from its pre-activation
 - :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
 
 The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
-``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at import of rtlynx.ops (pure Python:
+``rtlynx::gelu_prune_compress_sm90``, ``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at import of rtlynx.ops (pure Python:
 the CUDA library is built/loaded at the first kernel call).
 """
 
@@ -75,6 +77,35 @@ def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
     return _sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
 
 
+def gelu_prune_compress(h2d: torch.Tensor, eps: float = 1e-8, dense: bool = False):
+    """Producer-fused prune: ``x = GELU_tanh(h2d)`` (float32, rounded once to h's dtype, as ``F.gelu(h,
+    approximate="tanh")`` on CUDA) pruned + compressed in one pass over ``h2d [M, K]``:
+    ``(values, meta, scale)`` in the sm90 layout, plus the dense ``x [M, K]`` when ``dense`` (for a LoRA branch).
+    Reference: :func:`rtlynx.reference.sm90.gelu_compress_sm90`. K % 8 == 0 required."""
+    _check_x(h2d)
+    if h2d.shape[1] % 8:
+        raise Unsupported(f"gelu_prune_compress needs K % 8 == 0, got K={h2d.shape[1]}")
+    values, meta, scale, y = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), True, eps, dense)
+    return (values, meta, scale, y) if dense else (values, meta, scale)
+
+
+def lynx_gelu_linear(h2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: bool = True,
+                     eps: float = 1e-8) -> torch.Tensor:
+    """MLP down-projection from its pre-activation: ``y = s * (prune24(GELU_tanh(h)) @ W^T) + b`` with the GELU
+    fused into the prune pass (no dense GELU output is written). weight [N, K] with K % 8 == 0, N % 8 == 0; no
+    LoRA (a LoRA branch needs the dense GELU output: :func:`gelu_prune_compress` with ``dense=True``)."""
+    _check_x(h2d)
+    k = h2d.shape[1]
+    if k % 8 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 8:
+        raise Unsupported(f"lynx_gelu_linear needs h [M, K], weight [N, K] with K, N % 8 == 0; got "
+                          f"{tuple(h2d.shape)}, {tuple(weight.shape)}")
+    dt = h2d.dtype
+    wext = weight.to(dt).contiguous() if k % 128 == 0 else _sm90.WEIGHT_CACHE.get(weight.to(dt), None, k)
+    values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
+    return _sm90.sparse_gemm_sm90(values, meta, wext, scale if norm else None,
+                                  None if bias is None else bias.to(dt).contiguous(), -1, 0)
+
+
 def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: bool,
                 lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, n: int = 2, m: int = 4,
                 eps: float = 1e-8) -> torch.Tensor:
@@ -115,4 +146,4 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                    None if lora_b is None else lora_b.to(dt).contiguous(), bool(norm), float(eps))
 
 
-__all__ = ["Unsupported", "lynx_linear", "lynx_status", "prune_compress"]
+__all__ = ["Unsupported", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]

@@ -26,6 +26,11 @@ def _declare(lib):
         c_int, c_void_p, c_long, c_int, c_int, c_void_p, c_long, c_int, c_void_p, c_long, c_void_p, c_void_p,
         c_int, c_float, c_void_p]
     lib.rtlynx_prune_compress_sm90.restype = c_int
+    if hasattr(lib, "rtlynx_gelu_prune_compress_sm90"):  # absent from libraries built before the fused variant
+        lib.rtlynx_gelu_prune_compress_sm90.argtypes = [
+            c_int, c_void_p, c_long, c_int, c_int, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p, c_int,
+            c_float, c_void_p]
+        lib.rtlynx_gelu_prune_compress_sm90.restype = c_int
     lib.rtlynx_sparse_gemm_sm90.argtypes = [
         c_int, c_int, c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p,
         c_int, c_int, c_int, c_int, c_void_p]

@@ -6,6 +6,10 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
 - ``rtlynx::prune_compress_sm90(x [M,K], h [M,r]?, norm, eps) -> (values [M, Kg/2], meta [Mp*Kg/8] u8, scale [M] f32)``
   2:4 prune + compress along K in the sm90 layout (rtlynx.reference.sm90) + the per-token norm scale;
   with ``h`` the LoRA tail h/s is appended (see csrc/rtlynx_sm90.h).
+- ``rtlynx::gelu_prune_compress_sm90(h [M,K], norm, eps, dense) -> (values, meta, scale, y)``
+  producer-fused variant for the MLP down-projection: the same outputs for x = GELU_tanh(h)
+  (rtlynx.reference.sm90.gelu_compress_sm90) computed on the fly, plus the dense x as ``y [M,K]`` when ``dense``
+  (``y`` is ``[0, K]`` otherwise). No LoRA tail.
 - ``rtlynx::sparse_gemm_sm90(values, meta, weight [N,Kg], scale?, bias?, config) -> y [M,N]``
   y = scale[m] * (X~ @ W^T) + bias, wgmma.sp (CUTLASS 3.x), fp32 accumulation, epilogue fused.
 - ``rtlynx::sparse_linear_sm90(x, weight [N,K], bias?, lora_a [r,K]?, lora_b [N,r]?, norm, eps) -> y [M,N]``
@@ -33,6 +37,8 @@ _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 # which matters in eager mode for the 20-60 us layers.
 _LIB = torch.library.Library("rtlynx", "FRAGMENT")
 _LIB.define("prune_compress_sm90(Tensor x, Tensor? h, bool norm, float eps) -> (Tensor, Tensor, Tensor)")
+_LIB.define("gelu_prune_compress_sm90(Tensor h, bool norm, float eps, bool dense=False) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("sparse_gemm_sm90(Tensor values, Tensor meta, Tensor weight, Tensor? scale, Tensor? bias, "
             "int config=-1, int sched=0) -> Tensor")
 _LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, bool norm, "
@@ -133,6 +139,38 @@ def _(x, h, norm, eps):
     kg = kp + 2 * r
     return (x.new_empty(m, kg // 2), x.new_empty(mp * kg // 8, dtype=torch.uint8),
             x.new_empty(m, dtype=torch.float32))
+
+
+def _gelu_prune_impl(h, norm, eps, dense=False):  # default: the dispatcher passes only given args
+    if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
+        h = h.clone(memory_format=torch.contiguous_format)
+    m, k = h.shape
+    mp, kp = padded_shape(m, k)
+    values = torch.empty(m, kp // 2, dtype=h.dtype, device=h.device)
+    meta = torch.empty(mp * kp // 8, dtype=torch.uint8, device=h.device)
+    scale = torch.empty(m, dtype=torch.float32, device=h.device)
+    y = torch.empty(m if dense else 0, k, dtype=h.dtype, device=h.device)
+    L = _lib.lib()
+    if not hasattr(L, "rtlynx_gelu_prune_compress_sm90"):
+        raise RuntimeError("rtlynx gelu_prune_compress_sm90: the loaded library predates it "
+                           "(rebuild it, or unset RTLYNX_LIB)")
+    rc = L.rtlynx_gelu_prune_compress_sm90(
+        _DTYPES[h.dtype], h.data_ptr(), h.stride(0), m, k, y.data_ptr() if dense else None, y.stride(0) if dense else 0,
+        values.data_ptr(), values.stride(0), meta.data_ptr(), scale.data_ptr(), int(norm), float(eps), _stream())
+    _lib.check(rc, "gelu_prune_compress_sm90")
+    return values, meta, scale, y
+
+
+_LIB.impl("gelu_prune_compress_sm90", _gelu_prune_impl, "CUDA")
+gelu_prune_compress_sm90 = torch.ops.rtlynx.gelu_prune_compress_sm90.default
+
+
+@torch.library.register_fake("rtlynx::gelu_prune_compress_sm90", lib=_LIB)
+def _(h, norm, eps, dense=False):
+    m, k = h.shape
+    mp, kp = padded_shape(m, k)
+    return (h.new_empty(m, kp // 2), h.new_empty(mp * kp // 8, dtype=torch.uint8),
+            h.new_empty(m, dtype=torch.float32), h.new_empty(m if dense else 0, k))
 
 
 # ----------------------------------------------------------------------------------------------- GEMM

@@ -5,6 +5,8 @@ within bf16 tolerance (GEMMs) against these functions. Math lives here and nowhe
   weight-sparsity baselines (magnitude, Wanda) and the full RT-Lynx linear.
 - GPU layouts of the compressed operand (for the Hopper kernels) live in sibling modules and are
   registered in ``LAYOUTS`` so tests can ask for any of them by name.
+- ``producers``: element-wise ops that compute a layer's input (GELU-tanh of the MLP) which the kernels fuse
+  into the prune pass (``PRODUCERS``).
 """
 
 from .nm import (
@@ -26,12 +28,14 @@ from .nm import (
     wanda_score,
 )
 
+from .producers import PRODUCERS, gelu_tanh  # element-wise producers fused into the prune pass
+
 # name -> function(x, n, m) returning the tensors a kernel emits for that layout.
 LAYOUTS = {"rows": compress}
 LAYOUTS["sm90"] = __import__(f"{__name__}.sm90", fromlist=["compress_sm90"]).compress_sm90  # Hopper kernels
 
 __all__ = [
-    "LAYOUTS", "SUPPORTED_M", "channel_norm", "check_pattern", "compress", "decompress", "meta_bits",
-    "meta_bytes_per_row", "nm_mask", "norm_scale", "pad_to_multiple", "prune_nm", "prune_weight_magnitude",
+    "LAYOUTS", "PRODUCERS", "SUPPORTED_M", "channel_norm", "check_pattern", "compress", "decompress", "gelu_tanh",
+    "meta_bits", "meta_bytes_per_row", "nm_mask", "norm_scale", "pad_to_multiple", "prune_nm", "prune_weight_magnitude",
     "prune_weight_wanda", "ranking_key", "sparse_act_linear", "wanda_score",
 ]

@@ -85,6 +85,17 @@ def compress_sm90(x: torch.Tensor, n: int = 2, m: int = 4, eps: float = 1e-8):
     return values[:rows].contiguous(), rows_meta_to_sm90(meta_rows), norm_scale(x, eps=eps)
 
 
+def gelu_compress_sm90(h: torch.Tensor, eps: float = 1e-8, dense: bool = False):
+    """Reference of ``rtlynx::gelu_prune_compress_sm90``: :func:`compress_sm90` of ``x = gelu_tanh(h)`` (GELU-tanh
+    in float32, rounded once to h's dtype: :func:`rtlynx.reference.producers.gelu_tanh`), i.e.
+    ``(values, meta, scale)``, plus the dense ``x [M, K]`` when ``dense``."""
+    from .producers import gelu_tanh
+
+    x = gelu_tanh(h)
+    out = compress_sm90(x, eps=eps)
+    return (*out, x) if dense else out
+
+
 def decompress_sm90(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
     """Dense pruned ``[M, k]`` from sm90 ``values [M, >= Kp/2]`` and ``meta`` (inverse of the packing)."""
     from .nm import decompress

@@ -18,5 +18,7 @@ for m, n, k in [(1, 64, 64), (70, 128, 200), (130, 256, 384)]:
     for c in range(len(k90.CONFIG_NAMES)):
         v, mt, s = ops.prune_compress(x)
         k90.sparse_gemm_sm90(v, mt, k90.prepare_weight(w), s, b, c)
+    k90.gelu_prune_compress_sm90(x, True, 1e-8, True)  # producer-fused prune, dense GELU output too
+    ops.lynx_gelu_linear(x, w, b, True)
 torch.cuda.synchronize()
 print("sanitize_small: done")
