@@ -56,7 +56,8 @@ def test_gelu_tanh_special_values(dtype):
     g = gelu_tanh(h).float()
     assert g[0] == 0 and not torch.signbit(g[0]) and g[1] == 0 and torch.signbit(g[1])  # -0 stays -0
     assert g[2].isnan() and g[3] == float("inf") and g[4].isnan()  # -inf * (1 + tanh(-inf)) = -inf * 0
-    assert g[5] == torch.tensor(big, dtype=dtype).float() and g[6] == 0  # (x^3 overflows to inf in float32: tanh(+-inf) = +-1)
+    # x^3 overflows to +-inf in float32: tanh(+-inf) = +-1, so GELU(big) = big and GELU(-big) = -0
+    assert g[5] == torch.tensor(big, dtype=dtype).float() and g[6] == 0
     assert abs(g[7].item() - 0.8412) < 0.01 and abs(g[8].item() + 0.1588) < 0.01 and g[9] <= 0
 
 

@@ -10,8 +10,8 @@ Public API (nothing CUDA is imported or built at import time):
 - :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
 
 The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
-``rtlynx::gelu_prune_compress_sm90``, ``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at import of rtlynx.ops (pure Python:
-the CUDA library is built/loaded at the first kernel call).
+``rtlynx::gelu_prune_compress_sm90``, ``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at
+import of rtlynx.ops (pure Python: the CUDA library is built/loaded at the first kernel call).
 """
 
 from __future__ import annotations
