@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from . import schedule
 from .config import SparsityConfig
 from .nn import SparseActLinear, check_choice
 from .presets import CONDITIONING_EXCLUDES, PRESETS, resolve_preset
@@ -75,6 +77,7 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
             lin, n=config.n, m=config.m, compensation=config.compensation, lora_rank=config.lora_rank,
             backend=config.backend, k_remainder=config.k_remainder, eps=config.eps))
     module._rtlynx_config = config
+    schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
     return model
 
 
@@ -86,6 +89,7 @@ def sparse_layers(model) -> dict[str, SparseActLinear]:
 def unsparsify(model):
     """Undo :func:`sparsify`: put plain nn.Linear layers (same weight/bias objects) back; LoRA is dropped."""
     module = _as_module(model)
+    schedule.remove(module, sparse_layers(module).values())
     for name, layer in sparse_layers(module).items():
         _set_submodule(module, name, layer.to_linear())
     if hasattr(module, "_rtlynx_config"):
@@ -93,16 +97,26 @@ def unsparsify(model):
     return model
 
 
+_UNSET = object()
+
+
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
-              backend: str | None = None):
+              backend: str | None = None, dense_below_t=_UNSET):
     """Switch every sparsified layer at once, without rebuilding: ``mode`` "sparse" / "dense" /
-    "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off."""
-    layers = sparse_layers(model)
+    "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off,
+    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step)."""
+    module = _as_module(model)
+    layers = sparse_layers(module)
     if not layers:
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
     for name, value in (("mode", mode), ("compensation", compensation), ("backend", backend)):
         if value is not None:
             check_choice(name, value)  # all checked before any layer changes
+    if dense_below_t is not _UNSET:
+        config = dataclasses.replace(getattr(module, "_rtlynx_config", None) or SparsityConfig(),
+                                     dense_below_t=dense_below_t)  # validates
+        module._rtlynx_config = config
+        schedule.install(module, layers.values(), dense_below_t)
     for layer in layers.values():
         if mode is not None:
             layer.mode = mode

@@ -24,6 +24,8 @@ class SparsityConfig:
     lora_rank: rank of the LoRA branch on the dense input (0 = off).
     backend: "auto" (fastest that runs here), "reference" (pure torch), "cusparselt", "lynx".
     k_remainder: K not a multiple of m: "pad" with zeros (exact for the kept set) or run "dense".
+    dense_below_t: run the sparse layers dense while the call's noise level t (1 = noise, 0 = clean) is
+        below this, i.e. the final sampling steps (see rtlynx.schedule); None = sparse at every step.
     """
 
     n: int = 2
@@ -36,6 +38,7 @@ class SparsityConfig:
     backend: str = "auto"
     k_remainder: str = "pad"
     eps: float = 1e-8
+    dense_below_t: float | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -51,6 +54,9 @@ class SparsityConfig:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))
+                                                   and 0.0 < self.dense_below_t <= 1.0):
+            raise ValueError(f"dense_below_t must be None or in (0, 1], got {self.dense_below_t!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this rtlynx reads {CONFIG_VERSION})")
         if self.preset is None and not self.include:

@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import schedule
 from .api import _as_module, sparse_layers, sparsify
 from .config import SparsityConfig
 from .nn import SparseActLinear
@@ -147,4 +148,6 @@ def load(model, path, strict_class: bool = True):
         else:
             layer.lora_A = layer.lora_B = None
             layer.lora_rank = 0
+    module._rtlynx_config = config
+    schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
     return model

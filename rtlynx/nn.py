@@ -71,6 +71,7 @@ class SparseActLinear(nn.Module):
         if lora_rank:
             self.add_lora(lora_rank)
         self._weight_cache = None
+        self._step_gate = None  # rtlynx.schedule: dense on the final sampling steps when set
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseActLinear":
@@ -113,7 +114,7 @@ class SparseActLinear(nn.Module):
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
-        if self.mode == "dense":
+        if self.mode == "dense" or (self._step_gate is not None and self._step_gate.dense):
             return F.linear(x, self.weight, self.bias)
         if self.mode == "weight":
             return F.linear(x, self._pruned_weight(), self.bias)

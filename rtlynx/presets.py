@@ -141,3 +141,14 @@ def resolve_preset(name: str | None, model_class: str) -> str | None:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, 'auto' or None")
     return name
+
+# How each model class receives the diffusion time, for SparsityConfig.dense_below_t: (argument name, the
+# value that means pure noise). diffusers' Flux / Qwen-Image pipelines pass timestep/1000 (1 = noise);
+# Z-Image's passes t = (1000 - timestep)/1000 (0 = noise). Others: "timestep", 1 = noise (values above 1
+# are read on the 0-1000 scale).
+TIME_ARGS = {
+    "FluxTransformer2DModel": ("timestep", 1.0),
+    "QwenImageTransformer2DModel": ("timestep", 1.0),
+    "ZImageTransformer2DModel": ("t", 0.0),
+}
+DEFAULT_TIME_ARG = ("timestep", 1.0)

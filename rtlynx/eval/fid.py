@@ -121,20 +121,23 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def kid_from_features(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                      seed: int = 0) -> tuple[float, float]:
-    """Unbiased MMD^2 with kernel (x.y/d + 1)^3; returns (mean, std) over subsets."""
+                      seed: int = 0, device: str | torch.device | None = None) -> tuple[float, float]:
+    """Unbiased MMD^2 with kernel (x.y/d + 1)^3; returns (mean, std) over subsets. float64 throughout; the
+    kernel sums run on `device` (default: CUDA when available; the subsets do not depend on it)."""
     rng = np.random.default_rng(seed)
     m = min(subset_size, len(a), len(b))
     d = a.shape[1]
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    a_t, b_t = (torch.as_tensor(np.asarray(z), dtype=torch.float64, device=dev) for z in (a, b))
     vals = []
     for _ in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
+        x = a_t[torch.as_tensor(rng.choice(len(a), m, replace=False), device=dev)]
+        y = b_t[torch.as_tensor(rng.choice(len(b), m, replace=False), device=dev)]
         kxx = (x @ x.T / d + 1) ** 3
         kyy = (y @ y.T / d + 1) ** 3
         kxy = (x @ y.T / d + 1) ** 3
-        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                    - 2 * kxy.mean())
+        vals.append(float((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+                          - 2 * kxy.mean()))
     return float(np.mean(vals)), float(np.std(vals))
 
 

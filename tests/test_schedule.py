@@ -1,0 +1,113 @@
+"""SparsityConfig.dense_below_t: the sparse layers run dense on the final (low-noise) sampling steps."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import rtlynx
+from rtlynx import api, io
+from rtlynx.config import SparsityConfig
+
+diffusers = pytest.importorskip("diffusers")
+from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer  # noqa: E402
+
+
+def _run(model, kind, t, positional=False, **kw):
+    inp = example_inputs(model, batch=2, seed=3)
+    key = "t" if kind == "z-image" else "timestep"
+    inp[key] = torch.as_tensor(t, dtype=torch.float32).expand(2).clone() if not isinstance(t, list) else torch.tensor(t)
+    inp.update(kw)
+    if positional:  # Flux: forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
+        args = [inp.pop(k) for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")]
+        return output_tensor(model(*args, **inp))
+    return output_tensor(model(**inp))
+
+
+def _pair(kind):
+    torch.manual_seed(0)
+    model = tiny_transformer(kind).eval()
+    return model
+
+
+@pytest.mark.parametrize("kind,late,early", [("flux", 0.2, 0.9), ("qwen-image", 0.2, 0.9),
+                                             ("z-image", 0.8, 0.1)])  # Z-Image: t = 1 is the clean image
+@torch.no_grad()
+def test_final_steps_run_dense(kind, late, early):
+    model = _pair(kind)
+    dense_late, dense_early = _run(model, kind, late), _run(model, kind, early)
+    rtlynx.sparsify(model, backend="reference", dense_below_t=0.5)
+    assert torch.equal(_run(model, kind, late), dense_late)  # low noise: every layer dense, bit for bit
+    sparse_early = _run(model, kind, early)
+    assert not torch.allclose(sparse_early, dense_early, atol=1e-4)
+    api.configure(model, dense_below_t=None)  # schedule off: same sparse result at the early step
+    assert torch.equal(_run(model, kind, early), sparse_early)
+    assert not torch.allclose(_run(model, kind, late), dense_late, atol=1e-4)
+
+
+@torch.no_grad()
+def test_time_read_from_positional_args_and_1000_scale():
+    model = _pair("flux")
+    ref = _run(model, "flux", 0.2)
+    rtlynx.sparsify(model, backend="reference", dense_below_t=0.5)
+    assert torch.equal(_run(model, "flux", 0.2, positional=True), ref)
+    assert torch.equal(_run(model, "flux", 200.0), _run(model, "flux", 200.0 / 1000 * 1000))  # 0-1000 scale read
+    gate = next(iter(api.sparse_layers(model).values()))._step_gate
+    assert gate.last_t == pytest.approx(0.2) and gate.dense
+
+
+@torch.no_grad()
+def test_noisiest_sample_of_a_batch_decides():
+    model = _pair("flux")
+    rtlynx.sparsify(model, backend="reference", dense_below_t=0.5)
+    _run(model, "flux", [0.1, 0.7])
+    gate = next(iter(api.sparse_layers(model).values()))._step_gate
+    assert gate.last_t == pytest.approx(0.7) and not gate.dense
+
+
+def test_configure_validates_and_config_follows():
+    model = _pair("flux")
+    rtlynx.sparsify(model, backend="reference")
+    assert not hasattr(model, "_rtlynx_step_hook")
+    with pytest.raises(ValueError, match="dense_below_t"):
+        api.configure(model, dense_below_t=1.5)
+    assert model._rtlynx_config.dense_below_t is None and not hasattr(model, "_rtlynx_step_hook")
+    api.configure(model, dense_below_t=0.25)
+    assert model._rtlynx_config.dense_below_t == 0.25 and hasattr(model, "_rtlynx_step_hook")
+    assert len(model._forward_pre_hooks) == 1
+    api.configure(model, dense_below_t=0.3)  # replaces, never stacks hooks
+    assert len(model._forward_pre_hooks) == 1
+    with pytest.raises(ValueError):
+        SparsityConfig(dense_below_t=0.0)
+
+
+@torch.no_grad()
+def test_save_load_keeps_the_schedule(tmp_path):
+    model = _pair("flux")
+    ref = _run(model, "flux", 0.1)
+    rtlynx.sparsify(model, backend="reference", dense_below_t=0.3, lora_rank=4)
+    io.save(model, tmp_path / "s")
+    fresh = _pair("flux")
+    io.load(fresh, tmp_path / "s")
+    assert fresh._rtlynx_config.dense_below_t == 0.3
+    assert torch.equal(_run(fresh, "flux", 0.1), ref)
+    api.unsparsify(fresh)
+    assert not hasattr(fresh, "_rtlynx_step_hook") and len(fresh._forward_pre_hooks) == 0
+
+
+def test_model_without_time_argument_warns_and_stays_sparse():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(16, 16)])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(3, 16)
+    dense = net(x)
+    rtlynx.sparsify(net, backend="reference", dense_below_t=0.5)
+    with pytest.warns(RuntimeWarning, match="without a 'timestep'"):
+        y = net(x)
+    assert not torch.allclose(y, dense, atol=1e-4)
