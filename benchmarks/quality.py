@@ -106,12 +106,14 @@ def main(argv=None) -> int:
     summary = {}
     if {"dense", "act24", "rtlynx"} <= set(out):
         summary["rtlynx_psnr_gain_over_act24_db"] = out["rtlynx"]["psnr"] - out["act24"]["psnr"]
-        summary["weight24_is_worst_psnr"] = min((v for v in out if v != "dense"), key=lambda v: out[v]["psnr"]) == "weight24"
+        if "weight24" in out:
+            summary["weight24_is_worst_psnr"] = min((v for v in out if v != "dense"), key=lambda v: out[v]["psnr"]) == "weight24"
         if net is not None:
             gap = out["act24"]["fid"] - out["dense"]["fid"]
             summary["fid_gap_closed"] = (out["act24"]["fid"] - out["rtlynx"]["fid"]) / gap if gap else None
             summary["rtlynx_fid_over_dense"] = out["rtlynx"]["fid"] / out["dense"]["fid"]
-            summary["weight24_is_worst_fid"] = max(out, key=lambda v: out[v]["fid"]) == "weight24"
+            if "weight24" in out:
+                summary["weight24_is_worst_fid"] = max(out, key=lambda v: out[v]["fid"]) == "weight24"
     result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,

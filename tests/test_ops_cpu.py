@@ -123,3 +123,31 @@ def test_ops_unsupported_pattern():
         ops.lynx_linear(x, w, None, True, None, None, n=1, m=4)
     with pytest.raises(ops.Unsupported):
         ops.lynx_linear(x.float(), w.float(), None, True, None, None)
+
+
+def test_weight_cache_frees_the_copy_of_a_replaced_lora():
+    # The [W | B] operand of a LoRA layer is a full copy of W: it must go when its LoRA goes (re-sparsify,
+    # a new LoRA), not linger while the base weight lives. Pure Python logic, checked on CPU tensors.
+    import gc
+
+    from rtlynx.ops.sm90 import _WeightCache
+
+    cache = _WeightCache()
+    w = torch.randn(64, 256, dtype=torch.bfloat16)
+    b1 = torch.randn(64, 8, dtype=torch.bfloat16)
+    first = cache.get(w, b1, 256)
+    assert cache.get(w, b1, 256) is first and cache.entries() == 1  # hit
+    b2 = torch.randn(64, 8, dtype=torch.bfloat16)
+    second = cache.get(w, b2, 256)
+    assert cache.entries() == 2 and second is not first
+    del b1, first
+    gc.collect()
+    assert cache.entries() == 1  # b1's copy dropped with b1
+    with torch.no_grad():
+        b2.add_(1.0)  # in-place change of the LoRA: rebuilt, not served stale
+    third = cache.get(w, b2, 256)
+    assert third is not second and cache.entries() == 1
+    assert torch.equal(third, sm90.expand_lora_b(w, b2, 256))
+    del w, b2, second, third
+    gc.collect()
+    assert cache.entries() == 0

@@ -22,6 +22,11 @@ def run(args) -> int:
         raise SystemExit(f"rtlynx demo: {e}")
     has_lora = demo.prepare(model, Path(args.lora_dir) if args.lora_dir else demo.LORA_DIR,
                             backend="auto" if dev != "cpu" else "reference")
+    if args.dense_below_t != "config":
+        from .. import api
+        api.configure(model.transformer, dense_below_t=None if args.dense_below_t == "none" else float(args.dense_below_t))
+    schedule = getattr(model.transformer, "_rtlynx_config", None)
+    dense_below_t = schedule.dense_below_t if schedule else None
     variants = [v for v in demo.VARIANTS if has_lora or v != "rtlynx"]
     if not has_lora:
         print("note: no distilled LoRA found; the RT-Lynx variant is skipped (run `rtlynx train-lora`)")
@@ -32,13 +37,17 @@ def run(args) -> int:
     results = demo.generate_variants(model, prompts, variants, seed=args.seed, num_steps=args.steps)
     metrics = demo.paired_metrics(results)
     sheet = demo.sheet(results, prompts, out / "sheet.png",
-                       title=f"mini-FLUX, {args.steps} steps, seed {args.seed}, device {dev}")
+                       title=f"mini-FLUX, {args.steps} steps, seed {args.seed}, device {dev}"
+                       + (f", dense for t < {dense_below_t}" if dense_below_t else ""))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
     (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "backend": backend,
-                                                  "steps": args.steps, "seed": args.seed,
+                                                  "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
                                                   "prompts": prompts, "variants": metrics}, indent=1))
     print(demo.table(metrics))
+    if dense_below_t:
+        print(f"sparse variants run dense on the final steps (noise level t < {dense_below_t}); "
+              "--dense-below-t none for every step sparse")
     print(f"wrote {sheet} and {out / 'metrics.json'}")
     return 0
 
@@ -54,4 +63,6 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--model-dir", default=None)
     p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA")
+    p.add_argument("--dense-below-t", default="config", metavar="T|none|config",
+                   help="run the final steps (noise level t < T) dense; default: the LoRA config's value")
     p.set_defaults(func=run)

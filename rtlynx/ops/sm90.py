@@ -206,12 +206,14 @@ def _(values, meta, weight, scale, bias, config=-1, sched=0):
 # ----------------------------------------------------------------------------------------------- linear
 class _WeightCache:
     """[W | B-expanded] per (weight, lora_b) pair, rebuilt when either is modified in place, dropped with the
-    weight (keyed weakly by the weight tensor object itself, so a freed weight whose memory is reused cannot
-    alias a new one). Holds one extra copy of W for LoRA layers (or K % 128 != 0): pass a prepared weight via
-    :func:`prepare_weight` to ``sparse_gemm_sm90`` to avoid it."""
+    weight or with its lora_b (both keyed weakly by the tensor objects themselves, so freed memory that is
+    reused cannot alias a new tensor, and a LoRA replaced by a new one frees its copy at once). Holds one
+    extra copy of W per live LoRA layer (or K % 128 != 0): pass a prepared weight via :func:`prepare_weight`
+    to ``sparse_gemm_sm90`` to avoid it."""
 
     def __init__(self):
-        self._d: dict[int, tuple] = {}  # id(weight) -> (weakref to weight, {sub key: (version, wext)})
+        # id(weight) -> (weakref to weight, {sub key: (version, wext, weakref to lora_b or None)})
+        self._d: dict[int, tuple] = {}
         self._lock = threading.Lock()
 
     def _drop(self, key):
@@ -220,13 +222,24 @@ class _WeightCache:
             if e is not None and e[0]() is None:
                 del self._d[key]
 
+    def _drop_sub(self, key, sub):
+        with self._lock:
+            e = self._d.get(key)
+            if e is not None and sub in e[1] and e[1][sub][2] is not None and e[1][sub][2]() is None:
+                del e[1][sub]
+
+    def entries(self) -> int:
+        """Cached operands alive (for tests and memory accounting)."""
+        with self._lock:
+            return sum(len(e[1]) for e in self._d.values())
+
     def get(self, weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> torch.Tensor:
         sub = (k, None if lora_b is None else (id(lora_b), lora_b.data_ptr(), tuple(lora_b.shape)))
         ver = (weight._version, weight.data_ptr(), None if lora_b is None else lora_b._version)
         with self._lock:
             e = self._d.get(id(weight))
             hit = e[1].get(sub) if e is not None and e[0]() is weight else None
-        if hit is not None and hit[0] == ver:
+        if hit is not None and hit[0] == ver and (hit[2] is None or hit[2]() is lora_b):
             return hit[1]
         wext = expand_lora_b(weight, lora_b, k)
         with self._lock:
@@ -235,9 +248,15 @@ class _WeightCache:
                 e = (weakref.ref(weight), {})
                 self._d[id(weight)] = e
                 weakref.finalize(weight, self._drop, id(weight))
-            if len(e[1]) > 4:  # a weight seen with many different lora_b: keep the newest few
+            for old in [s_ for s_, v in e[1].items() if v[2] is not None and v[2]() is None]:
+                del e[1][old]  # LoRAs that are gone
+            if len(e[1]) > 4:  # a weight seen with many different live lora_b: keep the newest few
                 e[1].clear()
-            e[1][sub] = (ver, wext)
+            ref = None
+            if lora_b is not None:
+                ref = weakref.ref(lora_b)
+                weakref.finalize(lora_b, self._drop_sub, id(weight), sub)
+            e[1][sub] = (ver, wext, ref)
         return wext
 
     def clear(self):
