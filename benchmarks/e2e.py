@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--backend", default="lynx")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile each variant (fuses diffusers' elementwise work; the lynx ops trace as custom ops)")
     ap.add_argument("--profile", action="store_true", help="also print each variant's top CUDA kernels")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, reference backend (checks the script)")
@@ -130,9 +132,19 @@ def main(argv=None) -> int:
                 rtlynx.sparsify(model, backend=args.backend, **{**kw, "preset": preset})
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            runner = model
+            if args.compile:
+                torch._dynamo.reset()
+                runner = torch.compile(model)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ms = statistics.median(time_forward(model, inputs, args.reps))
+                tc = time.time()
+                ms = statistics.median(time_forward(runner, inputs, args.reps))
+                if args.compile:
+                    from torch._dynamo.utils import counters
+                    breaks = sum(counters["graph_break"].values())
+                    print(f"  ({vname}: compile + timing {time.time() - tc:.0f} s, {breaks} graph breaks: "
+                          f"{sorted(counters['graph_break'])[:3]})", flush=True)
             profile = None
             if args.profile and torch.cuda.is_available():
                 try:
@@ -165,6 +177,7 @@ def main(argv=None) -> int:
     out = Path(args.out or RESULTS / f"e2e_{gpu.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "backend": args.backend,
+                               "compiled": args.compile,
                                "resolution": "1024x1024 (4096 image tokens)", "text_len": args.text_len,
                                "reps": args.reps, "rows": rows}, indent=1))
     print(f"wrote {out}")

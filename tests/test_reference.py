@@ -157,3 +157,10 @@ def test_both_mask_algorithms_agree_with_bruteforce(n, m, dtype, gen):
     want = brute_mask(x, n, m)
     for algo in (nm._mask_topk, nm._mask_compare):
         assert torch.equal(algo(bits, n, m).reshape(x.shape), want), algo.__name__
+
+
+def test_inf_bits_table_matches_the_dtypes():
+    from rtlynx.reference.nm import _INF_BITS, _INT_VIEW
+
+    for dt, bits in _INF_BITS.items():
+        assert torch.tensor(float("inf"), dtype=dt).view(_INT_VIEW[dt]).item() == bits

@@ -56,6 +56,9 @@ def ranking_key(x: torch.Tensor) -> torch.Tensor:
 
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
              torch.float64: torch.int64}
+# bits of +inf per dtype, as Python ints (a constant, so torch.compile traces _order_bits without a break)
+_INF_BITS = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
+             torch.float64: 0x7FF0000000000000}
 
 
 def _order_bits(key: torch.Tensor) -> torch.Tensor:
@@ -64,8 +67,7 @@ def _order_bits(key: torch.Tensor) -> torch.Tensor:
     if key.dtype not in _INT_VIEW:
         key = key.float()
     itype = _INT_VIEW[key.dtype]
-    inf_bits = torch.tensor(float("inf"), dtype=key.dtype).view(itype).item()
-    return key.abs().view(itype).clamp(max=inf_bits)
+    return key.abs().view(itype).clamp(max=_INF_BITS[key.dtype])
 
 
 def nm_mask(x: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None = None) -> torch.Tensor:
