@@ -44,13 +44,29 @@ def cusparselt_status() -> tuple[bool, str]:
     return (True, f"cuSPARSELt {torch.backends.cusparselt.version()}") if ok else (False, "torch built without cuSPARSELt")
 
 
-def lynx_status() -> tuple[bool, str]:
+def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
     try:
         from . import ops
     except ImportError as e:
         return False, f"rtlynx.ops not importable ({e})"
     status = getattr(ops, "lynx_status", None)
-    return status() if status else (False, "rtlynx.ops has no lynx kernels in this build")
+    return status(device_index) if status else (False, "rtlynx.ops has no lynx kernels in this build")
+
+
+# Availability as compile-time constants: torch.compile evaluates these once while tracing instead of
+# tracing into them (they stat files and query the driver, which would break the graph at every layer).
+@torch.compiler.assume_constant_result
+def _lynx_ok(device_index: int) -> bool:
+    return device_index >= 0 and lynx_status(device_index)[0]
+
+
+@torch.compiler.assume_constant_result
+def _cusparselt_ok(device_index: int) -> bool:
+    return device_index >= 0 and cusparselt_status()[0]
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return (x.device.index or 0) if x.is_cuda else -1
 
 
 def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
@@ -58,9 +74,8 @@ def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
 
 
 def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
-    ok, why = cusparselt_status()
-    if not ok:
-        raise BackendUnavailable(why)
+    if not _cusparselt_ok(_device_index(x)):
+        raise BackendUnavailable(cusparselt_status()[1] if x.is_cuda else "x is not on a CUDA device")
     if (n, m) != (2, 4):
         raise BackendUnavailable(f"cuSPARSELt runs 2:4 only, not {n}:{m}")
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
@@ -86,9 +101,8 @@ def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
 
 
 def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
-    ok, why = lynx_status()
-    if not ok:
-        raise BackendUnavailable(why)
+    if not _lynx_ok(_device_index(x)):
+        raise BackendUnavailable(lynx_status(_device_index(x))[1] if x.is_cuda else "x is not on a CUDA device")
     from . import ops
 
     try:
@@ -111,13 +125,15 @@ def run(backend: str, *args):
     requested = backend
     name = FALLBACK[backend] if backend == "auto" else backend
     reasons = []
+    x = args[0]
+    if requested == "auto" and not x.is_cuda:
+        name = "reference"  # the expected path on a CPU: no probing, nothing to warn about
     while name is not None:
         try:
             return RUNNERS[name](*args)
         except BackendUnavailable as e:
             reasons.append(f"{name}: {e}")
             nxt = FALLBACK[name]
-            x = args[0]
             if requested != "auto" or x.is_cuda:
                 warn_once(f"{requested}->{name}:{e}",
                           f"rtlynx backend {name!r} cannot run this call ({e}); falling back to {nxt!r}")

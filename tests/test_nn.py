@@ -174,3 +174,18 @@ def test_to_linear_roundtrip(gen):
     x = torch.randn(3, 32, generator=gen)
     assert torch.equal(back(x), lin(x))
     assert "pattern=2:4" in repr(layer)
+
+
+def test_sparse_layer_compiles_without_graph_breaks():
+    # The backend dispatch must not break the graph at every layer (status checks are compile-time
+    # constants); on a CPU "auto" goes straight to the reference path.
+    from rtlynx import SparseActLinear
+
+    torch.manual_seed(0)
+    layer = SparseActLinear(torch.nn.Linear(64, 32), lora_rank=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x))

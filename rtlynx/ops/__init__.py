@@ -48,11 +48,12 @@ def _status(device_index: int) -> tuple[bool, str]:
     return True, "sm_90 GPU, kernels built or buildable"
 
 
-def lynx_status() -> tuple[bool, str]:
-    """Whether the lynx kernels can run on the current CUDA device, and why not. Cheap, cached."""
+def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
+    """Whether the lynx kernels can run on CUDA device ``device_index`` (default: the current one), and
+    why not. Cheap, cached."""
     if not torch.cuda.is_available():
         return _status(-1)
-    return _status(torch.cuda.current_device())
+    return _status(torch.cuda.current_device() if device_index is None else device_index)
 
 
 def _check_x(x2d: torch.Tensor) -> None:
