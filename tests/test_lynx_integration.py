@@ -44,7 +44,7 @@ def test_layer_lynx_matches_reference(mrows, k, n, lora):
 
 def test_miniflux_layers_on_real_inputs_and_forward():
     """Every sparse layer of the shipped mini-FLUX (with its LoRA) on the inputs it really sees: lynx
-    matches the reference within bf16 tolerance. Through 80 pruned layers the two paths then drift
+    matches the reference within bf16 tolerance. Through 60 pruned layers the two paths then drift
     apart (a rounding difference flips near-tie top-2 choices downstream), so the whole forward only
     agrees loosely; sampled images have the same PSNR against dense either way (see README)."""
     from rtlynx import demo
@@ -63,7 +63,7 @@ def test_miniflux_layers_on_real_inputs_and_forward():
         want = model(x, t, text)
         for h in hooks:
             h.remove()
-        assert len(seen) == 80
+        assert len(seen) == len(rtlynx.sparse_layers(model.transformer)) == 60  # preset flux: image stream
         rtlynx.configure(model.transformer, backend="lynx")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
