@@ -100,8 +100,10 @@ def main(argv=None) -> int:
         if name != "dense" and "dense" in images:
             pair = F.paired_metrics(images[name], images["dense"])
             row.update(psnr=pair["psnr"], ssim=pair["ssim"])
+        elif name == "dense":
+            row.update(psnr=None, ssim=1.0)  # against itself: PSNR infinite (JSON has no inf), SSIM 1
         out[name] = row
-        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()), flush=True)
+        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
 
     summary = {}
     if {"dense", "act24", "rtlynx"} <= set(out):
