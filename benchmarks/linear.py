@@ -192,6 +192,14 @@ def run_shape(m, k, n, sweep, quick, names):
     res["dense_graph_ms"] = bench(graphed(lambda: torch.nn.functional.linear(x, w, b)), rep)
     res["lynx_linear_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, None, None)), rep)
     res["lynx_lora_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, a, bb)), rep)
+    # L2-hot input, as inside a model: a producer kernel writes x right before the layer reads it (weights
+    # stay cold). Time of [producer; layer] minus [producer] alone, both as CUDA graphs.
+    x_src = torch.randn_like(x)
+    prod = bench(graphed(lambda: x.copy_(x_src)), rep)
+    res["dense_hot_ms"] = bench(graphed(lambda: (x.copy_(x_src), torch.nn.functional.linear(x, w, b))), rep) - prod
+    res["lynx_linear_hot_ms"] = bench(graphed(lambda: (x.copy_(x_src), ops.lynx_linear(x, w, b, True, None, None))),
+                                      rep) - prod
+    res["lynx_linear_hot_speedup"] = res["dense_hot_ms"] / res["lynx_linear_hot_ms"]
     res["lynx_linear_graph_speedup"] = res["dense_graph_ms"] / res["lynx_linear_graph_ms"]
     res["lynx_lora_graph_speedup"] = res["dense_graph_ms"] / res["lynx_lora_graph_ms"]
     flops = 2 * m * n * k
@@ -200,7 +208,7 @@ def run_shape(m, k, n, sweep, quick, names):
     for key in ("cslt_best", "cslt_online", "lynx_gemm", "lynx_linear", "lynx_lora"):
         if f"{key}_ms" in res:
             res[f"{key}_speedup"] = res["dense_ms"] / res[f"{key}_ms"]
-    del x, w, b, a, bb, values, meta, scale, wext
+    del x, x_src, w, b, a, bb, values, meta, scale, wext
     return res
 
 
@@ -264,7 +272,8 @@ def main(argv=None):
         print(f"{m:>5} {k:>6} {n:>6}  dense {r['dense_ms']:.4f} ms ({r['dense_tflops']:.0f} TF/s)  "
               f"cslt {r.get('cslt_best_speedup', float('nan')):.2f}x  gemm {r['lynx_gemm_speedup']:.2f}x  "
               f"linear {r['lynx_linear_speedup']:.2f}x  lora {r['lynx_lora_speedup']:.2f}x  "
-              f"(graphs {r['lynx_linear_graph_speedup']:.2f}x/{r['lynx_lora_graph_speedup']:.2f}x)  "
+              f"(graphs {r['lynx_linear_graph_speedup']:.2f}x/{r['lynx_lora_graph_speedup']:.2f}x, "
+              f"L2-hot x {r['lynx_linear_hot_speedup']:.2f}x)  "
               f"prune {r['prune_tbps']:.2f} TB/s (v2 {r['prune_v2_tbps']:.2f}, rotating {r['prune_rotating_tbps']:.2f})" + (f"  best cfg {r.get('config_best')}" if args.sweep else ""),
               flush=True)
     summ = summarize([r for r in rows if (r["M"], r["K"], r["N"]) in per_shape], per_shape)
@@ -279,7 +288,9 @@ def main(argv=None):
         "large_shapes": {  # M >= 4096 and N, K >= 3072: the layers that carry > 95 % of the FLOPs
             key: geomean([r.get(f"{key}_speedup") for r in per_shape.values()
                           if r["M"] >= 4096 and min(r["N"], r["K"]) >= 3072])
-            for key in ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph")},
+            for key in ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph",
+                        "lynx_linear_hot")},
+        "linear_hot_speedup_geomean": geomean([r.get("lynx_linear_hot_speedup") for r in per_shape.values()]),
         "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]) if big else None,
         "prune_compress_tbps_rotating_inputs": geomean([r["prune_rotating_tbps"] for r in big]) if big else None,
         "per_model": summ,
