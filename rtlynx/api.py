@@ -157,6 +157,7 @@ class LayerInfo:
 class Summary:
     layers: list[LayerInfo]
     flops_measured: bool
+    dense_below_t: float | None = None
 
     @property
     def sparse_flop_share(self) -> float:
@@ -172,6 +173,8 @@ class Summary:
                          f"{'-' if l.rows is None else l.rows:>6}  {'yes' if l.sparse else 'no'}")
         lines.append(f"{n_sparse}/{len(self.layers)} linear layers sparse, covering "
                      f"{100 * self.sparse_flop_share:.1f}% of linear FLOPs ({basis})")
+        if self.dense_below_t is not None:
+            lines.append(f"sparse layers run dense on the final steps (noise level t < {self.dense_below_t})")
         return "\n".join(lines)
 
 
@@ -199,4 +202,5 @@ def summary(model, *args, **kwargs) -> Summary:
         r = rows.get(n) if rows else None
         flops = 2.0 * m.in_features * m.out_features * (r if r is not None else (0 if rows else 1))
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops))
-    return Summary(infos, flops_measured=bool(rows))
+    config = getattr(module, "_rtlynx_config", None)
+    return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None)

@@ -71,8 +71,10 @@ def test_configure_validates_and_config_follows():
     with pytest.raises(ValueError, match="dense_below_t"):
         api.configure(model, dense_below_t=1.5)
     assert model._rtlynx_config.dense_below_t is None and not hasattr(model, "_rtlynx_step_hook")
+    assert "final steps" not in str(api.summary(model))
     api.configure(model, dense_below_t=0.25)
     assert model._rtlynx_config.dense_below_t == 0.25 and hasattr(model, "_rtlynx_step_hook")
+    assert "t < 0.25" in str(api.summary(model))
     assert len(model._forward_pre_hooks) == 1
     api.configure(model, dense_below_t=0.3)  # replaces, never stacks hooks
     assert len(model._forward_pre_hooks) == 1
