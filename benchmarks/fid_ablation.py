@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtlynx import api, demo
+from rtlynx import api, demo, schedule
 from rtlynx.eval import fid as F
 from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
 
@@ -64,7 +64,7 @@ def apply(model, kwargs, names, window):
     mode = kwargs.get("mode", "sparse")
 
     def pre(mod, args, kw):
-        t = float(kw["timestep"].flatten()[0])
+        t = schedule.noise_level(mod, args, kw)
         on = window is None or not (window[0] <= t <= window[1])
         pre.dense_steps += not on
         for n, layer in layers.items():

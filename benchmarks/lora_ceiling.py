@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rtlynx import api, demo, distill, reference
+from rtlynx import api, demo, distill, reference, schedule
 from rtlynx.models.miniflux import load_miniflux
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     kept = {p: {n: [0.0, 0.0] for n in layers} for p in PHASES}
 
     def on_call(mod, a, kw):
-        phase["now"] = PHASES[int(float(kw["timestep"].flatten()[0]) < 0.2)]
+        phase["now"] = PHASES[int(schedule.noise_level(mod, a, kw) < 0.2)]
 
     def hook(name):
         def fn(mod, inp, out):

@@ -23,32 +23,36 @@ _HOOK = "_rtlynx_step_hook"
 class StepGate:
     """Shared by the sparse layers of one model; ``dense`` is set before each forward of the model."""
 
-    def __init__(self, below: float, arg: str, noise_at: float):
-        self.below, self.arg, self.noise_at = below, arg, noise_at
+    def __init__(self, below: float):
+        self.below = below
         self.dense = False
         self.last_t = None
 
-    def noise_level(self, value) -> float | None:
-        if value is None:
-            return None
-        t = torch.as_tensor(value).detach().float()
-        if t.numel() == 0:
-            return None
-        t = t.max() if self.noise_at == 1.0 else t.min()  # the noisiest sample of the batch decides
-        t = float(t)
-        if t > 1.0:  # 0-1000 scale
-            t /= 1000.0
-        return t if self.noise_at == 1.0 else 1.0 - t
+
+def time_arg(module: nn.Module) -> tuple[str, float]:
+    """(name of the forward argument carrying the diffusion time, the value that means pure noise)."""
+    return TIME_ARGS.get(type(module).__name__, DEFAULT_TIME_ARG)
 
 
-def _time_value(module: nn.Module, arg: str, args, kwargs):
-    if arg in kwargs:
-        return kwargs[arg]
-    try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except TypeError:
+def noise_level(module: nn.Module, args, kwargs) -> float | None:
+    """The noise level t (1 = noise, 0 = clean) of a call ``module(*args, **kwargs)``, None if it has no
+    time argument. The noisiest sample of the batch decides; values above 1 are on the 0-1000 scale."""
+    arg, noise_at = time_arg(module)
+    value = kwargs.get(arg)
+    if value is None and args:
+        try:
+            value = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get(arg)
+        except TypeError:
+            value = None
+    if value is None:
         return None
-    return bound.arguments.get(arg)
+    t = torch.as_tensor(value).detach().float()
+    if t.numel() == 0:
+        return None
+    t = float(t.max() if noise_at == 1.0 else t.min())
+    if t > 1.0:
+        t /= 1000.0
+    return t if noise_at == 1.0 else 1.0 - t
 
 
 def install(module: nn.Module, layers, below: float | None) -> None:
@@ -56,18 +60,17 @@ def install(module: nn.Module, layers, below: float | None) -> None:
     remove(module, layers)
     if below is None:
         return
-    arg, noise_at = TIME_ARGS.get(type(module).__name__, DEFAULT_TIME_ARG)
-    gate = StepGate(below, arg, noise_at)
+    gate = StepGate(below)
     for layer in layers:
         layer._step_gate = gate
 
     def pre_hook(mod, args, kwargs):
-        t = gate.noise_level(_time_value(mod, arg, args, kwargs))
+        t = noise_level(mod, args, kwargs)
         gate.last_t = t
         if t is None:
             warn_once(f"notime:{type(mod).__name__}",
-                      f"rtlynx: dense_below_t is set but {type(mod).__name__} was called without a {arg!r} "
-                      "argument; running sparse at every step")
+                      f"rtlynx: dense_below_t is set but {type(mod).__name__} was called without a "
+                      f"{time_arg(mod)[0]!r} argument; running sparse at every step")
             gate.dense = False
         else:
             gate.dense = t < gate.below
