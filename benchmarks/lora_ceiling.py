@@ -86,10 +86,12 @@ def main(argv=None) -> int:
         for p in PHASES:
             sel = [r for r in rows if r["type"] == t and r["phase"] == p]
             mean = {k: sum(r[k] for r in sel) / len(sel) for k in keys}
-            mean["removed_full_rank"] = 1 - (mean[keys[-1]] / mean["err_norm"]) ** 2
+            if "err_rfull" in mean:
+                mean["removed_full_rank"] = 1 - (mean["err_rfull"] / mean["err_norm"]) ** 2
             summary[f"{t}, {p}"] = mean
             print(f"{t:10s} {p:9s} " + " ".join(f"{mean[k]:11.4f}" for k in keys)
-                  + f"   (full rank removes {100 * mean['removed_full_rank']:.0f}% of the residual energy)")
+                  + (f"   (full rank removes {100 * mean['removed_full_rank']:.0f}% of the residual energy)"
+                     if "removed_full_rank" in mean else ""))
     Path(args.out).write_text(json.dumps({"device": "cpu", "prompts": prompts, "steps": args.steps,
                                           "summary": summary, "layers": rows}, indent=1))
     print(f"wrote {args.out}")
