@@ -261,7 +261,8 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   if (row_ok && sub == 0 && scale != nullptr) scale[m] = s;
 
-  // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, h1/s, 0, 0], nibble 0b0100.
+  // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, -, h1/s, -], nibble 0b1000 (slots 0 and 2, so that
+  // B-expanded holds B's column t at Kp + 2t and lora_B can be a strided view of it: rtlynx/sites.py).
   if (r > 0) {
     const int tail_runs = (2 * r) / 16;  // each run holds 8 h values
     const float inv = s > 0.f ? 1.0f / s : 0.f;  // an all-zero row has s = 0 and h = 0
@@ -277,7 +278,7 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
           o[i] = with_norm ? Traits<T>::from_float(Traits<T>::to_float(he[i]) * inv) : he[i];
         *reinterpret_cast<uint4*>(vr + (Kp / 2) + t * 8) = out;
       }
-      meta[meta_word_index(m, runs + t, mtiles)] = uint16_t(0x4444);
+      meta[meta_word_index(m, runs + t, mtiles)] = uint16_t(0x8888);
     }
   }
 }

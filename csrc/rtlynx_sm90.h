@@ -28,7 +28,7 @@ enum {
 // Prune X [M, K] (row stride ldx elements) to 2:4 along K, write values/meta in the sm90 layout and the
 // per-token norm scale s [M] (fp32, s = sqrt(|x|^2 / (|x~|^2 + eps))). Rows M..Mp-1 and columns K..Kp-1 are
 // written as zeros (values) and "keep 0,1" nibbles (meta). If h != nullptr ([M, r], row stride ldh, same dtype),
-// the LoRA tail is appended: logical columns Kp .. Kp+2r-1 hold groups [h[2g]/s, h[2g+1]/s, 0, 0]
+// the LoRA tail is appended: logical columns Kp .. Kp+2r-1 hold groups [h[2g]/s, -, h[2g+1]/s, -] (slots 0, 2)
 // (divided by s only when with_norm), so that the sparse GEMM against [W | B-expanded] adds h B^T after the
 // epilogue multiplies by s. r must be a multiple of 64 (pad h with zero columns).
 int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
@@ -48,7 +48,8 @@ int rtlynx_gelu_prune_compress_sm90(int dtype, const void* h, long ldh, int M, i
                                     void* stream);
 
 // Y [M, N] (row stride ldy) = s[m] * (A~ @ W^T)[m, n] + bias[n]; A~ given by values/meta with logical K = Kg
-// (multiple of 128), W [N, Kg] row-major (row stride ldw). scale may be null (s = 1), bias may be null.
+// (multiple of 128), W [N, Kg] row-major (row stride ldw >= Kg, a multiple of 8). scale may be null (s = 1), bias
+// may be null.
 // sched: tile-scheduler options, max_swizzle_size | raster << 8 (raster 0 heuristic, 1 along M, 2 along N)
 // | 1 << 16 to launch with programmatic dependent launch; 0 = CUTLASS defaults, no PDL.
 int rtlynx_sparse_gemm_sm90(int config, int dtype, const void* values, long ldv, const void* meta,

@@ -85,12 +85,13 @@ struct SparseGemmSm90 {
   static int run(const void* values, long ldv, const void* meta, const void* w, long ldw, void* y, long ldy,
                  const float* scale, const void* bias, int M, int N, int Kg, int sched, cudaStream_t stream) {
     if (M <= 0 || N <= 0 || Kg <= 0 || Kg % 128 != 0) return RTLYNX_ERR_ARGS;
-    // The kernel derives strides from the problem shape: operands must be packed.
-    if (ldv != Kg / 2 || ldw != Kg || ldy != N) return RTLYNX_ERR_ARGS;
+    // A and D are packed; W may have a row stride ldw >= Kg (a site's [W | B-expanded] used without its LoRA tail).
+    if (ldv != Kg / 2 || ldw < Kg || ldw % 8 != 0 || ldy != N) return RTLYNX_ERR_ARGS;
     auto problem = ProblemShape{M, N, Kg, 1};
     auto layout_a = SparseConfig::fill_layoutA(problem);
     auto layout_e = SparseConfig::fill_layoutE(problem);
     auto stride_b = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(N, Kg, 1));
+    cute::get<0>(stride_b) = ldw;  // N-stride of the K-major W
     auto stride_d = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(M, N, 1));
 
     cutlass::KernelHardwareInfo hw;

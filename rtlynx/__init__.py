@@ -6,7 +6,7 @@
     rtlynx.save(transformer, "lynx/")            # config + LoRA only, never the base weights
 """
 
-from .api import configure, dense_mode, eligible_layers, sparse_layers, sparsify, summary, unsparsify
+from .api import config_of, configure, dense_mode, eligible_layers, sparse_layers, sparsify, summary, unsparsify
 from .config import SparsityConfig
 from .io import load, save
 from .nn import SparseActLinear
@@ -14,6 +14,6 @@ from .nn import SparseActLinear
 __version__ = "0.1.0"
 
 __all__ = [
-    "SparseActLinear", "SparsityConfig", "configure", "dense_mode", "eligible_layers", "load", "save",
+    "SparseActLinear", "SparsityConfig", "config_of", "configure", "dense_mode", "eligible_layers", "load", "save",
     "sparse_layers", "sparsify", "summary", "unsparsify",
 ]

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import schedule
+from . import schedule, sites
 from .config import SparsityConfig
-from .nn import SparseActLinear, check_choice
-from .presets import CONDITIONING_EXCLUDES, PRESETS, resolve_preset
+from .nn import OVERRIDABLE, SparseActLinear, check_choice
+from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, resolve_preset
 
 
 def _as_module(model) -> nn.Module:
@@ -32,6 +32,23 @@ def layer_rules(model: nn.Module, config: SparsityConfig) -> tuple[list[str], li
     include = list(PRESETS[preset]["include"]) if preset else []
     exclude = list(PRESETS[preset]["exclude"]) if preset else []
     return include + list(config.include), exclude + list(config.exclude) + list(CONDITIONING_EXCLUDES)
+
+
+def site_rules(model: nn.Module, config: SparsityConfig):
+    """The activation-site rules (rtlynx.presets) for ``model`` under ``config``."""
+    preset = resolve_preset(config.preset, type(model).__name__)
+    return PRESETS[preset].get("sites", DEFAULT_SITES) if preset else DEFAULT_SITES
+
+
+def settings_of(model) -> sites.Settings | None:
+    """The one shared Settings of a sparsified model (None if it is not sparsified)."""
+    return getattr(_as_module(model), "_rtlynx_settings", None)
+
+
+def config_of(model) -> SparsityConfig | None:
+    """The SparsityConfig a sparsified model runs with (None if it is not sparsified)."""
+    st = settings_of(model)
+    return None if st is None else st.config
 
 
 def _matches(name: str, globs) -> bool:
@@ -71,14 +88,23 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
         hint = " (it is already sparsified)" if already else ""
         raise ValueError(f"no nn.Linear of {type(module).__name__} matches the sparsity rules{hint}; "
                          f"check config.preset / include / exclude")
+    if sparse_layers(module):
+        raise ValueError(f"{type(module).__name__} is already sparsified; rtlynx.unsparsify it first "
+                         "(or change settings with rtlynx.configure)")
+    return _apply(module, names, config, site_rules(module, config)) and model
+
+
+def _apply(module: nn.Module, names: list[str], config: SparsityConfig, rules) -> nn.Module:
+    """Replace ``names`` by SparseActLinear layers sharing one Settings(config), grouped into sites by ``rules``."""
+    settings = sites.Settings(config)
     for name in names:
         lin = module.get_submodule(name)
-        _set_submodule(module, name, SparseActLinear(
-            lin, n=config.n, m=config.m, compensation=config.compensation, lora_rank=config.lora_rank,
-            backend=config.backend, k_remainder=config.k_remainder, eps=config.eps))
-    module._rtlynx_config = config
+        _set_submodule(module, name, SparseActLinear(lin, n=config.n, m=config.m, lora_rank=config.lora_rank,
+                                                     settings=settings))
+    sites.build_sites(module, names, site_rules(module, config))
+    module._rtlynx_settings = settings
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
-    return model
+    return module
 
 
 def sparse_layers(model) -> dict[str, SparseActLinear]:
@@ -90,10 +116,13 @@ def unsparsify(model):
     """Undo :func:`sparsify`: put plain nn.Linear layers (same weight/bias objects) back; LoRA is dropped."""
     module = _as_module(model)
     schedule.remove(module, sparse_layers(module).values())
+    sites.remove_producers(module)
+    for site in sites.model_sites(module):
+        site.release()
     for name, layer in sparse_layers(module).items():
         _set_submodule(module, name, layer.to_linear())
-    if hasattr(module, "_rtlynx_config"):
-        del module._rtlynx_config
+    if hasattr(module, "_rtlynx_settings"):
+        del module._rtlynx_settings
     return model
 
 
@@ -101,46 +130,64 @@ _UNSET = object()
 
 
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
-              backend: str | None = None, dense_below_t=_UNSET):
-    """Switch every sparsified layer at once, without rebuilding: ``mode`` "sparse" / "dense" /
-    "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off,
-    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step)."""
+              backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None):
+    """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
+    "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
+    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``.
+
+    The model's one SparsityConfig is replaced (so ``save`` writes what runs), and per-layer overrides of the
+    changed settings are dropped."""
     module = _as_module(model)
     layers = sparse_layers(module)
-    if not layers:
+    settings = settings_of(module)
+    if not layers or settings is None:
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
-    for name, value in (("mode", mode), ("compensation", compensation), ("backend", backend)):
-        if value is not None:
-            check_choice(name, value)  # all checked before any layer changes
+    changes = {k: v for k, v in (("mode", mode), ("compensation", compensation), ("lora", lora),
+                                 ("backend", backend), ("speed_rules", speed_rules)) if v is not None}
     if dense_below_t is not _UNSET:
-        config = dataclasses.replace(getattr(module, "_rtlynx_config", None) or SparsityConfig(),
-                                     dense_below_t=dense_below_t)  # validates
-        module._rtlynx_config = config
+        changes["dense_below_t"] = dense_below_t
+    config = dataclasses.replace(settings.config, **changes)  # validates everything before anything changes
+    settings.config = config
+    if dense_below_t is not _UNSET:
         schedule.install(module, layers.values(), dense_below_t)
+    dropped = {name for name, field in OVERRIDABLE.items() if field in changes}
     for layer in layers.values():
-        if mode is not None:
-            layer.mode = mode
-        if compensation is not None:
-            layer.compensation = compensation
-        if lora is not None:
-            layer.lora_enabled = lora
-        if backend is not None:
-            layer.backend = backend
+        for name in dropped:
+            layer._override.pop(name, None)
+    for site in sites.model_sites(module):
+        site.refresh_overrides()
     return model
 
 
 @contextlib.contextmanager
 def dense_mode(model):
-    """Run the model dense inside the block (A/B comparisons), restoring each layer's mode after."""
-    layers = sparse_layers(model)
-    saved = {n: l.mode for n, l in layers.items()}
+    """Run the model dense inside the block (A/B comparisons), restoring the settings after."""
+    module = _as_module(model)
+    settings = settings_of(module)
+    layers = sparse_layers(module)
+    if settings is None:  # layers sparsified one by one: switch each
+        saved = {n: l._override.get("mode") for n, l in layers.items()}
+        try:
+            for layer in layers.values():
+                layer.mode = "dense"
+            yield model
+        finally:
+            for n, layer in layers.items():
+                if saved[n] is None:
+                    del layer.mode
+                else:
+                    layer.mode = saved[n]
+        return
+    saved_config = settings.config
+    saved_overrides = {n: l._override.pop("mode", None) for n, l in layers.items()}
     try:
-        for layer in layers.values():
-            layer.mode = "dense"
+        settings.config = dataclasses.replace(saved_config, mode="dense")
         yield model
     finally:
+        settings.config = saved_config
         for n, layer in layers.items():
-            layer.mode = saved[n]
+            if saved_overrides[n] is not None:
+                layer._override["mode"] = saved_overrides[n]
 
 
 @dataclass
@@ -151,6 +198,8 @@ class LayerInfo:
     rows: int | None
     sparse: bool
     flops: float
+    site: str = ""           # the activation site (its parent module) for a sparse layer
+    note: str = ""           # why a sparse layer may run dense on the GPU kernels (speed rules)
 
 
 @dataclass
@@ -170,7 +219,8 @@ class Summary:
         lines = [f"{'layer':60s} {'K':>6s} {'N':>6s} {'M':>6s}  sparse"]
         for l in self.layers:
             lines.append(f"{l.name[:60]:60s} {l.in_features:6d} {l.out_features:6d} "
-                         f"{'-' if l.rows is None else l.rows:>6}  {'yes' if l.sparse else 'no'}")
+                         f"{'-' if l.rows is None else l.rows:>6}  {'yes' if l.sparse else 'no'}"
+                         + (f"  [site {l.site}]" if l.site else "") + (f"  ({l.note})" if l.note else ""))
         lines.append(f"{n_sparse}/{len(self.layers)} linear layers sparse, covering "
                      f"{100 * self.sparse_flop_share:.1f}% of linear FLOPs ({basis})")
         if self.dense_below_t is not None:
@@ -197,10 +247,23 @@ def summary(model, *args, **kwargs) -> Summary:
         finally:
             for h in hooks:
                 h.remove()
+    from .presets import SPEED_RULES
+
+    config = config_of(module)
     infos = []
     for n, m in linears.items():
         r = rows.get(n) if rows else None
         flops = 2.0 * m.in_features * m.out_features * (r if r is not None else (0 if rows else 1))
-        infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops))
-    config = getattr(module, "_rtlynx_config", None)
+        site, note = "", ""
+        if isinstance(m, SparseActLinear):
+            st = m._site
+            site = f"{st.name or '(root)'}: {len(st.layers)} layer{'s' if len(st.layers) > 1 else ''}" + (
+                f", {st.producer} producer" if st.producer != "plain" else "")
+            if m._settings.config.speed_rules:
+                reason = st.slow_reason
+                if reason is None and r is not None and r <= SPEED_RULES["max_dense_tokens"]:
+                    reason = f"M={r} <= {SPEED_RULES['max_dense_tokens']}"
+                if reason:
+                    note = f"dense on the GPU kernels by the speed rules: {reason}"
+        infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
     return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None)

@@ -10,6 +10,7 @@ from .reference import check_pattern
 BACKENDS = ("auto", "reference", "cusparselt", "lynx")
 COMPENSATIONS = ("none", "norm")
 K_REMAINDER = ("pad", "dense")
+MODES = ("sparse", "dense", "weight")
 CONFIG_VERSION = 1
 
 
@@ -26,6 +27,13 @@ class SparsityConfig:
     k_remainder: K not a multiple of m: "pad" with zeros (exact for the kept set) or run "dense".
     dense_below_t: run the sparse layers dense while the call's noise level t (1 = noise, 0 = clean) is
         below this, i.e. the final sampling steps (see rtlynx.schedule); None = sparse at every step.
+    mode: "sparse", "dense" (the original linears, for A/B runs) or "weight" (magnitude N:M on W, a baseline).
+    lora: whether the LoRA branches (if any) are on.
+    speed_rules: on the GPU kernels, run dense the sites whose shape loses to cuBLAS on the measured kernel
+        table (``rtlynx.presets.SPEED_RULES``; reported by ``summary``). The reference path ignores it.
+
+    A sparsified model holds exactly one SparsityConfig (``rtlynx.sites.Settings``), shared by reference by all
+    its sparse layers and sites: configure / save / load / summary / dense_mode read and write that one object.
     """
 
     n: int = 2
@@ -39,6 +47,9 @@ class SparsityConfig:
     k_remainder: str = "pad"
     eps: float = 1e-8
     dense_below_t: float | None = None
+    mode: str = "sparse"
+    lora: bool = True
+    speed_rules: bool = True
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -47,11 +58,14 @@ class SparsityConfig:
         self.exclude = tuple(self.exclude)
         for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
                                      ("backend", self.backend, BACKENDS),
-                                     ("k_remainder", self.k_remainder, K_REMAINDER)):
+                                     ("k_remainder", self.k_remainder, K_REMAINDER),
+                                     ("mode", self.mode, MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if not isinstance(self.lora, bool) or not isinstance(self.speed_rules, bool):
+            raise ValueError(f"lora and speed_rules must be bools, got {self.lora!r}, {self.speed_rules!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))

@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import schedule
-from .api import _as_module, sparse_layers, sparsify
+from . import sites
+from .api import _apply, _as_module, config_of, settings_of, site_rules, sparse_layers
 from .config import SparsityConfig
 from .nn import SparseActLinear
 
@@ -43,7 +44,13 @@ def save(model, path, overwrite: bool = False) -> Path:
     layers = sparse_layers(module)
     if not layers:
         raise ValueError("model has no SparseActLinear layers; nothing to save")
-    config = getattr(module, "_rtlynx_config", None) or SparsityConfig()
+    config = config_of(module) or SparsityConfig()
+    overridden = sorted(n for n, l in layers.items() if l._override)
+    if overridden:
+        import warnings
+
+        warnings.warn(f"rtlynx.save: per-layer overrides ({overridden[:3]}{'...' if len(overridden) > 3 else ''}) are "
+                      "not saved; the saved config is the model's", RuntimeWarning, stacklevel=2)
     path = Path(path)
     if (path / CONFIG_FILE).exists() and not overwrite:
         raise FileExistsError(f"{path / CONFIG_FILE} exists; pass overwrite=True to replace it")
@@ -133,21 +140,27 @@ def load(model, path, strict_class: bool = True):
 
     # All checks passed: apply.
     if not present:
-        sparsify(module, SparsityConfig.from_dict({**config.to_dict(), "preset": None, "lora_rank": 0,
-                                                   "include": tuple(layers), "exclude": ()}))
-        module._rtlynx_config = config
+        _apply(module, list(layers), config, site_rules(module, config))
+    settings = settings_of(module)
+    if settings is None:  # layers sparsified one by one: give them one shared Settings now
+        settings = sites.Settings(config)
+        for layer in sparse_layers(module).values():
+            layer._settings = settings
+        module._rtlynx_settings = settings
+    settings.config = config
     for name, layer in sparse_layers(module).items():
+        layer._override.clear()
         r = layers[name]["lora_rank"]
-        layer.n, layer.m, layer.eps = config.n, config.m, config.eps
-        layer.compensation, layer.backend = config.compensation, config.backend
         if r:
-            layer.add_lora(r)
+            layer.add_lora(r, rebuild=False)
             with torch.no_grad():
                 layer.lora_A.copy_(tensors[f"{name}.lora_A"])
                 layer.lora_B.copy_(tensors[f"{name}.lora_B"])
         else:
             layer.lora_A = layer.lora_B = None
             layer.lora_rank = 0
-    module._rtlynx_config = config
+    for site in sites.model_sites(module):
+        site.refresh_overrides()
+        site.build()  # the operands take the loaded LoRA tails
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
     return model

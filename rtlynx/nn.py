@@ -9,34 +9,59 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends, reference
-from .config import BACKENDS, COMPENSATIONS, K_REMAINDER
+from .config import BACKENDS, COMPENSATIONS, K_REMAINDER, MODES, SparsityConfig
+from .sites import Settings, Site
 
-MODES = ("sparse", "dense", "weight")
 CHOICES = {"mode": MODES, "compensation": COMPENSATIONS, "backend": BACKENDS, "k_remainder": K_REMAINDER}
+# Settings a layer can override for itself (ablations: one layer dense, one without compensation...); by default
+# every layer reads the model's one SparsityConfig.
+OVERRIDABLE = {"mode": "mode", "compensation": "compensation", "backend": "backend", "lora_enabled": "lora",
+               "k_remainder": "k_remainder"}
 
 
 def check_choice(name: str, value) -> None:
+    if name == "lora_enabled":
+        if not isinstance(value, bool):
+            raise ValueError(f"lora_enabled must be a bool, got {value!r}")
+        return
     if value not in CHOICES[name]:
         raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
 
 
-def _choice(name: str) -> property:
-    """A layer option checked when it is set, so a typo fails at once and forward() checks nothing."""
+def _setting(name: str) -> property:
+    """A setting read from the model's one SparsityConfig unless this layer overrides it (checked when set, so a
+    typo fails at once and forward() checks nothing). ``del layer.<name>`` drops the override."""
+    field = OVERRIDABLE[name]
+
     def get(self):
-        return self.__dict__["_" + name]
+        o = self._override
+        return o[name] if name in o else getattr(self._settings.config, field)
 
     def set(self, value):
         check_choice(name, value)
-        self.__dict__["_" + name] = value
+        self._override[name] = value
+        self._site.refresh_overrides()
 
-    return property(get, set)
+    def delete(self):
+        self._override.pop(name, None)
+        self._site.refresh_overrides()
+
+    return property(get, set, delete)
+
+
+def _config_field(name: str) -> property:
+    return property(lambda self: getattr(self._settings.config, name))
 
 
 class SparseActLinear(nn.Module):
     """``y = s * (prune_nm(x) @ W^T) + b + (x @ A^T) @ B^T``, reusing the wrapped Linear's parameters.
 
-    - ``weight`` / ``bias`` are the original ``nn.Parameter`` objects (no copy), so the original
-      state_dict keys stay valid and training / loading the base model still reaches them.
+    - ``weight`` / ``bias`` are the original ``nn.Parameter`` objects, so the original state_dict keys stay valid
+      and training / loading the base model still reaches them. Inside a model, :mod:`rtlynx.sites` points them at
+      views of their site's concatenated GEMM operand (no second copy).
+    - Settings (pattern, compensation, backend, mode, LoRA on/off, ...) are read from one shared
+      :class:`rtlynx.sites.Settings`; a standalone layer gets its own. ``layer.mode = "dense"`` (or
+      ``compensation``, ``backend``, ``lora_enabled``) overrides one layer, for ablations.
     - ``compensation="norm"``: s is the per-token norm scale; ``"none"``: s = 1.
     - ``lora_rank > 0`` adds ``lora_A [r, K]`` / ``lora_B [N, r]`` on the dense x; ``lora_B`` starts at
       zero so a fresh layer equals the norm-compensated one.
@@ -46,13 +71,18 @@ class SparseActLinear(nn.Module):
       layer dense; either way a one-time warning says so.
     """
 
-    mode = _choice("mode")
-    compensation = _choice("compensation")
-    backend = _choice("backend")
-    k_remainder = _choice("k_remainder")
+    mode = _setting("mode")
+    compensation = _setting("compensation")
+    backend = _setting("backend")
+    lora_enabled = _setting("lora_enabled")
+    n = _config_field("n")
+    m = _config_field("m")
+    eps = _config_field("eps")
+    k_remainder = _setting("k_remainder")
 
     def __init__(self, linear: nn.Linear, n: int = 2, m: int = 4, compensation: str = "norm",
-                 lora_rank: int = 0, backend: str = "auto", k_remainder: str = "pad", eps: float = 1e-8):
+                 lora_rank: int = 0, backend: str = "auto", k_remainder: str = "pad", eps: float = 1e-8,
+                 speed_rules: bool = True, settings: Settings | None = None):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseActLinear wraps an nn.Linear, got {type(linear).__name__}")
@@ -60,24 +90,32 @@ class SparseActLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.n, self.m, self.eps = n, m, eps
-        self.compensation = compensation
-        self.backend = backend
-        self.k_remainder = k_remainder
-        self.mode = "sparse"
-        self.lora_enabled = True
+        if settings is None:  # a standalone layer: its own settings
+            settings = Settings(SparsityConfig(n=n, m=m, compensation=compensation, backend=backend,
+                                               k_remainder=k_remainder, eps=eps, lora_rank=lora_rank,
+                                               speed_rules=speed_rules))
+        self._settings = settings
+        self._override: dict = {}
         self.lora_rank = 0
         self.lora_A = self.lora_B = None
-        if lora_rank:
-            self.add_lora(lora_rank)
         self._weight_cache = None
         self._step_gate = None  # rtlynx.schedule: dense on the final sampling steps when set
+        self._site = None
+        if lora_rank:
+            self.add_lora(lora_rank, rebuild=False)
+        Site([self], "plain", "")  # a site of its own until rtlynx.sites groups it with others
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self._site is not None:
+            self._site.member_applied(self)  # .to / .half moved the parameters off the site's operand
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseActLinear":
         return cls(linear, **kwargs)
 
-    def add_lora(self, rank: int) -> None:
+    def add_lora(self, rank: int, rebuild: bool = True) -> None:
         """(Re)create the LoRA branch: A like nn.Linear's init, B = 0 (the layer output is unchanged)."""
         if rank <= 0:
             raise ValueError(f"LoRA rank must be > 0, got {rank}")
@@ -87,6 +125,13 @@ class SparseActLinear(nn.Module):
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
         self.lora_rank = rank
+        if rebuild:
+            self._site.build()  # the site's operand grows a tail for B
+
+    def remove_lora(self) -> None:
+        self.lora_A = self.lora_B = None
+        self.lora_rank = 0
+        self._site.build()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -114,27 +159,19 @@ class SparseActLinear(nn.Module):
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
-        if self.mode == "dense" or (self._step_gate is not None and self._step_gate.dense):
+        return self._site.forward(self, x)
+
+    def _forward_remainder(self, x: torch.Tensor) -> torch.Tensor:
+        k, m = self.in_features, self.m
+        msg = f"K={k} is not a multiple of m={m}"
+        if self.k_remainder == "dense":
+            backends.warn_once(f"kdense:{k}:{m}", f"rtlynx: {msg}; running this layer dense")
             return F.linear(x, self.weight, self.bias)
-        if self.mode == "weight":
-            return F.linear(x, self._pruned_weight(), self.bias)
-        k = self.in_features
-        if k % self.m:
-            msg = f"K={k} is not a multiple of m={self.m}"
-            if self.k_remainder == "dense":
-                backends.warn_once(f"kdense:{k}:{self.m}", f"rtlynx: {msg}; running this layer dense")
-                return F.linear(x, self.weight, self.bias)
-            backends.warn_once(f"kpad:{k}:{self.m}", f"rtlynx: {msg}; zero-padding the last group")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
+        backends.warn_once(f"kpad:{k}:{m}", f"rtlynx: {msg}; zero-padding the last group")
         use_lora = self.lora_enabled and self.lora_A is not None
         lora_a, lora_b = (self.lora_A, self.lora_B) if use_lora else (None, None)
-        if k % self.m:
-            y = self._forward_padded(x2, lora_a, lora_b)
-        else:
-            y = backends.run(self.backend, x2, self.weight, self.bias, self.n, self.m, self.compensation,
-                             lora_a, lora_b, self.eps)
-        return y.reshape(*lead, self.out_features)
+        y = self._forward_padded(x.reshape(-1, k), lora_a, lora_b)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_padded(self, x2, lora_a, lora_b):
         # Zero columns in x and W change neither the kept set of full groups nor any dot product.
@@ -142,3 +179,6 @@ class SparseActLinear(nn.Module):
         wp = reference.pad_to_multiple(self.weight, self.m)
         ap = reference.pad_to_multiple(lora_a, self.m) if lora_a is not None else None
         return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps)
+
+
+__all__ = ["CHOICES", "MODES", "OVERRIDABLE", "SparseActLinear", "check_choice"]

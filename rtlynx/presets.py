@@ -24,11 +24,30 @@ CONDITIONING_EXCLUDES = (
     "*caption_projection*", "*pos_embed*",
 )
 
+# Activation sites (rtlynx.sites): sparse layers that read the same input are one site, pruned once and run as one
+# sparse GEMM over their concatenated weights. A rule is (parent glob, producer, member names under the parent);
+# a layer joins the first rule that names it, layers no rule names are sites of their own. Producers: "plain"
+# (the input as given) and "gelu" (a diffusers FeedForward whose down-projection reads GELU-tanh(up): the GELU
+# runs inside the prune pass; any other FeedForward falls back to "plain").
+FLUX_SINGLE_SITE = ("single_transformer_blocks.*", "plain", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"))
+QKV_SITE = ("*", "plain", ("to_q", "to_k", "to_v"))
+ADDED_QKV_SITE = ("*", "plain", ("add_q_proj", "add_k_proj", "add_v_proj"))
+GELU_FF_SITE = ("*", "gelu", ("net.2",))
+SWIGLU_UP_SITE = ("*", "plain", ("w1", "w3"))
+DEFAULT_SITES = (QKV_SITE, ADDED_QKV_SITE, GELU_FF_SITE, SWIGLU_UP_SITE)
+
+# Speed-aware defaults (SparsityConfig.speed_rules): on the GPU kernels a site runs dense when a call has at most
+# max_dense_tokens rows or the site's K or N is at most max_dense_features: there the sparse kernels lose to cuBLAS
+# (H200 kernel table, ../shared/notes/h200_state.md and benchmarks/results/linear_h200.json: every shape with
+# M = 512 or K, N <= 1152 is below 1.0x in eager mode).
+SPEED_RULES = {"max_dense_tokens": 512, "max_dense_features": 1152}
+
 PRESETS: dict[str, dict] = {
     "flux": {
         "models": ["FluxTransformer2DModel"],
         "auto": True,
         "doc": "FLUX.1 image stream: Q/K/V and MLP up/down; text stream and attention outputs dense",
+        "sites": (FLUX_SINGLE_SITE, *DEFAULT_SITES),
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.ff.net.0.proj", "transformer_blocks.*.ff.net.2",
@@ -42,6 +61,7 @@ PRESETS: dict[str, dict] = {
     "flux-paper": {
         "models": ["FluxTransformer2DModel"],
         "doc": "FLUX.1 as RT-Lynx: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "sites": (FLUX_SINGLE_SITE, *DEFAULT_SITES),
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
@@ -58,6 +78,7 @@ PRESETS: dict[str, dict] = {
     "flux-all": {
         "models": ["FluxTransformer2DModel"],
         "doc": "FLUX.1: every token-level linear inside the blocks",
+        "sites": (FLUX_SINGLE_SITE, *DEFAULT_SITES),
         "include": ["transformer_blocks.*", "single_transformer_blocks.*"],
         "exclude": [],
     },
@@ -65,6 +86,7 @@ PRESETS: dict[str, dict] = {
         "models": ["QwenImageTransformer2DModel"],
         "auto": True,
         "doc": "Qwen-Image image stream: Q/K/V and MLP up/down; text stream and attention outputs dense",
+        "sites": DEFAULT_SITES,
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.img_mlp.net.0.proj", "transformer_blocks.*.img_mlp.net.2",
@@ -74,6 +96,7 @@ PRESETS: dict[str, dict] = {
     "qwen-image-paper": {
         "models": ["QwenImageTransformer2DModel"],
         "doc": "Qwen-Image as RT-Lynx: Q/K/V (both streams) and MLP up/down; attention outputs dense",
+        "sites": DEFAULT_SITES,
         "include": [
             "transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k", "transformer_blocks.*.attn.to_v",
             "transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
@@ -86,6 +109,7 @@ PRESETS: dict[str, dict] = {
     "qwen-image-all": {
         "models": ["QwenImageTransformer2DModel"],
         "doc": "Qwen-Image: every token-level linear inside the blocks",
+        "sites": DEFAULT_SITES,
         "include": ["transformer_blocks.*"],
         "exclude": [],
     },
@@ -94,6 +118,7 @@ PRESETS: dict[str, dict] = {
         "auto": True,
         "doc": "Z-Image: Q/K/V and SwiGLU w1/w3/w2 of the main layers and the noise refiner; "
                "the caption (context) refiner and attention outputs dense",
+        "sites": DEFAULT_SITES,
         "include": [
             "layers.*.attention.to_q", "layers.*.attention.to_k", "layers.*.attention.to_v",
             "noise_refiner.*.attention.to_q", "noise_refiner.*.attention.to_k", "noise_refiner.*.attention.to_v",
@@ -105,6 +130,7 @@ PRESETS: dict[str, dict] = {
     "z-image-paper": {
         "models": ["ZImageTransformer2DModel"],
         "doc": "Z-Image as RT-Lynx: Q/K/V and SwiGLU w1/w3 (up) and w2 (down) in all layers and refiners",
+        "sites": DEFAULT_SITES,
         "include": [
             "*layers.*.attention.to_q", "*layers.*.attention.to_k", "*layers.*.attention.to_v",
             "*refiner.*.attention.to_q", "*refiner.*.attention.to_k", "*refiner.*.attention.to_v",
@@ -116,6 +142,7 @@ PRESETS: dict[str, dict] = {
     "z-image-all": {
         "models": ["ZImageTransformer2DModel"],
         "doc": "Z-Image: every token-level linear inside the layers and refiners",
+        "sites": DEFAULT_SITES,
         "include": ["layers.*", "noise_refiner.*", "context_refiner.*"],
         "exclude": [],
     },
@@ -123,6 +150,7 @@ PRESETS: dict[str, dict] = {
         "models": [],
         "auto": True,
         "doc": "Any other diffusers transformer (SD3, PixArt, DiT, Wan...): token linears inside the blocks",
+        "sites": DEFAULT_SITES,
         "include": ["transformer_blocks.*", "single_transformer_blocks.*", "blocks.*", "layers.*"],
         "exclude": [],
     },

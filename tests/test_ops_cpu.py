@@ -79,9 +79,12 @@ def test_expand_lora_b_matches_tail_product():
     s = norm_scale(x)
     h = x @ a.T
     tail_vals = sm90.lora_tail(h, s)  # [m, rp]
-    tail_dense = torch.zeros(m, rp // 2, 4, dtype=x.dtype)
-    tail_dense[:, :, :2] = tail_vals.reshape(m, rp // 2, 2)
-    xext = torch.cat([torch.nn.functional.pad(prune_nm(x), (0, kp - k)), tail_dense.reshape(m, 2 * rp)], 1)
+    # the tail's groups keep slots 0 and 2 (nibble 0b1000): value t at logical column 2t, written out by hand
+    tail_logical = torch.zeros(m, 2 * rp, dtype=x.dtype)
+    for t in range(rp):
+        tail_logical[:, 2 * t] = tail_vals[:, t]
+    assert torch.equal(sm90.tail_dense(tail_vals), tail_logical)
+    xext = torch.cat([torch.nn.functional.pad(prune_nm(x), (0, kp - k)), tail_logical], 1)
     y = s.unsqueeze(1) * (xext @ wext.T)
     ref = s.unsqueeze(1) * (prune_nm(x) @ w.T) + h @ b.T
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)  # lora_tail works in float32

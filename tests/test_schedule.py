@@ -70,10 +70,10 @@ def test_configure_validates_and_config_follows():
     assert not hasattr(model, "_rtlynx_step_hook")
     with pytest.raises(ValueError, match="dense_below_t"):
         api.configure(model, dense_below_t=1.5)
-    assert model._rtlynx_config.dense_below_t is None and not hasattr(model, "_rtlynx_step_hook")
+    assert rtlynx.config_of(model).dense_below_t is None and not hasattr(model, "_rtlynx_step_hook")
     assert "final steps" not in str(api.summary(model))
     api.configure(model, dense_below_t=0.25)
-    assert model._rtlynx_config.dense_below_t == 0.25 and hasattr(model, "_rtlynx_step_hook")
+    assert rtlynx.config_of(model).dense_below_t == 0.25 and hasattr(model, "_rtlynx_step_hook")
     assert "t < 0.25" in str(api.summary(model))
     assert len(model._forward_pre_hooks) == 1
     api.configure(model, dense_below_t=0.3)  # replaces, never stacks hooks
@@ -90,7 +90,7 @@ def test_save_load_keeps_the_schedule(tmp_path):
     io.save(model, tmp_path / "s")
     fresh = _pair("flux")
     io.load(fresh, tmp_path / "s")
-    assert fresh._rtlynx_config.dense_below_t == 0.3
+    assert rtlynx.config_of(fresh).dense_below_t == 0.3
     assert torch.equal(_run(fresh, "flux", 0.1), ref)
     api.unsparsify(fresh)
     assert not hasattr(fresh, "_rtlynx_step_hook") and len(fresh._forward_pre_hooks) == 0

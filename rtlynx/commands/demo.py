@@ -25,7 +25,9 @@ def run(args) -> int:
     if args.dense_below_t != "config":
         from .. import api
         api.configure(model.transformer, dense_below_t=None if args.dense_below_t == "none" else float(args.dense_below_t))
-    schedule = getattr(model.transformer, "_rtlynx_config", None)
+    from ..api import config_of
+
+    schedule = config_of(model.transformer)
     dense_below_t = schedule.dense_below_t if schedule else None
     variants = [v for v in demo.VARIANTS if has_lora or v != "rtlynx"]
     if not has_lora:

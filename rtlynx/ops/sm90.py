@@ -14,6 +14,9 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
   y = scale[m] * (X~ @ W^T) + bias, wgmma.sp (CUTLASS 3.x), fp32 accumulation, epilogue fused.
 - ``rtlynx::sparse_linear_sm90(x, weight [N,K], bias?, lora_a [r,K]?, lora_b [N,r]?, norm, eps) -> y [M,N]``
   the whole RT-Lynx linear: h = x A^T (cuBLAS), prune+compress (+tail), sparse GEMM with [W | B-expanded].
+- ``rtlynx::sparse_site_sm90(x [M,K], wext [N,Kg], bias?, lora_a [rp,K]?, norm, eps) -> y [M,N]``
+  one activation site (rtlynx.sites): the same linear on an operand the caller owns and keeps (the site's
+  concatenated ``[W | B-expanded]``, no per-call or cached copy); ``lora_a`` has rp = round_up(r, 64) rows.
 
 Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
 (no host syncs, no allocations outside the caching allocator, launches on the current stream).
@@ -43,6 +46,7 @@ _LIB.define("sparse_gemm_sm90(Tensor values, Tensor meta, Tensor weight, Tensor?
             "int config=-1, int sched=0) -> Tensor")
 _LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, bool norm, "
             "float eps) -> Tensor")
+_LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, bool norm, float eps) -> Tensor")
 
 
 def _stream() -> int:
@@ -291,3 +295,18 @@ sparse_linear_sm90 = torch.ops.rtlynx.sparse_linear_sm90.default
 @torch.library.register_fake("rtlynx::sparse_linear_sm90", lib=_LIB)
 def _(x, weight, bias, lora_a, lora_b, norm, eps):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _site_impl(x, wext, bias, lora_a, norm, eps):
+    h = torch.nn.functional.linear(x, lora_a) if lora_a is not None else None
+    values, meta, scale = _prune_impl(x, h, norm, eps)
+    return _gemm_impl(values, meta, wext, scale if norm else None, bias, -1, 0)
+
+
+_LIB.impl("sparse_site_sm90", _site_impl, "CUDA")
+sparse_site_sm90 = torch.ops.rtlynx.sparse_site_sm90.default
+
+
+@torch.library.register_fake("rtlynx::sparse_site_sm90", lib=_LIB)
+def _(x, wext, bias, lora_a, norm, eps):
+    return x.new_empty(x.shape[0], wext.shape[0])

@@ -106,10 +106,17 @@ def decompress_sm90(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.T
     return decompress(values[:, : kp // 2].contiguous(), meta_rows.contiguous(), 2, 4)[:, :k]
 
 
+# The LoRA tail's 2:4 groups keep slots 0 and 2 (nibble 0b1000): tail value t sits at logical column Kp + 2t, so
+# B's column t is B-expanded's column Kp + 2t and ``lora_B`` can be a plain strided view (column stride 2) of the
+# GEMM operand instead of a second copy (rtlynx.sites). Slots 1 and 3 of every tail group are never read.
+TAIL_NIBBLE = 0b1000
+TAIL_META_BYTE = TAIL_NIBBLE | TAIL_NIBBLE << 4
+
+
 def expand_lora_b(weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> torch.Tensor:
     """The B operand of the fused GEMM: ``[N, Kp + 2r']`` = ``[W zero-padded to Kp | B expanded]`` where
-    r' = round_up(r, 64) and B's columns 2g, 2g+1 sit at logical columns Kp + 4g, Kp + 4g + 1 (the two kept
-    slots of tail group g); the other tail columns are zero."""
+    r' = round_up(r, 64) and B's column t sits at logical column Kp + 2t (tail group t // 2 keeps slots 0 and 2);
+    the other tail columns are zero."""
     n = weight.shape[0]
     kp = round_up(k, ATOM_K)
     wpad = torch.nn.functional.pad(weight, (0, kp - weight.shape[1]))  # k may exceed W's K (x padded to 8)
@@ -117,15 +124,14 @@ def expand_lora_b(weight: torch.Tensor, lora_b: torch.Tensor | None, k: int) -> 
         return wpad.contiguous()
     r = lora_b.shape[1]
     rp = round_up(r, 64)
-    bp = torch.nn.functional.pad(lora_b.to(weight.dtype), (0, rp - r))
-    tail = torch.zeros(n, rp // 2, 4, dtype=weight.dtype, device=weight.device)
-    tail[:, :, :2] = bp.reshape(n, rp // 2, 2)
-    return torch.cat([wpad, tail.reshape(n, 2 * rp)], dim=1).contiguous()
+    tail = torch.zeros(n, 2 * rp, dtype=weight.dtype, device=weight.device)
+    tail[:, 0 : 2 * r : 2] = lora_b.to(weight.dtype)
+    return torch.cat([wpad, tail], dim=1).contiguous()
 
 
 def lora_tail(h: torch.Tensor, scale: torch.Tensor | None):
     """Reference of the LoRA tail the prune kernel appends: values ``[M, r']`` (h / s rounded to h's dtype,
-    zero-padded to r' = round_up(r, 64)) and rows-layout meta nibbles ``0b0100`` for every tail group."""
+    zero-padded to r' = round_up(r, 64)); every tail group's rows-layout meta nibble is ``TAIL_NIBBLE`` (slots 0, 2)."""
     r = h.shape[1]
     rp = round_up(r, 64)
     hf = torch.nn.functional.pad(h, (0, rp - r)).float()
@@ -133,6 +139,14 @@ def lora_tail(h: torch.Tensor, scale: torch.Tensor | None):
         inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
         hf = hf * inv.unsqueeze(1)
     return hf.to(h.dtype)
+
+
+def tail_dense(tail_values: torch.Tensor) -> torch.Tensor:
+    """The logical (decompressed) tail ``[M, 2r']`` of tail values ``[M, r']``: value t at column 2t, zeros between."""
+    m, rp = tail_values.shape
+    out = tail_values.new_zeros(m, 2 * rp)
+    out[:, 0::2] = tail_values
+    return out
 
 
 LAYOUT = compress_sm90

@@ -1,0 +1,386 @@
+"""Activation sites: the unit rtlynx runs on.
+
+A *site* is one producer (the input as given, or GELU-tanh of an MLP pre-activation) whose output x is pruned and
+compressed **once**, and the sparse layers that read x (Q, K, V; FLUX's single-block Q, K, V and MLP up), run as
+**one** sparse GEMM over their concatenated weights:
+
+    y_cat = s * (prune(x) @ [W_1; ...; W_k]^T) + [b_1; ...; b_k] + (x [A_1; ...; A_k]^T) blockdiag(B_1, ..., B_k)^T
+
+Memory: the site owns one GEMM operand ``wext [N_1 + ... + N_k, Kp + 2 rp] = [W_cat | 0 | B-expanded]``
+(``rtlynx.reference.sm90.expand_lora_b``; rp = round_up(total LoRA rank, 64)) plus a bias and a LoRA-A buffer;
+the layers' ``weight``, ``bias``, ``lora_A`` and ``lora_B`` parameters are re-pointed at views of them. No second
+copy of a weight exists, and ``state_dict`` / ``load_state_dict`` / optimisers still see the original parameter
+objects under their original names.
+
+Dispatch: the layers stay the model's own modules, so the model's forward code is unchanged. On the lynx kernels
+the first layer of a site called with a tensor x computes every member's output in one GEMM and hands the
+others views of that result when they are called with the same tensor object x. A site whose members are called
+with different inputs (the shared result goes unused) is split, with a warning, into one GEMM per member on row
+slices of the same operand. Every other backend (reference, cuSPARSELt, fallbacks) runs member by member, exactly
+as a lone :class:`rtlynx.nn.SparseActLinear`.
+
+Settings: a sparsified model holds exactly one :class:`rtlynx.config.SparsityConfig`, in one :class:`Settings`
+object that its layers and sites share by reference (never copied).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends
+from .presets import SPEED_RULES
+from .reference.sm90 import round_up
+
+
+class Settings:
+    """The one :class:`~rtlynx.config.SparsityConfig` of a sparsified model (``.config``), shared by reference."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"Settings({self.config!r})"
+
+
+def _repoint(param: torch.Tensor | None, view: torch.Tensor) -> None:
+    """Make ``param`` (same object) an alias of ``view``: its storage becomes the site's buffer."""
+    param.data = view
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class Site:
+    """One producer and the sparse layers that read its output (see the module docstring)."""
+
+    def __init__(self, layers, producer: str = "plain", name: str = ""):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a site needs at least one layer")
+        k = layers[0].in_features
+        if any(l.in_features != k for l in layers):
+            raise ValueError(f"site {name!r}: its layers read inputs of different widths "
+                             f"{[l.in_features for l in layers]}")
+        self.layers = layers
+        self.producer = producer
+        self.name = name
+        self.k = k
+        self.n = sum(l.out_features for l in layers)
+        for i, layer in enumerate(layers):
+            layer._site, layer._slot = self, i
+        self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
+        self._misses = 0
+        self._split = False       # members read different inputs: one GEMM each
+        self._applied: set[int] = set()
+        self._dirty = False
+        self.refresh_overrides()
+        self.build()
+
+    # ------------------------------------------------------------------------------------------ storage
+    def build(self) -> None:
+        """(Re)build the site's operand from the layers' current parameters and re-point them at it."""
+        ls = self.layers
+        w0 = ls[0].weight
+        dev, dt = w0.device, w0.dtype
+        tensors = [t for l in ls for t in (l.weight, l.bias, l.lora_A, l.lora_B) if t is not None]
+        self.kp = kp = round_up(self.k, 128)
+        ranks = [l.lora_rank if l.lora_A is not None else 0 for l in ls]
+        self.rank = sum(ranks)
+        self.rp = rp = round_up(self.rank, 64) if self.rank else 0
+        kg = kp + 2 * rp
+        offs, o = [], 0
+        for l in ls:
+            offs.append(o)
+            o += l.out_features
+        self.slices = tuple(slice(a, a + l.out_features) for a, l in zip(offs, ls))
+        self._pending = None
+        self._applied = set()
+        self._dirty = False
+        if any(t.device != dev or t.dtype != dt for t in tensors) or dev.type == "meta":
+            # mixed devices / dtypes: no shared operand, every member runs on its own
+            self.wext = self.bias = self.lora_a = None
+            self._ptrs = self._pointers()
+            return
+        with torch.no_grad():
+            if len(ls) == 1 and kg == self.k and w0.is_contiguous():
+                wext = w0.detach()  # the parameter itself is the GEMM operand: nothing to build
+            else:
+                wext = torch.zeros(self.n, kg, device=dev, dtype=dt)
+                for l, sl in zip(ls, self.slices):
+                    wext[sl, : self.k].copy_(l.weight)
+                    _repoint(l.weight, wext[sl, : self.k])
+            lora_a = None
+            if self.rank:
+                lora_a = torch.zeros(rp, self.k, device=dev, dtype=dt)
+                roff = 0
+                for l, sl, r in zip(ls, self.slices, ranks):
+                    if not r:
+                        continue
+                    lora_a[roff: roff + r].copy_(l.lora_A)
+                    _repoint(l.lora_A, lora_a[roff: roff + r])
+                    tail = wext[sl, kp + 2 * roff: kp + 2 * (roff + r): 2]  # B's column t at Kp + 2t
+                    tail.copy_(l.lora_B)
+                    _repoint(l.lora_B, tail)
+                    roff += r
+            bias = None
+            if any(l.bias is not None for l in ls):
+                if len(ls) == 1:
+                    bias = ls[0].bias.detach()
+                else:
+                    bias = torch.zeros(self.n, device=dev, dtype=dt)
+                    for l, sl in zip(ls, self.slices):
+                        if l.bias is not None:
+                            bias[sl].copy_(l.bias)
+                            _repoint(l.bias, bias[sl])
+        self.wext, self.bias, self.lora_a = wext, bias, lora_a
+        self._ptrs = self._pointers()
+
+    def _pointers(self) -> tuple:
+        return tuple(0 if t is None else t.data_ptr()
+                     for l in self.layers for t in (l.weight, l.bias, l.lora_A, l.lora_B))
+
+    def release(self) -> None:
+        """Give every layer parameters that own their storage again (unsparsify; diffusers / safetensors saving
+        refuse tensors that share storage)."""
+        with torch.no_grad():
+            for l in self.layers:
+                for name in ("weight", "bias", "lora_A", "lora_B"):
+                    p = getattr(l, name)
+                    if p is not None and p.untyped_storage().nbytes() != p.numel() * p.element_size():
+                        _repoint(p, p.detach().clone(memory_format=torch.contiguous_format))
+        self.wext = self.bias = self.lora_a = None
+        self._pending = None
+
+    def member_applied(self, layer) -> None:
+        """A member went through ``Module._apply`` (.to / .half / .cuda): rebuild once all of them have."""
+        self._applied.add(id(layer))
+        self._dirty = True
+        if len(self._applied) == len(self.layers):
+            self.build()
+
+    def ensure(self) -> None:
+        """Eager check that the operand still holds the layers' parameters (rebuilt if a parameter was replaced)."""
+        if self._dirty or self._pointers() != self._ptrs:
+            self.build()
+
+    def refresh_overrides(self) -> None:
+        self._uniform = not any(l._override for l in self.layers)
+
+    @property
+    def slow_reason(self) -> str | None:
+        """Why the speed rules keep this site dense on the GPU kernels (shape-only part), None if they do not."""
+        lim = SPEED_RULES["max_dense_features"]
+        if self.k <= lim:
+            return f"K={self.k} <= {lim}"
+        if self.n <= lim:
+            return f"N={self.n} <= {lim}"
+        return None
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _speed_dense(self, cfg, backend: str, x2: torch.Tensor) -> bool:
+        return (cfg.speed_rules and x2.is_cuda and backend != "reference"
+                and (self.slow_reason is not None or x2.shape[0] <= SPEED_RULES["max_dense_tokens"]))
+
+    def _fusable(self, cfg, backend: str, x2: torch.Tensor) -> bool:
+        return (self.wext is not None and backend in ("auto", "lynx") and x2.is_cuda and self._uniform
+                and (cfg.n, cfg.m) == (2, 4) and x2.dtype == self.wext.dtype and self.k % 8 == 0
+                and self.n % 8 == 0 and backends._lynx_ok(backends._device_index(x2)))
+
+    def _operand(self, use_lora: bool):
+        """(wext, lora_a) for this call: without the LoRA the tail columns are skipped (row stride stays Kg)."""
+        if use_lora or not self.rp:
+            return self.wext, (self.lora_a if use_lora else None)
+        return self.wext[:, : self.kp], None
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        cfg = layer._settings.config
+        mode = layer.mode
+        if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense):
+            return F.linear(x, layer.weight, layer.bias)
+        if mode == "weight":
+            return F.linear(x, layer._pruned_weight(), layer.bias)
+        k = self.k
+        if k % cfg.m:
+            return layer._forward_remainder(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        use_lora = layer.lora_enabled and layer.lora_A is not None
+        backend = layer.backend
+        if self._speed_dense(cfg, backend, x2):
+            return F.linear(x, layer.weight, layer.bias)
+        if self._fusable(cfg, backend, x2):
+            from . import ops
+
+            try:
+                y = self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps)
+            except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
+                backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
+                                                f"running its layers one by one")
+            else:
+                return y.reshape(*lead, layer.out_features)
+        lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
+        y = backends.run(backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
+                         lora_a, lora_b, cfg.eps)
+        return y.reshape(*lead, layer.out_features)
+
+    def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float) -> torch.Tensor:
+        from . import ops
+
+        compiling = _is_compiling()
+        if not compiling:
+            self.ensure()
+        wext, lora_a = self._operand(use_lora)
+        if len(self.layers) == 1:
+            return ops.lynx_site_linear(x2, wext, self.bias, lora_a, norm, eps)
+        sl = self.slices[layer._slot]
+        if self._split:
+            return ops.lynx_site_linear(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, norm, eps)
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == x._version):
+            left = p[4] - 1
+            self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
+            self._misses = 0
+            return p[3][layer._slot]
+        if p is not None:  # outputs computed for another input went unused
+            self._misses += 1
+            if self._misses >= 3:
+                self._split = True
+                self._pending = None
+                backends.warn_once(f"split:{self.name}", f"rtlynx: the layers of site {self.name!r} "
+                                   f"({', '.join(type(l).__name__ for l in self.layers[:1])} x{len(self.layers)}) "
+                                   "are not called with one input; running one GEMM per layer")
+                return self._run_fused(layer, x, x2, use_lora, norm, eps)
+        y = ops.lynx_site_linear(x2, wext, self.bias, lora_a, norm, eps)
+        outs = tuple(y[:, s] for s in self.slices)
+        self._pending = (x, use_lora, 0 if compiling else x._version, outs, len(self.layers) - 1)
+        return outs[layer._slot]
+
+    def forward_gelu(self, layer, h: torch.Tensor, gelu) -> torch.Tensor:
+        """``layer(gelu(h))`` for a site whose producer is GELU-tanh: on the lynx kernels without a LoRA branch the
+        GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
+        cfg = layer._settings.config
+        if (layer.mode == "sparse" and not (layer._step_gate is not None and layer._step_gate.dense)
+                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
+            h2 = h.reshape(-1, self.k)
+            backend = layer.backend
+            if not self._speed_dense(cfg, backend, h2) and self._fusable(cfg, backend, h2):
+                from . import ops
+
+                if not _is_compiling():
+                    self.ensure()
+                wext, _ = self._operand(False)
+                try:
+                    y = ops.lynx_site_gelu(h2, wext, self.bias, layer.compensation == "norm", cfg.eps)
+                except ops.Unsupported as e:
+                    backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
+                else:
+                    return y.reshape(*h.shape[:-1], layer.out_features)
+        return layer(gelu(h))
+
+
+# ---------------------------------------------------------------------------------------------- producers
+def _gelu_feedforward_forward(self, hidden_states, *args, **kwargs):
+    """diffusers FeedForward(GELU-tanh) forward with the down-projection read from the pre-activation."""
+    if self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.net):
+        for module in self.net:
+            hidden_states = module(hidden_states)
+        return hidden_states
+    up, down = self.net[0], self.net[2]
+    y = down._site.forward_gelu(down, up.proj(hidden_states), up.gelu)
+    for module in list(self.net)[3:]:
+        y = module(y)
+    return y
+
+
+def _gelu_feedforward(parent: nn.Module, layer) -> bool:
+    """Whether ``parent`` is a diffusers FeedForward [GELU(tanh) with .proj, Dropout*, layer, Dropout*]."""
+    net = getattr(parent, "net", None)
+    if type(parent).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) < 3:
+        return False
+    up = net[0]
+    return (type(up).__name__ == "GELU" and getattr(up, "approximate", None) == "tanh" and hasattr(up, "proj")
+            and net[2] is layer and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
+
+
+def install_producer(module: nn.Module, site: Site) -> None:
+    """Wire the site's producer into the model (the GELU FeedForward forward); downgrade to "plain" if the
+    module is not what the rule expects."""
+    if site.producer != "gelu":
+        return
+    parent = module.get_submodule(site.name) if site.name else module
+    if len(site.layers) == 1 and _gelu_feedforward(parent, site.layers[0]):
+        parent.forward = types.MethodType(_gelu_feedforward_forward, parent)
+        parent._rtlynx_producer = site
+    else:
+        site.producer = "plain"
+
+
+def remove_producers(module: nn.Module) -> None:
+    for mod in module.modules():
+        if getattr(mod, "_rtlynx_producer", None) is not None:
+            del mod._rtlynx_producer
+            if "forward" in mod.__dict__:
+                del mod.forward
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+def group_sites(names: list[str], rules) -> list[tuple[list[str], str, str]]:
+    """Partition sparse layer ``names`` into sites: ``[(member names, producer, parent name)]`` in module order.
+
+    A rule ``(parent glob, producer, members)`` claims, for every parent matching the glob, the members found
+    under it; a layer joins the first rule that names it; unclaimed layers are sites of their own."""
+    claimed: set[str] = set()
+    groups = []
+    for parent_glob, producer, members in rules:
+        by_parent: dict[str, dict[str, str]] = {}
+        for name in names:
+            if name in claimed:
+                continue
+            for mem in members:
+                if name == mem or name.endswith("." + mem):
+                    parent = name[: len(name) - len(mem)].rstrip(".")
+                    if fnmatch.fnmatchcase(parent, parent_glob):
+                        by_parent.setdefault(parent, {})[mem] = name
+                    break
+        for parent, found in by_parent.items():
+            ordered = [found[m] for m in members if m in found]
+            claimed.update(ordered)
+            groups.append((ordered, producer, parent))
+    for name in names:
+        if name not in claimed:
+            groups.append(([name], "plain", name.rpartition(".")[0]))
+    order = {n: i for i, n in enumerate(names)}
+    groups.sort(key=lambda g: min(order[n] for n in g[0]))
+    return groups
+
+
+def build_sites(module: nn.Module, names: list[str], rules) -> list[Site]:
+    """Group the (already replaced) sparse layers ``names`` of ``module`` into sites and wire the producers."""
+    sites = []
+    for members, producer, parent in group_sites(names, rules):
+        layers = [module.get_submodule(n) for n in members]
+        if len({l.in_features for l in layers}) > 1:  # a rule matched layers of different K: one site each
+            for n, l in zip(members, layers):
+                sites.append(Site([l], "plain", n.rpartition(".")[0]))
+            continue
+        site = Site(layers, producer, parent)
+        install_producer(module, site)
+        sites.append(site)
+    return sites
+
+
+def model_sites(module: nn.Module) -> list[Site]:
+    """The distinct sites of the sparse layers of ``module``, in module order."""
+    seen, out = set(), []
+    for mod in module.modules():
+        site = getattr(mod, "_site", None)
+        if site is not None and id(site) not in seen:
+            seen.add(id(site))
+            out.append(site)
+    return out
