@@ -245,9 +245,8 @@ class Site:
         if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == x._version):
             left = p[4] - 1
             self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
-            self._misses = 0
             return p[3][layer._slot]
-        if p is not None:  # outputs computed for another input went unused
+        if p is not None:  # outputs computed for another input went unused (a well-fed site never gets here)
             self._misses += 1
             if self._misses >= 3:
                 self._split = True
@@ -334,7 +333,8 @@ def group_sites(names: list[str], rules) -> list[tuple[list[str], str, str]]:
     """Partition sparse layer ``names`` into sites: ``[(member names, producer, parent name)]`` in module order.
 
     A rule ``(parent glob, producer, members)`` claims, for every parent matching the glob, the members found
-    under it; a layer joins the first rule that names it; unclaimed layers are sites of their own."""
+    under it (the site is named after the parent); a layer joins the first rule that names it; unclaimed layers are
+    sites of their own, named after the layer."""
     claimed: set[str] = set()
     groups = []
     for parent_glob, producer, members in rules:
@@ -354,7 +354,7 @@ def group_sites(names: list[str], rules) -> list[tuple[list[str], str, str]]:
             groups.append((ordered, producer, parent))
     for name in names:
         if name not in claimed:
-            groups.append(([name], "plain", name.rpartition(".")[0]))
+            groups.append(([name], "plain", name))  # a site of its own is named after its layer
     order = {n: i for i, n in enumerate(names)}
     groups.sort(key=lambda g: min(order[n] for n in g[0]))
     return groups
@@ -367,7 +367,7 @@ def build_sites(module: nn.Module, names: list[str], rules) -> list[Site]:
         layers = [module.get_submodule(n) for n in members]
         if len({l.in_features for l in layers}) > 1:  # a rule matched layers of different K: one site each
             for n, l in zip(members, layers):
-                sites.append(Site([l], "plain", n.rpartition(".")[0]))
+                sites.append(Site([l], "plain", n))
             continue
         site = Site(layers, producer, parent)
         install_producer(module, site)

@@ -150,3 +150,24 @@ def tail_dense(tail_values: torch.Tensor) -> torch.Tensor:
 
 
 LAYOUT = compress_sm90
+
+
+def site_linear_sm90(x: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
+                     norm: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Reference of ``rtlynx::sparse_site_sm90`` (one activation site, :mod:`rtlynx.sites`), in float32 from the
+    operands the kernels see: ``y = s * ([prune24(x) | 0 | tail(h / s)] @ wext^T) + bias`` with ``h = x lora_a^T``
+    rounded to x's dtype (cuBLAS), the tail values as :func:`lora_tail` and laid out as :func:`tail_dense`, and the
+    result rounded to x's dtype. ``wext [N, Kp + 2 rp]``, ``lora_a [rp, K]`` or None (then only ``wext[:, :Kp]``)."""
+    from .nm import prune_nm
+
+    m, k = x.shape
+    kp = round_up(k, ATOM_K)
+    s = norm_scale(x, eps=eps) if norm else torch.ones(m, dtype=torch.float32, device=x.device)
+    xl = torch.nn.functional.pad(prune_nm(x, 2, 4), (0, kp - k)).float()
+    if lora_a is not None:
+        h = torch.nn.functional.linear(x, lora_a.to(x.dtype))
+        xl = torch.cat([xl, tail_dense(lora_tail(h, s if norm else None)).float()], 1)
+    y = s.unsqueeze(1) * (xl @ wext[:, : xl.shape[1]].float().T)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
