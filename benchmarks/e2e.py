@@ -1,12 +1,18 @@
-"""End-to-end transformer forward time at the real model sizes (GPU): dense vs RT-Lynx on the lynx kernels.
+"""End-to-end transformer forward at the real model sizes (GPU): dense vs RT-Lynx on the lynx kernels.
 
 No checkpoint can be downloaded here, so each model is the diffusers class with its real configuration
-(FLUX.1-dev, Qwen-Image, Z-Image: the class defaults) and random weights; time does not depend on the
-weight values. One forward = one sampling step at 1024x1024 (4096 image tokens) with a 512-token prompt,
-batch 1, bf16. Each row is the median of --reps forwards (CUDA events) after warm-up; the speed-up is
-against the dense forward of the same model in the same run.
+(FLUX.1-dev, Qwen-Image, Z-Image: the class defaults) and random weights; time does not depend on the weight
+values. One forward = one sampling step at 1024x1024 (4096 image tokens) with a 512-token prompt, batch 1, bf16.
+Each row is the median of --reps forwards (CUDA events, after warm-up); ratios are against the dense forward of
+the same model in the same mode (eager / compiled) in the same process. Per row: peak memory, and with
+--profile the time split of one forward by kernel class (sparse GEMMs, prune / producer passes, dense GEMMs,
+attention, the rest). --check compares every site of the first blocks, on the inputs it really sees, with the
+per-layer reference (rtlynx.reference, fp32).
 
-    python benchmarks/e2e.py [--models flux qwen-image z-image] [--reps 10]
+Rows are merged into --out (one file per device), so models and modes can run in separate processes / calls:
+
+    python benchmarks/e2e.py --models flux --profile --check          # eager
+    python benchmarks/e2e.py --models flux --compile                  # torch.compile (default mode)
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -31,10 +38,12 @@ MODELS = {  # kind -> (class, config overrides on the class defaults, example_in
 }
 VARIANTS = {  # name -> sparsify kwargs (None: dense)
     "dense": None,
-    "rtlynx (preset default, norm)": dict(),
+    "rtlynx": dict(),                                   # default preset, norm compensation, activation sites
     "rtlynx + LoRA r64": dict(lora_rank=64),
-    "rtlynx, paper preset + LoRA r64": dict(preset="paper", lora_rank=64),
+    "rtlynx per-layer (v0.1)": dict(fuse_sites=False),  # the same layers, one prune + GEMM per layer
+    "rtlynx per-layer + LoRA r64 (v0.1)": dict(fuse_sites=False, lora_rank=64),
 }
+SUMMARY_KEY = {"flux": "flux", "qwen-image": "qwen_image", "z-image": "z_image"}
 
 
 def build(kind: str, device: str = "cuda", tiny: bool = False):
@@ -79,33 +88,151 @@ def time_forward(model, inputs, reps: int) -> list[float]:
     return out
 
 
-def kernel_table(model, inputs, top: int = 12) -> tuple[float, list[dict]]:
-    """One profiled forward: (wall ms, the CUDA kernels by total time)."""
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if "prune_compress" in n:
+        return "prune / producer passes"
+    if "sparse" in n and ("cutlass" in n or "gemm" in n):
+        return "sparse GEMMs"
+    if any(s in n for s in ("flash", "sdpa", "fmha", "attention")):
+        return "attention"
+    if any(s in n for s in ("nvjet", "gemm", "xmma", "cublas", "cutlass", "splitk")):
+        return "dense GEMMs"
+    return "rest"
+
+
+CLASSES = ("sparse GEMMs", "prune / producer passes", "dense GEMMs", "attention", "rest")
+
+
+def time_split(model, inputs) -> dict:
+    """One profiled forward: wall ms, GPU ms per kernel class, kernel count, top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
+    with torch.no_grad():
         model(**inputs)
         torch.cuda.synchronize()
-        wall = 1e3 * (time.perf_counter() - t)
-    rows = [dict(kernel=e.key[:110], calls=e.count, ms=e.self_device_time_total / 1e3)
-            for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type.name == "CUDA"]
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            model(**inputs)
+            torch.cuda.synchronize()
+            wall = 1e3 * (time.perf_counter() - t)
+    split = dict.fromkeys(CLASSES, 0.0)
+    rows, launches = [], 0
+    for e in prof.key_averages():
+        if e.self_device_time_total <= 0 or e.device_type.name != "CUDA":
+            continue
+        ms = e.self_device_time_total / 1e3
+        split[kernel_class(e.key)] += ms
+        launches += e.count
+        rows.append(dict(kernel=e.key[:110], calls=e.count, ms=round(ms, 3)))
     rows.sort(key=lambda r: -r["ms"])
-    return wall, rows[:top] + [dict(kernel="(all kernels)", calls=sum(r["calls"] for r in rows),
-                                    ms=sum(r["ms"] for r in rows))]
+    return dict(wall_ms=wall, gpu_ms=sum(split.values()), kernels=launches,
+                split_ms={k: round(v, 3) for k, v in split.items()}, top=rows[:10])
+
+
+def check_sites(model, inputs, blocks: int = 2) -> dict:
+    """Every site of the first ``blocks`` blocks of each block list, on the inputs it really sees: its output vs
+    the per-layer reference spec (fp32 product of the same pruned operands): max relative error."""
+    from rtlynx import reference, sites
+
+    picked, errs, hooks = [], {}, []
+    lists = [n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
+    prefixes = tuple(f"{n}.{i}." for n in lists for i in range(blocks))
+    for site in sites.model_sites(model):
+        if site.name.startswith(prefixes):
+            picked.append(site)
+    seen: dict = {}
+
+    def grab(key):
+        return lambda mod, args, out: seen.__setitem__(key, (args[0].detach(), out.detach()))
+
+    for site in picked:
+        if site.producer == "gelu":
+            parent = model.get_submodule(site.name)
+            hooks.append(parent.net[0].proj.register_forward_hook(grab((site.name, "h"))))
+            hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
+        else:
+            for i, layer in enumerate(site.layers):
+                hooks.append(layer.register_forward_hook(grab((site.name, i))))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def spec(layer, x):
+        a, b = (layer.lora_A, layer.lora_B) if layer.lora_enabled and layer.lora_A is not None else (None, None)
+        x2 = x.reshape(-1, layer.in_features)
+        return reference.sparse_act_linear(x2, layer.weight, layer.bias, 2, 4, layer.compensation, a, b,
+                                           compute_dtype=torch.float32)
+
+    with torch.no_grad():
+        for site in picked:
+            if site.producer == "gelu":
+                (_, h), (_, y) = seen[(site.name, "h")], seen[(site.name, "y")]
+                want = spec(site.layers[0], reference.gelu_tanh(h))
+                got = y.reshape(want.shape)
+            else:
+                parts = [(spec(layer, seen[(site.name, i)][0]), seen[(site.name, i)][1]) for i, layer in
+                         enumerate(site.layers)]
+                want = torch.cat([p[0] for p in parts], 1)
+                got = torch.cat([p[1].reshape(p[0].shape) for p in parts], 1)
+            errs[site.name] = float((got.float() - want.float()).norm() / want.float().norm())
+    return dict(sites=len(errs), max_rel_err=max(errs.values()) if errs else None, rel_err=errs)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def kernel_library() -> str | None:
+    try:
+        from rtlynx.ops import _lib
+
+        return Path(_lib._LIB._name).name if _lib._LIB is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{"flux": {"eager": x, "compiled": x, "eager_lora": x, "peak_mem_ratio_lora": x}, ...} from the rows."""
+    out = {}
+    for kind, key in SUMMARY_KEY.items():
+        r = {(x["variant"], x["mode"]): x for x in rows if x["model"] == kind}
+        if not r:
+            continue
+
+        def ratio(variant, mode, field="speedup"):
+            row = r.get((variant, mode))
+            return None if row is None else row.get(field)
+
+        dense = r.get(("dense", "eager"))
+        lora = r.get(("rtlynx + LoRA r64", "eager"))
+        out[key] = {"eager": ratio("rtlynx", "eager"), "compiled": ratio("rtlynx", "compiled"),
+                    "eager_lora": ratio("rtlynx + LoRA r64", "eager"),
+                    "peak_mem_ratio_lora": (lora["peak_gib"] / dense["peak_gib"]) if lora and dense and dense["peak_gib"] else None,
+                    "eager_v01": ratio("rtlynx per-layer (v0.1)", "eager"),
+                    "compiled_lora": ratio("rtlynx + LoRA r64", "compiled")}
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--backend", default="lynx")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile each variant (fuses diffusers' elementwise work; the lynx ops trace as custom ops)")
-    ap.add_argument("--profile", action="store_true", help="also print each variant's top CUDA kernels")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+                    help="torch.compile each variant (default mode; fuses diffusers' elementwise work)")
+    ap.add_argument("--profile", action="store_true", help="time split of one forward per variant (eager)")
+    ap.add_argument("--check", action="store_true", help="sites of the first blocks vs the per-layer reference")
+    ap.add_argument("--variants", nargs="+", default=["dense", "rtlynx", "rtlynx + LoRA r64"], choices=list(VARIANTS))
     ap.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, reference backend (checks the script)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -113,8 +240,25 @@ def main(argv=None) -> int:
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (--smoke checks the script on a CPU)")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    rows = []
-    print(f"{'model':11s} {'variant':34s} {'ms/forward':>10s} {'speed-up':>8s} {'sparse FLOP share':>17s}")
+    out = Path(args.out or RESULTS / f"e2e_{gpu.replace(' ', '_')}.json")
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    if doc.get("device") not in (None, gpu):
+        raise SystemExit(f"{out} holds rows of {doc['device']}, this is {gpu}: pass another --out")
+    rows = doc.get("rows", [])
+    mode = "compiled" if args.compile else "eager"
+    if "dense" not in args.variants:
+        args.variants = ["dense", *args.variants]  # ratios need the dense row of the same run
+
+    def save():
+        doc.update({"device": gpu, "torch": torch.__version__, "backend": args.backend, "commit": git_commit(),
+                    "kernel_library": kernel_library(), "resolution": "1024x1024 (4096 image tokens)",
+                    "text_len": args.text_len, "batch": 1, "dtype": "bfloat16", "rows": rows,
+                    "summary": summarize(rows)})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1))
+
+    print(f"{gpu}, {mode}, median of {args.reps} forwards")
+    print(f"{'model':11s} {'variant':36s} {'ms':>8s} {'vs dense':>8s} {'peak GiB':>8s}")
     for kind in args.models:
         t0 = time.time()
         model = build(kind, "cpu" if args.smoke else "cuda", tiny=args.smoke)
@@ -124,13 +268,12 @@ def main(argv=None) -> int:
             inputs["guidance"] = torch.full((1,), 3.5, device=inputs["timestep"].device)
         params = sum(p.numel() for p in model.parameters())
         dense_ms = None
-        for vname, kw in VARIANTS.items():
-            if vname not in args.variants and kw is not None:
-                continue
+        for vname in args.variants:
+            kw = VARIANTS[vname]
             if kw is not None:
-                preset = {"paper": f"{kind}-paper"}.get(kw.get("preset"), "auto")
-                rtlynx.sparsify(model, backend=args.backend, **{**kw, "preset": preset})
+                rtlynx.sparsify(model, backend=args.backend, **kw)
             if torch.cuda.is_available():
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             runner = model
             if args.compile:
@@ -140,55 +283,47 @@ def main(argv=None) -> int:
                 warnings.simplefilter("always")
                 tc = time.time()
                 ms = statistics.median(time_forward(runner, inputs, args.reps))
+                extra = {}
                 if args.compile:
                     from torch._dynamo.utils import counters
-                    breaks = sum(counters["graph_break"].values())
-                    print(f"  ({vname}: compile + timing {time.time() - tc:.0f} s, {breaks} graph breaks: "
-                          f"{sorted(counters['graph_break'])[:3]})", flush=True)
-            profile = None
-            if args.profile and torch.cuda.is_available():
+                    extra["graph_breaks"] = sum(counters["graph_break"].values())
+                    extra["compile_and_time_s"] = round(time.time() - tc, 1)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            if args.profile and torch.cuda.is_available() and not args.compile:
                 try:
-                    wall, kernels = kernel_table(model, inputs)
+                    extra["profile"] = time_split(model, inputs)
                 except Exception as e:  # a profiler problem must not lose the timings
                     print(f"  profile failed: {e!r}")
-                else:
-                    profile = dict(wall_ms=wall, kernels=kernels)
-                    print(f"  profile {kind} / {vname}: wall {wall:.1f} ms")
-                    for r in kernels:
-                        print(f"    {r['ms']:8.2f} ms {r['calls']:5d}x  {r['kernel']}")
-            share = None
-            if kw is not None:
-                share = rtlynx.summary(model, **inputs).sparse_flop_share
+            if args.check and kw is not None and torch.cuda.is_available():
+                extra["check"] = check_sites(model, inputs)
             fallbacks = sorted({str(w.message)[:160] for w in caught})
             dense_ms = dense_ms or ms
-            row = dict(model=kind, variant=vname, params=params, ms=ms, speedup=dense_ms / ms,
-                       sparse_flop_share=share, peak_gib=torch.cuda.max_memory_allocated() / 2**30
-                       if torch.cuda.is_available() else None, tokens=inputs_tokens(kind, inputs), fallback_warnings=fallbacks,
-                       **({"profile": profile} if profile else {}))
-            rows.append(row)
-            print(f"{kind:11s} {vname:34s} {ms:10.2f} {dense_ms / ms:8.3f}x "
-                  f"{'' if share is None else f'{100 * share:16.1f}%'}"
-                  + (f"  warnings: {fallbacks}" if fallbacks else ""), flush=True)
+            share = rtlynx.summary(model).sparse_flop_share if kw is not None else None
+            rows[:] = [r for r in rows if (r["model"], r["variant"], r["mode"]) != (kind, vname, mode)]
+            rows.append(dict(model=kind, variant=vname, mode=mode, params=params, ms=ms, speedup=dense_ms / ms,
+                             peak_gib=peak, sparse_weight_share=share, fallback_warnings=fallbacks, **extra))
+            print(f"{kind:11s} {vname:36s} {ms:8.2f} {dense_ms / ms:7.3f}x "
+                  f"{'' if peak is None else f'{peak:8.2f}'}" + (f"  warnings: {fallbacks}" if fallbacks else ""),
+                  flush=True)
+            if "profile" in extra:
+                p = extra["profile"]
+                print("    split (GPU ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p["split_ms"].items())
+                      + f"; {p['kernels']} kernels, wall {p['wall_ms']:.1f} ms", flush=True)
+            if "check" in extra:
+                print(f"    check: {extra['check']['sites']} sites, max rel err {extra['check']['max_rel_err']:.2e}")
+            if args.compile:
+                print(f"    compile + timing {extra['compile_and_time_s']} s, {extra['graph_breaks']} graph breaks")
+            save()
             if kw is not None:
                 rtlynx.unsparsify(model)
+            del runner
         del model
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         print(f"  ({kind}: {params / 1e9:.1f}B params, {time.time() - t0:.0f} s)", flush=True)
-    out = Path(args.out or RESULTS / f"e2e_{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "backend": args.backend,
-                               "compiled": args.compile,
-                               "resolution": "1024x1024 (4096 image tokens)", "text_len": args.text_len,
-                               "reps": args.reps, "rows": rows}, indent=1))
+    print(json.dumps(doc["summary"], indent=1))
     print(f"wrote {out}")
     return 0
-
-
-def inputs_tokens(kind, inputs) -> int:
-    if kind == "z-image":
-        x = inputs["x"][0]
-        return x.shape[-1] * x.shape[-2] // 4
-    return inputs["hidden_states"].shape[1]
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def layer_rules(model: nn.Module, config: SparsityConfig) -> tuple[list[str], li
 
 def site_rules(model: nn.Module, config: SparsityConfig):
     """The activation-site rules (rtlynx.presets) for ``model`` under ``config``."""
+    if not config.fuse_sites:
+        return ()
     preset = resolve_preset(config.preset, type(model).__name__)
     return PRESETS[preset].get("sites", DEFAULT_SITES) if preset else DEFAULT_SITES
 

@@ -31,6 +31,8 @@ class SparsityConfig:
     lora: whether the LoRA branches (if any) are on.
     speed_rules: on the GPU kernels, run dense the sites whose shape loses to cuBLAS on the measured kernel
         table (``rtlynx.presets.SPEED_RULES``; reported by ``summary``). The reference path ignores it.
+    fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
+        preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
 
     A sparsified model holds exactly one SparsityConfig (``rtlynx.sites.Settings``), shared by reference by all
     its sparse layers and sites: configure / save / load / summary / dense_mode read and write that one object.
@@ -50,6 +52,7 @@ class SparsityConfig:
     mode: str = "sparse"
     lora: bool = True
     speed_rules: bool = True
+    fuse_sites: bool = True
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -64,8 +67,9 @@ class SparsityConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
-        if not isinstance(self.lora, bool) or not isinstance(self.speed_rules, bool):
-            raise ValueError(f"lora and speed_rules must be bools, got {self.lora!r}, {self.speed_rules!r}")
+        for name in ("lora", "speed_rules", "fuse_sites"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.eps > 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))

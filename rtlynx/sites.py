@@ -79,6 +79,9 @@ class Site:
         self._split = False       # members read different inputs: one GEMM each
         self._applied: set[int] = set()
         self._dirty = False
+        # Why the speed rules keep this site dense on the GPU kernels (its shape alone), None if they do not.
+        self.slow_reason = self._slow_reason()
+        self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
         self.refresh_overrides()
         self.build()
 
@@ -102,6 +105,7 @@ class Site:
         self._pending = None
         self._applied = set()
         self._dirty = False
+        self._fast = None
         if any(t.device != dev or t.dtype != dt for t in tensors) or dev.type == "meta":
             # mixed devices / dtypes: no shared operand, every member runs on its own
             self.wext = self.bias = self.lora_a = None
@@ -171,10 +175,9 @@ class Site:
 
     def refresh_overrides(self) -> None:
         self._uniform = not any(l._override for l in self.layers)
+        self._fast = None
 
-    @property
-    def slow_reason(self) -> str | None:
-        """Why the speed rules keep this site dense on the GPU kernels (shape-only part), None if they do not."""
+    def _slow_reason(self) -> str | None:
         lim = SPEED_RULES["max_dense_features"]
         if self.k <= lim:
             return f"K={self.k} <= {lim}"
@@ -211,6 +214,12 @@ class Site:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         use_lora = layer.lora_enabled and layer.lora_A is not None
+        fast = self._fast
+        if fast is not None and fast[0] is cfg and fast[1] == x2.device and fast[2] == x2.dtype:
+            # every check below passed for this config / device / dtype: only the row count can change the path
+            if not (cfg.speed_rules and x2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
+                return self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps).reshape(
+                    *lead, layer.out_features)
         backend = layer.backend
         if self._speed_dense(cfg, backend, x2):
             return F.linear(x, layer.weight, layer.bias)
@@ -218,29 +227,36 @@ class Site:
             from . import ops
 
             try:
-                y = self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps)
+                y = self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps, check=True)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
                                                 f"running its layers one by one")
             else:
+                if not _is_compiling():
+                    self._fast = (cfg, x2.device, x2.dtype)
                 return y.reshape(*lead, layer.out_features)
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
         y = backends.run(backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
 
-    def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float) -> torch.Tensor:
+    def _gemm(self, x2, wext, bias, lora_a, norm, eps, check):
         from . import ops
 
+        if check or x2.shape[0] == 0:  # validated once per config / device / dtype (the operand is fixed)
+            return ops.lynx_site_linear(x2, wext, bias, lora_a, norm, eps)
+        return ops.sparse_site(x2.contiguous(), wext, bias, lora_a, norm, eps)
+
+    def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float, check: bool = False) -> torch.Tensor:
         compiling = _is_compiling()
         if not compiling:
             self.ensure()
         wext, lora_a = self._operand(use_lora)
         if len(self.layers) == 1:
-            return ops.lynx_site_linear(x2, wext, self.bias, lora_a, norm, eps)
+            return self._gemm(x2, wext, self.bias, lora_a, norm, eps, check)
         sl = self.slices[layer._slot]
         if self._split:
-            return ops.lynx_site_linear(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, norm, eps)
+            return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, norm, eps, check)
         p = self._pending
         if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == x._version):
             left = p[4] - 1
@@ -251,11 +267,10 @@ class Site:
             if self._misses >= 3:
                 self._split = True
                 self._pending = None
-                backends.warn_once(f"split:{self.name}", f"rtlynx: the layers of site {self.name!r} "
-                                   f"({', '.join(type(l).__name__ for l in self.layers[:1])} x{len(self.layers)}) "
-                                   "are not called with one input; running one GEMM per layer")
-                return self._run_fused(layer, x, x2, use_lora, norm, eps)
-        y = ops.lynx_site_linear(x2, wext, self.bias, lora_a, norm, eps)
+                backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
+                                   f"{self.name!r} are not called with one input; running one GEMM per layer")
+                return self._run_fused(layer, x, x2, use_lora, norm, eps, check)
+        y = self._gemm(x2, wext, self.bias, lora_a, norm, eps, check)
         outs = tuple(y[:, s] for s in self.slices)
         self._pending = (x, use_lora, 0 if compiling else x._version, outs, len(self.layers) - 1)
         return outs[layer._slot]

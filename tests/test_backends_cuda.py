@@ -57,7 +57,7 @@ def test_auto_backend_on_tiny_flux_cuda():
     inputs = example_inputs(model, batch=2)
     with torch.no_grad():
         ref = output_tensor(model(**inputs)).clone()
-        rtlynx.sparsify(model)
+        rtlynx.sparsify(model, speed_rules=False)  # tiny shapes: the speed rules would keep them dense
         out = output_tensor(model(**inputs))
         rtlynx.configure(model, backend="reference")
         spec = output_tensor(model(**inputs))

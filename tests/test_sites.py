@@ -211,7 +211,8 @@ def fused_cpu(monkeypatch):
     import rtlynx.ops as ops
 
     rec = _Recorder()
-    monkeypatch.setattr(ops, "lynx_site_linear", rec)
+    monkeypatch.setattr(ops, "lynx_site_linear", rec)  # the first, checked call of a site
+    monkeypatch.setattr(ops, "sparse_site", rec)       # the calls after it
     monkeypatch.setattr(sites.Site, "_fusable", lambda self, cfg, backend, x2: self.wext is not None
                         and self._uniform and x2.dtype == self.wext.dtype)
     monkeypatch.setattr(sites.Site, "_speed_dense", lambda self, cfg, backend, x2: False)
@@ -230,7 +231,7 @@ def _qkv_module(gen, k=256, n=(128, 128, 64), rank=8, bias=True):
 
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     m = Attn().to(torch.bfloat16)
-    rtlynx.sparsify(m, preset=None, include=("to_*",), lora_rank=rank)
+    rtlynx.sparsify(m, preset=None, include=("to_*",), lora_rank=rank, speed_rules=False)
     with torch.no_grad():
         for l in api.sparse_layers(m).values():
             if l.lora_B is not None:
@@ -258,6 +259,17 @@ def test_fused_site_one_gemm_matches_the_per_layer_spec(fused_cpu, gen, rank, ro
         assert out.shape == (2, rows, layer.out_features)
         torch.testing.assert_close(out.float(), _per_layer_spec(layer, x), rtol=2e-2, atol=2e-2)
     assert m.to_q._site._pending is None  # every member consumed: nothing held
+
+
+def test_fused_site_repeated_forwards_take_the_fast_path(fused_cpu, gen):
+    m = _qkv_module(gen, rank=8)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    for _ in range(3):
+        q, k, v = m(x.clone())
+    assert len(fused_cpu.calls) == 3 and m.to_q._site._fast is not None
+    torch.testing.assert_close(v.float(), _per_layer_spec(m.to_v, x), rtol=2e-2, atol=2e-2)
+    rtlynx.configure(m, compensation="none")  # a new config: every check runs again
+    assert m(x)[0] is not None and len(fused_cpu.calls) == 4
 
 
 def test_fused_site_lora_off_skips_the_tail(fused_cpu, gen):

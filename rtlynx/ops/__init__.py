@@ -178,6 +178,11 @@ def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor |
     return _sm90.sparse_site_sm90(x2d.contiguous(), wext, bias, lora_a, bool(norm), float(eps))
 
 
+def sparse_site(x2d, wext, bias, lora_a, norm: bool, eps: float) -> torch.Tensor:
+    """:func:`lynx_site_linear` without its checks, for a caller that validated the same operands before."""
+    return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, bool(norm), float(eps))
+
+
 def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, norm: bool = True,
                    eps: float = 1e-8) -> torch.Tensor:
     """A site whose producer is GELU-tanh (an MLP down-projection read from its pre-activation h): the GELU is
