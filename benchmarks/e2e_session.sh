@@ -24,6 +24,8 @@ case $what in
     timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_sites_gpu.py \
       "tests/gpu/test_sm90_kernels.py::test_prune_lora_tail" "tests/gpu/test_sm90_kernels.py::test_lynx_linear" \
       2>&1 | tail -15 | tee "$OUT/site_tests.txt"
+    timeout 60 python3 benchmarks/host_overhead.py 2>&1 | tee "$OUT/host_overhead.txt"
+    cp benchmarks/results/host_overhead_*.json "$OUT/" 2>/dev/null
     for m in flux qwen-image z-image; do
       timeout 200 python3 benchmarks/e2e.py --models $m --out $RES --profile --check \
         --variants dense rtlynx "rtlynx + LoRA r64" "rtlynx per-layer (v0.1)" 2>&1 | tee -a "$OUT/e2e_eager.txt"

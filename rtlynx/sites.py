@@ -56,6 +56,11 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _version(x: torch.Tensor) -> int:
+    """x's in-place modification counter (inference-mode tensors have none)."""
+    return -1 if x.is_inference() else x._version
+
+
 class Site:
     """One producer and the sparse layers that read its output (see the module docstring)."""
 
@@ -258,7 +263,7 @@ class Site:
         if self._split:
             return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, norm, eps, check)
         p = self._pending
-        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == x._version):
+        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
             left = p[4] - 1
             self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
             return p[3][layer._slot]
@@ -272,7 +277,7 @@ class Site:
                 return self._run_fused(layer, x, x2, use_lora, norm, eps, check)
         y = self._gemm(x2, wext, self.bias, lora_a, norm, eps, check)
         outs = tuple(y[:, s] for s in self.slices)
-        self._pending = (x, use_lora, 0 if compiling else x._version, outs, len(self.layers) - 1)
+        self._pending = (x, use_lora, 0 if compiling else _version(x), outs, len(self.layers) - 1)
         return outs[layer._slot]
 
     def forward_gelu(self, layer, h: torch.Tensor, gelu) -> torch.Tensor:

@@ -308,6 +308,15 @@ def test_inplace_change_of_the_input_is_not_served_from_the_cache(fused_cpu, gen
     del q
 
 
+def test_fused_site_under_inference_mode(fused_cpu, gen):
+    m = _qkv_module(gen, rank=0)
+    with torch.inference_mode():
+        x = torch.randn(5, 256, generator=gen).to(torch.bfloat16)
+        q, k, v = m(x)
+    assert len(fused_cpu.calls) == 1
+    torch.testing.assert_close(k.float(), _per_layer_spec(m.to_k, x), rtol=2e-2, atol=2e-2)
+
+
 def test_replaced_parameter_rebuilds_the_operand(fused_cpu, gen):
     m = _qkv_module(gen, rank=0)
     new = torch.randn(128, 256, generator=gen).to(torch.bfloat16)
