@@ -11,7 +11,8 @@ what=${1:-eager}; shift || true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
-export RTLYNX_BUILD_DIR=$PWD/.cache/build CUTLASS_INCLUDE=$PWD/.cache/cutlass/include
+export RTLYNX_BUILD_DIR=$PWD/.cache/build
+export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp
 RES=benchmarks/results/e2e_h200.json
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
 t0=$(date +%s)
