@@ -18,6 +18,7 @@ Rows are merged into --out (one file per device), so models and modes can run in
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
             kw = VARIANTS[vname]
             if kw is not None:
                 rtlynx.sparsify(model, backend=args.backend, **kw)
+            gc.collect()  # the garbage of the last (un)sparsify must not be collected inside the timed loop
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()

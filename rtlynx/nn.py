@@ -105,6 +105,13 @@ class SparseActLinear(nn.Module):
             self.add_lora(lora_rank, rebuild=False)
         Site([self], "plain", "")  # a site of its own until rtlynx.sites groups it with others
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("weight", "bias", "lora_A", "lora_B"):
+            site = self.__dict__.get("_site")
+            if site is not None:
+                site._dirty = True  # a parameter object replaced: the site rebuilds its operand before the next call
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self._site is not None:

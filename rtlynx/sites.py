@@ -77,6 +77,7 @@ class Site:
         self.name = name
         self.k = k
         self.n = sum(l.out_features for l in layers)
+        self.splits = tuple(l.out_features for l in layers)
         for i, layer in enumerate(layers):
             layer._site, layer._slot = self, i
         self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
@@ -107,13 +108,14 @@ class Site:
             offs.append(o)
             o += l.out_features
         self.slices = tuple(slice(a, a + l.out_features) for a, l in zip(offs, ls))
+        self.splits = tuple(l.out_features for l in ls)
         self._pending = None
         self._applied = set()
         self._dirty = False
         self._fast = None
         if any(t.device != dev or t.dtype != dt for t in tensors) or dev.type == "meta":
             # mixed devices / dtypes: no shared operand, every member runs on its own
-            self.wext = self.bias = self.lora_a = None
+            self.wext = self.bias = self.lora_a = self._wext_nolora = None
             self._ptrs = self._pointers()
             return
         with torch.no_grad():
@@ -148,9 +150,11 @@ class Site:
                             bias[sl].copy_(l.bias)
                             _repoint(l.bias, bias[sl])
         self.wext, self.bias, self.lora_a = wext, bias, lora_a
+        self._wext_nolora = wext[:, :kp] if rp else wext  # the operand without its LoRA tail (row stride Kg)
         self._ptrs = self._pointers()
 
     def _pointers(self) -> tuple:
+        self._weights = tuple(l.weight for l in self.layers)
         return tuple(0 if t is None else t.data_ptr()
                      for l in self.layers for t in (l.weight, l.bias, l.lora_A, l.lora_B))
 
@@ -174,8 +178,10 @@ class Site:
             self.build()
 
     def ensure(self) -> None:
-        """Eager check that the operand still holds the layers' parameters (rebuilt if a parameter was replaced)."""
-        if self._dirty or self._pointers() != self._ptrs:
+        """Eager check that the operand still holds the layers' parameters, rebuilt if not: a parameter object
+        replaced (``layer.weight = ...``, ``load_state_dict(assign=True)``) or moved (``.to``) marks the site dirty;
+        a weight's ``.data`` re-pointed is seen here by its address (per call: a few pointer reads)."""
+        if self._dirty or any(w.data_ptr() != p for w, p in zip(self._weights, self._ptrs[::4])):
             self.build()
 
     def refresh_overrides(self) -> None:
@@ -202,9 +208,9 @@ class Site:
 
     def _operand(self, use_lora: bool):
         """(wext, lora_a) for this call: without the LoRA the tail columns are skipped (row stride stays Kg)."""
-        if use_lora or not self.rp:
-            return self.wext, (self.lora_a if use_lora else None)
-        return self.wext[:, : self.kp], None
+        if use_lora:
+            return self.wext, self.lora_a
+        return self._wext_nolora, None
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         cfg = layer._settings.config
@@ -245,12 +251,12 @@ class Site:
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
 
-    def _gemm(self, x2, wext, bias, lora_a, norm, eps, check):
+    def _gemm(self, x2, wext, bias, lora_a, splits, norm, eps, check):
         from . import ops
 
         if check or x2.shape[0] == 0:  # validated once per config / device / dtype (the operand is fixed)
-            return ops.lynx_site_linear(x2, wext, bias, lora_a, norm, eps)
-        return ops.sparse_site(x2.contiguous(), wext, bias, lora_a, norm, eps)
+            return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps)
+        return ops.sparse_site(x2 if x2.is_contiguous() else x2.contiguous(), wext, bias, lora_a, splits, norm, eps)
 
     def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float, check: bool = False) -> torch.Tensor:
         compiling = _is_compiling()
@@ -258,15 +264,17 @@ class Site:
             self.ensure()
         wext, lora_a = self._operand(use_lora)
         if len(self.layers) == 1:
-            return self._gemm(x2, wext, self.bias, lora_a, norm, eps, check)
-        sl = self.slices[layer._slot]
-        if self._split:
-            return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, norm, eps, check)
+            return self._gemm(x2, wext, self.bias, lora_a, self.splits, norm, eps, check)[0]
+        slot = layer._slot
+        if self._split:  # members read different inputs: this member's rows of the operand only
+            sl = self.slices[slot]
+            return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a,
+                              (self.splits[slot],), norm, eps, check)[0]
         p = self._pending
         if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
             left = p[4] - 1
             self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
-            return p[3][layer._slot]
+            return p[3][slot]
         if p is not None:  # outputs computed for another input went unused (a well-fed site never gets here)
             self._misses += 1
             if self._misses >= 3:
@@ -275,10 +283,9 @@ class Site:
                 backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
                                    f"{self.name!r} are not called with one input; running one GEMM per layer")
                 return self._run_fused(layer, x, x2, use_lora, norm, eps, check)
-        y = self._gemm(x2, wext, self.bias, lora_a, norm, eps, check)
-        outs = tuple(y[:, s] for s in self.slices)
+        outs = self._gemm(x2, wext, self.bias, lora_a, self.splits, norm, eps, check)
         self._pending = (x, use_lora, 0 if compiling else _version(x), outs, len(self.layers) - 1)
-        return outs[layer._slot]
+        return outs[slot]
 
     def forward_gelu(self, layer, h: torch.Tensor, gelu) -> torch.Tensor:
         """``layer(gelu(h))`` for a site whose producer is GELU-tanh: on the lynx kernels without a LoRA branch the
@@ -287,18 +294,28 @@ class Site:
         if (layer.mode == "sparse" and not (layer._step_gate is not None and layer._step_gate.dense)
                 and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
             h2 = h.reshape(-1, self.k)
-            backend = layer.backend
-            if not self._speed_dense(cfg, backend, h2) and self._fusable(cfg, backend, h2):
-                from . import ops
+            from . import ops
 
+            fast = self._fast
+            checked = fast is not None and fast[0] is cfg and fast[1] == h2.device and fast[2] == h2.dtype
+            if checked and not (cfg.speed_rules and h2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
                 if not _is_compiling():
                     self.ensure()
-                wext, _ = self._operand(False)
+                y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm", cfg.eps,
+                                       check=False)
+                return y.reshape(*h.shape[:-1], layer.out_features)
+            backend = layer.backend
+            if not self._speed_dense(cfg, backend, h2) and self._fusable(cfg, backend, h2):
+                if not _is_compiling():
+                    self.ensure()
                 try:
-                    y = ops.lynx_site_gelu(h2, wext, self.bias, layer.compensation == "norm", cfg.eps)
+                    y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm",
+                                           cfg.eps)
                 except ops.Unsupported as e:
                     backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
                 else:
+                    if not _is_compiling():
+                        self._fast = (cfg, h2.device, h2.dtype)
                     return y.reshape(*h.shape[:-1], layer.out_features)
         return layer(gelu(h))
 

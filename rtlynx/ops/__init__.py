@@ -147,54 +147,62 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                    None if lora_b is None else lora_b.to(dt).contiguous(), bool(norm), float(eps))
 
 
-def _check_site(x2d, wext, bias, lora_a, k):
+def _check_site(x2d, wext, bias, lora_a, splits):
     _check_x(x2d)
+    k = x2d.shape[1]
+    if k % 8:
+        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
     kp = _sm90.round_up(k, 128)
     rp = 0 if lora_a is None else lora_a.shape[0]
-    if (wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or wext.stride(1) != 1 or wext.stride(0) != wext.shape[1]
-            or wext.shape[0] % 8 or wext.dtype != x2d.dtype or rp % 64):
-        raise Unsupported(f"site operand {tuple(wext.shape)} {wext.dtype} does not fit x {tuple(x2d.shape)} "
-                          f"{x2d.dtype} (K={k}, LoRA rows {rp})")
-    if bias is not None and (tuple(bias.shape) != (wext.shape[0],) or bias.dtype != x2d.dtype):
+    if (wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or wext.stride(1) != 1 or wext.stride(0) < wext.shape[1]
+            or wext.stride(0) % 8 or wext.dtype != x2d.dtype or rp % 64
+            or (not torch.compiler.is_compiling() and wext.data_ptr() % 16)):
+        raise Unsupported(f"site operand {tuple(wext.shape)} (row stride {wext.stride(0)}) {wext.dtype} does not fit "
+                          f"x {tuple(x2d.shape)} {x2d.dtype} (LoRA rows {rp})")
+    if sum(splits) != wext.shape[0] or any(n <= 0 or n % 8 for n in splits):
+        raise Unsupported(f"site splits {list(splits)} must be positive multiples of 8 summing to N={wext.shape[0]}")
+    if bias is not None and (tuple(bias.shape) != (wext.shape[0],) or bias.dtype != x2d.dtype or not bias.is_contiguous()):
         raise Unsupported(f"site bias {tuple(bias.shape)} {bias.dtype} does not fit N={wext.shape[0]}")
+    if lora_a is not None and (tuple(lora_a.shape) != (rp, k) or lora_a.dtype != x2d.dtype):
+        raise Unsupported(f"site lora_a {tuple(lora_a.shape)} does not fit K={k}")
 
 
 def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                     norm: bool = True, eps: float = 1e-8) -> torch.Tensor:
+                     splits, norm: bool = True, eps: float = 1e-8) -> list[torch.Tensor]:
     """One activation site (:mod:`rtlynx.sites`): ``y = s * (prune24(x) @ W^T) + b + (x A^T) B^T`` for the
-    concatenated weights of every layer reading x, one prune pass and one sparse GEMM.
+    concatenated weights of every layer reading x: one prune pass, then one sparse GEMM per member on its row
+    block; returns each member's output ``[M, N_i]`` (contiguous).
 
-    ``wext [N, Kp + 2 rp]`` is the site's GEMM operand ``[W | 0 | B-expanded]`` (``rtlynx.reference.sm90``:
-    ``expand_lora_b``), owned by the caller and used as is; ``lora_a [rp, K]`` (rp % 64 == 0, zero rows past r) or
-    None; x2d [M, K] with K % 8 == 0. Raises :class:`Unsupported` for what the kernels cannot run."""
-    k = x2d.shape[1]
-    _check_site(x2d, wext, bias, lora_a, k)
-    if k % 8:
-        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
-    if lora_a is not None and tuple(lora_a.shape) != (lora_a.shape[0], k):
-        raise Unsupported(f"site lora_a {tuple(lora_a.shape)} does not fit K={k}")
+    ``wext [N, Kp + 2 rp]`` (row stride >= that) is the site's GEMM operand ``[W | 0 | B-expanded]``
+    (``rtlynx.reference.sm90``: ``expand_lora_b``), owned by the caller and used as is; ``splits`` the members'
+    N_i; ``lora_a [rp, K]`` (rp % 64 == 0, zero rows past r) or None; x2d [M, K] with K % 8 == 0.
+    Raises :class:`Unsupported` for what the kernels cannot run."""
+    _check_site(x2d, wext, bias, lora_a, splits)
     if x2d.shape[0] == 0:
-        return x2d.new_empty(0, wext.shape[0])
-    return _sm90.sparse_site_sm90(x2d.contiguous(), wext, bias, lora_a, bool(norm), float(eps))
+        return [x2d.new_empty(0, n) for n in splits]
+    return sparse_site(x2d.contiguous(), wext, bias, lora_a, splits, norm, eps)
 
 
-def sparse_site(x2d, wext, bias, lora_a, norm: bool, eps: float) -> torch.Tensor:
-    """:func:`lynx_site_linear` without its checks, for a caller that validated the same operands before."""
-    return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, bool(norm), float(eps))
+def sparse_site(x2d, wext, bias, lora_a, splits, norm: bool, eps: float) -> list[torch.Tensor]:
+    """:func:`lynx_site_linear` without its checks, for a caller that validated the same operands before. In eager
+    mode the op's implementation is called directly (the dispatcher's Python round trip costs more host time than
+    the small kernels); under torch.compile the op is traced."""
+    if torch.compiler.is_compiling():
+        return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, list(splits), bool(norm), float(eps))
+    return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps))
 
 
 def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, norm: bool = True,
-                   eps: float = 1e-8) -> torch.Tensor:
+                   eps: float = 1e-8, check: bool = True) -> torch.Tensor:
     """A site whose producer is GELU-tanh (an MLP down-projection read from its pre-activation h): the GELU is
     computed inside the prune pass, no dense GELU output is written. ``wext [N, Kp]`` (no LoRA)."""
-    k = h2d.shape[1]
-    _check_site(h2d, wext, bias, None, k)
-    if k % 8:
-        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
+    if check:
+        _check_site(h2d, wext, bias, None, [wext.shape[0]])
     if h2d.shape[0] == 0:
         return h2d.new_empty(0, wext.shape[0])
-    values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
-    return _sm90.sparse_gemm_sm90(values, meta, wext, scale if norm else None, bias, -1, 0)
+    if torch.compiler.is_compiling():
+        return _sm90.gelu_site_sm90(h2d, wext, bias, bool(norm), float(eps))
+    return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps))
 
 
-__all__ = ["Unsupported", "lynx_site_gelu", "lynx_site_linear", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
+__all__ = ["Unsupported", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]

@@ -14,9 +14,13 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
   y = scale[m] * (X~ @ W^T) + bias, wgmma.sp (CUTLASS 3.x), fp32 accumulation, epilogue fused.
 - ``rtlynx::sparse_linear_sm90(x, weight [N,K], bias?, lora_a [r,K]?, lora_b [N,r]?, norm, eps) -> y [M,N]``
   the whole RT-Lynx linear: h = x A^T (cuBLAS), prune+compress (+tail), sparse GEMM with [W | B-expanded].
-- ``rtlynx::sparse_site_sm90(x [M,K], wext [N,Kg], bias?, lora_a [rp,K]?, norm, eps) -> y [M,N]``
-  one activation site (rtlynx.sites): the same linear on an operand the caller owns and keeps (the site's
-  concatenated ``[W | B-expanded]``, no per-call or cached copy); ``lora_a`` has rp = round_up(r, 64) rows.
+- ``rtlynx::sparse_site_sm90(x [M,K], wext [N,Kg], bias?, lora_a [rp,K]?, splits, norm, eps) -> [y_i [M,N_i]]``
+  one activation site (rtlynx.sites): x pruned and compressed once (+ the LoRA tail of h = x lora_a^T), then one
+  sparse GEMM per member on its row block of the operand the caller owns (the site's concatenated
+  ``[W | B-expanded]``, row stride Kg or more, no copy); every member's output is a contiguous tensor of its own.
+  ``lora_a`` has rp = round_up(r, 64) rows. The compressed activation lives in a per-stream scratch buffer.
+- ``rtlynx::gelu_site_sm90(h [M,K], wext [N,Kp], bias?, norm, eps) -> y [M,N]``: a site whose producer is
+  GELU-tanh: the GELU runs inside the prune pass.
 
 Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
 (no host syncs, no allocations outside the caching allocator, launches on the current stream).
@@ -24,6 +28,7 @@ Inference only (no autograd formulas). The ops are opaque to torch.compile and c
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -46,7 +51,9 @@ _LIB.define("sparse_gemm_sm90(Tensor values, Tensor meta, Tensor weight, Tensor?
             "int config=-1, int sched=0) -> Tensor")
 _LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, bool norm, "
             "float eps) -> Tensor")
-_LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, bool norm, float eps) -> Tensor")
+_LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, int[] splits, bool norm, float eps) "
+            "-> Tensor[]")
+_LIB.define("gelu_site_sm90(Tensor h, Tensor wext, Tensor? bias, bool norm, float eps) -> Tensor")
 
 
 def _stream() -> int:
@@ -297,16 +304,99 @@ def _(x, weight, bias, lora_a, lora_b, norm, eps):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _site_impl(x, wext, bias, lora_a, norm, eps):
+# ----------------------------------------------------------------------------------------------- sites
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) -> bytes for the compressed activation
+
+
+def _scratch(device: torch.device, stream: int, nbytes: int) -> int:
+    """Device address of ``nbytes`` of scratch for one prune -> GEMM hand-off on ``stream``. Kernels on one stream
+    run in order, so one buffer per stream serves every site. While a CUDA graph is being captured a fresh
+    allocation is used instead (the graph's pool owns it; a grown buffer must never free memory a graph uses)."""
+    if torch.cuda.is_current_stream_capturing():
+        t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        _CAPTURED.append(t)  # kept alive as long as graphs may replay it
+        return t.data_ptr()
+    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1 << 20) * 5 // 4, dtype=torch.uint8, device=device)
+        _SCRATCH[key] = buf
+    return buf.data_ptr()
+
+
+_CAPTURED: list[torch.Tensor] = []
+
+
+def _align(v: int) -> int:
+    return (v + 255) // 256 * 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _config(m: int, n: int, kg: int) -> tuple[int, int]:
+    config, sched = choose_config(m, n, kg)
+    return config, sched | (1 << 16) if PDL else sched
+
+
+def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0):
+    """One prune pass of x (act 0) or of GELU_tanh(x) (act 1) into scratch, then one GEMM per member."""
+    m, k = x.shape
+    mp, kp = padded_shape(m, k)
+    L = _lib.lib()
+    st = _stream()
+    dt = _DTYPES[x.dtype]
     h = torch.nn.functional.linear(x, lora_a) if lora_a is not None else None
-    values, meta, scale = _prune_impl(x, h, norm, eps)
-    return _gemm_impl(values, meta, wext, scale if norm else None, bias, -1, 0)
+    r = 0 if h is None else h.shape[1]
+    kg = kp + 2 * r
+    vbytes = _align(m * kg)  # m x kg/2 16-bit values
+    mbytes = _align(mp * kg // 8)
+    base = _scratch(x.device, st, vbytes + mbytes + 4 * m)
+    vptr, mptr, sptr = base, base + vbytes, base + vbytes + mbytes
+    if act == 0:
+        rc = L.rtlynx_prune_compress_sm90(dt, x.data_ptr(), x.stride(0), m, k, _ptr(h), 0 if h is None else h.stride(0),
+                                          r, vptr, kg // 2, mptr, sptr, int(norm), float(eps), st)
+    else:
+        rc = L.rtlynx_gelu_prune_compress_sm90(dt, x.data_ptr(), x.stride(0), m, k, None, 0, vptr, kg // 2, mptr, sptr,
+                                               int(norm), float(eps), st)
+    _lib.check(rc, "site prune")
+    ldw = wext.stride(0)
+    esize = wext.element_size()
+    wptr, bptr = wext.data_ptr(), _ptr(bias)
+    outs, off = [], 0
+    for n in splits:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        config, sched = _config(m, n, kg)
+        rc = L.rtlynx_sparse_gemm_sm90(config, dt, vptr, kg // 2, mptr, wptr + off * ldw * esize, ldw, y.data_ptr(), n,
+                                       sptr if norm else None, None if bptr is None else bptr + off * esize, m, n, kg,
+                                       sched, st)
+        _lib.check(rc, f"site GEMM [{CONFIG_NAMES[config]}]")
+        outs.append(y)
+        off += n
+    return outs
 
 
-_LIB.impl("sparse_site_sm90", _site_impl, "CUDA")
+def _site_op_impl(x, wext, bias, lora_a, splits, norm, eps):
+    return _site_impl(x, wext, bias, lora_a, list(splits), norm, eps)
+
+
+_LIB.impl("sparse_site_sm90", _site_op_impl, "CUDA")
 sparse_site_sm90 = torch.ops.rtlynx.sparse_site_sm90.default
 
 
 @torch.library.register_fake("rtlynx::sparse_site_sm90", lib=_LIB)
-def _(x, wext, bias, lora_a, norm, eps):
-    return x.new_empty(x.shape[0], wext.shape[0])
+def _(x, wext, bias, lora_a, splits, norm, eps):
+    return [x.new_empty(x.shape[0], n) for n in splits]
+
+
+def _gelu_site_op_impl(h, wext, bias, norm, eps):
+    if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
+        h = h.clone(memory_format=torch.contiguous_format)
+    return _site_impl(h, wext, bias, None, [wext.shape[0]], norm, eps, act=1)[0]
+
+
+_LIB.impl("gelu_site_sm90", _gelu_site_op_impl, "CUDA")
+gelu_site_sm90 = torch.ops.rtlynx.gelu_site_sm90.default
+
+
+@torch.library.register_fake("rtlynx::gelu_site_sm90", lib=_LIB)
+def _(h, wext, bias, norm, eps):
+    return h.new_empty(h.shape[0], wext.shape[0])

@@ -60,7 +60,9 @@ def test_site_op_matches_reference_twin(m, k, ns, ranks, norm, gen):
     for use_lora in ([True, False] if site.rank else [False]):
         wext, lora_a = site._operand(use_lora)
         poison_allocator()
-        y = ops.lynx_site_linear(x, wext, site.bias, lora_a, norm, 1e-8)
+        ys = ops.lynx_site_linear(x, wext, site.bias, lora_a, site.splits, norm, 1e-8)
+        assert all(t.is_contiguous() and t.shape == (m, n) for t, n in zip(ys, ns))
+        y = torch.cat(ys, 1)
         want = ref90.site_linear_sm90(x, wext, site.bias, lora_a, norm, 1e-8)
         assert y.shape == (m, sum(ns)) and torch.isfinite(y).all()
         assert rel_err(y, want) < 1e-2, (use_lora, rel_err(y, want))
@@ -74,8 +76,8 @@ def test_site_op_matches_reference_twin(m, k, ns, ranks, norm, gen):
 
 def test_site_op_empty_rows(gen):
     site, _ = _site(256, (128, 128), (0, 0), gen)
-    y = ops.lynx_site_linear(rnd((0, 256), torch.bfloat16, gen), site.wext, site.bias, None, True, 1e-8)
-    assert y.shape == (0, 256)
+    ys = ops.lynx_site_linear(rnd((0, 256), torch.bfloat16, gen), site.wext, site.bias, None, site.splits, True, 1e-8)
+    assert [t.shape for t in ys] == [(0, 128), (0, 128)]
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 3072, 3072), (333, 12288, 3072), (4096, 12288, 3072), (77, 1000, 256)])
@@ -91,21 +93,25 @@ def test_gelu_site_matches_reference(m, k, n, gen):
 def test_site_opcheck(gen):
     site, _ = _site(256, (128, 64), (8, 8), gen)
     x = rnd((70, 256), torch.bfloat16, gen)
-    torch.library.opcheck(k90.sparse_site_sm90, (x, site.wext, site.bias, site.lora_a, True, 1e-8))
+    torch.library.opcheck(k90.sparse_site_sm90, (x, site.wext, site.bias, site.lora_a, list(site.splits), True, 1e-8))
     wext, _ = site._operand(False)
-    torch.library.opcheck(k90.sparse_site_sm90, (x, wext, None, None, False, 1e-8))
+    torch.library.opcheck(k90.sparse_site_sm90, (x, wext, None, None, list(site.splits), False, 1e-8))
+    g, _ = _site(256, (64,), (0,), gen)
+    torch.library.opcheck(k90.gelu_site_sm90, (x, g.wext, g.bias, True, 1e-8))
 
 
 @pytest.fixture
 def count_site_calls(monkeypatch):
     calls = []
-    real = ops.lynx_site_linear
 
-    def counted(*a, **kw):
-        calls.append(tuple(a[1].shape))
-        return real(*a, **kw)
+    def counting(real):
+        def counted(*a, **kw):
+            calls.append(tuple(a[1].shape))
+            return real(*a, **kw)
+        return counted
 
-    monkeypatch.setattr(ops, "lynx_site_linear", counted)
+    monkeypatch.setattr(ops, "lynx_site_linear", counting(ops.lynx_site_linear))  # checked first call
+    monkeypatch.setattr(ops, "sparse_site", counting(ops.sparse_site))            # the calls after it
     return calls
 
 
@@ -125,7 +131,10 @@ def test_tiny_models_fused_match_per_layer_reference(kind, lora, count_site_call
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback, no split
         out = output_tensor(model(**inputs)).clone()
-    assert len(count_site_calls) <= n_sites  # one GEMM per site (GELU sites use their own op)
+        first = len(count_site_calls)
+        again = output_tensor(model(**inputs))
+    assert first <= n_sites  # one prune per site (GELU sites use their own op)
+    assert len(count_site_calls) == 2 * first and torch.equal(again, out)  # the fast path: same calls, same bits
     assert len(count_site_calls) < len(api.sparse_layers(model))
     rtlynx.configure(model, backend="reference")
     with torch.no_grad():
