@@ -33,6 +33,10 @@ case $what in
       save
     done ;;
   compiled)
+    if [ -n "$GPU_TESTS" ]; then
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_lynx_integration.py \
+        tests/test_backends_cuda.py --durations=5 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+    fi
     for m in "$@"; do
       timeout 280 python3 benchmarks/e2e.py --models $m --out $RES --compile --reps 20 \
         --variants dense rtlynx 2>&1 | tee -a "$OUT/e2e_compiled.txt"

@@ -102,16 +102,15 @@ def test_site_opcheck(gen):
 
 @pytest.fixture
 def count_site_calls(monkeypatch):
+    """Prune + GEMM launches of plain sites (one per site call, checked or not)."""
     calls = []
+    real = sites.Site._gemm
 
-    def counting(real):
-        def counted(*a, **kw):
-            calls.append(tuple(a[1].shape))
-            return real(*a, **kw)
-        return counted
+    def counted(self, *a, **kw):
+        calls.append(self.name)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(ops, "lynx_site_linear", counting(ops.lynx_site_linear))  # checked first call
-    monkeypatch.setattr(ops, "sparse_site", counting(ops.sparse_site))            # the calls after it
+    monkeypatch.setattr(sites.Site, "_gemm", counted)
     return calls
 
 
