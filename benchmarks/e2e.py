@@ -132,54 +132,12 @@ def time_split(model, inputs) -> dict:
 
 
 def check_sites(model, inputs, blocks: int = 2) -> dict:
-    """Every site of the first ``blocks`` blocks of each block list, on the inputs it really sees: its output vs
-    the per-layer reference spec (fp32 product of the same pruned operands): max relative error."""
-    from rtlynx import reference, sites
+    """Every site of the first ``blocks`` blocks of each block list, on the inputs it really sees, vs the per-layer
+    reference spec (rtlynx.sites.verify): max relative error."""
+    from rtlynx import sites
 
-    picked, errs, hooks = [], {}, []
     lists = [n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
-    prefixes = tuple(f"{n}.{i}." for n in lists for i in range(blocks))
-    for site in sites.model_sites(model):
-        if site.name.startswith(prefixes):
-            picked.append(site)
-    seen: dict = {}
-
-    def grab(key):
-        return lambda mod, args, out: seen.__setitem__(key, (args[0].detach(), out.detach()))
-
-    for site in picked:
-        if site.producer == "gelu":
-            parent = model.get_submodule(site.name)
-            hooks.append(parent.net[0].proj.register_forward_hook(grab((site.name, "h"))))
-            hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
-        else:
-            for i, layer in enumerate(site.layers):
-                hooks.append(layer.register_forward_hook(grab((site.name, i))))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-
-    def spec(layer, x):
-        a, b = (layer.lora_A, layer.lora_B) if layer.lora_enabled and layer.lora_A is not None else (None, None)
-        x2 = x.reshape(-1, layer.in_features)
-        return reference.sparse_act_linear(x2, layer.weight, layer.bias, 2, 4, layer.compensation, a, b,
-                                           compute_dtype=torch.float32)
-
-    with torch.no_grad():
-        for site in picked:
-            if site.producer == "gelu":
-                (_, h), (_, y) = seen[(site.name, "h")], seen[(site.name, "y")]
-                want = spec(site.layers[0], reference.gelu_tanh(h))
-                got = y.reshape(want.shape)
-            else:
-                parts = [(spec(layer, seen[(site.name, i)][0]), seen[(site.name, i)][1]) for i, layer in
-                         enumerate(site.layers)]
-                want = torch.cat([p[0] for p in parts], 1)
-                got = torch.cat([p[1].reshape(p[0].shape) for p in parts], 1)
-            errs[site.name] = float((got.float() - want.float()).norm() / want.float().norm())
+    errs = sites.verify(model, prefixes=tuple(f"{n}.{i}." for n in lists for i in range(blocks)), **inputs)
     return dict(sites=len(errs), max_rel_err=max(errs.values()) if errs else None, rel_err=errs)
 
 

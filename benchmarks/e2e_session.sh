@@ -34,8 +34,10 @@ case $what in
     done ;;
   compiled)
     if [ -n "$GPU_TESTS" ]; then
-      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_lynx_integration.py \
-        tests/test_backends_cuda.py --durations=5 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+      # GPU_TESTS=1: the whole GPU suite; else the paths it names
+      [ "$GPU_TESTS" = 1 ] && GPU_TESTS="tests/gpu tests/test_lynx_integration.py tests/test_backends_cuda.py"
+      timeout 240 python3 -m pytest -q -p no:cacheprovider $GPU_TESTS --durations=5 -o log_level=WARNING 2>&1 \
+        | grep -v "^DEBUG" | tee "$OUT/gpu_tests.txt" | tail -30
     fi
     for m in "$@"; do
       timeout 280 python3 benchmarks/e2e.py --models $m --out $RES --compile --reps 20 \

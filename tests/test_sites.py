@@ -326,3 +326,25 @@ def test_replaced_parameter_rebuilds_the_operand(fused_cpu, gen):
     _, k, _ = m(x)
     assert _storage(m.to_k.weight) == _storage(m.to_k._site.wext)
     torch.testing.assert_close(k.float(), _per_layer_spec(m.to_k, x), rtol=2e-2, atol=2e-2)
+
+
+def test_verify_finds_a_wrong_site(fused_cpu, gen):
+    """sites.verify compares each site with the fp32 per-layer spec: small for the twin, large for a broken op."""
+    model = tiny_transformer("flux").to(torch.bfloat16)
+    inputs = example_inputs(model, batch=2)
+    rtlynx.sparsify(model, lora_rank=4, speed_rules=False)
+    with torch.no_grad():
+        for l in api.sparse_layers(model).values():
+            l.lora_B.copy_(torch.randn(l.lora_B.shape, generator=gen) * 0.05)
+    errs = sites.verify(model, **inputs)
+    assert len(errs) == len(sites.model_sites(model)) and max(errs.values()) < 1e-2, errs
+    import rtlynx.ops as ops
+
+    def broken(*a, **kw):  # drops the bias
+        return fused_cpu(a[0], a[1], None, *a[3:], **kw)
+
+    ops.lynx_site_linear = ops.sparse_site = broken
+    for s in sites.model_sites(model):
+        s._fast = None
+    errs = sites.verify(model, **inputs)
+    assert max(errs.values()) > 1e-2
