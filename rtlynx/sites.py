@@ -458,8 +458,12 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     def spec(layer, x):
         use = layer.lora_enabled and layer.lora_A is not None
         a, b = (layer.lora_A, layer.lora_B) if use else (None, None)
-        return reference.sparse_act_linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias, layer.n, layer.m,
-                                           layer.compensation, a, b, compute_dtype=torch.float32)
+        x2, w = x.reshape(-1, layer.in_features), layer.weight
+        if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
+            x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
+            a = None if a is None else reference.pad_to_multiple(a, layer.m)
+        return reference.sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, a, b,
+                                           compute_dtype=torch.float32)
 
     errs = {}
     with torch.no_grad():

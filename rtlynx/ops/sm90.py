@@ -308,23 +308,20 @@ def _(x, weight, bias, lora_a, lora_b, norm, eps):
 _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) -> bytes for the compressed activation
 
 
-def _scratch(device: torch.device, stream: int, nbytes: int) -> int:
-    """Device address of ``nbytes`` of scratch for one prune -> GEMM hand-off on ``stream``. Kernels on one stream
-    run in order, so one buffer per stream serves every site. While a CUDA graph is being captured a fresh
-    allocation is used instead (the graph's pool owns it; a grown buffer must never free memory a graph uses)."""
+def _scratch(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of scratch for one prune -> GEMM hand-off on ``stream`` (keep the returned tensor alive until the
+    kernels are launched). Kernels on one stream run in order, so one buffer per stream serves every site. While a
+    CUDA graph is being captured a fresh allocation is used instead: it is freed back into the graph's private pool
+    when the op returns (the recorded kernels keep using its addresses; torch.compile's CUDA-graph trees refuse pool
+    memory held past the op, and a buffer that grows must never free memory a graph replays)."""
     if torch.cuda.is_current_stream_capturing():
-        t = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        _CAPTURED.append(t)  # kept alive as long as graphs may replay it
-        return t.data_ptr()
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
     key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(max(nbytes, 1 << 20) * 5 // 4, dtype=torch.uint8, device=device)
         _SCRATCH[key] = buf
-    return buf.data_ptr()
-
-
-_CAPTURED: list[torch.Tensor] = []
+    return buf
 
 
 def _align(v: int) -> int:
@@ -349,7 +346,8 @@ def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0):
     kg = kp + 2 * r
     vbytes = _align(m * kg)  # m x kg/2 16-bit values
     mbytes = _align(mp * kg // 8)
-    base = _scratch(x.device, st, vbytes + mbytes + 4 * m)
+    scratch = _scratch(x.device, st, vbytes + mbytes + 4 * m)  # alive until the launches below are enqueued
+    base = scratch.data_ptr()
     vptr, mptr, sptr = base, base + vbytes, base + vbytes + mbytes
     if act == 0:
         rc = L.rtlynx_prune_compress_sm90(dt, x.data_ptr(), x.stride(0), m, k, _ptr(h), 0 if h is None else h.stride(0),
