@@ -189,7 +189,7 @@ def sparse_site(x2d, wext, bias, lora_a, splits, norm: bool, eps: float) -> list
     the small kernels); under torch.compile the op is traced."""
     if torch.compiler.is_compiling():
         return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, list(splits), bool(norm), float(eps))
-    return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps))
+    return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps), persistent=True)
 
 
 def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, norm: bool = True,
@@ -202,7 +202,7 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
         return h2d.new_empty(0, wext.shape[0])
     if torch.compiler.is_compiling():
         return _sm90.gelu_site_sm90(h2d, wext, bias, bool(norm), float(eps))
-    return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps))
+    return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps), persistent=True)
 
 
 __all__ = ["Unsupported", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]

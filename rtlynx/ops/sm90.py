@@ -308,13 +308,14 @@ def _(x, weight, bias, lora_a, lora_b, norm, eps):
 _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) -> bytes for the compressed activation
 
 
-def _scratch(device: torch.device, stream: int, nbytes: int) -> torch.Tensor:
+def _scratch(device: torch.device, stream: int, nbytes: int, persistent: bool) -> torch.Tensor:
     """``nbytes`` of scratch for one prune -> GEMM hand-off on ``stream`` (keep the returned tensor alive until the
-    kernels are launched). Kernels on one stream run in order, so one buffer per stream serves every site. While a
-    CUDA graph is being captured a fresh allocation is used instead: it is freed back into the graph's private pool
-    when the op returns (the recorded kernels keep using its addresses; torch.compile's CUDA-graph trees refuse pool
-    memory held past the op, and a buffer that grows must never free memory a graph replays)."""
-    if torch.cuda.is_current_stream_capturing():
+    kernels are launched). Eager calls (``persistent``): kernels on one stream run in order, so one buffer per stream
+    serves every site and saves an allocation per call. Traced calls (the op under torch.compile) and CUDA-graph
+    capture take a fresh allocation, freed when the op returns: torch.compile's CUDA-graph trees refuse memory of
+    their pool held past the op (also when allocated during their warm-up run), and a buffer that grows must never
+    free memory a captured graph replays."""
+    if not persistent or torch.cuda.is_current_stream_capturing():
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
     key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
     buf = _SCRATCH.get(key)
@@ -334,8 +335,9 @@ def _config(m: int, n: int, kg: int) -> tuple[int, int]:
     return config, sched | (1 << 16) if PDL else sched
 
 
-def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0):
-    """One prune pass of x (act 0) or of GELU_tanh(x) (act 1) into scratch, then one GEMM per member."""
+def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False):
+    """One prune pass of x (act 0) or of GELU_tanh(x) (act 1) into scratch, then one GEMM per member.
+    ``persistent``: use the per-stream scratch buffer (eager calls only, see :func:`_scratch`)."""
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     L = _lib.lib()
@@ -346,7 +348,7 @@ def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0):
     kg = kp + 2 * r
     vbytes = _align(m * kg)  # m x kg/2 16-bit values
     mbytes = _align(mp * kg // 8)
-    scratch = _scratch(x.device, st, vbytes + mbytes + 4 * m)  # alive until the launches below are enqueued
+    scratch = _scratch(x.device, st, vbytes + mbytes + 4 * m, persistent)  # alive until the launches are enqueued
     base = scratch.data_ptr()
     vptr, mptr, sptr = base, base + vbytes, base + vbytes + mbytes
     if act == 0:
@@ -385,10 +387,10 @@ def _(x, wext, bias, lora_a, splits, norm, eps):
     return [x.new_empty(x.shape[0], n) for n in splits]
 
 
-def _gelu_site_op_impl(h, wext, bias, norm, eps):
+def _gelu_site_op_impl(h, wext, bias, norm, eps, persistent=False):
     if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
         h = h.clone(memory_format=torch.contiguous_format)
-    return _site_impl(h, wext, bias, None, [wext.shape[0]], norm, eps, act=1)[0]
+    return _site_impl(h, wext, bias, None, [wext.shape[0]], norm, eps, act=1, persistent=persistent)[0]
 
 
 _LIB.impl("gelu_site_sm90", _gelu_site_op_impl, "CUDA")
