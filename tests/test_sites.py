@@ -328,9 +328,10 @@ def test_replaced_parameter_rebuilds_the_operand(fused_cpu, gen):
     torch.testing.assert_close(k.float(), _per_layer_spec(m.to_k, x), rtol=2e-2, atol=2e-2)
 
 
-def test_verify_finds_a_wrong_site(fused_cpu, gen):
+@pytest.mark.parametrize("kind", ["flux", "qwen-image", "z-image"])
+def test_verify_finds_a_wrong_site(fused_cpu, gen, kind):
     """sites.verify compares each site with the fp32 per-layer spec: small for the twin, large for a broken op."""
-    model = tiny_transformer("flux").to(torch.bfloat16)
+    model = tiny_transformer(kind).to(torch.bfloat16)
     inputs = example_inputs(model, batch=2)
     rtlynx.sparsify(model, lora_rank=4, speed_rules=False)
     with torch.no_grad():
@@ -340,11 +341,45 @@ def test_verify_finds_a_wrong_site(fused_cpu, gen):
     assert len(errs) == len(sites.model_sites(model)) and max(errs.values()) < 1e-2, errs
     import rtlynx.ops as ops
 
-    def broken(*a, **kw):  # drops the bias
-        return fused_cpu(a[0], a[1], None, *a[3:], **kw)
+    def broken(*a, **kw):  # no norm compensation
+        return fused_cpu(*a[:5], False, *a[6:], **kw)
 
     ops.lynx_site_linear = ops.sparse_site = broken
     for s in sites.model_sites(model):
         s._fast = None
     errs = sites.verify(model, **inputs)
     assert max(errs.values()) > 1e-2
+
+
+def test_load_state_dict_assign_marks_the_site_for_a_rebuild(fused_cpu, gen):
+    m = _qkv_module(gen, rank=0)
+    sd = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)  # new parameter objects
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    q, k, v = m(x)
+    site = m.to_q._site
+    assert all(_storage(l.weight) == _storage(site.wext) for l in site.layers)
+    torch.testing.assert_close(v.float(), _per_layer_spec(m.to_v, x), rtol=2e-2, atol=2e-2)
+
+
+def test_gelu_feedforward_override_matches_the_original(gen):
+    """The GELU-producer FeedForward forward equals diffusers' own: dense mode bit for bit, sparse vs the layer."""
+    model = tiny_transformer("flux")
+    ff = model.transformer_blocks[0].ff
+    h = torch.randn(2, 5, ff.net[0].proj.in_features, generator=gen)
+    want = ff(h)
+    rtlynx.sparsify(model)
+    assert "forward" in ff.__dict__
+    with rtlynx.dense_mode(model):
+        assert torch.equal(ff(h), want)
+    sparse = ff(h)
+    up = ff.net[0]
+    assert torch.equal(sparse, ff.net[2](up.gelu(up.proj(h))))
+    ff.train()  # training with dropout p > 0 takes the original module-by-module path
+    ff.net[1].p = 0.5
+    torch.manual_seed(0)
+    a = ff(h)
+    torch.manual_seed(0)
+    b = ff.net[3](ff.net[2](ff.net[1](up.gelu(up.proj(h))))) if len(ff.net) > 3 else \
+        ff.net[2](ff.net[1](up.gelu(up.proj(h))))
+    assert torch.equal(a, b)
