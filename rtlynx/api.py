@@ -132,10 +132,12 @@ _UNSET = object()
 
 
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
-              backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None):
+              backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None,
+              dtype: str | None = None):
     """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
     "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
-    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``.
+    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``,
+    ``dtype`` "native" / "fp8".
 
     The model's one SparsityConfig is replaced (so ``save`` writes what runs), and per-layer overrides of the
     changed settings are dropped."""
@@ -145,7 +147,8 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     if not layers or settings is None:
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
     changes = {k: v for k, v in (("mode", mode), ("compensation", compensation), ("lora", lora),
-                                 ("backend", backend), ("speed_rules", speed_rules)) if v is not None}
+                                 ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype))
+               if v is not None}
     if dense_below_t is not _UNSET:
         changes["dense_below_t"] = dense_below_t
     config = dataclasses.replace(settings.config, **changes)  # validates everything before anything changes
@@ -209,6 +212,7 @@ class Summary:
     layers: list[LayerInfo]
     flops_measured: bool
     dense_below_t: float | None = None
+    dtype: str = "native"
 
     @property
     def sparse_flop_share(self) -> float:
@@ -227,6 +231,9 @@ class Summary:
                      f"{100 * self.sparse_flop_share:.1f}% of linear FLOPs ({basis})")
         if self.dense_below_t is not None:
             lines.append(f"sparse layers run dense on the final steps (noise level t < {self.dense_below_t})")
+        if self.dtype == "fp8":
+            lines.append("kept activations and weights in FP8 e4m3 (per-token / per-channel scales; emulated on the "
+                         "reference path)")
         return "\n".join(lines)
 
 
@@ -268,4 +275,5 @@ def summary(model, *args, **kwargs) -> Summary:
                 if reason:
                     note = f"dense on the GPU kernels by the speed rules: {reason}"
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
-    return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None)
+    return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None,
+                   dtype=config.dtype if config else "native")

@@ -69,11 +69,17 @@ def _device_index(x: torch.Tensor) -> int:
     return (x.device.index or 0) if x.is_cuda else -1
 
 
-def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
+    if fp8:
+        from .reference.fp8 import fp8_sparse_act_linear
+
+        return fp8_sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
     return reference.sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
 
 
-def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
+    if fp8:
+        raise BackendUnavailable("rtlynx has no FP8 path through cuSPARSELt")
     if not _cusparselt_ok(_device_index(x)):
         raise BackendUnavailable(cusparselt_status()[1] if x.is_cuda else "x is not on a CUDA device")
     if (n, m) != (2, 4):
@@ -100,7 +106,9 @@ def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
     return y
 
 
-def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
+    if fp8:
+        raise BackendUnavailable("the FP8 sparse kernels are not built yet (dtype='fp8' is emulated)")
     if not _lynx_ok(_device_index(x)):
         raise BackendUnavailable(lynx_status(_device_index(x))[1] if x.is_cuda else "x is not on a CUDA device")
     from . import ops
@@ -116,7 +124,7 @@ RUNNERS = {"reference": run_reference, "cusparselt": run_cusparselt, "lynx": run
 FALLBACK = {"auto": "lynx", "lynx": "cusparselt", "cusparselt": "reference", "reference": None}
 
 
-def run(backend: str, *args):
+def run(backend: str, *args, fp8: bool = False):
     """Run ``backend`` on the call, falling back (with a one-time warning) until one can run it.
 
     The "auto" chain falls back silently from lynx/cuSPARSELt to the reference on CPU, where that
@@ -130,7 +138,7 @@ def run(backend: str, *args):
         name = "reference"  # the expected path on a CPU: no probing, nothing to warn about
     while name is not None:
         try:
-            return RUNNERS[name](*args)
+            return RUNNERS[name](*args, fp8=fp8)
         except BackendUnavailable as e:
             reasons.append(f"{name}: {e}")
             nxt = FALLBACK[name]

@@ -11,6 +11,7 @@ BACKENDS = ("auto", "reference", "cusparselt", "lynx")
 COMPENSATIONS = ("none", "norm")
 K_REMAINDER = ("pad", "dense")
 MODES = ("sparse", "dense", "weight")
+DTYPES = ("native", "fp8")
 CONFIG_VERSION = 1
 
 
@@ -31,6 +32,9 @@ class SparsityConfig:
     lora: whether the LoRA branches (if any) are on.
     speed_rules: on the GPU kernels, run dense the sites whose shape loses to cuBLAS on the measured kernel
         table (``rtlynx.presets.SPEED_RULES``; reported by ``summary``). The reference path ignores it.
+    dtype: "native" (the GEMM runs in the layer's dtype) or "fp8" (kept activations and weights quantised to
+        float8 e4m3 with per-token / per-channel scales, rtlynx.reference.fp8; emulated on the reference path
+        until the FP8 sparse kernels exist, with a warning on a GPU).
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
 
@@ -53,6 +57,7 @@ class SparsityConfig:
     lora: bool = True
     speed_rules: bool = True
     fuse_sites: bool = True
+    dtype: str = "native"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -62,7 +67,8 @@ class SparsityConfig:
         for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
                                      ("backend", self.backend, BACKENDS),
                                      ("k_remainder", self.k_remainder, K_REMAINDER),
-                                     ("mode", self.mode, MODES)):
+                                     ("mode", self.mode, MODES),
+                                     ("dtype", self.dtype, DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:

@@ -185,7 +185,8 @@ class SparseActLinear(nn.Module):
         xp = reference.pad_to_multiple(x2, self.m)
         wp = reference.pad_to_multiple(self.weight, self.m)
         ap = reference.pad_to_multiple(lora_a, self.m) if lora_a is not None else None
-        return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps)
+        return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps,
+                            fp8=self._settings.config.dtype == "fp8")
 
 
 __all__ = ["CHOICES", "MODES", "OVERRIDABLE", "SparseActLinear", "check_choice"]

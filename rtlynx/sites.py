@@ -225,6 +225,8 @@ class Site:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         use_lora = layer.lora_enabled and layer.lora_A is not None
+        if cfg.dtype == "fp8":
+            return self._forward_fp8(layer, x2, use_lora, cfg).reshape(*lead, layer.out_features)
         fast = self._fast
         if fast is not None and fast[0] is cfg and fast[1] == x2.device and fast[2] == x2.dtype:
             # every check below passed for this config / device / dtype: only the row count can change the path
@@ -250,6 +252,16 @@ class Site:
         y = backends.run(backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
+
+    def _forward_fp8(self, layer, x2, use_lora: bool, cfg) -> torch.Tensor:
+        """dtype="fp8": the FP8 spec (rtlynx.reference.fp8) on the reference path, one layer at a time."""
+        backend = layer.backend
+        if backend != "reference" and (x2.is_cuda or backend != "auto"):
+            backends.warn_once("fp8-emulated", "rtlynx: dtype='fp8' runs emulated on the reference path (no FP8 "
+                                               "sparse kernels yet): for studying quality, not for speed")
+        lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
+        return backends.run("reference", x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation, lora_a,
+                            lora_b, cfg.eps, fp8=True)
 
     def _gemm(self, x2, wext, bias, lora_a, splits, norm, eps, check):
         from . import ops
@@ -292,7 +304,8 @@ class Site:
         GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
         cfg = layer._settings.config
         if (layer.mode == "sparse" and not (layer._step_gate is not None and layer._step_gate.dense)
-                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
+                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1
+                and cfg.dtype != "fp8"):
             h2 = h.reshape(-1, self.k)
             from . import ops
 

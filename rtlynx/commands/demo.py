@@ -25,8 +25,10 @@ def run(args) -> int:
     if args.dense_below_t != "config":
         from .. import api
         api.configure(model.transformer, dense_below_t=None if args.dense_below_t == "none" else float(args.dense_below_t))
-    from ..api import config_of
+    from ..api import config_of, configure
 
+    if args.dtype != "native":
+        configure(model.transformer, dtype=args.dtype)
     schedule = config_of(model.transformer)
     dense_below_t = schedule.dense_below_t if schedule else None
     variants = [v for v in demo.VARIANTS if has_lora or v != "rtlynx"]
@@ -40,10 +42,14 @@ def run(args) -> int:
     metrics = demo.paired_metrics(results)
     sheet = demo.sheet(results, prompts, out / "sheet.png",
                        title=f"mini-FLUX, {args.steps} steps, seed {args.seed}, device {dev}"
+                       + (", FP8 e4m3" if args.dtype == "fp8" else "")
                        + (f", dense for t < {dense_below_t}" if dense_below_t else ""))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
-    (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "backend": backend,
+    if args.dtype == "fp8":
+        backend = "reference (FP8 emulated)"
+    (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
+                                                  "backend": backend,
                                                   "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
                                                   "prompts": prompts, "variants": metrics}, indent=1))
     print(demo.table(metrics))
@@ -67,4 +73,6 @@ def register(sub) -> None:
     p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA")
     p.add_argument("--dense-below-t", default="config", metavar="T|none|config",
                    help="run the final steps (noise level t < T) dense; default: the LoRA config's value")
+    p.add_argument("--dtype", default="native", choices=("native", "fp8"),
+                   help="fp8: kept activations and weights in float8 e4m3 (emulated on the reference path)")
     p.set_defaults(func=run)

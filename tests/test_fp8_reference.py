@@ -1,0 +1,89 @@
+"""The FP8 (e4m3) specification (rtlynx.reference.fp8) and dtype="fp8" through the API, on the CPU."""
+
+import pytest
+import torch
+
+import rtlynx
+from rtlynx import reference
+from rtlynx.reference import fp8
+
+SEED = 8_2026
+
+
+@pytest.fixture
+def gen(request):
+    seed = SEED + sum(map(ord, request.node.name))
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def test_row_quantisation_error_bound_and_exact_max(gen):
+    x = torch.randn(37, 96, generator=gen) * torch.logspace(-2, 2, 37).unsqueeze(1)
+    q, s = fp8.quantize_rows_e4m3(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (37,)
+    back = fp8.dequantize(q, s)
+    # e4m3: 3 mantissa bits -> half a step is 2^-4 relative for normals; subnormals (|v| < 2^-6) step 2^-9 absolute
+    err = (back - x).abs()
+    bound = torch.maximum(x.abs() * 2.0 ** -4, s.unsqueeze(1) * 2.0 ** -10)
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    # the largest |x| of each row maps to 448 exactly
+    torch.testing.assert_close(back.abs().amax(1), x.abs().amax(1), rtol=1e-6, atol=0)
+
+
+def test_zero_rows_and_nan_rows():
+    x = torch.zeros(3, 8)
+    x[1, 2] = float("nan")
+    x[2, 5] = 3.0
+    q, s = fp8.quantize_rows_e4m3(x)
+    assert s[0] == 0 and bool((q[0].float() == 0).all())          # no NaN from 0 / 0
+    assert torch.isnan(fp8.dequantize(q, s)[1]).any()               # NaN propagates to its token
+    assert fp8.dequantize(q, s)[2, 5] == 3.0
+
+
+def test_exactly_representable_inputs_give_the_native_result(gen):
+    """Values on the e4m3 grid with row absmax 448 (scales 1) quantise exactly: FP8 == the fp32 native spec."""
+    grid = torch.arange(0, 256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)]
+    pick = lambda *shape: grid[torch.randint(0, len(grid), shape, generator=gen)]  # noqa: E731
+    x, w = pick(9, 64), pick(24, 64)
+    x[:, 0], w[:, 0] = 448.0, 448.0  # each row's absmax is 448 and survives the 2:4 pruning
+    y = fp8.fp8_sparse_act_linear(x, w, None, compensation="none")
+    want = reference.sparse_act_linear(x.double(), w.double(), compensation="none").float()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-3)  # fp32 sums vs fp64
+
+
+def test_fp8_close_to_native_and_keeps_the_pruning(gen):
+    x = torch.randn(50, 256, generator=gen)
+    w = torch.randn(80, 256, generator=gen) / 16
+    b = torch.randn(80, generator=gen)
+    a, bb = torch.randn(8, 256, generator=gen) / 16, torch.randn(80, 8, generator=gen) / 8
+    y8 = fp8.fp8_sparse_act_linear(x, w, b, lora_a=a, lora_b=bb)
+    y = reference.sparse_act_linear(x, w, b, lora_a=a, lora_b=bb)
+    rel = float((y8 - y).norm() / y.norm())
+    assert 1e-4 < rel < 0.05  # quantisation error is there, and small
+    qx, sx = fp8.prune_quantize_e4m3(x)
+    assert torch.equal(qx.float() != 0, reference.prune_nm(x) != 0)  # zeros exactly where the pruning put them
+
+
+def test_dtype_fp8_through_sparsify_configure_save_load(tmp_path):
+    pytest.importorskip("diffusers")
+    from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
+
+    model = tiny_transformer("flux")
+    inputs = example_inputs(model)
+    rtlynx.sparsify(model)
+    with torch.no_grad():
+        native = output_tensor(model(**inputs))
+        rtlynx.configure(model, dtype="fp8")
+        out = output_tensor(model(**inputs))
+    assert torch.isfinite(out).all() and not torch.equal(out, native)
+    assert float((out - native).norm() / native.norm()) < 0.1
+    assert "FP8 e4m3" in str(rtlynx.summary(model))
+    rtlynx.save(model, tmp_path / "s")
+    fresh = tiny_transformer("flux")
+    rtlynx.load(fresh, tmp_path / "s")
+    assert rtlynx.config_of(fresh).dtype == "fp8"
+    with torch.no_grad():
+        assert torch.equal(output_tensor(fresh(**inputs)), out)
+    with pytest.raises(ValueError, match="dtype"):
+        rtlynx.configure(model, dtype="fp4")
