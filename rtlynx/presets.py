@@ -37,9 +37,10 @@ SWIGLU_UP_SITE = ("*", "plain", ("w1", "w3"))
 DEFAULT_SITES = (QKV_SITE, ADDED_QKV_SITE, GELU_FF_SITE, SWIGLU_UP_SITE)
 
 # Speed-aware defaults (SparsityConfig.speed_rules): on the GPU kernels a site runs dense when a call has at most
-# max_dense_tokens rows or the site's K or N is at most max_dense_features: there the sparse kernels lose to cuBLAS
-# (H200 kernel table, ../shared/notes/h200_state.md and benchmarks/results/linear_h200.json: every shape with
-# M = 512 or K, N <= 1152 is below 1.0x in eager mode).
+# max_dense_tokens rows or the site's K or N is at most max_dense_features: there the sparse kernels lose to cuBLAS.
+# benchmarks/results/h100_linear.json: the M = 512 shapes run 0.86-1.07x, the K or N = 64 shapes 0.49-0.83x, every
+# shape with M >= 4096 and K, N >= 3072 wins (eager); the H200 table (../shared/notes/h200_state.md): 0.69x geomean
+# over the 20 shapes eager against 1.27x on the 12 large ones. 1152 lies between the two groups.
 SPEED_RULES = {"max_dense_tokens": 512, "max_dense_features": 1152}
 
 PRESETS: dict[str, dict] = {
