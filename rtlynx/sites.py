@@ -1,10 +1,13 @@
 """Activation sites: the unit rtlynx runs on.
 
 A *site* is one producer (the input as given, or GELU-tanh of an MLP pre-activation) whose output x is pruned and
-compressed **once**, and the sparse layers that read x (Q, K, V; FLUX's single-block Q, K, V and MLP up), run as
-**one** sparse GEMM over their concatenated weights:
+compressed **once**, and the sparse layers that read x (Q, K, V; FLUX's single-block Q, K, V and MLP up):
 
     y_cat = s * (prune(x) @ [W_1; ...; W_k]^T) + [b_1; ...; b_k] + (x [A_1; ...; A_k]^T) blockdiag(B_1, ..., B_k)^T
+
+computed as one prune pass and one sparse GEMM per member on its rows of the concatenated operand, so that every
+member's output is a contiguous tensor of its own (column views of one [M, N_cat] result cost more downstream
+than the extra launches: benchmarks/NOTES.md, v8).
 
 Memory: the site owns one GEMM operand ``wext [N_1 + ... + N_k, Kp + 2 rp] = [W_cat | 0 | B-expanded]``
 (``rtlynx.reference.sm90.expand_lora_b``; rp = round_up(total LoRA rank, 64)) plus a bias and a LoRA-A buffer;
@@ -13,8 +16,8 @@ copy of a weight exists, and ``state_dict`` / ``load_state_dict`` / optimisers s
 objects under their original names.
 
 Dispatch: the layers stay the model's own modules, so the model's forward code is unchanged. On the lynx kernels
-the first layer of a site called with a tensor x computes every member's output in one GEMM and hands the
-others views of that result when they are called with the same tensor object x. A site whose members are called
+the first layer of a site called with a tensor x computes every member's output and hands the others theirs when
+they are called with the same tensor object x. A site whose members are called
 with different inputs (the shared result goes unused) is split, with a warning, into one GEMM per member on row
 slices of the same operand. Every other backend (reference, cuSPARSELt, fallbacks) runs member by member, exactly
 as a lone :class:`rtlynx.nn.SparseActLinear`.
