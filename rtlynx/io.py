@@ -157,8 +157,7 @@ def load(model, path, strict_class: bool = True):
                 layer.lora_A.copy_(tensors[f"{name}.lora_A"])
                 layer.lora_B.copy_(tensors[f"{name}.lora_B"])
         else:
-            layer.lora_A = layer.lora_B = None
-            layer.lora_rank = 0
+            layer.remove_lora(rebuild=False)
     for site in sites.model_sites(module):
         site.refresh_overrides()
         site.build()  # the operands take the loaded LoRA tails

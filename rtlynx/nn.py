@@ -135,10 +135,12 @@ class SparseActLinear(nn.Module):
         if rebuild:
             self._site.build()  # the site's operand grows a tail for B
 
-    def remove_lora(self) -> None:
+    def remove_lora(self, rebuild: bool = True) -> None:
+        """Drop the LoRA branch (the site's operand loses its tail)."""
         self.lora_A = self.lora_B = None
         self.lora_rank = 0
-        self._site.build()
+        if rebuild:
+            self._site.build()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

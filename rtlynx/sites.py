@@ -80,19 +80,14 @@ class Site:
         self.name = name
         self.k = k
         self.n = sum(l.out_features for l in layers)
-        self.splits = tuple(l.out_features for l in layers)
         for i, layer in enumerate(layers):
             layer._site, layer._slot = self, i
-        self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
         self._misses = 0
         self._split = False       # members read different inputs: one GEMM each
-        self._applied: set[int] = set()
-        self._dirty = False
         # Why the speed rules keep this site dense on the GPU kernels (its shape alone), None if they do not.
         self.slow_reason = self._slow_reason()
-        self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
         self.refresh_overrides()
-        self.build()
+        self.build()              # also sets the per-build state: _pending, _fast, _applied, _dirty, _weights
 
     # ------------------------------------------------------------------------------------------ storage
     def build(self) -> None:
@@ -112,14 +107,15 @@ class Site:
             o += l.out_features
         self.slices = tuple(slice(a, a + l.out_features) for a, l in zip(offs, ls))
         self.splits = tuple(l.out_features for l in ls)
-        self._pending = None
-        self._applied = set()
+        self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
+        self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
+        self._applied: set[int] = set()
         self._dirty = False
-        self._fast = None
+        self._weights = tuple(l.weight for l in ls)  # the parameter objects whose addresses ensure() checks
+        self._wptrs = tuple(w.data_ptr() for w in self._weights)
         if any(t.device != dev or t.dtype != dt for t in tensors) or dev.type == "meta":
             # mixed devices / dtypes: no shared operand, every member runs on its own
             self.wext = self.bias = self.lora_a = self._wext_nolora = None
-            self._ptrs = self._pointers()
             return
         with torch.no_grad():
             if len(ls) == 1 and kg == self.k and w0.is_contiguous():
@@ -154,12 +150,7 @@ class Site:
                             _repoint(l.bias, bias[sl])
         self.wext, self.bias, self.lora_a = wext, bias, lora_a
         self._wext_nolora = wext[:, :kp] if rp else wext  # the operand without its LoRA tail (row stride Kg)
-        self._ptrs = self._pointers()
-
-    def _pointers(self) -> tuple:
-        self._weights = tuple(l.weight for l in self.layers)
-        return tuple(0 if t is None else t.data_ptr()
-                     for l in self.layers for t in (l.weight, l.bias, l.lora_A, l.lora_B))
+        self._wptrs = tuple(w.data_ptr() for w in self._weights)  # re-pointed at the operand
 
     def release(self) -> None:
         """Give every layer parameters that own their storage again (unsparsify; diffusers / safetensors saving
@@ -170,7 +161,7 @@ class Site:
                     p = getattr(l, name)
                     if p is not None and p.untyped_storage().nbytes() != p.numel() * p.element_size():
                         _repoint(p, p.detach().clone(memory_format=torch.contiguous_format))
-        self.wext = self.bias = self.lora_a = None
+        self.wext = self.bias = self.lora_a = self._wext_nolora = None
         self._pending = None
 
     def member_applied(self, layer) -> None:
@@ -184,7 +175,7 @@ class Site:
         """Eager check that the operand still holds the layers' parameters, rebuilt if not: a parameter object
         replaced (``layer.weight = ...``, ``load_state_dict(assign=True)``) or moved (``.to``) marks the site dirty;
         a weight's ``.data`` re-pointed is seen here by its address (per call: a few pointer reads)."""
-        if self._dirty or any(w.data_ptr() != p for w, p in zip(self._weights, self._ptrs[::4])):
+        if self._dirty or any(w.data_ptr() != p for w, p in zip(self._weights, self._wptrs)):
             self.build()
 
     def refresh_overrides(self) -> None:
@@ -209,6 +200,23 @@ class Site:
                 and (cfg.n, cfg.m) == (2, 4) and x2.dtype == self.wext.dtype and self.k % 8 == 0
                 and self.n % 8 == 0 and backends._lynx_ok(backends._device_index(x2)))
 
+    def _fused_path(self, cfg, layer, x2) -> str:
+        """How this call runs: "fused" (lynx site kernels; "checked" the first time for this config / device /
+        dtype, after which every check but the row count is skipped), "dense" (the speed rules) or "layer" (each
+        layer on its own through rtlynx.backends)."""
+        fast = self._fast
+        if fast is not None and fast[0] is cfg and fast[1] == x2.device and fast[2] == x2.dtype:
+            if not (cfg.speed_rules and x2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
+                return "fused"
+        backend = layer.backend
+        if self._speed_dense(cfg, backend, x2):
+            return "dense"
+        return "checked" if self._fusable(cfg, backend, x2) else "layer"
+
+    def _validated(self, cfg, x2) -> None:
+        if not _is_compiling():
+            self._fast = (cfg, x2.device, x2.dtype)
+
     def _operand(self, use_lora: bool):
         """(wext, lora_a) for this call: without the LoRA the tail columns are skipped (row stride stays Kg)."""
         if use_lora:
@@ -230,29 +238,25 @@ class Site:
         use_lora = layer.lora_enabled and layer.lora_A is not None
         if cfg.dtype == "fp8":
             return self._forward_fp8(layer, x2, use_lora, cfg).reshape(*lead, layer.out_features)
-        fast = self._fast
-        if fast is not None and fast[0] is cfg and fast[1] == x2.device and fast[2] == x2.dtype:
-            # every check below passed for this config / device / dtype: only the row count can change the path
-            if not (cfg.speed_rules and x2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
-                return self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps).reshape(
-                    *lead, layer.out_features)
-        backend = layer.backend
-        if self._speed_dense(cfg, backend, x2):
+        path = self._fused_path(cfg, layer, x2)
+        if path == "dense":
             return F.linear(x, layer.weight, layer.bias)
-        if self._fusable(cfg, backend, x2):
+        norm = layer.compensation == "norm"
+        if path == "fused":
+            return self._run_fused(layer, x, x2, use_lora, norm, cfg.eps).reshape(*lead, layer.out_features)
+        if path == "checked":
             from . import ops
 
             try:
-                y = self._run_fused(layer, x, x2, use_lora, layer.compensation == "norm", cfg.eps, check=True)
+                y = self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, check=True)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
                                                 f"running its layers one by one")
             else:
-                if not _is_compiling():
-                    self._fast = (cfg, x2.device, x2.dtype)
+                self._validated(cfg, x2)
                 return y.reshape(*lead, layer.out_features)
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
-        y = backends.run(backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
+        y = backends.run(layer.backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
 
@@ -275,21 +279,21 @@ class Site:
 
     def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float, check: bool = False) -> torch.Tensor:
         compiling = _is_compiling()
+        slot = layer._slot
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
+            left = p[4] - 1  # another member already ran the site on this x: take this member's output
+            self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
+            return p[3][slot]
         if not compiling:
             self.ensure()
         wext, lora_a = self._operand(use_lora)
         if len(self.layers) == 1:
             return self._gemm(x2, wext, self.bias, lora_a, self.splits, norm, eps, check)[0]
-        slot = layer._slot
         if self._split:  # members read different inputs: this member's rows of the operand only
             sl = self.slices[slot]
             return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a,
                               (self.splits[slot],), norm, eps, check)[0]
-        p = self._pending
-        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
-            left = p[4] - 1
-            self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
-            return p[3][slot]
         if p is not None:  # outputs computed for another input went unused (a well-fed site never gets here)
             self._misses += 1
             if self._misses >= 3:
@@ -310,28 +314,19 @@ class Site:
                 and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1
                 and cfg.dtype != "fp8"):
             h2 = h.reshape(-1, self.k)
-            from . import ops
+            path = self._fused_path(cfg, layer, h2)
+            if path in ("fused", "checked"):
+                from . import ops
 
-            fast = self._fast
-            checked = fast is not None and fast[0] is cfg and fast[1] == h2.device and fast[2] == h2.dtype
-            if checked and not (cfg.speed_rules and h2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
-                if not _is_compiling():
-                    self.ensure()
-                y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm", cfg.eps,
-                                       check=False)
-                return y.reshape(*h.shape[:-1], layer.out_features)
-            backend = layer.backend
-            if not self._speed_dense(cfg, backend, h2) and self._fusable(cfg, backend, h2):
                 if not _is_compiling():
                     self.ensure()
                 try:
                     y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm",
-                                           cfg.eps)
+                                           cfg.eps, check=path == "checked")
                 except ops.Unsupported as e:
                     backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
                 else:
-                    if not _is_compiling():
-                        self._fast = (cfg, h2.device, h2.dtype)
+                    self._validated(cfg, h2)
                     return y.reshape(*h.shape[:-1], layer.out_features)
         return layer(gelu(h))
 
@@ -448,8 +443,7 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     downstream makes two correct paths diverge)."""
     from . import reference
 
-    module = model
-    picked = [s for s in model_sites(module) if prefixes is None or s.name.startswith(prefixes)]
+    picked = [s for s in model_sites(model) if prefixes is None or s.name.startswith(prefixes)]
     seen: dict = {}
     hooks = []
 
@@ -458,7 +452,7 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
 
     for site in picked:
         if site.producer == "gelu":
-            parent = module.get_submodule(site.name)
+            parent = model.get_submodule(site.name)
             hooks.append(parent.net[0].proj.register_forward_hook(grab((site.name, "h"))))
             hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
         else:
@@ -466,7 +460,7 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
                 hooks.append(layer.register_forward_hook(grab((site.name, i))))
     try:
         with torch.no_grad():
-            module(*args, **kwargs)
+            model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
