@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import schedule, sites
 from .config import SparsityConfig
-from .nn import OVERRIDABLE, SparseActLinear, check_choice
+from .nn import OVERRIDABLE, SparseActLinear
 from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, resolve_preset
 
 
@@ -93,20 +93,20 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
     if sparse_layers(module):
         raise ValueError(f"{type(module).__name__} is already sparsified; rtlynx.unsparsify it first "
                          "(or change settings with rtlynx.configure)")
-    return _apply(module, names, config, site_rules(module, config)) and model
+    _apply(module, names, config, config.lora_rank)
+    return model
 
 
-def _apply(module: nn.Module, names: list[str], config: SparsityConfig, rules) -> nn.Module:
-    """Replace ``names`` by SparseActLinear layers sharing one Settings(config), grouped into sites by ``rules``."""
+def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_rank: int) -> None:
+    """Replace ``names`` by SparseActLinear layers (LoRA of ``lora_rank``, 0 = none) sharing one
+    Settings(config), grouped into sites by the config's site rules."""
     settings = sites.Settings(config)
     for name in names:
         lin = module.get_submodule(name)
-        _set_submodule(module, name, SparseActLinear(lin, n=config.n, m=config.m, lora_rank=config.lora_rank,
-                                                     settings=settings))
+        _set_submodule(module, name, SparseActLinear(lin, lora_rank=lora_rank, settings=settings))
     sites.build_sites(module, names, site_rules(module, config))
     module._rtlynx_settings = settings
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
-    return module
 
 
 def sparse_layers(model) -> dict[str, SparseActLinear]:

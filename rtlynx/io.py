@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import schedule
 from . import sites
-from .api import _apply, _as_module, config_of, settings_of, site_rules, sparse_layers
+from .api import _apply, _as_module, config_of, settings_of, sparse_layers
 from .config import SparsityConfig
 from .nn import SparseActLinear
 
@@ -140,7 +140,7 @@ def load(model, path, strict_class: bool = True):
 
     # All checks passed: apply.
     if not present:
-        _apply(module, list(layers), config, site_rules(module, config))
+        _apply(module, list(layers), config, lora_rank=0)  # the saved LoRAs are added below
     settings = settings_of(module)
     if settings is None:  # layers sparsified one by one: give them one shared Settings now
         settings = sites.Settings(config)
