@@ -383,3 +383,33 @@ def test_gelu_feedforward_override_matches_the_original(gen):
     b = ff.net[3](ff.net[2](ff.net[1](up.gelu(up.proj(h))))) if len(ff.net) > 3 else \
         ff.net[2](ff.net[1](up.gelu(up.proj(h))))
     assert torch.equal(a, b)
+
+
+def test_bad_inputs_are_refused():
+    model = tiny_transformer("flux")
+    rtlynx.sparsify(model, exclude=("single_transformer_blocks.*",))
+    with pytest.raises(ValueError, match="unsparsify it first"):  # other layers would still match: no half re-sparsify
+        rtlynx.sparsify(model)
+    for field in ("lora", "speed_rules", "fuse_sites"):
+        with pytest.raises(ValueError, match=f"{field} must be a bool"):
+            rtlynx.SparsityConfig(**{field: 1})
+    with pytest.raises(ValueError, match="different widths"):
+        sites.Site([rtlynx.SparseActLinear(nn.Linear(16, 8)), rtlynx.SparseActLinear(nn.Linear(32, 8))])
+
+
+def test_site_operand_checks_on_meta_tensors():
+    """The op layer's shape checks run without a GPU (meta tensors): each refusal is an Unsupported, not a crash."""
+    import rtlynx.ops as ops
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    x, wext = meta(5, 256), meta(64, 256)
+    assert [t.shape for t in ops.lynx_site_linear(x, wext, meta(64), None, (32, 32))] == [(5, 32), (5, 32)]
+    for args, match in (((x, meta(64, 384), None, None, (64,)), "does not fit"),      # tail without lora_a
+                        ((x, wext, None, None, (60, 4)), "multiples of 8"),
+                        ((x, wext, meta(32), None, (64,)), "bias"),
+                        ((x, meta(64, 384), None, meta(64, 128), (64,)), "lora_a"),
+                        ((meta(5, 250), meta(64, 256), None, None, (64,)), "multiple of 8")):
+        with pytest.raises(ops.Unsupported, match=match):
+            ops.lynx_site_linear(*args)

@@ -186,8 +186,8 @@ def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor |
 def sparse_site(x2d, wext, bias, lora_a, splits, norm: bool, eps: float) -> list[torch.Tensor]:
     """:func:`lynx_site_linear` without its checks, for a caller that validated the same operands before. In eager
     mode the op's implementation is called directly (the dispatcher's Python round trip costs more host time than
-    the small kernels); under torch.compile the op is traced."""
-    if torch.compiler.is_compiling():
+    the small kernels); under torch.compile the op is traced, and meta tensors go to its fake."""
+    if torch.compiler.is_compiling() or not x2d.is_cuda:
         return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, list(splits), bool(norm), float(eps))
     return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps), persistent=True)
 
@@ -200,7 +200,7 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
         _check_site(h2d, wext, bias, None, [wext.shape[0]])
     if h2d.shape[0] == 0:
         return h2d.new_empty(0, wext.shape[0])
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not h2d.is_cuda:
         return _sm90.gelu_site_sm90(h2d, wext, bias, bool(norm), float(eps))
     return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps), persistent=True)
 

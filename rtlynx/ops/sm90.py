@@ -331,13 +331,16 @@ def _align(v: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _config(m: int, n: int, kg: int) -> tuple[int, int]:
+    """choose_config + the PDL flag, once per shape (RTLYNX_SM90_CONFIG is read at a shape's first site call)."""
     config, sched = choose_config(m, n, kg)
     return config, sched | (1 << 16) if PDL else sched
 
 
 def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False):
     """One prune pass of x (act 0) or of GELU_tanh(x) (act 1) into scratch, then one GEMM per member.
-    ``persistent``: use the per-stream scratch buffer (eager calls only, see :func:`_scratch`)."""
+    ``persistent``: use the per-stream scratch buffer (eager calls only, see :func:`_scratch`). The library is
+    called with raw addresses (operand row blocks, scratch offsets) rather than through _prune_impl / _gemm_impl:
+    no tensor views or allocations besides the outputs, which is most of a site's host cost."""
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     L = _lib.lib()
