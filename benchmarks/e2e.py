@@ -142,20 +142,39 @@ def check_sites(model, inputs, blocks: int = 2) -> dict:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout (with -dirty for uncommitted changes). A device copy may carry a stale .git: the
+    source digest below identifies the code that ran either way."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
 
+def source_digest() -> str:
+    """sha256 (16 hex) of the rtlynx package and csrc/ sources that ran."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted([*(root / "rtlynx").rglob("*.py"), *(root / "csrc").glob("*.c*"), *(root / "csrc").glob("*.h")]):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def kernel_library() -> str | None:
+    """File name of the lynx library (its name carries the hash of its objects): the loaded one, else RTLYNX_LIB."""
+    import os
+
     try:
         from rtlynx.ops import _lib
 
-        return Path(_lib._LIB._name).name if _lib._LIB is not None else None
+        if _lib._LIB is not None:
+            return Path(_lib._LIB._name).name
     except Exception:  # noqa: BLE001
-        return None
+        pass
+    return Path(os.environ["RTLYNX_LIB"]).name if os.environ.get("RTLYNX_LIB") else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -210,7 +229,9 @@ def main(argv=None) -> int:
 
     def save():
         doc.update({"device": gpu, "torch": torch.__version__, "backend": args.backend, "commit": git_commit(),
-                    "kernel_library": kernel_library(), "resolution": "1024x1024 (4096 image tokens)",
+                    "source_digest": source_digest(),
+                    "kernel_library": kernel_library() or doc.get("kernel_library"),
+                    "resolution": "1024x1024 (4096 image tokens)",
                     "text_len": args.text_len, "batch": 1, "dtype": "bfloat16", "rows": rows,
                     "summary": summarize(rows)})
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,11 @@ def main(argv=None) -> int:
         rows.append(dict(variant=name, host_us_per_triple=h, graph_us_per_triple=g))
         print(f"{name:18s} host {h:7.1f} us / Q,K,V   CUDA graph replay {g:7.1f} us", flush=True)
     out = RESULTS / f"host_overhead_{gpu.replace(' ', '_')}.json"
-    out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "m": args.m, "k": args.k, "rows": rows},
-                              indent=1))
+    from e2e import git_commit, kernel_library, source_digest  # benchmarks/ is on sys.path as the script's folder
+
+    out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "commit": git_commit(),
+                               "source_digest": source_digest(), "kernel_library": kernel_library(), "m": args.m,
+                               "k": args.k, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,7 @@ def test_e2e_smoke_writes_rows_and_summary(tmp_path):
     assert e2e.main(["--smoke", "--models", "flux", "--variants", "rtlynx", "rtlynx + LoRA r64", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and {r["variant"] for r in doc["rows"]} == {"dense", "rtlynx", "rtlynx + LoRA r64"}
+    assert len(doc["source_digest"]) == 16 and doc["commit"]
     assert set(doc["summary"]["flux"]) >= {"eager", "compiled", "eager_lora", "peak_mem_ratio_lora"}
     assert doc["summary"]["flux"]["compiled"] is None  # no compiled row yet
     # a second run in another mode merges into the same file instead of replacing it
