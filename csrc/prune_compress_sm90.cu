@@ -18,6 +18,7 @@
 // kw = k / 16:  m = m0 + 8 m1 + 16 m2 + 64 ma,  kw = k1 + 2 k2 + 8 ka  (m0<8, m1<2, m2<4, k1<2, k2<4)
 //   word = m1 + 2 k2 + 8 m0 + 64 k1 + 128 m2 + 512 ma + 512 (Mp/64) ka
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -283,6 +284,138 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   }
 }
 
+// ------------------------------------------------------------------------------------------------ FP8 (e4m3)
+// Prune + quantise (rtlynx.reference.fp8.compress_sm90_fp8): the same 2:4 selection (and GELU producer) as above,
+// then one scale per token from the absmax of the kept values, sx = absmax / 448, kept values q = e4m3(v / sx)
+// (IEEE division, saturating round-to-nearest-even cast == torch's clamp + cast). The scale needs the whole row
+// before the first value is written, so a thread keeps its runs' kept values in registers (kMaxRuns runs of 16
+// logical elements per thread, kRow threads per row: K <= 16 * kMaxRuns * kRow).
+//
+// sm90 metadata layout for 8-bit A (CUTLASS Sm90GemmSparseConfig, TensorEAtom_8bit: a row-major 64 x 128 block of
+// logical elements, atoms M-first): byte(m, k) = 16 m + (k % 128) / 8 + 16 Mp (k / 128), low nibble = lower group;
+// in 16-bit words for run c = k / 16: word = 8 m + c % 8 + 8 Mp (c / 8).
+//
+// Outputs: values [M, ldv] bytes (run c at byte 8c), meta, rs[m] = s * sx (the GEMM's row scale), sx[m], s[m]
+// (norm scale; 1 without norm). An all-zero row has sx = 0 and q = 0; a NaN in the row makes sx and rs NaN.
+__device__ __forceinline__ long meta8_word_index(int m, int c, int Mp) {
+  return 8L * m + (c & 7) + 8L * Mp * (c >> 3);
+}
+
+template <class T, int kRow, int kMaxRuns, int kAct>
+__global__ void __launch_bounds__(kThreads)
+prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, uint8_t* __restrict__ values,
+                       long ldv, uint16_t* __restrict__ meta, float* __restrict__ rs, float* __restrict__ sx_out,
+                       float* __restrict__ s_out, int with_norm, float eps, int Kp, int Mp) {
+  constexpr int kRowsPerBlock = kThreads / kRow;
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int sub = threadIdx.x % kRow;
+  const int m = blockIdx.x * kRowsPerBlock + threadIdx.x / kRow;
+  const bool row_ok = m < M;
+  const int runs = Kp / 16;
+  const uint16_t* xr = x + long(m) * ldx;
+
+  uint4 kept[kMaxRuns];
+  float sx = 0.f, sp = 0.f;
+  uint32_t amax = 0;  // max |kept| as 16-bit magnitude bits: the order of the values, NaN above +inf
+#pragma unroll
+  for (int j = 0; j < kMaxRuns; ++j) {
+    const int c = sub + kRow * j;
+    if (c >= runs) break;
+    const int k = c * 16;
+    uint4 in[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    if (row_ok && k < K) {
+      in[0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      if (k + 16 <= K) in[1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+    }
+    if constexpr (kAct == 1) {
+      uint16_t* e = reinterpret_cast<uint16_t*>(in);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
+    }
+    uint16_t word;
+    process_run<T, true>(in, kept[j], word, sx, sp);
+    meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
+    const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = max(amax, uint32_t(kv[i] & 0x7FFFu));
+  }
+  // Row reduction (sums and the max) over the kRow threads of the row.
+#pragma unroll
+  for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
+    sx += __shfl_xor_sync(0xffffffffu, sx, off);
+    sp += __shfl_xor_sync(0xffffffffu, sp, off);
+    amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  }
+  if constexpr (kRow > 32) {
+    constexpr int kWarpsPerRow = kRow / 32;
+    __shared__ float red[kThreads / 32][3];
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) == 0) {
+      red[warp][0] = sx;
+      red[warp][1] = sp;
+      red[warp][2] = __uint_as_float(amax);
+    }
+    __syncthreads();
+    const int first = (warp / kWarpsPerRow) * kWarpsPerRow;
+    sx = 0.f;
+    sp = 0.f;
+    amax = 0;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerRow; ++w) {
+      sx += red[first + w][0];
+      sp += red[first + w][1];
+      amax = max(amax, __float_as_uint(red[first + w][2]));
+    }
+  }
+  const float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
+  const float qs = __fdiv_rn(Traits<T>::to_float(uint16_t(amax)), 448.0f);
+  const float safe = qs > 0.f ? qs : 1.0f;  // NaN > 0 is false: a NaN row divides by 1, as the reference
+  if (row_ok && sub == 0) {
+    rs[m] = s * qs;
+    if (sx_out != nullptr) sx_out[m] = qs;
+    if (s_out != nullptr) s_out[m] = s;
+  }
+  if (!row_ok) return;
+  uint8_t* vr = values + long(m) * ldv;
+#pragma unroll
+  for (int j = 0; j < kMaxRuns; ++j) {
+    const int c = sub + kRow * j;
+    if (c >= runs) break;
+    const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
+    uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = make_float2(__fdiv_rn(Traits<T>::to_float(kv[2 * i]), safe),
+                                   __fdiv_rn(Traits<T>::to_float(kv[2 * i + 1]), safe));
+      const uint32_t q2 = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);  // .x in the low byte
+      if (i < 2) lo |= q2 << (16 * i);
+      else hi |= q2 << (16 * (i - 2));
+    }
+    *reinterpret_cast<uint2*>(vr + 8L * c) = make_uint2(lo, hi);
+  }
+}
+
+template <class T, int kAct>
+int launch_fp8(const void* x, long ldx, int M, int K, void* values, long ldv, void* meta, float* rs, float* sx,
+               float* s, int with_norm, float eps, cudaStream_t stream) {
+  constexpr int kMaxRuns = 8;
+  const int Kp = (K + 127) / 128 * 128;
+  const int Mp = (M + 63) / 64 * 64;
+  const int runs = Kp / 16;
+  auto go = [&](auto row_c) {
+    constexpr int kRow = decltype(row_c)::value;
+    const dim3 grid(Mp / (kThreads / kRow));
+    prune_quant_fp8_kernel<T, kRow, kMaxRuns, kAct><<<grid, kThreads, 0, stream>>>(
+        static_cast<const uint16_t*>(x), ldx, M, K, static_cast<uint8_t*>(values), ldv, static_cast<uint16_t*>(meta),
+        rs, sx, s, with_norm, eps, Kp, Mp);
+  };
+  if (runs <= 32 * kMaxRuns) go(std::integral_constant<int, 32>{});
+  else if (runs <= 64 * kMaxRuns) go(std::integral_constant<int, 64>{});
+  else if (runs <= 128 * kMaxRuns) go(std::integral_constant<int, 128>{});
+  else return RTLYNX_ERR_ARGS;  // K > 16384: the row does not fit the threads' registers
+  return int(cudaGetLastError());
+}
+
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -378,5 +511,22 @@ extern "C" RTLYNX_API int rtlynx_gelu_prune_compress_sm90(int dtype, const void*
     return launch<__nv_bfloat16, 1>(h, ldh, M, K, nullptr, 0, 0, values, ldv, meta, scale, with_norm, eps, y, ldy, st);
   if (dtype == RTLYNX_FP16)
     return launch<__half, 1>(h, ldh, M, K, nullptr, 0, 0, values, ldv, meta, scale, with_norm, eps, y, ldy, st);
+  return RTLYNX_ERR_CONFIG;
+}
+
+extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const void* x, long ldx, int M, int K,
+                                                       void* values, long ldv, void* meta, float* rs, float* sx,
+                                                       float* s, int with_norm, float eps, void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 16 != 0 || (act != 0 && act != 1)) return RTLYNX_ERR_ARGS;
+  const int Kp = (K + 127) / 128 * 128;
+  if (ldv < Kp / 2 || rs == nullptr) return RTLYNX_ERR_ARGS;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values)) % 16) return RTLYNX_ERR_ARGS;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == RTLYNX_BF16)
+    return act ? launch_fp8<__nv_bfloat16, 1>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st)
+               : launch_fp8<__nv_bfloat16, 0>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st);
+  if (dtype == RTLYNX_FP16)
+    return act ? launch_fp8<__half, 1>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st)
+               : launch_fp8<__half, 0>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st);
   return RTLYNX_ERR_CONFIG;
 }

@@ -61,6 +61,25 @@ const char* rtlynx_sparse_gemm_sm90_config_name(int config);
 // Shared-memory bytes / stages of a config (for notes), -1 if unknown.
 int rtlynx_sparse_gemm_sm90_config_info(int config, int* smem_bytes, int* stages);
 
+
+// ---------------------------------------------------------------------------------------------- FP8 (e4m3)
+// Prune X [M, K] to 2:4 (act 1: X = GELU_tanh(loaded), as rtlynx_gelu_prune_compress_sm90), then quantise the kept
+// values per token: sx[m] = absmax(kept) / 448, values = e4m3(kept / sx) (saturating) [M, Kp/2] bytes (row stride
+// ldv >= Kp/2, a multiple of 16), meta in the 8-bit sm90 layout (Mp * Kp / 8 bytes: byte(m, k) = 16 m + (k % 128)/8
+// + 16 Mp (k / 128)), rs[m] = s[m] * sx[m] (the GEMM's row scale); sx and s (norm scale, 1 without norm) are
+// optional outputs (null: not written). K <= 16384. Reference: rtlynx.reference.fp8.compress_sm90_fp8.
+int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const void* x, long ldx, int M, int K, void* values, long ldv,
+                                void* meta, float* rs, float* sx, float* s, int with_norm, float eps, void* stream);
+
+// Y [M, N] bf16 (row stride ldy) = rs[m] * sw[n] * (A~ @ W^T)[m, n] + bias[n]; A~ e4m3 from values/meta (logical
+// K = Kg, a multiple of 128; 256 for the tile-K-256 configs), W e4m3 [N, Kg] row-major (row stride ldw >= Kg, a
+// multiple of 16), sw fp32 [N], bias bf16 [N] or null. fp32 accumulation (FP8 fast accumulation).
+int rtlynx_sparse_gemm_fp8_sm90(int config, const void* values, long ldv, const void* meta, const void* w, long ldw,
+                                void* y, long ldy, const float* rs, const float* sw, const void* bias, int M, int N,
+                                int Kg, int sched, void* stream);
+int rtlynx_sparse_gemm_fp8_sm90_num_configs(void);
+const char* rtlynx_sparse_gemm_fp8_sm90_config_name(int config);
+
 #ifdef __cplusplus
 }
 #endif

@@ -33,8 +33,9 @@ class SparsityConfig:
     speed_rules: on the GPU kernels, run dense the sites whose shape loses to cuBLAS on the measured kernel
         table (``rtlynx.presets.SPEED_RULES``; reported by ``summary``). The reference path ignores it.
     dtype: "native" (the GEMM runs in the layer's dtype) or "fp8" (kept activations and weights quantised to
-        float8 e4m3 with per-token / per-channel scales, rtlynx.reference.fp8; emulated on the reference path
-        until the FP8 sparse kernels exist, with a warning on a GPU).
+        float8 e4m3 with per-token / per-channel scales, rtlynx.reference.fp8): the FP8 sparse kernels for bf16
+        sites on an sm_90 GPU (K <= 16384; the weights are quantised once per site, next to the bf16 ones);
+        elsewhere emulated on the reference path, with a warning on a GPU.
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
 

@@ -98,6 +98,8 @@ class Site:
         tensors = [t for l in ls for t in (l.weight, l.bias, l.lora_A, l.lora_B) if t is not None]
         self.kp = kp = round_up(self.k, 128)
         ranks = [l.lora_rank if l.lora_A is not None else 0 for l in ls]
+        self._ranks = tuple(ranks)
+        self._lora_offs = tuple(sum(ranks[:i]) for i in range(len(ranks)))  # member i's rows of lora_a
         self.rank = sum(ranks)
         self.rp = rp = round_up(self.rank, 64) if self.rank else 0
         kg = kp + 2 * rp
@@ -108,6 +110,7 @@ class Site:
         self.slices = tuple(slice(a, a + l.out_features) for a, l in zip(offs, ls))
         self.splits = tuple(l.out_features for l in ls)
         self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
+        self._fp8 = None          # (wq, sw) of the FP8 kernels, made at their first use (fp8_operand)
         self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
         self._applied: set[int] = set()
         self._dirty = False
@@ -162,7 +165,7 @@ class Site:
                     if p is not None and p.untyped_storage().nbytes() != p.numel() * p.element_size():
                         _repoint(p, p.detach().clone(memory_format=torch.contiguous_format))
         self.wext = self.bias = self.lora_a = self._wext_nolora = None
-        self._pending = None
+        self._pending = self._fp8 = None
 
     def member_applied(self, layer) -> None:
         """A member went through ``Module._apply`` (.to / .half / .cuda): rebuild once all of them have."""
@@ -236,36 +239,39 @@ class Site:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         use_lora = layer.lora_enabled and layer.lora_A is not None
-        if cfg.dtype == "fp8":
-            return self._forward_fp8(layer, x2, use_lora, cfg).reshape(*lead, layer.out_features)
         path = self._fused_path(cfg, layer, x2)
         if path == "dense":
             return F.linear(x, layer.weight, layer.bias)
         norm = layer.compensation == "norm"
+        fp8 = cfg.dtype == "fp8"
         if path == "fused":
-            return self._run_fused(layer, x, x2, use_lora, norm, cfg.eps).reshape(*lead, layer.out_features)
+            return self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, fp8=fp8).reshape(*lead, layer.out_features)
         if path == "checked":
             from . import ops
 
             try:
-                y = self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, check=True)
+                y = self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, check=True, fp8=fp8)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
                                                 f"running its layers one by one")
             else:
                 self._validated(cfg, x2)
                 return y.reshape(*lead, layer.out_features)
+        if fp8:
+            return self._forward_fp8(layer, x2, use_lora, cfg).reshape(*lead, layer.out_features)
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
         y = backends.run(layer.backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
 
     def _forward_fp8(self, layer, x2, use_lora: bool, cfg) -> torch.Tensor:
-        """dtype="fp8": the FP8 spec (rtlynx.reference.fp8) on the reference path, one layer at a time."""
+        """dtype="fp8" where the FP8 site kernels cannot run: the FP8 spec (rtlynx.reference.fp8) on the reference
+        path, one layer at a time."""
         backend = layer.backend
         if backend != "reference" and (x2.is_cuda or backend != "auto"):
-            backends.warn_once("fp8-emulated", "rtlynx: dtype='fp8' runs emulated on the reference path (no FP8 "
-                                               "sparse kernels yet): for studying quality, not for speed")
+            backends.warn_once("fp8-emulated", "rtlynx: dtype='fp8' runs emulated on the reference path here (the "
+                                               "FP8 sparse kernels need an sm_90 GPU, bf16, K <= 16384): for "
+                                               "studying quality, not for speed")
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
         return backends.run("reference", x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation, lora_a,
                             lora_b, cfg.eps, fp8=True)
@@ -277,7 +283,38 @@ class Site:
             return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps)
         return ops.sparse_site(x2 if x2.is_contiguous() else x2.contiguous(), wext, bias, lora_a, splits, norm, eps)
 
-    def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float, check: bool = False) -> torch.Tensor:
+    def fp8_operand(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(wq [N, Kp] e4m3, sw [N] float32)``: the site's weights quantised per output channel
+        (rtlynx.reference.fp8.quantize_weight_e4m3), made once per build (weights changed in place: call build())."""
+        if self._fp8 is None:
+            from .reference.fp8 import quantize_rows_e4m3
+
+            with torch.no_grad():
+                self._fp8 = quantize_rows_e4m3(self._wext_nolora)  # zero padding columns: scales unchanged
+        return self._fp8
+
+    def _gemm_fp8(self, x2, sl, use_lora, splits, norm, eps, check, act=0):
+        """The FP8 site GEMMs for the members in ``sl`` (a row slice, or None for all); the LoRA branch (if on)
+        adds ``h_i B_i^T`` in bf16 after the FP8 GEMM (cuBLAS, in place)."""
+        from . import ops
+
+        wq, sw = self.fp8_operand()
+        bias = self.bias
+        if sl is not None:
+            wq, sw, bias = wq[sl], sw[sl], None if bias is None else bias[sl]
+        xc = x2 if x2.is_contiguous() else x2.contiguous()
+        outs = ops.fp8_site(xc, wq, sw, bias, splits, norm, eps, act, check=check)
+        if use_lora and self.lora_a is not None:
+            h = F.linear(xc, self.lora_a)
+            members = range(len(self.layers)) if sl is None else [self.slices.index(sl)]
+            for i, y in zip(members, outs):
+                a, r = self._lora_offs[i], self._ranks[i]
+                if r:
+                    y.addmm_(h[:, a: a + r], self.layers[i].lora_B.t())
+        return outs
+
+    def _run_fused(self, layer, x, x2, use_lora: bool, norm: bool, eps: float, check: bool = False,
+                   fp8: bool = False) -> torch.Tensor:
         compiling = _is_compiling()
         slot = layer._slot
         p = self._pending
@@ -288,12 +325,19 @@ class Site:
         if not compiling:
             self.ensure()
         wext, lora_a = self._operand(use_lora)
+
+        def gemm(sl, splits):
+            if fp8:
+                return self._gemm_fp8(x2, sl, use_lora, splits, norm, eps, check)
+            if sl is None:
+                return self._gemm(x2, wext, self.bias, lora_a, splits, norm, eps, check)
+            return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a, splits, norm, eps,
+                              check)
+
         if len(self.layers) == 1:
-            return self._gemm(x2, wext, self.bias, lora_a, self.splits, norm, eps, check)[0]
+            return gemm(None, self.splits)[0]
         if self._split:  # members read different inputs: this member's rows of the operand only
-            sl = self.slices[slot]
-            return self._gemm(x2, wext[sl], None if self.bias is None else self.bias[sl], lora_a,
-                              (self.splits[slot],), norm, eps, check)[0]
+            return gemm(self.slices[slot], (self.splits[slot],))[0]
         if p is not None:  # outputs computed for another input went unused (a well-fed site never gets here)
             self._misses += 1
             if self._misses >= 3:
@@ -301,8 +345,8 @@ class Site:
                 self._pending = None
                 backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
                                    f"{self.name!r} are not called with one input; running one GEMM per layer")
-                return self._run_fused(layer, x, x2, use_lora, norm, eps, check)
-        outs = self._gemm(x2, wext, self.bias, lora_a, self.splits, norm, eps, check)
+                return self._run_fused(layer, x, x2, use_lora, norm, eps, check, fp8)
+        outs = gemm(None, self.splits)
         self._pending = (x, use_lora, 0 if compiling else _version(x), outs, len(self.layers) - 1)
         return outs[slot]
 
@@ -311,8 +355,7 @@ class Site:
         GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
         cfg = layer._settings.config
         if (layer.mode == "sparse" and not (layer._step_gate is not None and layer._step_gate.dense)
-                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1
-                and cfg.dtype != "fp8"):
+                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
             h2 = h.reshape(-1, self.k)
             path = self._fused_path(cfg, layer, h2)
             if path in ("fused", "checked"):
@@ -320,9 +363,12 @@ class Site:
 
                 if not _is_compiling():
                     self.ensure()
+                norm, check = layer.compensation == "norm", path == "checked"
                 try:
-                    y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm",
-                                           cfg.eps, check=path == "checked")
+                    if cfg.dtype == "fp8":
+                        y = self._gemm_fp8(h2, None, False, self.splits, norm, cfg.eps, check, act=1)[0]
+                    else:
+                        y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, norm, cfg.eps, check=check)
                 except ops.Unsupported as e:
                     backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
                 else:
@@ -438,7 +484,8 @@ def model_sites(module: nn.Module) -> list[Site]:
 def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **kwargs) -> dict[str, float]:
     """Run ``model(*args, **kwargs)`` once and compare every site (optionally only those whose name starts with one
     of ``prefixes``) on the inputs it really sees with the per-layer reference spec
-    (:func:`rtlynx.reference.sparse_act_linear` in float32 on the same operands): ``{site name: relative error}``.
+    (:func:`rtlynx.reference.sparse_act_linear` in float32 on the same operands; with ``dtype="fp8"`` the FP8 spec
+    :func:`rtlynx.reference.fp8.fp8_sparse_act_linear`): ``{site name: relative error}``.
     Independent of the drift between whole forwards (a rounding difference that flips a near-tie top-2 choice
     downstream makes two correct paths diverge)."""
     from . import reference
@@ -472,6 +519,11 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
         if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
             x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
             a = None if a is None else reference.pad_to_multiple(a, layer.m)
+        if layer._settings.config.dtype == "fp8":  # the FP8 spec: same quantisation, float32 products and sums
+            from .reference.fp8 import fp8_sparse_act_linear
+
+            return fp8_sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, a, b,
+                                         layer._settings.config.eps)
         return reference.sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, a, b,
                                            compute_dtype=torch.float32)
 

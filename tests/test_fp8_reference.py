@@ -87,3 +87,81 @@ def test_dtype_fp8_through_sparsify_configure_save_load(tmp_path):
         assert torch.equal(output_tensor(fresh(**inputs)), out)
     with pytest.raises(ValueError, match="dtype"):
         rtlynx.configure(model, dtype="fp4")
+
+
+# ---------------------------------------------------------------------------------------- sm90 8-bit layout
+def _brute_meta_8bit(x: torch.Tensor) -> torch.Tensor:
+    """The 8-bit sm90 metadata by loops over groups: CUTLASS's TensorEAtom_8bit (row-major 64 x 128 logical atom,
+    atoms M-first) applied to each group's 2-bit indices, nibble = idx0 | idx1 << 2, low nibble first."""
+    m, k = x.shape
+    mp, kp = (m + 63) // 64 * 64, (k + 127) // 128 * 128
+    xp = torch.zeros(mp, kp, dtype=x.dtype)
+    xp[:m, :k] = x
+    out = torch.zeros(mp * kp // 8, dtype=torch.uint8)
+    mask = reference.nm_mask(xp, 2, 4)
+    for r in range(mp):
+        for g in range(kp // 4):
+            idx = [i for i in range(4) if mask[r, 4 * g + i]]
+            nib = idx[0] | idx[1] << 2
+            col = 4 * g  # logical element of the group
+            atom = (r // 64) * 64 * 128 + (col // 128) * mp * 128  # atoms along M first, then K
+            elem = atom + (r % 64) * 128 + col % 128  # row-major inside the atom
+            out[elem // 8] |= nib << (4 * ((elem % 8) // 4))
+    return out
+
+
+@pytest.mark.parametrize("m,k", [(1, 8), (3, 136), (65, 256), (70, 200)])
+def test_sm90_fp8_metadata_matches_brute_force_layout(m, k, gen):
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    values, meta, rs, sx, s = fp8.compress_sm90_fp8(x)
+    assert torch.equal(meta, _brute_meta_8bit(x))
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (m, (k + 127) // 128 * 64)
+    rows = fp8.sm90_8bit_meta_to_rows(meta, m, k)
+    assert torch.equal(fp8.rows_meta_to_sm90_8bit(rows), meta)
+
+
+def test_sm90_fp8_round_trip_equals_spec(gen):
+    x = torch.randn(70, 200, generator=gen).to(torch.bfloat16) * 3
+    values, meta, rs, sx, s = fp8.compress_sm90_fp8(x)
+    q, sx_ref = fp8.prune_quantize_e4m3(x)  # the high-level spec: prune, then quantise the dense-with-zeros rows
+    assert torch.equal(fp8.decompress_sm90_fp8(values, meta, 200), q.float())
+    assert torch.equal(sx, sx_ref)
+    torch.testing.assert_close(rs, s * sx_ref)
+    torch.testing.assert_close(s, reference.norm_scale(x))
+
+
+def test_sm90_fp8_gemm_reference_equals_the_linear_spec(gen):
+    x = torch.randn(70, 200, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(24, 200, generator=gen) * 0.05).to(torch.bfloat16)
+    b = torch.randn(24, generator=gen).to(torch.bfloat16)
+    values, meta, rs, _, _ = fp8.compress_sm90_fp8(x)
+    wq, sw = fp8.quantize_weight_e4m3(w)
+    assert wq.shape == (24, 256) and bool((wq[:, 200:].float() == 0).all())
+    y = fp8.sparse_gemm_fp8(values, meta, wq, rs, sw, b)
+    # independent: dense fp32 product of the dequantised operands
+    xq, sxq = fp8.prune_quantize_e4m3(x)
+    wqd, swd = fp8.quantize_rows_e4m3(w)
+    want = (xq.float() * sxq[:, None]) @ (wqd.float() * swd[:, None]).T * reference.norm_scale(x)[:, None] + b.float()
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+
+
+def test_sm90_fp8_gelu_producer_reference(gen):
+    h = torch.randn(9, 136, generator=gen).to(torch.bfloat16)
+    got = fp8.compress_sm90_fp8(h, act="gelu_tanh")
+    want = fp8.compress_sm90_fp8(torch.nn.functional.gelu(h.float(), approximate="tanh").to(torch.bfloat16))
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b) for a, b in zip(got, want))
+
+
+def test_fp8_op_fakes_give_the_documented_shapes():
+    from rtlynx.ops import fp8 as kf8
+
+    x = torch.empty(70, 200, dtype=torch.bfloat16, device="meta")
+    v, meta, rs, sx, s = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
+    assert v.shape == (70, 128) and v.dtype == torch.float8_e4m3fn and meta.shape == (128 * 256 // 8,)
+    wq = torch.empty(48, 256, dtype=torch.float8_e4m3fn, device="meta")
+    sw = torch.empty(48, device="meta")
+    y = kf8.sparse_gemm_fp8_sm90(v, meta, wq, rs, sw, None)
+    assert y.shape == (70, 48) and y.dtype == torch.bfloat16
+    outs = kf8.fp8_site_sm90(x, wq, sw, None, [32, 16], True, 1e-8)
+    assert [tuple(o.shape) for o in outs] == [(70, 32), (70, 16)]

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
+from . import fp8 as _fp8  # noqa: F401  the FP8 ops (rtlynx::prune_quant_fp8_sm90, ...), same rules
 
 
 class Unsupported(RuntimeError):
@@ -205,4 +206,25 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
     return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps), persistent=True)
 
 
-__all__ = ["Unsupported", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
+def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, splits,
+             norm: bool = True, eps: float = 1e-8, act: int = 0, check: bool = True) -> list[torch.Tensor]:
+    """An activation site on the FP8 kernels (:mod:`rtlynx.ops.fp8`): one prune + quantise pass of ``x2d [M, K]``
+    (act 1: of GELU_tanh(x2d)), one FP8 sparse GEMM per member on its rows of ``wq [N, Kp]`` e4m3 with per-row
+    scales ``sw [N]``; bf16 only, K <= 16384. Raises :class:`Unsupported` for what the kernels cannot run."""
+    if check:
+        _check_x(x2d)
+        if x2d.dtype != torch.bfloat16 or x2d.shape[1] % 8 or x2d.shape[1] > 16384:
+            raise Unsupported(f"the FP8 kernels take bf16 [M, K] with K % 8 == 0 and K <= 16384, got {x2d.dtype} "
+                              f"{tuple(x2d.shape)}")
+        if sum(splits) != wq.shape[0] or any(n % 8 for n in splits):
+            raise Unsupported(f"FP8 site outputs {list(splits)} must be multiples of 8 covering N={wq.shape[0]}")
+        if bias is not None and bias.dtype != torch.bfloat16:
+            raise Unsupported(f"FP8 site bias must be bf16, got {bias.dtype}")
+    if x2d.shape[0] == 0:
+        return [x2d.new_empty(0, n) for n in splits]
+    if torch.compiler.is_compiling() or not x2d.is_cuda:
+        return _fp8.fp8_site_sm90(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act))
+    return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), persistent=True)
+
+
+__all__ = ["Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]

@@ -134,7 +134,7 @@ def build(verbose: bool = False, only: list[str] | None = None, link: bool = Tru
 
     jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
     # Biggest (GEMM) units first so the slow ones start early.
-    srcs.sort(key=lambda s: (not s.stem.startswith("sparse_gemm_sm90_t"), s.name))
+    srcs.sort(key=lambda s: (not s.stem.startswith(("sparse_gemm_sm90_t", "sparse_gemm_fp8_sm90_f8")), s.name))
     with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
         objs = list(ex.map(compile_one, srcs))
     if not link:

@@ -70,3 +70,96 @@ def fp8_sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         h = torch.nn.functional.linear(x, lora_a.to(x.dtype))
         y = y + h.float() @ lora_b.float().T
     return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- sm90 layout (8-bit A)
+# What rtlynx::prune_quant_fp8_sm90 emits and CUTLASS's FP8 sparse GEMM reads (Sm90GemmSparseConfig for 8-bit A:
+# the metadata atom is a row-major 64 x 128 block of logical elements, atoms M-first, then K): for the zero-padded
+# [Mp, Kp] activation, metadata byte (m, j) of the rows layout (j = k / 8, low nibble = the lower group of 4) sits at
+# ``16 m + j % 16 + 16 Mp (j // 16)``: one row-major [Mp, 16]-byte block per 128 columns, blocks one after another.
+# Values are the rows layout's kept elements quantised to e4m3: ``[M, Kp/2]`` bytes.
+
+
+def rows_meta_to_sm90_8bit(meta_rows: torch.Tensor) -> torch.Tensor:
+    """Rows-layout 2:4 metadata ``[Mp, Kp/8]`` uint8 -> the 8-bit sm90 layout ``[Mp*Kp/8]``."""
+    from .sm90 import ATOM_K, ATOM_M
+
+    mp, nbytes = meta_rows.shape
+    if meta_rows.dtype != torch.uint8 or mp % ATOM_M or (nbytes * 8) % ATOM_K:
+        raise ValueError(f"need uint8 [Mp, Kp/8] with Mp % 64 == 0 and Kp % 128 == 0, got {tuple(meta_rows.shape)}")
+    return meta_rows.reshape(mp, nbytes // 16, 16).transpose(0, 1).contiguous().reshape(-1)
+
+
+def sm90_8bit_meta_to_rows(meta: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`rows_meta_to_sm90_8bit` for an [m, k] activation: ``[Mp, Kp/8]`` bytes."""
+    from .sm90 import padded_shape
+
+    mp, kp = padded_shape(m, k)
+    if meta.dtype != torch.uint8 or meta.numel() != mp * kp // 8:
+        raise ValueError(f"8-bit sm90 metadata for [{m}, {k}] must be uint8 with {mp * kp // 8} bytes, "
+                         f"got {meta.numel()}")
+    return meta.reshape(kp // 128, mp, 16).transpose(0, 1).reshape(mp, kp // 8)
+
+
+def compress_sm90_fp8(x: torch.Tensor, eps: float = 1e-8, norm: bool = True, act: str | None = None):
+    """Reference of ``rtlynx::prune_quant_fp8_sm90``: for ``x [M, K]`` (16-bit float; ``act="gelu_tanh"``: x is the
+    pre-activation and the pruned input is ``gelu_tanh(x)``), returns ``(values [M, Kp/2] float8_e4m3fn,
+    meta [Mp*Kp/8] uint8, rs [M], sx [M], s [M])`` (float32): 2:4 prune, per-token ``sx = absmax(kept) / 448``,
+    ``values = e4m3(kept / sx)`` (:func:`quantize_rows_e4m3`), ``s`` the norm scale (1 without ``norm``) and
+    ``rs = s * sx`` the GEMM's row scale."""
+    from .nm import compress
+    from .sm90 import padded_shape
+
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D [M, K] activation, got {tuple(x.shape)}")
+    if x.element_size() != 2 or not x.is_floating_point():
+        raise TypeError(f"the FP8 producer reads 16-bit floats, got {x.dtype}")
+    if act not in (None, "gelu_tanh"):
+        raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
+    if act == "gelu_tanh":
+        from .producers import gelu_tanh
+
+        x = gelu_tanh(x)
+    rows, k = x.shape
+    mp, kp = padded_shape(rows, k)
+    xp = torch.nn.functional.pad(x, (0, kp - k, 0, mp - rows))
+    kept, meta_rows = compress(xp, 2, 4)
+    q, sx = quantize_rows_e4m3(kept[:rows])
+    s = norm_scale(x, eps=eps) if norm else torch.ones(rows, dtype=torch.float32, device=x.device)
+    return q, rows_meta_to_sm90_8bit(meta_rows), s * sx, sx, s
+
+
+def decompress_sm90_fp8(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense float32 ``[M, k]`` of the e4m3 kept values (unscaled) from sm90 ``values [M, >= Kp/2]`` and ``meta``."""
+    from .nm import decompress
+    from .sm90 import padded_shape
+
+    rows = values.shape[0]
+    _, kp = padded_shape(rows, k)
+    meta_rows = sm90_8bit_meta_to_rows(meta, rows, k)[:rows]
+    return decompress(values[:, : kp // 2].float().contiguous(), meta_rows.contiguous(), 2, 4)[:, :k]
+
+
+def quantize_weight_e4m3(weight: torch.Tensor, k_padded: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel e4m3 weight for the FP8 sparse GEMM: ``(q [N, Kp] float8_e4m3fn, sw [N] float32)``, the
+    columns K..Kp-1 zero (``Kp = k_padded`` or round_up(K, 128))."""
+    from .sm90 import round_up
+
+    n, k = weight.shape
+    kp = k_padded if k_padded is not None else round_up(k, 128)
+    if kp < k:
+        raise ValueError(f"k_padded={kp} < K={k}")
+    q, sw = quantize_rows_e4m3(weight)
+    return torch.nn.functional.pad(q.view(torch.uint8), (0, kp - k)).view(FP8), sw
+
+
+def sparse_gemm_fp8(values: torch.Tensor, meta: torch.Tensor, weight_q: torch.Tensor, rs: torch.Tensor,
+                    sw: torch.Tensor, bias: torch.Tensor | None = None, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Reference of ``rtlynx::sparse_gemm_fp8_sm90``: ``rs[m] * sw[n] * (A~ @ Wq^T) + bias`` in float32 (exact
+    e4m3 products, float32 sums), rounded once to ``out_dtype``. ``weight_q [N, Kg]`` e4m3."""
+    kg = weight_q.shape[1]
+    a = decompress_sm90_fp8(values, meta, kg)
+    y = (a @ weight_q.float().T) * sw.float() * rs.float().unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -1,0 +1,191 @@
+"""FP8 (e4m3) + 2:4 Hopper kernels against rtlynx.reference.fp8: bitwise for prune + quantise (values, metadata,
+activation scale), fp32-product tolerance for the GEMM; fuzzed and awkward shapes, special values, poisoned outputs,
+opcheck. Every test prints its seed (shown by pytest on failure)."""
+
+import pytest
+import torch
+
+from rtlynx.ops import fp8 as kf8
+from rtlynx.reference import fp8 as rf8
+from rtlynx.reference.sm90 import padded_shape
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture
+def gen():
+    seed = torch.seed() % 2**31
+    print(f"seed={seed}")
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    return g
+
+
+def rnd(shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+
+
+def raw_prune(x, norm=True, eps=1e-8, act=0):
+    """The library call on poisoned output buffers (every byte the kernel must write starts as garbage)."""
+    m, k = x.shape
+    mp, kp = padded_shape(m, k)
+    values = torch.full((m, kp // 2), 0x7E, dtype=torch.uint8, device="cuda")  # 0x7E = 448 in e4m3
+    meta = torch.full((mp * kp // 8,), 0xAB, dtype=torch.uint8, device="cuda")
+    rs, sx, s = (torch.full((m,), float("nan"), device="cuda") for _ in range(3))
+    rc = kf8._library().rtlynx_prune_quant_fp8_sm90(
+        kf8._DT[x.dtype], act, x.data_ptr(), x.stride(0), m, k, values.data_ptr(), values.stride(0), meta.data_ptr(),
+        rs.data_ptr(), sx.data_ptr(), s.data_ptr(), int(norm), eps, torch.cuda.current_stream().cuda_stream)
+    assert rc == 0, rc
+    return values.view(FP8), meta, rs, sx, s
+
+
+def check_prune(x, norm=True, act=0):
+    got = raw_prune(x, norm=norm, act=act)
+    ref = rf8.compress_sm90_fp8(x.cpu(), norm=norm, act="gelu_tanh" if act else None)
+    v, m_, rs, sx, s = got
+    assert torch.equal(v.view(torch.uint8).cpu(), ref[0].view(torch.uint8)), "values differ"
+    assert torch.equal(m_.cpu(), ref[1]), "metadata differs"
+    torch.testing.assert_close(sx.cpu(), ref[3], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(s.cpu(), ref[4], rtol=2e-6, atol=0, equal_nan=True)  # fp32 sums, other order
+    torch.testing.assert_close(rs.cpu(), ref[2], rtol=2e-6, atol=0, equal_nan=True)
+
+
+SHAPES = [(1, 8), (1, 64), (3, 200), (7, 128), (64, 256), (65, 520), (333, 3072), (129, 15360), (2, 16384),
+          (4224, 136), (2100, 1000), (4608, 3072), (1000, 12288)]
+
+
+@pytest.mark.parametrize("m,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prune_quant_bitwise(m, k, dtype, gen):
+    check_prune(rnd((m, k), dtype, gen, scale=3.0))
+
+
+@pytest.mark.parametrize("m,k", [(5, 136), (300, 3072), (77, 12288)])
+def test_prune_quant_gelu_and_no_norm(m, k, gen):
+    h = rnd((m, k), torch.bfloat16, gen, scale=2.0)
+    check_prune(h, act=1)
+    check_prune(h, norm=False)
+
+
+def test_prune_quant_special_rows(gen):
+    x = rnd((70, 264), torch.bfloat16, gen)
+    x[0] = 0  # zero row: sx = 0, q = 0, s = 0
+    x[1, 3] = float("nan")  # NaN row: sx and rs NaN
+    x[2, 7] = float("inf")
+    x[3] *= 1e30  # far beyond e4m3 (and fp32 squares overflow: s is inf/nan like the reference)
+    x[4] = 1e-30  # subnormal e4m3 after scaling? (all equal: q = 448)
+    x[5, :8] = torch.tensor([1, -1, 1, -1, 0.5, 2, -2, 2], dtype=x.dtype)  # ties
+    got = raw_prune(x)
+    ref = rf8.compress_sm90_fp8(x.cpu())
+    ok = [i for i in range(70) if i != 1]  # NaN row: values compared by NaN-ness (NaN sign is not specified)
+    assert torch.equal(got[0].view(torch.uint8).cpu()[ok], ref[0].view(torch.uint8)[ok])
+    assert torch.equal(got[0].float().isnan().cpu()[1], ref[0].float().isnan()[1])
+    assert torch.equal(got[1].cpu(), ref[1])
+    torch.testing.assert_close(got[3].cpu(), ref[3], rtol=0, atol=0, equal_nan=True)
+    assert got[3][0] == 0 and got[3][1].isnan() and got[2][1].isnan()
+
+
+@pytest.mark.parametrize("m,n,kg", [(1, 8, 128), (77, 136, 384), (256, 256, 256), (1000, 3072, 3072),
+                                    (129, 64, 15360), (4608, 3072, 3072), (2048, 12288, 3072), (333, 1000, 1024)])
+def test_gemm_every_config(m, n, kg, gen):
+    x = rnd((m, kg), torch.bfloat16, gen)
+    w = rnd((n, kg), torch.bfloat16, gen, scale=0.05)
+    bias = rnd((n,), torch.bfloat16, gen)
+    v, meta, rs, sx, s = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
+    wq, sw = rf8.quantize_weight_e4m3(w)
+    ref = rf8.sparse_gemm_fp8(v.cpu(), meta.cpu(), wq.cpu(), rs.cpu(), sw.cpu(), bias.cpu()).float()
+    for cid, name in enumerate(kf8.config_names()):
+        if kg % kf8.TILE_K[name]:
+            continue
+        for b in (bias, None):
+            y = kf8.sparse_gemm_fp8_sm90(v, meta, wq, rs, sw, b, cid, 0)
+            want = ref if b is not None else ref - bias.cpu().float()
+            err = ((y.float().cpu() - want).norm() / want.norm()).item()
+            assert err < 4e-3, (name, err)
+
+
+def test_site_splits_and_linear_match_reference(gen):
+    m, k = 333, 3072
+    splits = [3072, 1024, 512]
+    x = rnd((m, k), torch.bfloat16, gen)
+    w = rnd((sum(splits), k), torch.bfloat16, gen, scale=0.03)
+    bias = rnd((sum(splits),), torch.bfloat16, gen)
+    wq, sw = kf8.quantize_weight(w)
+    outs = kf8.fp8_site_sm90(x, wq, sw, bias, splits, True, 1e-8)
+    ref = rf8.fp8_sparse_act_linear(x.cpu(), w.cpu(), bias.cpu()).float()
+    got = torch.cat([o.float().cpu() for o in outs], 1)
+    assert all(o.is_contiguous() for o in outs)
+    assert ((got - ref).norm() / ref.norm()).item() < 4e-3
+    y = kf8.fp8_linear(x, wq, sw, bias)
+    assert ((y.float().cpu() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+def test_empty_batch_and_refusals(gen):
+    w = rnd((64, 256), torch.bfloat16, gen)
+    wq, sw = kf8.quantize_weight(w)
+    x0 = torch.empty(0, 256, dtype=torch.bfloat16, device="cuda")
+    assert kf8.fp8_linear(x0, wq, sw).shape == (0, 64)
+    x = rnd((5, 256), torch.bfloat16, gen)
+    with pytest.raises(ValueError):
+        kf8.fp8_linear(x.float(), wq, sw)
+    with pytest.raises(ValueError):
+        kf8.fp8_site_sm90(x, wq, sw, None, [32, 16], True, 1e-8)  # splits do not cover N
+    v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
+    with pytest.raises(ValueError):
+        kf8.sparse_gemm_fp8_sm90(v, meta[:-1], wq, rs, sw, None)
+
+
+def test_opcheck(gen):
+    x = rnd((65, 384), torch.bfloat16, gen)
+    w = rnd((136, 384), torch.bfloat16, gen)
+    wq, sw = kf8.quantize_weight(w)
+    torch.library.opcheck(kf8.prune_quant_fp8_sm90, (x, True, 1e-8, 0))
+    v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
+    torch.library.opcheck(kf8.sparse_gemm_fp8_sm90, (v, meta, wq, rs, sw, None, -1, 0))
+    torch.library.opcheck(kf8.fp8_site_sm90, (x, wq, sw, None, [128, 8], True, 1e-8, 0))
+
+
+# ------------------------------------------------------------------------------------------ sites, whole models
+@pytest.mark.parametrize("kind", ["flux", "qwen-image", "z-image"])
+@pytest.mark.parametrize("lora", [0, 8])
+def test_tiny_models_fp8_sites_match_fp8_spec(kind, lora, gen, monkeypatch):
+    import warnings
+
+    import rtlynx
+    from rtlynx import api, sites
+    from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
+
+    calls = []
+    real = sites.Site._gemm_fp8
+    monkeypatch.setattr(sites.Site, "_gemm_fp8", lambda self, *a, **kw: calls.append(self.name) or real(self, *a, **kw))
+    model = tiny_transformer(kind).cuda().to(torch.bfloat16)
+    inputs = example_inputs(model, batch=2)
+    rtlynx.sparsify(model, lora_rank=lora, speed_rules=False, dtype="fp8")
+    if lora:
+        with torch.no_grad():
+            for layer in api.sparse_layers(model).values():
+                layer.lora_B.copy_(rnd(layer.lora_B.shape, torch.bfloat16, gen, scale=0.05))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = output_tensor(model(**inputs)).clone()
+    msgs = [str(w.message) for w in caught]
+    assert calls, "no FP8 site ran"
+    assert not [t for t in msgs if "cannot run fused" in t and "170" not in t], msgs
+    assert torch.isfinite(out).all()
+    errs = sites.verify(model, **inputs)
+    assert errs and max(errs.values()) < 1e-2, errs
+
+
+def test_fp8_site_compiles_fullgraph_and_captures(gen):
+    import rtlynx
+    from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
+
+    model = tiny_transformer("flux").cuda().to(torch.bfloat16)
+    inputs = example_inputs(model, batch=2)
+    rtlynx.sparsify(model, speed_rules=False, dtype="fp8")
+    with torch.no_grad():
+        eager = output_tensor(model(**inputs)).clone()
+        torch._dynamo.reset()
+        full = output_tensor(torch.compile(model, fullgraph=True)(**inputs))
+        torch._dynamo.reset()
+    assert ((full.float() - eager.float()).norm() / eager.float().norm()).item() < 0.1
