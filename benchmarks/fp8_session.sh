@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call of the FP8 + 2:4 work (issue 9). Carry: .whl (diffusers, importlib_metadata, torchao 0.17.0 wheels),
-# .cache (CUTLASS headers in .cache/cutlass/include; kernel objects prebuilt on a CPU machine in .cache/build).
+# .cache/cutlass_inc.tar.xz (CUTLASS headers) and .cache/build (kernel objects prebuilt on a CPU machine, if any).
 #   bash benchmarks/fp8_session.sh kernels     build, FP8 kernel + site tests, the linear table (config sweep)
 #   bash benchmarks/fp8_session.sh e2e         FLUX.1-dev compiled forwards: bf16, flux-fast FP8 recipe, rtlynx FP8
 #   bash benchmarks/fp8_session.sh quality     FP8 quality on the shipped mini-FLUX (FID protocol)
@@ -12,7 +12,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
 export RTLYNX_BUILD_DIR=$PWD/.cache/build
-export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp
+# CUTLASS headers: .cache/cutlass/include, or the same packed as .cache/cutlass_inc.tar.xz (1 MB instead of 28)
+if [ -f .cache/cutlass_inc.tar.xz ]; then mkdir -p /tmp/cutlass && tar xJf .cache/cutlass_inc.tar.xz -C /tmp/cutlass; fi
+export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp/cutlass/include
 RES=benchmarks/results/fp8_h200.json
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
 t0=$(date +%s)
