@@ -1,6 +1,7 @@
 """FP8 + 2:4 benchmark (issue "FP8 + 2:4"): the linear layer on the 12 large shapes of shapes_1024.csv.
 
     python benchmarks/fp8.py linear [--out benchmarks/results/fp8_h200.json] [--sweep] [--quick]
+    python benchmarks/fp8.py e2e [--out ...] [--reps 10]      FLUX.1-dev transformer forward, torch.compile
 
 Columns per (M, K, N), bf16 in and out, Y = X W^T + b, all from the same run:
 - bf16:             cuBLAS, F.linear
@@ -15,6 +16,17 @@ Columns per (M, K, N), bf16 in and out, Y = X W^T + b, all from the same run:
 Every variant runs as CUDA-graph replays (the same advantage for all), over input sets rotated beyond L2 (>= 150 MB),
 median of --reps after warm-up. Ratios: time of the baseline / time of the variant, same run.
 Results merge into --out under "linear"; the summary keys of the issue are recomputed on every write.
+
+e2e: one FLUX.1-dev transformer forward (real configuration, random weights, 1024x1024 = 4096 image tokens, 512 text
+tokens, bf16; benchmarks/e2e.py's model and inputs), every variant under torch.compile (default mode), median of --reps
+after warm-up, same process:
+- dense:               bf16
+- fp8 recipe:          the flux-fast recipe: fused Q/K/V projections + torchao float8 dynamic-activation /
+                       float8-weight linears (row-wise scales) on every nn.Linear (torchao 0.17.0, the release built
+                       for torch 2.11)
+- rtlynx fp8:          rtlynx.sparsify(dtype="fp8"): FP8 sparse sites on the preset's layers, the rest bf16
+- rtlynx fp8 + torchao: the same, and torchao's float8 linears on every layer rtlynx keeps dense (the recipe with
+                       rtlynx's FP8 sparse sites in place of torchao's FP8 linears where they are sparse)
 """
 
 from __future__ import annotations
@@ -196,7 +208,9 @@ def identity() -> dict:
         lib = os.path.basename(getattr(_lib.lib(), "_name", "") or "") or None
     except Exception:  # noqa: BLE001
         pass
-    return {"commit": sh("git", "describe", "--always", "--dirty"), "kernel_library": lib,
+    # RTLYNX_COMMIT: the commit the caller copied to this machine (a copied tree's .git can be stale)
+    return {"commit": os.environ.get("RTLYNX_COMMIT") or sh("git", "describe", "--always", "--dirty"),
+            "kernel_library": lib,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
@@ -215,6 +229,13 @@ def save(out: Path, data: dict) -> None:
         summ["gemm_vs_fp8_dense_gemm_large"] = geomean([r.get("fp8_sparse_gemm_vs_fp8_dense_gemm") for r in lin])
         summ["fp8_dense_vs_bf16_large"] = geomean([r.get("fp8_dense_vs_bf16") for r in lin])
         summ["lynx_bf16_vs_bf16_large"] = geomean([r.get("lynx_bf16_vs_bf16") for r in lin])
+    e2e = {r["variant"]: r for r in data.get("e2e", {}).get("rows", []) if "ms" in r}
+    for key, variant in (("e2e_flux_compiled_vs_bf16", "vs_dense"), ("e2e_flux_compiled_vs_fp8_recipe", "vs_fp8_recipe")):
+        best = max((r.get(variant) or 0 for n, r in e2e.items() if n.startswith("rtlynx fp8")), default=0)
+        if best:
+            summ[key] = best
+    if "fp8 recipe" in e2e:
+        summ["e2e_fp8_recipe_vs_bf16"] = e2e["fp8 recipe"].get("vs_dense")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -247,6 +268,89 @@ def cmd_linear(args) -> int:
     return 0
 
 
+E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe")
+
+
+def _torchao_fp8(model, only_plain_linear: bool):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # rtlynx's SparseActLinear is not an nn.Linear; exact nn.Linear only, so nothing rtlynx runs is touched
+    quantize_(model, cfg, filter_fn=(lambda m, fqn: type(m) is torch.nn.Linear) if only_plain_linear else None)
+
+
+def cmd_e2e(args) -> int:
+    import gc
+    import statistics
+    import warnings
+
+    import rtlynx
+    from rtlynx.integrations.diffusers import example_inputs
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import e2e as E  # the model builder, inputs and timing loop of the bf16 end-to-end table
+
+    out = Path(args.out)
+    data = load(out)
+    data["device"] = torch.cuda.get_device_name()
+    rows = []
+    data["e2e"] = {"identity": identity(), "model": "flux", "mode": "compiled", "reps": args.reps,
+                   "resolution": "1024x1024 (4096 image tokens)", "text_len": 512, "rows": rows}
+    model = None
+
+    def fresh():
+        nonlocal model
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = E.build("flux")
+        return model
+
+    fresh()
+    inputs = example_inputs(model, batch=1, text_len=512, **E.MODELS["flux"][2])
+    inputs["guidance"] = torch.full((1,), 3.5, device="cuda")
+    dense_ms = None
+    for name in args.variants:
+        t0 = time.time()
+        try:
+            if name == "fp8 recipe":
+                fresh()
+                model.fuse_qkv_projections()
+                _torchao_fp8(model, only_plain_linear=False)
+            elif name.startswith("rtlynx fp8"):
+                rtlynx.sparsify(model, dtype="fp8")
+                if name.endswith("torchao"):
+                    _torchao_fp8(model, only_plain_linear=True)
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            torch._dynamo.reset()
+            runner = torch.compile(model)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ms = statistics.median(E.time_forward(runner, inputs, args.reps))
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            dense_ms = dense_ms or ms
+            row = {"variant": name, "ms": ms, "vs_dense": dense_ms / ms, "peak_gib": peak,
+                   "compile_and_time_s": round(time.time() - t0, 1),
+                   "warnings": sorted({str(w.message)[:160] for w in caught})}
+        except Exception as e:  # noqa: BLE001 - keep the rows already measured
+            row = {"variant": name, "error": f"{type(e).__name__}: {e}"[:400]}
+        rows.append(row)
+        recipe = next((r for r in rows if r["variant"] == "fp8 recipe" and "ms" in r), None)
+        for r in rows:
+            if recipe and "ms" in r:
+                r["vs_fp8_recipe"] = recipe["ms"] / r["ms"]
+        print(json.dumps(row), flush=True)
+        save(out, data)
+        if name.endswith("torchao"):  # torchao changed the dense layers in place: the next variant needs a new model
+            fresh()
+        elif name.startswith("rtlynx"):
+            rtlynx.unsparsify(model)
+    print(json.dumps(data["summary"], indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -257,11 +361,17 @@ def main(argv=None) -> int:
     q.add_argument("--sweep", action="store_true", help="time every FP8 GEMM config per shape and use the best")
     q.add_argument("--quick", action="store_true", help="first 3 shapes only")
     q.add_argument("--reps", type=int, default=50, help="timed replays per variant")
+    q = sub.add_parser("e2e", help="FLUX.1-dev compiled forward: bf16, FP8 recipe, rtlynx FP8", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--out", default=str(RESULTS / "fp8_h200.json"), help="results JSON (merged)")
+    q.add_argument("--reps", type=int, default=10, help="timed forwards per variant")
+    q.add_argument("--variants", nargs="+", default=list(E2E_VARIANTS), choices=E2E_VARIANTS,
+                   help="in this order (dense first: the ratios need it)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8.py: needs a CUDA GPU (sm_90)", file=sys.stderr)
         return 2
-    return {"linear": cmd_linear}[args.cmd](args)
+    return {"linear": cmd_linear, "e2e": cmd_e2e}[args.cmd](args)
 
 
 if __name__ == "__main__":

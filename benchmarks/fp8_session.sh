@@ -27,10 +27,14 @@ save() { cp "$RES" "$OUT/" 2>/dev/null; true; }
 case $what in
   kernels)
     timeout ${TEST_S:-170} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kernels.py ${GPU_TESTS} \
-      -o log_level=WARNING 2>&1 | tail -40 | tee "$OUT/fp8_tests.txt"
+      -o log_level=WARNING 2>&1 > "$OUT/fp8_tests_full.txt"; tail -15 "$OUT/fp8_tests_full.txt"
     timeout ${LIN_S:-220} python3 benchmarks/fp8.py linear --sweep --out $RES 2>&1 | tee "$OUT/fp8_linear.txt"
     save ;;
   e2e)
+    if [ -n "$FP8_TESTS" ]; then
+      timeout ${TEST_S:-90} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_fp8_kernels.py \
+        -o log_level=WARNING 2>&1 > "$OUT/fp8_tests_full.txt"; tail -15 "$OUT/fp8_tests_full.txt"
+    fi
     timeout ${E2E_S:-520} python3 benchmarks/fp8.py e2e --out $RES "$@" 2>&1 | tee "$OUT/fp8_e2e.txt"
     save ;;
   quality)

@@ -20,8 +20,8 @@ UTIL=""
 [[ -f $INC/cutlass/util/packed_stride.hpp ]] || UTIL="-I$INC/../tools/util/include"
 FLAGS="-std=c++17 -O3 -DNDEBUG -DCUTLASS_ENABLE_GDC_FOR_SM90 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Xcompiler -fPIC -I$INC $UTIL -I. -Xptxas -v"
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
-srcs=(prune_compress_sm90.cu sparse_gemm_sm90_dispatch.cu)
-if [[ ${RTLYNX_CHECK_ALL:-0} == 1 ]]; then srcs+=(sparse_gemm_sm90_t*.cu); else srcs+=(sparse_gemm_sm90_t128x128_coop_c2x1.cu); fi
+srcs=(prune_compress_sm90.cu sparse_gemm_sm90_dispatch.cu sparse_gemm_fp8_sm90_dispatch.cu sparse_gemm_fp8_sm90_f8_t128x256x128_coop_c2x1.cu)
+if [[ ${RTLYNX_CHECK_ALL:-0} == 1 ]]; then srcs+=(sparse_gemm_sm90_t*.cu sparse_gemm_fp8_sm90_f8_*.cu); else srcs+=(sparse_gemm_sm90_t128x128_coop_c2x1.cu); fi
 pids=()
 for s in "${srcs[@]}"; do
   ( $NVCC $FLAGS -c "$s" -o "$TMP/${s%.cu}.o" > "$TMP/${s%.cu}.log" 2>&1 || { echo "FAILED: $s"; cat "$TMP/${s%.cu}.log" | grep -v "^ptxas info" | tail -30; exit 1; } ) &

@@ -317,27 +317,35 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
   uint4 kept[kMaxRuns];
   float sx = 0.f, sp = 0.f;
   uint32_t amax = 0;  // max |kept| as 16-bit magnitude bits: the order of the values, NaN above +inf
+  // All of the thread's loads are issued before any is used (up to 16 x 16 bytes in flight per thread).
+  uint4 in[kMaxRuns][2];
 #pragma unroll
   for (int j = 0; j < kMaxRuns; ++j) {
     const int c = sub + kRow * j;
-    if (c >= runs) break;
     const int k = c * 16;
-    uint4 in[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-    if (row_ok && k < K) {
-      in[0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-      if (k + 16 <= K) in[1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+    in[j][0] = make_uint4(0, 0, 0, 0);
+    in[j][1] = make_uint4(0, 0, 0, 0);
+    if (row_ok && c < runs && k < K) {
+      in[j][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      if (k + 16 <= K) in[j][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
     }
-    if constexpr (kAct == 1) {
-      uint16_t* e = reinterpret_cast<uint16_t*>(in);
+  }
 #pragma unroll
-      for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
+  for (int j = 0; j < kMaxRuns; ++j) {
+    const int c = sub + kRow * j;
+    if (c < runs) {
+      if constexpr (kAct == 1) {
+        uint16_t* e = reinterpret_cast<uint16_t*>(in[j]);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
+      }
+      uint16_t word;
+      process_run<T, true>(in[j], kept[j], word, sx, sp);
+      meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
+      const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) amax = max(amax, uint32_t(kv[i] & 0x7FFFu));
     }
-    uint16_t word;
-    process_run<T, true>(in, kept[j], word, sx, sp);
-    meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
-    const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) amax = max(amax, uint32_t(kv[i] & 0x7FFFu));
   }
   // Row reduction (sums and the max) over the kRow threads of the row.
 #pragma unroll
@@ -380,7 +388,7 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
 #pragma unroll
   for (int j = 0; j < kMaxRuns; ++j) {
     const int c = sub + kRow * j;
-    if (c >= runs) break;
+    if (c >= runs) continue;
     const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
     uint32_t lo = 0, hi = 0;
 #pragma unroll
@@ -525,8 +533,5 @@ extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const 
   if (dtype == RTLYNX_BF16)
     return act ? launch_fp8<__nv_bfloat16, 1>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st)
                : launch_fp8<__nv_bfloat16, 0>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st);
-  if (dtype == RTLYNX_FP16)
-    return act ? launch_fp8<__half, 1>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st)
-               : launch_fp8<__half, 0>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st);
-  return RTLYNX_ERR_CONFIG;
+  return RTLYNX_ERR_CONFIG;  // bf16 only: the FP8 GEMM writes bf16
 }

@@ -63,7 +63,7 @@ int rtlynx_sparse_gemm_sm90_config_info(int config, int* smem_bytes, int* stages
 
 
 // ---------------------------------------------------------------------------------------------- FP8 (e4m3)
-// Prune X [M, K] to 2:4 (act 1: X = GELU_tanh(loaded), as rtlynx_gelu_prune_compress_sm90), then quantise the kept
+// Prune X [M, K] bf16 to 2:4 (act 1: X = GELU_tanh(loaded), as rtlynx_gelu_prune_compress_sm90), then quantise the kept
 // values per token: sx[m] = absmax(kept) / 448, values = e4m3(kept / sx) (saturating) [M, Kp/2] bytes (row stride
 // ldv >= Kp/2, a multiple of 16), meta in the 8-bit sm90 layout (Mp * Kp / 8 bytes: byte(m, k) = 16 m + (k % 128)/8
 // + 16 Mp (k / 128)), rs[m] = s[m] * sx[m] (the GEMM's row scale); sx and s (norm scale, 1 without norm) are

@@ -154,6 +154,7 @@ class Site:
         self.wext, self.bias, self.lora_a = wext, bias, lora_a
         self._wext_nolora = wext[:, :kp] if rp else wext  # the operand without its LoRA tail (row stride Kg)
         self._wptrs = tuple(w.data_ptr() for w in self._weights)  # re-pointed at the operand
+        self._prepare_fp8()
 
     def release(self) -> None:
         """Give every layer parameters that own their storage again (unsparsify; diffusers / safetensors saving
@@ -184,6 +185,15 @@ class Site:
     def refresh_overrides(self) -> None:
         self._uniform = not any(l._override for l in self.layers)
         self._fast = None
+        self._prepare_fp8()
+
+    def _prepare_fp8(self) -> None:
+        """Quantise the FP8 operand now (sparsify / configure / build), not at a first call that torch.compile may
+        be tracing with fake tensors."""
+        settings = getattr(self.layers[0], "_settings", None)
+        if (settings is not None and settings.config.dtype == "fp8" and getattr(self, "_wext_nolora", None) is not None
+                and self._wext_nolora.is_cuda):
+            self.fp8_operand()
 
     def _slow_reason(self) -> str | None:
         lim = SPEED_RULES["max_dense_features"]
@@ -288,6 +298,10 @@ class Site:
         (rtlynx.reference.fp8.quantize_weight_e4m3), made once per build (weights changed in place: call build())."""
         if self._fp8 is None:
             from .reference.fp8 import quantize_rows_e4m3
+
+            if _is_compiling():
+                raise RuntimeError(f"site {self.name!r}: the FP8 operand must exist before torch.compile traces the "
+                                   "model (rtlynx.sparsify / configure with dtype='fp8' make it)")
 
             with torch.no_grad():
                 self._fp8 = quantize_rows_e4m3(self._wext_nolora)  # zero padding columns: scales unchanged

@@ -39,11 +39,19 @@ def raw_prune(x, norm=True, eps=1e-8, act=0):
     return values.view(FP8), meta, rs, sx, s
 
 
+def same_fp8(got, want):
+    """e4m3 tensors equal bit for bit, except that a NaN only has to be a NaN (its sign is not specified: inf/inf
+    is -NaN on x86 CPUs and +NaN on the GPU)."""
+    g, w = got.cpu().view(torch.uint8), want.cpu().view(torch.uint8)
+    gn, wn = got.cpu().float().isnan(), want.cpu().float().isnan()
+    return torch.equal(gn, wn) and torch.equal(g[~gn], w[~wn])
+
+
 def check_prune(x, norm=True, act=0):
     got = raw_prune(x, norm=norm, act=act)
     ref = rf8.compress_sm90_fp8(x.cpu(), norm=norm, act="gelu_tanh" if act else None)
     v, m_, rs, sx, s = got
-    assert torch.equal(v.view(torch.uint8).cpu(), ref[0].view(torch.uint8)), "values differ"
+    assert same_fp8(v, ref[0]), "values differ"
     assert torch.equal(m_.cpu(), ref[1]), "metadata differs"
     torch.testing.assert_close(sx.cpu(), ref[3], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(s.cpu(), ref[4], rtol=2e-6, atol=0, equal_nan=True)  # fp32 sums, other order
@@ -55,9 +63,8 @@ SHAPES = [(1, 8), (1, 64), (3, 200), (7, 128), (64, 256), (65, 520), (333, 3072)
 
 
 @pytest.mark.parametrize("m,k", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prune_quant_bitwise(m, k, dtype, gen):
-    check_prune(rnd((m, k), dtype, gen, scale=3.0))
+def test_prune_quant_bitwise(m, k, gen):
+    check_prune(rnd((m, k), torch.bfloat16, gen, scale=3.0))
 
 
 @pytest.mark.parametrize("m,k", [(5, 136), (300, 3072), (77, 12288)])
@@ -77,9 +84,7 @@ def test_prune_quant_special_rows(gen):
     x[5, :8] = torch.tensor([1, -1, 1, -1, 0.5, 2, -2, 2], dtype=x.dtype)  # ties
     got = raw_prune(x)
     ref = rf8.compress_sm90_fp8(x.cpu())
-    ok = [i for i in range(70) if i != 1]  # NaN row: values compared by NaN-ness (NaN sign is not specified)
-    assert torch.equal(got[0].view(torch.uint8).cpu()[ok], ref[0].view(torch.uint8)[ok])
-    assert torch.equal(got[0].float().isnan().cpu()[1], ref[0].float().isnan()[1])
+    assert same_fp8(got[0], ref[0])  # rows 1 (a NaN) and 2 (inf / inf) hold NaNs
     assert torch.equal(got[1].cpu(), ref[1])
     torch.testing.assert_close(got[3].cpu(), ref[3], rtol=0, atol=0, equal_nan=True)
     assert got[3][0] == 0 and got[3][1].isnan() and got[2][1].isnan()
@@ -93,15 +98,16 @@ def test_gemm_every_config(m, n, kg, gen):
     bias = rnd((n,), torch.bfloat16, gen)
     v, meta, rs, sx, s = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
     wq, sw = rf8.quantize_weight_e4m3(w)
-    ref = rf8.sparse_gemm_fp8(v.cpu(), meta.cpu(), wq.cpu(), rs.cpu(), sw.cpu(), bias.cpu()).float()
+    ops = [t.cpu() for t in (v, meta, wq, rs, sw)]
+    refs = {True: rf8.sparse_gemm_fp8(*ops, bias.cpu()).float(), False: rf8.sparse_gemm_fp8(*ops, None).float()}
     for cid, name in enumerate(kf8.config_names()):
         if kg % kf8.TILE_K[name]:
             continue
         for b in (bias, None):
             y = kf8.sparse_gemm_fp8_sm90(v, meta, wq, rs, sw, b, cid, 0)
-            want = ref if b is not None else ref - bias.cpu().float()
+            want = refs[b is not None]
             err = ((y.float().cpu() - want).norm() / want.norm()).item()
-            assert err < 4e-3, (name, err)
+            assert err < 4e-3, (name, b is not None, err)
 
 
 def test_site_splits_and_linear_match_reference(gen):
@@ -129,6 +135,8 @@ def test_empty_batch_and_refusals(gen):
     with pytest.raises(ValueError):
         kf8.fp8_linear(x.float(), wq, sw)
     with pytest.raises(ValueError):
+        kf8.prune_quant_fp8_sm90(x.half(), True, 1e-8)
+    with pytest.raises(ValueError):
         kf8.fp8_site_sm90(x, wq, sw, None, [32, 16], True, 1e-8)  # splits do not cover N
     v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
     with pytest.raises(ValueError):
@@ -141,8 +149,11 @@ def test_opcheck(gen):
     wq, sw = kf8.quantize_weight(w)
     torch.library.opcheck(kf8.prune_quant_fp8_sm90, (x, True, 1e-8, 0))
     v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
-    torch.library.opcheck(kf8.sparse_gemm_fp8_sm90, (v, meta, wq, rs, sw, None, -1, 0))
-    torch.library.opcheck(kf8.fp8_site_sm90, (x, wq, sw, None, [128, 8], True, 1e-8, 0))
+    # opcheck's schema test clones and compares the float8 inputs with ops torch does not implement for float8
+    # ("mul_cuda" for Float8_e4m3fn): the other checks run
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(kf8.sparse_gemm_fp8_sm90, (v, meta, wq, rs, sw, None, -1, 0), test_utils=no_schema)
+    torch.library.opcheck(kf8.fp8_site_sm90, (x, wq, sw, None, [128, 8], True, 1e-8, 0), test_utils=no_schema)
 
 
 # ------------------------------------------------------------------------------------------ sites, whole models
