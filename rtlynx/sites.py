@@ -250,8 +250,9 @@ class Site:
             try:
                 y = self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, check=True)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
-                backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
-                                                f"running its layers one by one")
+                if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
+                    backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
+                                                    f"running its layers one by one")
             else:
                 self._validated(cfg, x2)
                 return y.reshape(*lead, layer.out_features)
@@ -324,7 +325,8 @@ class Site:
                     y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, layer.compensation == "norm",
                                            cfg.eps, check=path == "checked")
                 except ops.Unsupported as e:
-                    backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
+                    if not isinstance(e, ops.LibraryUnavailable):  # no kernels: the backend fallback warns
+                        backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
                 else:
                     self._validated(cfg, h2)
                     return y.reshape(*h.shape[:-1], layer.out_features)

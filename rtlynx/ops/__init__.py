@@ -20,11 +20,9 @@ import functools
 
 import torch
 
+from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
-
-
-class Unsupported(RuntimeError):
-    """The lynx kernels cannot run this call (device, dtype, pattern, shape); fall back to the reference."""
+from ._checks import LibraryUnavailable, Unsupported, check_activation, check_rows, check_vector, check_weight
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,37 +34,48 @@ def _status(device_index: int) -> tuple[bool, str]:
         return False, f"needs an sm_90 (Hopper) GPU, device {device_index} is sm_{major}{minor}"
     import os
 
-    if os.environ.get("RTLYNX_LIB"):
-        return (True, "prebuilt library " + os.environ["RTLYNX_LIB"]) if os.path.exists(os.environ["RTLYNX_LIB"]) \
-            else (False, f"RTLYNX_LIB={os.environ['RTLYNX_LIB']} does not exist")
+    if os.environ.get("RTLYNX_LIB"):  # loading a prebuilt library is cheap: try it (a failure is remembered)
+        try:
+            _lib.lib()
+        except LibraryUnavailable as e:
+            return False, str(e)
+        return True, "prebuilt library " + os.environ["RTLYNX_LIB"]
     from . import _build
 
-    if _build.find_nvcc() is None:
-        return False, "nvcc not found (needed to build the kernels once; set CUDA_HOME)"
-    if _build.find_cutlass_include() is None:
-        return False, "CUTLASS headers not found (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE)"
-    return True, "sm_90 GPU, kernels built or buildable"
+    try:
+        tc = _build.toolchain()  # runs nvcc --version: a path that exists is not yet a compiler
+    except _build.BuildError as e:
+        return False, f"{e} (needed to build the kernels once)"
+    built = _build.cached_library(tc)
+    if built is not None:
+        return True, f"sm_90 GPU, kernels built ({built})"
+    return True, (f"sm_90 GPU, kernels not built yet (nvcc {tc['nvcc_version']}, CUTLASS {tc['cutlass_version']}): "
+                  "the first kernel call builds them (1-2 min, once), or run `rtlynx build`")
 
 
 def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
     """Whether the lynx kernels can run on CUDA device ``device_index`` (default: the current one), and
     why not. Cheap, cached."""
+    failed = _lib.failure()
+    if failed is not None:  # a build / load that failed in this process is not retried
+        return False, failed
     if not torch.cuda.is_available():
         return _status(-1)
     return _status(torch.cuda.current_device() if device_index is None else device_index)
 
 
+def _check_device(index: int | None) -> None:
+    """The kernels can run on CUDA device ``index`` and the library is loaded (built on first use)."""
+    ok, why = lynx_status(index)
+    if not ok:
+        raise (Unsupported if _lib.failure() is None else LibraryUnavailable)(why)
+    _lib.lib()  # LibraryUnavailable (an Unsupported) if the build or load fails
+
+
 def _check_x(x2d: torch.Tensor) -> None:
-    if x2d.dim() != 2:
-        raise Unsupported(f"expected a 2-D [M, K] input, got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
-        raise Unsupported(f"lynx kernels take bf16/fp16 activations, got {x2d.dtype}")
-    if x2d.device.type not in ("cuda", "meta"):
-        raise Unsupported(f"lynx kernels need a CUDA tensor, got {x2d.device}")
+    check_activation(x2d)
     if x2d.device.type == "cuda" and not torch.compiler.is_compiling():
-        ok, why = _status(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
-        if not ok:
-            raise Unsupported(why)
+        _check_device(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
 
 
 def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
@@ -205,4 +214,4 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
     return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps), persistent=True)
 
 
-__all__ = ["Unsupported", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
+__all__ = ["LibraryUnavailable", "Unsupported", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
