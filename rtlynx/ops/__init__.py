@@ -22,7 +22,7 @@ import torch
 
 from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
-from ._checks import LibraryUnavailable, Unsupported, check_activation, check_rows, check_vector, check_weight
+from ._checks import LibraryUnavailable, Unsupported, check_activation, check_devices, check_site
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +109,9 @@ def lynx_gelu_linear(h2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if k % 8 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 8:
         raise Unsupported(f"lynx_gelu_linear needs h [M, K], weight [N, K] with K, N % 8 == 0; got "
                           f"{tuple(h2d.shape)}, {tuple(weight.shape)}")
+    check_devices(h2d, weight=weight, bias=bias)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise Unsupported(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     dt = h2d.dtype
     wext = weight.to(dt).contiguous() if k % 128 == 0 else _sm90.WEIGHT_CACHE.get(weight.to(dt), None, k)
     values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
@@ -138,8 +141,9 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise Unsupported(f"bias must be [{nn_}], got {tuple(bias.shape)}")
     if (lora_a is None) != (lora_b is None):
         raise Unsupported("lora_a and lora_b must be given together")
-    if lora_a is not None and (lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
+    if lora_a is not None and (lora_a.dim() != 2 or lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
         raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x {tuple(x2d.shape)}")
+    check_devices(x2d, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     dt = x2d.dtype
     weight = weight.to(dt)
     bias = None if bias is None else bias.to(dt).contiguous()
@@ -158,22 +162,7 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _check_site(x2d, wext, bias, lora_a, splits):
     _check_x(x2d)
-    k = x2d.shape[1]
-    if k % 8:
-        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
-    kp = _sm90.round_up(k, 128)
-    rp = 0 if lora_a is None else lora_a.shape[0]
-    if (wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or wext.stride(1) != 1 or wext.stride(0) < wext.shape[1]
-            or wext.stride(0) % 8 or wext.dtype != x2d.dtype or rp % 64
-            or (not torch.compiler.is_compiling() and wext.data_ptr() % 16)):
-        raise Unsupported(f"site operand {tuple(wext.shape)} (row stride {wext.stride(0)}) {wext.dtype} does not fit "
-                          f"x {tuple(x2d.shape)} {x2d.dtype} (LoRA rows {rp})")
-    if sum(splits) != wext.shape[0] or any(n <= 0 or n % 8 for n in splits):
-        raise Unsupported(f"site splits {list(splits)} must be positive multiples of 8 summing to N={wext.shape[0]}")
-    if bias is not None and (tuple(bias.shape) != (wext.shape[0],) or bias.dtype != x2d.dtype or not bias.is_contiguous()):
-        raise Unsupported(f"site bias {tuple(bias.shape)} {bias.dtype} does not fit N={wext.shape[0]}")
-    if lora_a is not None and (tuple(lora_a.shape) != (rp, k) or lora_a.dtype != x2d.dtype):
-        raise Unsupported(f"site lora_a {tuple(lora_a.shape)} does not fit K={k}")
+    check_site(x2d, wext, bias, lora_a, splits)
 
 
 def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,

@@ -35,9 +35,22 @@ def check_tensor(t, name: str, like: torch.Tensor, dtype: torch.dtype | None = N
         raise Unsupported(f"{name} {_where(t)} must be {str(dtype).replace('torch.', '')}")
 
 
+def check_devices(like: torch.Tensor, **tensors) -> None:
+    """Every given tensor (None: skipped) is on ``like``'s device (a pointer into host memory would reach a kernel)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise Unsupported(f"{name} {_where(t)} is not on the input's device {like.device}")
+
+
 def check_aligned(t: torch.Tensor, name: str) -> None:
-    """16-byte aligned start (eager CUDA tensors only: fakes have no address)."""
-    if t.device.type == "cuda" and not torch.compiler.is_compiling() and t.data_ptr() % 16:
+    """16-byte aligned start (real CUDA tensors only: meta and fake tensors have no address)."""
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a FakeTensor (opcheck, tracing)
+        return
+    if ptr % 16:
         raise Unsupported(f"{name} {_where(t)} does not start on a 16-byte boundary (a view at an odd offset?)")
 
 
@@ -90,6 +103,72 @@ def check_meta(meta, values: torch.Tensor, kg: int) -> None:
     check_aligned(meta, "meta")
 
 
+def check_prune(x, h=None, rows: bool = True) -> None:
+    """Operands of ``rtlynx::prune_compress_sm90``: x [M, K] with K % 8 == 0, row-major (``rows``); h [M, r] or
+    None."""
+    check_activation(x)
+    k = x.shape[1]
+    if k % 8:
+        raise Unsupported(f"x {_where(x)}: K must be a multiple of 8")
+    if rows:
+        check_rows(x, "x", x, None, k)
+    if h is not None:
+        check_tensor(h, "h", x)
+        if h.dim() != 2 or h.shape[0] != x.shape[0]:
+            raise Unsupported(f"h {_where(h)} must be [{x.shape[0]}, r]")
+        if h.shape[1] % 64 == 0:  # used in place (else padded into a copy)
+            check_rows(h, "h", x, x.shape[0], h.shape[1])
+
+
+def check_linear(x, weight, bias, lora_a, lora_b) -> None:
+    """Operands of ``rtlynx::sparse_linear_sm90``: x [M, K] (K % 8 == 0), weight [N, K'] row-major (N % 8 == 0;
+    K - 8 < K' <= K, x zero-padded),
+    bias [N], lora_a [r, K] with lora_b [N, r] or neither; all in x's dtype, on x's device."""
+    check_prune(x)
+    k = x.shape[1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise Unsupported("weight must be a 2-D tensor [N, K]")
+    n, kw = weight.shape
+    if not k - 8 < kw <= k:  # x may carry up to 7 zero columns of padding to K % 8 == 0 (rtlynx.ops.lynx_linear)
+        raise Unsupported(f"weight {_where(weight)} does not fit x {_where(x)}")
+    check_weight(weight, "weight", x, kw)
+    if bias is not None:
+        check_vector(bias, "bias", x, n)
+    if (lora_a is None) != (lora_b is None):
+        raise Unsupported("lora_a and lora_b must be given together")
+    if lora_a is not None:
+        check_tensor(lora_a, "lora_a", x)
+        check_tensor(lora_b, "lora_b", x)
+        if lora_a.dim() != 2 or lora_a.shape[1] != k or tuple(lora_b.shape) != (n, lora_a.shape[0]):
+            raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x "
+                              f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+
+
+def check_site(x, wext, bias, lora_a, splits) -> None:
+    """Operands of an activation site (``rtlynx::sparse_site_sm90``, ``gelu_site_sm90``): x [M, K] with K % 8 == 0
+    (any strides: the callers make it row-major);
+    the operand wext [N, Kp + 2 rp] (Kp = round_up(K, 128), rp = lora_a's rows, a multiple of 64), row-major,
+    in x's dtype; splits positive multiples of 8 summing to N; bias [N]; lora_a [rp, K]."""
+    check_activation(x)
+    k = x.shape[1]
+    if k % 8:
+        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
+    kp = (k + 127) // 128 * 128
+    rp = 0 if lora_a is None else lora_a.shape[0]
+    if not isinstance(wext, torch.Tensor) or wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or rp % 64:
+        raise Unsupported(f"site operand {_where(wext) if isinstance(wext, torch.Tensor) else wext!r} does not fit "
+                          f"x {_where(x)} (LoRA rows {rp})")
+    check_weight(wext, "site operand", x, kp + 2 * rp)
+    if sum(splits) != wext.shape[0] or any(n <= 0 or n % 8 for n in splits):
+        raise Unsupported(f"site splits {list(splits)} must be positive multiples of 8 summing to N={wext.shape[0]}")
+    if bias is not None:
+        check_vector(bias, "site bias", x, wext.shape[0])
+    if lora_a is not None:
+        check_tensor(lora_a, "site lora_a", x)
+        if tuple(lora_a.shape) != (rp, k):
+            raise Unsupported(f"site lora_a {_where(lora_a)} does not fit K={k}")
+
+
 def check_gemm(values, meta, weight, scale, bias) -> None:
     """Operands of ``rtlynx::sparse_gemm_sm90``: values [M, Kg/2], meta, weight [N, Kg] (Kg % 128 == 0),
     scale [M] float32 or None, bias [N] or None."""
@@ -110,5 +189,6 @@ def check_gemm(values, meta, weight, scale, bias) -> None:
         check_vector(bias, "bias", values, weight.shape[0])
 
 
-__all__ = ["KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation", "check_aligned", "check_gemm",
-           "check_meta", "check_rows", "check_tensor", "check_vector", "check_weight"]
+__all__ = ["KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation", "check_aligned", "check_devices",
+           "check_gemm", "check_linear", "check_meta", "check_prune", "check_rows", "check_site", "check_tensor",
+           "check_vector", "check_weight"]
