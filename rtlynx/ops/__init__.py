@@ -113,6 +113,8 @@ def lynx_gelu_linear(h2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise Unsupported(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     dt = h2d.dtype
+    if h2d.shape[0] == 0:
+        return h2d.new_empty(0, weight.shape[0])
     wext = weight.to(dt).contiguous() if k % 128 == 0 else _sm90.WEIGHT_CACHE.get(weight.to(dt), None, k)
     values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
     return _sm90.sparse_gemm_sm90(values, meta, wext, scale if norm else None,
