@@ -26,7 +26,7 @@ SUPPORTED_M = (2, 4, 8, 16)
 
 def check_pattern(n: int, m: int) -> None:
     """Raise a clear ValueError for an unsupported N:M pattern."""
-    if not (isinstance(n, int) and isinstance(m, int)):
+    if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or isinstance(m, bool):
         raise TypeError(f"N:M pattern must be two ints, got n={n!r}, m={m!r}")
     if m not in SUPPORTED_M:
         raise ValueError(f"m must be one of {SUPPORTED_M}, got m={m}")
