@@ -66,7 +66,10 @@ def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
 
 def _check_device(index: int | None) -> None:
     """The kernels can run on CUDA device ``index`` and the library is loaded (built on first use)."""
-    ok, why = lynx_status(index)
+    failed = _lib.failure()
+    if failed is not None:
+        raise LibraryUnavailable(failed)
+    ok, why = _status(index)  # cached per device (no driver query on the hot path)
     if not ok:
         raise (Unsupported if _lib.failure() is None else LibraryUnavailable)(why)
     _lib.lib()  # LibraryUnavailable (an Unsupported) if the build or load fails

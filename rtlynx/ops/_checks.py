@@ -44,7 +44,7 @@ def check_devices(like: torch.Tensor, **tensors) -> None:
 
 def check_aligned(t: torch.Tensor, name: str) -> None:
     """16-byte aligned start (real CUDA tensors only: meta and fake tensors have no address)."""
-    if t.device.type != "cuda" or torch.compiler.is_compiling():
+    if not t.is_cuda or torch.compiler.is_compiling():
         return
     try:
         ptr = t.data_ptr()
@@ -58,9 +58,11 @@ def check_rows(t, name: str, like: torch.Tensor, rows: int | None, cols: int, dt
     """A row-major matrix ``[rows, cols]`` (rows None: any) the kernels read in 16-byte runs: stride(1) == 1 and a
     row stride >= cols, a multiple of 8 elements; 16-byte aligned."""
     check_tensor(t, name, like, dtype)
-    if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or t.shape[1] != cols:
+    shape = t.shape  # (attributes read once: these checks sit on per-call paths)
+    if len(shape) != 2 or (rows is not None and shape[0] != rows) or shape[1] != cols:
         raise Unsupported(f"{name} {_where(t)} must be [{'*' if rows is None else rows}, {cols}]")
-    if (cols > 1 and t.stride(1) != 1) or (t.shape[0] > 1 and (t.stride(0) < cols or t.stride(0) % 8)):
+    ld, inner = t.stride()
+    if (cols > 1 and inner != 1) or (shape[0] > 1 and (ld < cols or ld % 8)):
         raise Unsupported(f"{name} {_where(t)} must be row-major with a row stride >= {cols} and a multiple of 8, "
                           f"got strides {t.stride()}")
     check_aligned(t, name)
@@ -69,7 +71,7 @@ def check_rows(t, name: str, like: torch.Tensor, rows: int | None, cols: int, dt
 def check_vector(t, name: str, like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> None:
     """A contiguous ``[n]`` vector (bias, scale)."""
     check_tensor(t, name, like, dtype)
-    if tuple(t.shape) != (n,) or not t.is_contiguous():
+    if t.shape != (n,) or not t.is_contiguous():
         raise Unsupported(f"{name} {_where(t)} must be a contiguous [{n}] vector")
     check_aligned(t, name)
 
