@@ -222,6 +222,8 @@ def test_build_cli(fake, tmp_path, monkeypatch, capsys):
     assert "--jobs" in out and "(default: 4)" in out and "--no-link" in out and str(tmp_path / "build") in out.replace(" ", "")
     assert main(["build", "--no-link", "-j", "2"]) == 0
     assert "V13.0.88" in capsys.readouterr().out and fake("link") == 0
+    assert _build.main(["--jobs", "2"]) == 0  # python -m rtlynx.ops._build: the same command (links here)
+    assert fake("compile") == len(_build.sources()) and fake("link") == 1
     monkeypatch.setenv("FAKE_NVCC_FAIL", "dispatch")
     _build.nvcc_version.cache_clear()
     monkeypatch.setenv("FAKE_NVCC_VERSION", "13.0.89")  # new keys: compiles again, and fails

@@ -5,22 +5,27 @@ from __future__ import annotations
 import argparse
 import os
 
+DESCRIPTION = ("Compile csrc/*.cu with nvcc into the cached kernel library. Needs nvcc and the CUTLASS headers, "
+               "not a GPU: with --no-link the objects can be built on any machine and carried to the GPU machine's "
+               "build dir (see rtlynx/ops/_build.py).")
 
-def register(subparsers) -> None:
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     from rtlynx.ops import _build
 
-    p = subparsers.add_parser(
-        "build", help="compile the lynx sm_90 kernels now (cached; otherwise the first kernel call builds them)",
-        description="Compile csrc/*.cu with nvcc into the cached kernel library. Needs nvcc and the CUTLASS "
-                    "headers, not a GPU: with --no-link the objects can be built on any machine and carried to "
-                    "the GPU machine's build dir (see rtlynx/ops/_build.py).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--jobs", "-j", type=int, default=_build.default_jobs(),
                    help="parallel nvcc processes (MAX_JOBS or the CPU count)")
     p.add_argument("--build-dir", default=str(_build.build_dir()),
                    help="cache folder (RTLYNX_BUILD_DIR or ~/.cache/rtlynx/sm90)")
     p.add_argument("--no-link", action="store_true", help="compile the objects only (no GPU machine needed)")
     p.add_argument("--verbose", "-v", action="store_true", help="print each unit as it finishes")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="compile the lynx sm_90 kernels now (cached; otherwise the first kernel call builds them)",
+        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -40,7 +45,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtlynx.ops._build")
-    register(parser.add_subparsers())
-    args = parser.parse_args(["build", *(argv if argv is not None else __import__("sys").argv[1:])])
-    return args.func(args)
+    """``python -m rtlynx.ops._build``: the same command."""
+    p = argparse.ArgumentParser(prog="python -m rtlynx.ops._build", description=DESCRIPTION,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_arguments(p)
+    return run(p.parse_args(argv))
