@@ -7,7 +7,10 @@ Public API (nothing CUDA is imported or built at import time):
 - :func:`prune_compress` (x2d) -> (values, meta, scale) in the sm90 layout (rtlynx.reference.sm90)
 - :func:`gelu_prune_compress` (h2d) -> the same for x = GELU_tanh(h2d), computed inside the prune pass
 - :func:`lynx_gelu_linear` (h2d, weight, bias, norm) -> y2d: the MLP down-projection from its pre-activation
-- :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
+- :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning); the operand
+  checks live in :mod:`rtlynx.ops._checks` (one ``check_*`` per operand kind, for new ops to reuse).
+- :class:`LibraryUnavailable` (an Unsupported): the kernel library could not be built or loaded; remembered for the
+  process (``lynx_status`` then reports it, and nothing is rebuilt per call).
 
 The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
 ``rtlynx::gelu_prune_compress_sm90``, ``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at
