@@ -90,6 +90,8 @@ def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8
     mrows, k = x.shape
     if k % 16 or weight.shape[0] % 16:
         raise BackendUnavailable(f"cuSPARSELt needs K and N multiples of 16, got K={k}, N={weight.shape[0]}")
+    if mrows == 0:  # an empty batch: nothing to compress (cuSPARSELt refuses 0 rows)
+        return x.new_empty(0, weight.shape[0])
     xp = reference.prune_nm(x, n, m)
     pad = (-mrows) % 16
     xs = F.pad(xp, (0, 0, 0, pad)) if pad else xp
@@ -109,8 +111,9 @@ def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8
 def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
     if fp8:
         raise BackendUnavailable("the FP8 sparse kernels are not built yet (dtype='fp8' is emulated)")
-    if not _lynx_ok(_device_index(x)):
-        raise BackendUnavailable(lynx_status(_device_index(x))[1] if x.is_cuda else "x is not on a CUDA device")
+    idx = _device_index(x)
+    if not _lynx_ok(idx):
+        raise BackendUnavailable(lynx_status(idx)[1] if idx >= 0 else "x is not on a CUDA device")
     from . import ops
 
     try:

@@ -15,6 +15,14 @@ DTYPES = ("native", "fp8")
 CONFIG_VERSION = 1
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a rank
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class SparsityConfig:
     """How to sparsify a model.
@@ -63,8 +71,14 @@ class SparsityConfig:
 
     def __post_init__(self):
         check_pattern(self.n, self.m)
+        for name in ("include", "exclude"):  # a bare string would become a tuple of one-letter globs
+            globs = getattr(self, name)
+            if not isinstance(globs, (list, tuple)) or not all(isinstance(g, str) for g in globs):
+                raise ValueError(f"{name} must be a list of glob strings, got {globs!r}")
         self.include = tuple(self.include)
         self.exclude = tuple(self.exclude)
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a name or None, got {self.preset!r}")
         for name, value, allowed in (("compensation", self.compensation, COMPENSATIONS),
                                      ("backend", self.backend, BACKENDS),
                                      ("k_remainder", self.k_remainder, K_REMAINDER),
@@ -72,17 +86,16 @@ class SparsityConfig:
                                      ("dtype", self.dtype, DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+        if not _is_int(self.lora_rank) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
         for name in ("lora", "speed_rules", "fuse_sites"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-        if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))
-                                                   and 0.0 < self.dense_below_t <= 1.0):
+        if not (_is_real(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a number > 0, got {self.eps!r}")
+        if self.dense_below_t is not None and not (_is_real(self.dense_below_t) and 0.0 < self.dense_below_t <= 1.0):
             raise ValueError(f"dense_below_t must be None or in (0, 1], got {self.dense_below_t!r}")
-        if self.version != CONFIG_VERSION:
+        if not _is_int(self.version) or self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this rtlynx reads {CONFIG_VERSION})")
         if self.preset is None and not self.include:
             raise ValueError("preset=None needs include globs naming the layers to sparsify")
@@ -94,6 +107,8 @@ class SparsityConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparsityConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a SparsityConfig is read from a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -1,44 +1,54 @@
 """Save / load what sparsify adds to a model: config (JSON) + LoRA tensors (safetensors).
 
 The base weights are never written: loading re-applies everything to a freshly built model. Every
-check runs before the model is touched, so a failed load leaves it as it was.
+check (types of every field, shapes, dtypes, finite values, the checksum) runs before the model is touched, so a
+failed load leaves it as it was.
 
 Directory layout::
 
     rtlynx_config.json         {"format": 1, "model_class": ..., "config": {...},
-                                "layers": {name: {"in_features", "out_features", "lora_rank"}}}
-    rtlynx_lora.safetensors    "<layer name>.lora_A" [r, K], "<layer name>.lora_B" [N, r]
+                                "layers": {name: {"in_features", "out_features", "lora_rank"}},
+                                "lora_sha256": sha256 of rtlynx_lora.safetensors}
+    rtlynx_lora.safetensors    "<layer name>.lora_A" [r, K], "<layer name>.lora_B" [N, r] (floating point, finite)
+
+Saving into a new (or empty) directory writes both files into a temporary sibling and renames it into place
+(atomic). Replacing an existing save (``overwrite=True``) swaps the two files one after the other, tensors
+first: an interrupted swap leaves new tensors under the old config, which ``load`` refuses by the checksum.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from . import schedule
 from . import sites
-from .api import _apply, _as_module, config_of, settings_of, sparse_layers
-from .config import SparsityConfig
+from .api import _apply, _as_module, config_of, settings_of, sparse_layers, unsparsify
+from .config import SparsityConfig, _is_int
 from .nn import SparseActLinear
 
 CONFIG_FILE = "rtlynx_config.json"
 LORA_FILE = "rtlynx_lora.safetensors"
 FORMAT = 1
+LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def save(model, path, overwrite: bool = False) -> Path:
     """Write the sparsity config and LoRA tensors of ``model`` to directory ``path``.
 
-    Refuses to replace an existing rtlynx directory unless ``overwrite=True``; other files in the
-    directory are left alone. Written to a temporary directory first, so a crash leaves no half state.
+    Refuses to replace either file of an existing save unless ``overwrite=True``; other files in the
+    directory are left alone. Refuses NaN / Inf LoRA tensors. See the module docstring for what a crash leaves.
     """
     module = _as_module(model)
     layers = sparse_layers(module)
@@ -47,35 +57,76 @@ def save(model, path, overwrite: bool = False) -> Path:
     config = config_of(module) or SparsityConfig()
     overridden = sorted(n for n, l in layers.items() if l._override)
     if overridden:
-        import warnings
-
         warnings.warn(f"rtlynx.save: per-layer overrides ({overridden[:3]}{'...' if len(overridden) > 3 else ''}) are "
                       "not saved; the saved config is the model's", RuntimeWarning, stacklevel=2)
     path = Path(path)
-    if (path / CONFIG_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{path / CONFIG_FILE} exists; pass overwrite=True to replace it")
+    for f in (CONFIG_FILE, LORA_FILE):  # either file: never replace a LoRA file whose config was not there
+        if (path / f).exists() and not overwrite:
+            raise FileExistsError(f"{path / f} exists; pass overwrite=True to replace it")
+    tensors = {}
+    for n, l in layers.items():
+        if l.lora_A is not None:
+            tensors[f"{n}.lora_A"] = l.lora_A.detach().contiguous().cpu()
+            tensors[f"{n}.lora_B"] = l.lora_B.detach().contiguous().cpu()
+    _check_tensors(tensors, "rtlynx.save")
+    data = save_bytes(tensors, metadata={"format": str(FORMAT)})
     meta = {
         "format": FORMAT,
         "model_class": type(module).__name__,
         "config": config.to_dict(),
         "layers": {n: {"in_features": l.in_features, "out_features": l.out_features, "lora_rank": l.lora_rank}
                    for n, l in layers.items()},
+        "lora_sha256": hashlib.sha256(data).hexdigest(),
     }
-    tensors = {}
-    for n, l in layers.items():
-        if l.lora_A is not None:
-            tensors[f"{n}.lora_A"] = l.lora_A.detach().contiguous().cpu()
-            tensors[f"{n}.lora_B"] = l.lora_B.detach().contiguous().cpu()
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".rtlynx-tmp-"))
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh directory: build it as a sibling and rename it into place. An existing one: a temporary
+    # directory inside it (same file system), then one replace per file.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent if fresh else path, prefix=f".{path.name}.rtlynx-tmp-"))
     try:
-        save_file(tensors, str(tmp / LORA_FILE), metadata={"format": str(FORMAT)})
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the saved directory's mode
+        (tmp / LORA_FILE).write_bytes(data)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        for f in (LORA_FILE, CONFIG_FILE):  # config last: its presence marks a complete save
-            os.replace(tmp / f, path / f)
+        if fresh:
+            os.replace(tmp, path)  # an empty directory is replaced too
+        else:
+            for f in (LORA_FILE, CONFIG_FILE):  # config last: its checksum names the tensors it belongs to
+                os.replace(tmp / f, path / f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """LoRA tensors are floating point and finite (a NaN would poison every output it touches)."""
+    for key, t in tensors.items():
+        if t.dtype not in LORA_DTYPES:
+            raise ValueError(f"{where}: {key} is {t.dtype}; LoRA tensors must be one of "
+                             f"{[str(d).replace('torch.', '') for d in LORA_DTYPES]}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {key} holds NaN or Inf values")
+
+
+def _check_layers(meta: dict, cfg_file: Path) -> None:
+    """Types of every field of the layer table, before anything is applied (a rank of 4.0 fails here, not halfway
+    through changing the model)."""
+    if not isinstance(meta["model_class"], str):
+        raise ValueError(f"{cfg_file}: model_class must be a string, got {meta['model_class']!r}")
+    layers = meta["layers"]
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{cfg_file}: layers must be a non-empty object of layer name -> sizes")
+    for name, info in layers.items():
+        if not isinstance(info, dict) or set(info) != {"in_features", "out_features", "lora_rank"}:
+            raise ValueError(f"{cfg_file}: layers[{name!r}] must hold exactly in_features, out_features, lora_rank")
+        for key, low in (("in_features", 1), ("out_features", 1), ("lora_rank", 0)):
+            v = info[key]
+            if not _is_int(v) or v < low:
+                raise ValueError(f"{cfg_file}: layers[{name!r}].{key} must be an integer >= {low}, got {v!r}")
+    digest = meta.get("lora_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise ValueError(f"{cfg_file}: lora_sha256 must be a sha256 hex digest, got {digest!r}")
 
 
 def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -94,11 +145,24 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key in ("model_class", "config", "layers"):
         if key not in meta:
             raise ValueError(f"{cfg_file} lacks the field {key!r}")
-    SparsityConfig.from_dict(meta["config"])  # validates
     try:
-        tensors = load_file(str(lora_file))
+        SparsityConfig.from_dict(meta["config"])  # validates every field's type and value
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: bad config: {e}") from e
+    _check_layers(meta, cfg_file)
+    data = lora_file.read_bytes()
+    want = meta.get("lora_sha256")
+    if want is None:
+        warnings.warn(f"{cfg_file} records no checksum of {LORA_FILE} (saved by an older rtlynx): not verified",
+                      RuntimeWarning, stacklevel=3)
+    elif hashlib.sha256(data).hexdigest() != want:
+        raise ValueError(f"{lora_file} is corrupt or from another save: its sha256 does not match the one in "
+                         f"{CONFIG_FILE} (a damaged file, or an interrupted save: save again)")
+    try:
+        tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{lora_file} is corrupt: {e}") from e
+    _check_tensors(tensors, str(lora_file))
     return meta, tensors
 
 
@@ -138,7 +202,19 @@ def load(model, path, strict_class: bool = True):
     if present and set(present) != set(layers):
         raise ValueError("model is already sparsified with a different layer set; load into a fresh model")
 
-    # All checks passed: apply.
+    # All checks passed: apply. (A failure past this point is a bug; a fresh model is put back as it was.)
+    if not present:
+        try:
+            _apply_loaded(module, layers, config, tensors, present)
+        except BaseException:
+            unsparsify(module)
+            raise
+    else:
+        _apply_loaded(module, layers, config, tensors, present)
+    return model
+
+
+def _apply_loaded(module, layers: dict, config: SparsityConfig, tensors: dict, present: dict) -> None:
     if not present:
         _apply(module, list(layers), config, lora_rank=0)  # the saved LoRAs are added below
     settings = settings_of(module)
@@ -162,4 +238,3 @@ def load(model, path, strict_class: bool = True):
         site.refresh_overrides()
         site.build()  # the operands take the loaded LoRA tails
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
-    return model

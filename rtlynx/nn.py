@@ -168,6 +168,10 @@ class SparseActLinear(nn.Module):
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # nn.Linear refuses this too; the backends would otherwise cast x or W silently
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {self.weight.dtype} "
+                               "(SparseActLinear, like nn.Linear: cast the input or the layer)")
         return self._site.forward(self, x)
 
     def _forward_remainder(self, x: torch.Tensor) -> torch.Tensor:

@@ -262,8 +262,9 @@ class Site:
             try:
                 y = self._run_fused(layer, x, x2, use_lora, norm, cfg.eps, check=True, fp8=fp8)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
-                backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
-                                                f"running its layers one by one")
+                if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
+                    backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
+                                                    f"running its layers one by one")
             else:
                 self._validated(cfg, x2)
                 return y.reshape(*lead, layer.out_features)
@@ -384,7 +385,8 @@ class Site:
                     else:
                         y = ops.lynx_site_gelu(h2, self._operand(False)[0], self.bias, norm, cfg.eps, check=check)
                 except ops.Unsupported as e:
-                    backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
+                    if not isinstance(e, ops.LibraryUnavailable):  # no kernels: the backend fallback warns
+                        backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
                 else:
                     self._validated(cfg, h2)
                     return y.reshape(*h.shape[:-1], layer.out_features)

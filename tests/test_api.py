@@ -238,6 +238,16 @@ def test_load_errors_leave_model_untouched(tmp_path):
     _assert_untouched(fresh)
 
 
+def _rehash(path):
+    """Record the current LoRA file's sha256 in the config (as if saved that way)."""
+    import hashlib
+    import json
+
+    cfg = json.loads((path / "rtlynx_config.json").read_text())
+    cfg["lora_sha256"] = hashlib.sha256((path / "rtlynx_lora.safetensors").read_bytes()).hexdigest()
+    (path / "rtlynx_config.json").write_text(json.dumps(cfg))
+
+
 def test_load_rejects_wrong_lora_shapes(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -246,6 +256,7 @@ def test_load_rejects_wrong_lora_shapes(tmp_path):
     key = next(k for k in t if k.endswith("lora_A"))
     t[key] = torch.zeros(3, t[key].shape[1])
     save_file(t, str(path / "rtlynx_lora.safetensors"))
+    _rehash(path)  # past the checksum: the shape check itself
     fresh = tiny_transformer("flux")
     with pytest.raises(ValueError, match="saved shape"):
         rtlynx.load(fresh, path)

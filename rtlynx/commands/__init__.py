@@ -10,4 +10,5 @@ COMMANDS = [
     "rtlynx.commands.distill",
     "rtlynx.commands.demo",
     "rtlynx.commands.bench",
+    "rtlynx.commands.build",
 ]

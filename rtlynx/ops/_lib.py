@@ -1,4 +1,8 @@
-"""ctypes binding of librtlynx_sm90 (csrc/rtlynx_sm90.h). Loaded lazily, once; never at import of rtlynx."""
+"""ctypes binding of librtlynx_sm90 (csrc/rtlynx_sm90.h). Loaded lazily, once; never at import of rtlynx.
+
+A failed build or load (nvcc missing or failing, a damaged ``RTLYNX_LIB``...) raises :class:`LibraryUnavailable`
+with the cause and the build log, and is remembered: later calls raise the same at once, and
+``rtlynx.ops.lynx_status`` reports it, so the backends fall back instead of rebuilding on every call."""
 
 from __future__ import annotations
 
@@ -6,8 +10,11 @@ import ctypes
 import os
 import threading
 
+from ._checks import LibraryUnavailable
+
 _LOCK = threading.Lock()
 _LIB = None
+_FAILURE: str | None = None  # why the library could not be built / loaded in this process
 
 ERRORS = {
     -1: "bad shapes or alignment",
@@ -46,19 +53,55 @@ def _declare(lib):
     return lib
 
 
+def failure() -> str | None:
+    """Why the library could not be built or loaded in this process (None: not tried, or it loaded)."""
+    return _FAILURE
+
+
+def loaded() -> bool:
+    return _LIB is not None
+
+
+def reset() -> None:
+    """Forget the loaded library and any remembered failure (tests; a fixed environment)."""
+    global _LIB, _FAILURE
+    with _LOCK:
+        _LIB, _FAILURE = None, None
+
+
+def _describe(e: Exception, prebuilt: str | None) -> str:
+    if prebuilt:
+        return f"RTLYNX_LIB={prebuilt} could not be loaded ({type(e).__name__}: {e})"
+    from ._build import BuildError
+
+    if isinstance(e, BuildError):
+        log = f"; build log: {e.log}" if e.log else ""
+        return f"the lynx kernels could not be built ({e}){log}"
+    return f"the lynx kernel library could not be built or loaded ({type(e).__name__}: {e})"
+
+
 def lib():
-    """The loaded library; builds it (cached) on first use. ``RTLYNX_LIB`` points at a prebuilt one."""
-    global _LIB
+    """The loaded library; builds it (cached, with a progress bar on stderr) on first use. ``RTLYNX_LIB`` points
+    at a prebuilt one. Raises :class:`LibraryUnavailable` (remembered for the process) when that fails."""
+    global _LIB, _FAILURE
     if _LIB is not None:
         return _LIB
     with _LOCK:
         if _LIB is None:
+            if _FAILURE is not None:
+                raise LibraryUnavailable(_FAILURE)
             path = os.environ.get("RTLYNX_LIB")
-            if not path:
-                from ._build import build
+            try:
+                if not path:
+                    from ._build import build
 
-                path = str(build())
-            _LIB = _declare(ctypes.CDLL(path))
+                    path_ = str(build(progress=True))
+                else:
+                    path_ = path
+                _LIB = _declare(ctypes.CDLL(path_))
+            except Exception as e:  # noqa: BLE001 - any failure here means "no kernels in this process"
+                _FAILURE = _describe(e, path)
+                raise LibraryUnavailable(_FAILURE) from e
     return _LIB
 
 

@@ -22,6 +22,10 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
 - ``rtlynx::gelu_site_sm90(h [M,K], wext [N,Kp], bias?, norm, eps) -> y [M,N]``: a site whose producer is
   GELU-tanh: the GELU runs inside the prune pass.
 
+Every op checks its operands (:mod:`rtlynx.ops._checks`: shapes, dtypes, devices, strides, alignment) before a raw
+address reaches a kernel, in its CUDA implementation and in its fake (so a traced call fails at trace time too);
+the internal calls (``_prune_impl``, ``_gemm_impl``, ``_site_impl``) take operands their callers checked.
+
 Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
 (no host syncs, no allocations outside the caching allocator, launches on the current stream).
 """
@@ -36,7 +40,7 @@ import weakref
 import torch
 
 from ..reference.sm90 import expand_lora_b, padded_shape, round_up
-from . import _lib
+from . import _checks, _lib
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
@@ -138,12 +142,18 @@ def _prune_impl(x, h, norm, eps):
     return values, meta, scale
 
 
-_LIB.impl("prune_compress_sm90", _prune_impl, "CUDA")
+def _prune_op(x, h, norm, eps):
+    _checks.check_prune(x, h)
+    return _prune_impl(x, h, norm, eps)
+
+
+_LIB.impl("prune_compress_sm90", _prune_op, "CUDA")
 prune_compress_sm90 = torch.ops.rtlynx.prune_compress_sm90.default
 
 
 @torch.library.register_fake("rtlynx::prune_compress_sm90", lib=_LIB)
 def _(x, h, norm, eps):
+    _checks.check_prune(x, h)
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     r = 0 if h is None else round_up(h.shape[1], 64)
@@ -153,6 +163,7 @@ def _(x, h, norm, eps):
 
 
 def _gelu_prune_impl(h, norm, eps, dense=False):  # default: the dispatcher passes only given args
+    _checks.check_prune(h, rows=False)  # (any strides: copied below if the kernel cannot read them)
     if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
         h = h.clone(memory_format=torch.contiguous_format)
     m, k = h.shape
@@ -178,6 +189,7 @@ gelu_prune_compress_sm90 = torch.ops.rtlynx.gelu_prune_compress_sm90.default
 
 @torch.library.register_fake("rtlynx::gelu_prune_compress_sm90", lib=_LIB)
 def _(h, norm, eps, dense=False):
+    _checks.check_prune(h, rows=False)
     m, k = h.shape
     mp, kp = padded_shape(m, k)
     return (h.new_empty(m, kp // 2), h.new_empty(mp * kp // 8, dtype=torch.uint8),
@@ -204,13 +216,21 @@ def _gemm_impl(values, meta, weight, scale, bias, config=-1, sched=0):  # defaul
     return y
 
 
-_LIB.impl("sparse_gemm_sm90", _gemm_impl, "CUDA")
+def _gemm_op(values, meta, weight, scale, bias, config=-1, sched=0):
+    _checks.check_gemm(values, meta, weight, scale, bias)
+    if config >= len(CONFIG_NAMES):
+        raise _checks.Unsupported(f"config {config} is not one of the {len(CONFIG_NAMES)} compiled GEMM configs")
+    return _gemm_impl(values, meta, weight, scale, bias, config, sched)
+
+
+_LIB.impl("sparse_gemm_sm90", _gemm_op, "CUDA")
 # config = -1: per-shape choice (choose_config), else a config id with scheduler options sched
 sparse_gemm_sm90 = torch.ops.rtlynx.sparse_gemm_sm90.default
 
 
 @torch.library.register_fake("rtlynx::sparse_gemm_sm90", lib=_LIB)
 def _(values, meta, weight, scale, bias, config=-1, sched=0):
+    _checks.check_gemm(values, meta, weight, scale, bias)
     return values.new_empty(values.shape[0], weight.shape[0])
 
 
@@ -286,7 +306,7 @@ def prepare_weight(weight: torch.Tensor, lora_b: torch.Tensor | None = None) -> 
 def _linear_impl(x, weight, bias, lora_a, lora_b, norm, eps):
     k = x.shape[1]
     use_lora = lora_a is not None and lora_b is not None
-    if k % 128 == 0 and not use_lora:
+    if k % 128 == 0 and not use_lora and weight.shape[1] == k:
         wext = weight
     else:
         wext = WEIGHT_CACHE.get(weight, lora_b if use_lora else None, k)
@@ -295,12 +315,18 @@ def _linear_impl(x, weight, bias, lora_a, lora_b, norm, eps):
     return _gemm_impl(values, meta, wext, scale if norm else None, bias, -1, 0)
 
 
-_LIB.impl("sparse_linear_sm90", _linear_impl, "CUDA")
+def _linear_op(x, weight, bias, lora_a, lora_b, norm, eps):
+    _checks.check_linear(x, weight, bias, lora_a, lora_b)
+    return _linear_impl(x, weight, bias, lora_a, lora_b, norm, eps)
+
+
+_LIB.impl("sparse_linear_sm90", _linear_op, "CUDA")
 sparse_linear_sm90 = torch.ops.rtlynx.sparse_linear_sm90.default
 
 
 @torch.library.register_fake("rtlynx::sparse_linear_sm90", lib=_LIB)
 def _(x, weight, bias, lora_a, lora_b, norm, eps):
+    _checks.check_linear(x, weight, bias, lora_a, lora_b)
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -378,6 +404,8 @@ def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False
 
 
 def _site_op_impl(x, wext, bias, lora_a, splits, norm, eps):
+    _checks.check_site(x, wext, bias, lora_a, splits)
+    _checks.check_rows(x, "x", x, None, x.shape[1])
     return _site_impl(x, wext, bias, lora_a, list(splits), norm, eps)
 
 
@@ -387,6 +415,7 @@ sparse_site_sm90 = torch.ops.rtlynx.sparse_site_sm90.default
 
 @torch.library.register_fake("rtlynx::sparse_site_sm90", lib=_LIB)
 def _(x, wext, bias, lora_a, splits, norm, eps):
+    _checks.check_site(x, wext, bias, lora_a, splits)
     return [x.new_empty(x.shape[0], n) for n in splits]
 
 
@@ -396,10 +425,16 @@ def _gelu_site_op_impl(h, wext, bias, norm, eps, persistent=False):
     return _site_impl(h, wext, bias, None, [wext.shape[0]], norm, eps, act=1, persistent=persistent)[0]
 
 
-_LIB.impl("gelu_site_sm90", _gelu_site_op_impl, "CUDA")
+def _gelu_site_op(h, wext, bias, norm, eps):
+    _checks.check_site(h, wext, bias, None, [wext.shape[0]])
+    return _gelu_site_op_impl(h, wext, bias, norm, eps)
+
+
+_LIB.impl("gelu_site_sm90", _gelu_site_op, "CUDA")
 gelu_site_sm90 = torch.ops.rtlynx.gelu_site_sm90.default
 
 
 @torch.library.register_fake("rtlynx::gelu_site_sm90", lib=_LIB)
 def _(h, wext, bias, norm, eps):
+    _checks.check_site(h, wext, bias, None, [wext.shape[0]])
     return h.new_empty(h.shape[0], wext.shape[0])

@@ -26,7 +26,7 @@ SUPPORTED_M = (2, 4, 8, 16)
 
 def check_pattern(n: int, m: int) -> None:
     """Raise a clear ValueError for an unsupported N:M pattern."""
-    if not (isinstance(n, int) and isinstance(m, int)):
+    if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or isinstance(m, bool):
         raise TypeError(f"N:M pattern must be two ints, got n={n!r}, m={m!r}")
     if m not in SUPPORTED_M:
         raise ValueError(f"m must be one of {SUPPORTED_M}, got m={m}")
@@ -92,7 +92,7 @@ def _mask_topk(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Unique keys (bits, then lower index first) make top-n exact and deterministic."""
     wide = torch.int32 if bits.dtype == torch.int16 else torch.int64
     pos = torch.arange(m, device=bits.device)
-    g = bits.to(wide).reshape(*bits.shape[:-1], -1, m) * m + (m - 1 - pos).to(wide)
+    g = bits.to(wide).reshape(*bits.shape[:-1], bits.shape[-1] // m, m) * m + (m - 1 - pos).to(wide)
     idx = g.topk(n, dim=-1, sorted=False).indices
     return torch.zeros(g.shape, dtype=torch.bool, device=bits.device).scatter_(-1, idx, True)
 
@@ -100,7 +100,7 @@ def _mask_topk(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def _mask_compare(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """rank_i = #{j: k_j > k_i} + #{j < i: k_j == k_i}; keep rank < n."""
     pos = torch.arange(m, device=bits.device)
-    g = bits.reshape(*bits.shape[:-1], -1, m)
+    g = bits.reshape(*bits.shape[:-1], bits.shape[-1] // m, m)  # (not -1: ambiguous for 0 rows)
     rank = torch.zeros(g.shape, dtype=torch.int8, device=bits.device)
     for j in range(m):
         kj = g[..., j:j + 1]
@@ -136,7 +136,7 @@ def compress(x: torch.Tensor, n: int = 2, m: int = 4) -> tuple[torch.Tensor, tor
     pos = torch.arange(m, device=x.device).expand_as(gm)
     order = torch.where(gm, pos, pos + m).sort(dim=-1).values[..., :n]  # [..., G, n], in-group index
     values = torch.gather(x.reshape(*lead, k // m, m), -1, order).reshape(*lead, k // m * n)
-    return values, _pack_indices(order.reshape(*lead, -1), meta_bits(m))
+    return values, _pack_indices(order.reshape(*lead, k // m * n), meta_bits(m))
 
 
 def _pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
@@ -145,7 +145,7 @@ def _pack_indices(idx: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-cnt) % per_byte
     if pad:
         idx = torch.nn.functional.pad(idx, (0, pad))
-    idx = idx.to(torch.int32).reshape(*idx.shape[:-1], -1, per_byte)
+    idx = idx.to(torch.int32).reshape(*idx.shape[:-1], idx.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(per_byte, device=idx.device, dtype=torch.int32) * bits
     return (idx << shifts).sum(-1).to(torch.uint8)
 
@@ -154,7 +154,7 @@ def _unpack_indices(meta: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=meta.device, dtype=torch.int32) * bits
     idx = (meta.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return idx.reshape(*meta.shape[:-1], -1)[..., :count].to(torch.int64)
+    return idx.reshape(*meta.shape[:-1], meta.shape[-1] * per_byte)[..., :count].to(torch.int64)
 
 
 def decompress(values: torch.Tensor, meta: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
@@ -185,12 +185,23 @@ def norm_scale(x: torch.Tensor, x_pruned: torch.Tensor | None = None, n: int = 2
 
     s lies in [1, sqrt(m/n)] for finite non-zero rows, so it can scale the GEMM output row instead of
     the packed values. NaN/Inf rows give NaN/Inf scales (propagated, not hidden).
+
+    Each row is divided by a power of two p near its largest |x| before squaring, ``s = sqrt(|x/p|^2 /
+    (|x~/p|^2 + eps/p^2))``: the squares of bf16 values above ~1.8e19 overflow float32 (|x|^2 = inf, s = NaN where
+    the dense layer is finite). Dividing by a power of two is exact, so wherever the plain formula neither
+    overflows nor underflows the result is the same, bit for bit.
     """
     if x_pruned is None:
         x_pruned = prune_nm(x, n, m)
     xf = x.float()
     pf = x_pruned.float()
-    return torch.sqrt((xf * xf).sum(-1) / ((pf * pf).sum(-1) + eps))
+    amax = xf.abs().amax(-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(*xf.shape[:-1], 1)
+    mant, _ = torch.frexp(amax)  # amax = mant * 2^e, mant in [0.5, 1): p = 2^(e-1) = amax / (2 mant), exact
+    ok = torch.isfinite(amax) & (amax > 0)
+    p = torch.where(ok, amax / torch.where(ok, 2 * mant, 1.0), 1.0)  # NaN / Inf / zero rows: p = 1 (as before)
+    xs, ps = xf / p, pf / p
+    eps_s = eps / p.squeeze(-1) / p.squeeze(-1)  # two exact steps (p^2 alone can overflow)
+    return torch.sqrt((xs * xs).sum(-1) / ((ps * ps).sum(-1) + eps_s))
 
 
 def pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:

@@ -78,6 +78,18 @@ def sample_sheet(model: MiniFlux, path, names=SHEET_NAMES, styles=("noto", "twem
     return grid
 
 
+def checkpoint_payload(model, ema, opt, state: dict, tok, cfg: TrainConfig) -> dict:
+    """What ckpt.pt holds: tensors, numbers, strings, lists and dicts only (so it loads with weights_only=True)."""
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "state": state,
+            "model_config": dict(model.config), "tokenizer": tok.to_json(), "train_config": asdict(cfg)}
+
+
+def load_checkpoint(path) -> dict:
+    """ckpt.pt with ``weights_only=True``: a checkpoint is data; unpickling arbitrary objects would run code from
+    whoever wrote the file (checkpoints travel between machines)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train(cfg: TrainConfig, resume: bool = False, init: str | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -93,7 +105,7 @@ def train(cfg: TrainConfig, resume: bool = False, init: str | None = None, progr
     ckpt_path = out / "ckpt.pt"
     state = {"step": 0, "elapsed_s": 0.0, "samples": 0, "history": []}
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         tok = WordTokenizer.from_json(ck["tokenizer"])
         model = MiniFlux(ck["model_config"], tok)
         model.load_state_dict(ck["model"])
@@ -160,9 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, init: str | None = None, progr
 
     def save_all():
         tstate = {k: state[k] for k in ("step", "elapsed_s", "samples")}
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "state": state, "model_config": model.config, "tokenizer": tok.to_json(),
-                    "train_config": asdict(cfg)}, out / "ckpt.pt.tmp")
+        torch.save(checkpoint_payload(model, ema, opt, state, tok, cfg), out / "ckpt.pt.tmp")
         (out / "ckpt.pt.tmp").replace(ckpt_path)
         ema.save_pretrained(out / "ema", dtype=torch.float16, extra_config={"train_state": tstate})
         hist = {"train_config": asdict(cfg), "params": n_params, "device": _device_name(dev), **state}

@@ -1,0 +1,196 @@
+"""Input checks of the lynx ops: one ``check_*`` per operand kind, raising :class:`Unsupported` with a one-line
+reason before any raw address reaches a kernel. Shapes, dtypes, devices and strides only (no data is read), so
+they also run on meta tensors (the ops' fakes call them: a wrong call fails at trace time too).
+
+Layout facts (csrc/rtlynx_sm90.h): every 2-D operand is row-major (stride(1) == 1) with a row stride that is a
+multiple of 8 elements (16 bytes) and a 16-byte aligned start, read in 16-byte runs."""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class Unsupported(RuntimeError):
+    """The lynx kernels cannot run this call (device, dtype, pattern, shape); fall back to the reference."""
+
+
+class LibraryUnavailable(Unsupported):
+    """The kernel library could not be built or loaded; remembered for the process (no retry on every call)."""
+
+
+def _where(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def check_tensor(t, name: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``t`` is a tensor on ``like``'s device, of ``dtype`` (default: ``like``'s)."""
+    if not isinstance(t, torch.Tensor):
+        raise Unsupported(f"{name} must be a tensor, got {type(t).__name__}")
+    dtype = like.dtype if dtype is None else dtype
+    if t.device != like.device:
+        raise Unsupported(f"{name} {_where(t)} is not on the input's device {like.device}")
+    if t.dtype != dtype:
+        raise Unsupported(f"{name} {_where(t)} must be {str(dtype).replace('torch.', '')}")
+
+
+def check_devices(like: torch.Tensor, **tensors) -> None:
+    """Every given tensor (None: skipped) is on ``like``'s device (a pointer into host memory would reach a kernel)."""
+    for name, t in tensors.items():
+        if t is not None and t.device != like.device:
+            raise Unsupported(f"{name} {_where(t)} is not on the input's device {like.device}")
+
+
+def check_aligned(t: torch.Tensor, name: str) -> None:
+    """16-byte aligned start (real CUDA tensors only: meta and fake tensors have no address)."""
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a FakeTensor (opcheck, tracing)
+        return
+    if ptr % 16:
+        raise Unsupported(f"{name} {_where(t)} does not start on a 16-byte boundary (a view at an odd offset?)")
+
+
+def check_rows(t, name: str, like: torch.Tensor, rows: int | None, cols: int, dtype: torch.dtype | None = None) -> None:
+    """A row-major matrix ``[rows, cols]`` (rows None: any) the kernels read in 16-byte runs: stride(1) == 1 and a
+    row stride >= cols, a multiple of 8 elements; 16-byte aligned."""
+    check_tensor(t, name, like, dtype)
+    shape = t.shape  # (attributes read once: these checks sit on per-call paths)
+    if len(shape) != 2 or (rows is not None and shape[0] != rows) or shape[1] != cols:
+        raise Unsupported(f"{name} {_where(t)} must be [{'*' if rows is None else rows}, {cols}]")
+    ld, inner = t.stride()
+    if (cols > 1 and inner != 1) or (shape[0] > 1 and (ld < cols or ld % 8)):
+        raise Unsupported(f"{name} {_where(t)} must be row-major with a row stride >= {cols} and a multiple of 8, "
+                          f"got strides {t.stride()}")
+    check_aligned(t, name)
+
+
+def check_vector(t, name: str, like: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> None:
+    """A contiguous ``[n]`` vector (bias, scale)."""
+    check_tensor(t, name, like, dtype)
+    if t.shape != (n,) or not t.is_contiguous():
+        raise Unsupported(f"{name} {_where(t)} must be a contiguous [{n}] vector")
+    check_aligned(t, name)
+
+
+def check_activation(x) -> None:
+    """x [M, K] bf16/fp16 on CUDA (or meta, for tracing)."""
+    if not isinstance(x, torch.Tensor):
+        raise Unsupported(f"expected a tensor input, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise Unsupported(f"expected a 2-D [M, K] input, got shape {tuple(x.shape)}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise Unsupported(f"lynx kernels take bf16/fp16 activations, got {x.dtype}")
+    if x.device.type not in ("cuda", "meta"):
+        raise Unsupported(f"lynx kernels need a CUDA tensor, got {x.device}")
+
+
+def check_weight(w, name: str, like: torch.Tensor, cols: int, rows: int | None = None) -> None:
+    """A GEMM weight operand ``[N, cols]`` in the activation's dtype, N a multiple of 8 (16-byte rows of Y)."""
+    check_rows(w, name, like, rows, cols)
+    if w.shape[0] % 8:
+        raise Unsupported(f"{name} {_where(w)}: N must be a multiple of 8")
+
+
+def check_meta(meta, values: torch.Tensor, kg: int) -> None:
+    """sm90 metadata of ``values [M, Kg/2]``: uint8, contiguous, ``round_up(M, 64) * Kg / 8`` bytes."""
+    need = (values.shape[0] + 63) // 64 * 64 * kg // 8
+    check_tensor(meta, "meta", values, torch.uint8)
+    if meta.dim() != 1 or meta.numel() != need or not meta.is_contiguous():
+        raise Unsupported(f"meta {_where(meta)} must be a contiguous [{need}] vector (round_up(M, 64) * Kg / 8 "
+                          f"for M={values.shape[0]}, Kg={kg})")
+    check_aligned(meta, "meta")
+
+
+def check_prune(x, h=None, rows: bool = True) -> None:
+    """Operands of ``rtlynx::prune_compress_sm90``: x [M, K] with K % 8 == 0, row-major (``rows``); h [M, r] or
+    None."""
+    check_activation(x)
+    k = x.shape[1]
+    if k % 8:
+        raise Unsupported(f"x {_where(x)}: K must be a multiple of 8")
+    if rows:
+        check_rows(x, "x", x, None, k)
+    if h is not None:
+        check_tensor(h, "h", x)
+        if h.dim() != 2 or h.shape[0] != x.shape[0]:
+            raise Unsupported(f"h {_where(h)} must be [{x.shape[0]}, r]")
+        if h.shape[1] % 64 == 0:  # used in place (else padded into a copy)
+            check_rows(h, "h", x, x.shape[0], h.shape[1])
+
+
+def check_linear(x, weight, bias, lora_a, lora_b) -> None:
+    """Operands of ``rtlynx::sparse_linear_sm90``: x [M, K] (K % 8 == 0), weight [N, K'] row-major (N % 8 == 0;
+    K - 8 < K' <= K, x zero-padded),
+    bias [N], lora_a [r, K] with lora_b [N, r] or neither; all in x's dtype, on x's device."""
+    check_prune(x)
+    k = x.shape[1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise Unsupported("weight must be a 2-D tensor [N, K]")
+    n, kw = weight.shape
+    if not k - 8 < kw <= k:  # x may carry up to 7 zero columns of padding to K % 8 == 0 (rtlynx.ops.lynx_linear)
+        raise Unsupported(f"weight {_where(weight)} does not fit x {_where(x)}")
+    check_weight(weight, "weight", x, kw)
+    if bias is not None:
+        check_vector(bias, "bias", x, n)
+    if (lora_a is None) != (lora_b is None):
+        raise Unsupported("lora_a and lora_b must be given together")
+    if lora_a is not None:
+        check_tensor(lora_a, "lora_a", x)
+        check_tensor(lora_b, "lora_b", x)
+        if lora_a.dim() != 2 or lora_a.shape[1] != k or tuple(lora_b.shape) != (n, lora_a.shape[0]):
+            raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x "
+                              f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+
+
+def check_site(x, wext, bias, lora_a, splits) -> None:
+    """Operands of an activation site (``rtlynx::sparse_site_sm90``, ``gelu_site_sm90``): x [M, K] with K % 8 == 0
+    (any strides: the callers make it row-major);
+    the operand wext [N, Kp + 2 rp] (Kp = round_up(K, 128), rp = lora_a's rows, a multiple of 64), row-major,
+    in x's dtype; splits positive multiples of 8 summing to N; bias [N]; lora_a [rp, K]."""
+    check_activation(x)
+    k = x.shape[1]
+    if k % 8:
+        raise Unsupported(f"site K must be a multiple of 8, got K={k}")
+    kp = (k + 127) // 128 * 128
+    rp = 0 if lora_a is None else lora_a.shape[0]
+    if not isinstance(wext, torch.Tensor) or wext.dim() != 2 or wext.shape[1] != kp + 2 * rp or rp % 64:
+        raise Unsupported(f"site operand {_where(wext) if isinstance(wext, torch.Tensor) else wext!r} does not fit "
+                          f"x {_where(x)} (LoRA rows {rp})")
+    check_weight(wext, "site operand", x, kp + 2 * rp)
+    if sum(splits) != wext.shape[0] or any(n <= 0 or n % 8 for n in splits):
+        raise Unsupported(f"site splits {list(splits)} must be positive multiples of 8 summing to N={wext.shape[0]}")
+    if bias is not None:
+        check_vector(bias, "site bias", x, wext.shape[0])
+    if lora_a is not None:
+        check_tensor(lora_a, "site lora_a", x)
+        if tuple(lora_a.shape) != (rp, k):
+            raise Unsupported(f"site lora_a {_where(lora_a)} does not fit K={k}")
+
+
+def check_gemm(values, meta, weight, scale, bias) -> None:
+    """Operands of ``rtlynx::sparse_gemm_sm90``: values [M, Kg/2], meta, weight [N, Kg] (Kg % 128 == 0),
+    scale [M] float32 or None, bias [N] or None."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.dtype not in KERNEL_DTYPES:
+        raise Unsupported(f"values must be a 2-D bf16/fp16 tensor, got "
+                          f"{_where(values) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise Unsupported("weight must be a 2-D tensor [N, Kg]")
+    kg = weight.shape[1]
+    if kg % 128 or kg == 0:
+        raise Unsupported(f"weight {_where(weight)}: Kg must be a positive multiple of 128 (prepare_weight pads it)")
+    check_rows(values, "values", values, None, kg // 2)
+    check_weight(weight, "weight", values, kg)
+    check_meta(meta, values, kg)
+    if scale is not None:
+        check_vector(scale, "scale", values, values.shape[0], torch.float32)
+    if bias is not None:
+        check_vector(bias, "bias", values, weight.shape[0])
+
+
+__all__ = ["KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation", "check_aligned", "check_devices",
+           "check_gemm", "check_linear", "check_meta", "check_prune", "check_rows", "check_site", "check_tensor",
+           "check_vector", "check_weight"]

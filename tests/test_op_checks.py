@@ -1,0 +1,117 @@
+"""The lynx ops refuse bad operands before a raw address reaches a kernel. On the CPU the checks run on meta
+tensors (the ops' fakes call the same checks as their CUDA implementations); tests/gpu/test_op_checks_gpu.py runs
+each refusal on the device, tests/gpu/sanitize_checks.py under compute-sanitizer."""
+
+import pytest
+import torch
+
+from rtlynx import ops
+from rtlynx.ops import _checks
+from rtlynx.ops import sm90 as k90
+
+BF = torch.bfloat16
+
+
+def meta(*shape, dtype=BF):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def gemm_operands(m=70, n=64, kg=256):
+    mp = (m + 63) // 64 * 64
+    return meta(m, kg // 2), meta(mp * kg // 8, dtype=torch.uint8), meta(n, kg), meta(m, dtype=torch.float32), meta(n)
+
+
+def test_gemm_accepts_good_operands():
+    y = k90.sparse_gemm_sm90(*gemm_operands())
+    assert y.shape == (70, 64) and y.dtype == BF
+
+
+@pytest.mark.parametrize("slot,bad,match", [
+    (1, meta(128 * 256 // 8 - 1, dtype=torch.uint8), r"meta .* must be a contiguous \[4096\]"),  # one byte short
+    (1, meta(64 * 256 // 8, dtype=torch.uint8), r"meta .* \[4096\]"),                           # M not padded to 64
+    (1, meta(4096, dtype=torch.int8), "meta .* must be uint8"),
+    (1, torch.empty(4096, dtype=torch.uint8), "not on the input's device"),
+    (2, meta(64, 256, dtype=torch.float16), "weight .* must be bfloat16"),
+    (2, meta(256, 64).t(), "row-major"),                                                       # transposed view
+    (2, meta(64, 200), "multiple of 128"),
+    (2, meta(60, 256), "multiple of 8"),
+    (2, torch.empty(64, 256, dtype=BF), "not on the input's device"),
+    (3, meta(70, dtype=BF), "scale .* must be float32"),
+    (3, meta(71, dtype=torch.float32), r"scale .* \[70\]"),
+    (3, meta(140, dtype=torch.float32)[::2], r"contiguous \[70\]"),
+    (4, meta(64, dtype=torch.float16), "bias .* must be bfloat16"),
+    (4, meta(32), r"bias .* \[64\]"),
+    (4, torch.empty(64, dtype=BF), "not on the input's device"),
+    (0, meta(70, 100), r"values .* must be \[\*, 128\]"),
+    (0, meta(70, 256)[:, ::2], "row-major"),
+])
+def test_gemm_refuses(slot, bad, match):
+    args = list(gemm_operands())
+    args[slot] = bad
+    with pytest.raises(ops.Unsupported, match=match):
+        k90.sparse_gemm_sm90(*args)
+
+
+def test_prune_and_linear_refuse():
+    x = meta(5, 256)
+    with pytest.raises(ops.Unsupported, match="row-major"):
+        k90.prune_compress_sm90(meta(256, 5).t(), None, True, 1e-8)
+    with pytest.raises(ops.Unsupported, match="h .* must be"):
+        k90.prune_compress_sm90(x, meta(6, 64), True, 1e-8)
+    w = meta(64, 256)
+    assert k90.sparse_linear_sm90(x, w, meta(64), None, None, True, 1e-8).shape == (5, 64)
+    for args, match in (((x, w, meta(64, dtype=torch.float32), None, None), "bias .* must be bfloat16"),
+                        ((x, w, None, meta(16, 256), None), "together"),
+                        ((x, w, None, meta(16, 256), meta(64, 8)), "LoRA shapes"),
+                        ((x, w, None, meta(16, 256), torch.empty(64, 16, dtype=BF)), "lora_b .* not on the input"),
+                        ((x, meta(64, 240), None, None, None), "does not fit")):
+        with pytest.raises(ops.Unsupported, match=match):
+            k90.sparse_linear_sm90(*args, True, 1e-8)
+
+
+def test_public_ops_refuse_operands_on_another_device():
+    x = meta(5, 256)
+    w = meta(64, 256)
+    cpu = torch.empty(64, 256, dtype=BF)
+    with pytest.raises(ops.Unsupported, match="weight .* not on the input's device"):
+        ops.lynx_linear(x, cpu, None, True, None, None)
+    with pytest.raises(ops.Unsupported, match="bias .* not on the input's device"):
+        ops.lynx_linear(x, w, torch.empty(64, dtype=BF), True, None, None)
+    with pytest.raises(ops.Unsupported, match="lora_a .* not on the input's device"):
+        ops.lynx_linear(x, w, None, True, torch.empty(16, 256, dtype=BF), meta(64, 16))
+    with pytest.raises(ops.Unsupported, match="weight .* not on the input's device"):
+        ops.lynx_gelu_linear(x, cpu, None)
+    with pytest.raises(ops.Unsupported, match=r"bias must be \[64\]"):
+        ops.lynx_gelu_linear(x, w, meta(32))  # read as 64 values by the epilogue before this check
+    with pytest.raises(ops.Unsupported, match="site operand .* not on the input's device"):
+        ops.lynx_site_linear(x, cpu, None, None, (64,))
+    with pytest.raises(ops.Unsupported, match="site bias .* not on the input's device"):
+        ops.lynx_site_linear(x, w, torch.empty(64, dtype=BF), None, (64,))
+    with pytest.raises(ops.Unsupported, match="site operand .* row-major"):
+        ops.lynx_site_gelu(x, meta(256, 64).t(), None)
+
+
+def test_site_ops_check_in_their_fakes():
+    x = meta(5, 256)
+    assert [t.shape for t in k90.sparse_site_sm90(x, meta(64, 256), None, None, [32, 32], True, 1e-8)] == \
+        [(5, 32), (5, 32)]
+    with pytest.raises(ops.Unsupported, match="splits"):
+        k90.sparse_site_sm90(x, meta(64, 256), None, None, [32, 24], True, 1e-8)
+    with pytest.raises(ops.Unsupported, match="site lora_a"):
+        k90.sparse_site_sm90(x, meta(64, 384), None, meta(64, 200), [64], True, 1e-8)
+    with pytest.raises(ops.Unsupported, match="site bias"):
+        k90.gelu_site_sm90(x, meta(64, 256), meta(64, dtype=torch.float16), True, 1e-8)
+
+
+def test_check_helpers_directly():
+    """The helpers new ops call: each names the operand and what is wrong."""
+    x = meta(3, 64)
+    _checks.check_rows(meta(3, 72)[:, :64], "w", x, 3, 64)  # a row stride of 72 (a multiple of 8) is fine
+    with pytest.raises(ops.Unsupported, match="w .* row stride"):
+        _checks.check_rows(meta(3, 68)[:, :64], "w", x, 3, 64)
+    with pytest.raises(ops.Unsupported, match=r"v .* \[3\]"):
+        _checks.check_vector(meta(4), "v", x, 3)
+    with pytest.raises(ops.Unsupported, match="must be a tensor"):
+        _checks.check_tensor([1, 2], "v", x)
+    with pytest.raises(ops.Unsupported, match="bf16/fp16"):
+        _checks.check_activation(meta(3, 64, dtype=torch.float32))
