@@ -8,6 +8,8 @@ COMMANDS = [
     "rtlynx.commands.data",
     "rtlynx.commands.train_reference",
     "rtlynx.commands.distill",
+    "rtlynx.commands.generate",
+    "rtlynx.commands.select",
     "rtlynx.commands.demo",
     "rtlynx.commands.bench",
 ]
