@@ -98,8 +98,8 @@ class DiffusersRunner(Runner):
                 kw[key] = value
         if guidance is not None:
             kw[info["guidance"]] = guidance
-            if info["guidance"] == "true_cfg_scale" and guidance > 1:
-                kw["negative_prompt"] = [" "] * len(prompts)  # true CFG runs only with a negative prompt
+        if info["guidance"] == "true_cfg_scale" and (guidance is None or guidance > 1):
+            kw["negative_prompt"] = [" "] * len(prompts)  # true CFG (default 4) runs only with a negative prompt
         tok = getattr(self.pipe, info["seq_tokenizer"], None) if info["seq_tokenizer"] else None
         if tok is not None and getattr(tok, "model_max_length", 10 ** 9) < 512:
             kw["max_sequence_length"] = tok.model_max_length  # tiny tokenizers: the pipeline default (512) is too long
@@ -150,6 +150,24 @@ def load_runner(spec: str | Path, device: str | None = None, dtype: torch.dtype 
     runner = DiffusersRunner(kind, str(spec), pipe.transformer, device, dtype)
     runner.pipe = pipe
     return runner
+
+
+def load_transformer(spec: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Only the denoiser of ``spec`` (what train-lora and select need): no text encoders, no VAE."""
+    kind = model_kind(spec)
+    if kind == MINIFLUX:
+        return load_runner(spec, device, dtype).transformer
+    import diffusers
+
+    device = device or default_device()
+    path = Path(spec) / "transformer"
+    try:
+        cls_name = json.loads((path / "config.json").read_text())["_class_name"]
+        model = getattr(diffusers, cls_name).from_pretrained(str(path), torch_dtype=dtype or default_dtype(device),
+                                                              local_files_only=True)
+    except (OSError, KeyError, AttributeError, ValueError, json.JSONDecodeError) as e:
+        raise ModelError(f"{spec}: cannot load its transformer offline: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    return model.to(device).eval()
 
 
 class StepTimer:

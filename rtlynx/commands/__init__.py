@@ -7,7 +7,7 @@ COMMANDS = [
     "rtlynx.commands.analyze",
     "rtlynx.commands.data",
     "rtlynx.commands.train_reference",
-    "rtlynx.commands.distill",
+    "rtlynx.commands.calibrate",
     "rtlynx.commands.generate",
     "rtlynx.commands.select",
     "rtlynx.commands.demo",
