@@ -227,3 +227,19 @@ def test_select_picks_fast_sites_within_budget(pipes, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no GPU here"):
             main(["select", "--model", str(pipes["flux"]), *SAMPLE, "--out", str(tmp_path / "none.json")])
+
+
+def test_calibrate_memory_benchmark_smoke(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("calibrate_memory", root / "benchmarks" / "calibrate_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "cm.json"
+    assert mod.main(["--tiny", "--max-stats-gb", "0", "--prompts", "1", "--steps", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["budgets"][0]["passes"][0]["s_per_prompt"] > 0 and r["dense_s_per_prompt"] > 0
