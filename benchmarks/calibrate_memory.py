@@ -44,6 +44,24 @@ def run_prompts(model, inputs, prompts: int, steps: int):
             model(**inputs)
 
 
+def write_plans(preset: str, budgets, out: Path) -> int:
+    """The memory plan (rtlynx.distill.plan) of each full-size model, built without weights."""
+    import diffusers
+    import e2e
+
+    plans = {}
+    for kind, (cls_name, cfg, _) in e2e.MODELS.items():
+        with torch.device("meta"):
+            model = getattr(diffusers, cls_name)(**cfg)
+        rtlynx.sparsify(model, preset=preset)
+        plans[kind] = {"sparse_layers": len(rtlynx.sparse_layers(model)), "budgets": {
+            str(b or None): [x / GIB for x in distill.plan(model, b or None).pass_bytes()] for b in budgets}}
+        print(kind, json.dumps(plans[kind]))
+    out.write_text(json.dumps({"preset": preset, "unit": "GiB per pass (fp32 statistics)", "models": plans}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     import e2e
 
@@ -57,7 +75,13 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=512, help="prompt tokens (default: 512)")
     ap.add_argument("--out", default=None, help="JSON (default: benchmarks/results/calibrate_memory_<gpu>.json)")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU: a smoke test (default: off)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only the planned statistics memory of flux / qwen-image / z-image (built on the meta "
+                         "device, no GPU) -> benchmarks/results/calibrate_plan.json (default: off)")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        return write_plans(args.preset, args.max_stats_gb, Path(args.out or ROOT / "benchmarks" / "results" /
+                                                                "calibrate_plan.json"))
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
