@@ -38,7 +38,8 @@ def site_rules(model: nn.Module, config: SparsityConfig):
     """The activation-site rules (rtlynx.presets) for ``model`` under ``config``."""
     if not config.fuse_sites:
         return ()
-    preset = resolve_preset(config.preset, type(model).__name__)
+    # preset None (explicit include globs, e.g. a preset file from rtlynx.select): the model class's own sites
+    preset = resolve_preset(config.preset or "auto", type(model).__name__)
     return PRESETS[preset].get("sites", DEFAULT_SITES) if preset else DEFAULT_SITES
 
 
@@ -84,6 +85,10 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
     config = config or SparsityConfig()
     if overrides:
         config = SparsityConfig.from_dict({**config.to_dict(), **overrides})
+    if config.preset and config.preset.endswith(".json"):  # a preset file (rtlynx select): its exact layer names
+        from .select import preset_file_config
+
+        config = preset_file_config(config, module)
     names = eligible_layers(module, config)
     if not names:
         already = sum(isinstance(m, SparseActLinear) for m in module.modules())

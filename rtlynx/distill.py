@@ -29,44 +29,78 @@ from . import reference
 from .api import sparse_layers
 from .nn import SparseActLinear
 
-STATS_FORMAT = 1
+STATS_FORMAT = 2  # 2: one Gram per activation site (format 1, one per layer, still loads)
+GB = 2 ** 30
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: half-precision operands on a GPU stay half (tensor cores, exact products,
+    fp32 accumulation); everything else runs in fp32."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
+    return a.float() @ b.float()
 
 
 @dataclass
 class LayerStats:
+    """Sufficient statistics of one layer. ``xtx`` is the Gram of its input; the layers of one activation site
+    read the same input and share one Gram tensor (the same object). Sums are kept in fp32 (the rounding of a
+    sum of N fp32 terms, ~sqrt(N) 2^-24 relative, is far below the ridge of the solve), energies in Python
+    floats (fp64); :func:`solve_lora` works in fp64."""
+
     k: int
     n: int
-    xtx: torch.Tensor  # [K, K] float64
-    xtr: torch.Tensor  # [K, N] float64
+    xtx: torch.Tensor  # [K, K]
+    xtr: torch.Tensor  # [K, N]
     rr: float = 0.0    # sum |R|^2
     yy: float = 0.0    # sum |x W^T|^2
     rows: int = 0
 
     @classmethod
-    def empty(cls, k: int, n: int, device="cpu") -> "LayerStats":
-        return cls(k, n, torch.zeros(k, k, dtype=torch.float64, device=device),
-                   torch.zeros(k, n, dtype=torch.float64, device=device))
+    def empty(cls, k: int, n: int, device="cpu", gram: torch.Tensor | None = None,
+              dtype=torch.float32) -> "LayerStats":
+        xtx = gram if gram is not None else torch.zeros(k, k, dtype=dtype, device=device)
+        return cls(k, n, xtx, torch.zeros(k, n, dtype=dtype, device=device))
 
-    def add(self, x: torch.Tensor, layer: SparseActLinear) -> None:
-        """Accumulate rows ``x [T, K]`` seen by ``layer`` (its pattern and compensation define R)."""
-        x = x.detach().float()
-        if layer.in_features % layer.m:
-            raise ValueError("distillation needs K to be a multiple of m")
-        w = layer.weight.detach().float()
-        y = F.linear(x, w)
-        r = y - reference.sparse_act_linear(x, w, None, layer.n, layer.m, layer.compensation, eps=layer.eps)
-        self.xtx += (x.T @ x).double()
-        self.xtr += (x.T @ r).double()
+    def add(self, x: torch.Tensor, layer: SparseActLinear, gram: bool = True, y: torch.Tensor | None = None) -> None:
+        """Accumulate rows ``x [T, K]`` seen by ``layer`` (its pattern and compensation define R); ``gram=False``
+        when another member of the site already added ``x``'s Gram; ``y`` = x W^T when the caller has it."""
+        x = x.detach()
+        w = layer.weight.detach()
+        xf = x.float()
+        # K not a multiple of m: prune the zero-padded row, as the layer does (k_remainder "pad")
+        xp = reference.prune_nm(reference.pad_to_multiple(xf, layer.m), layer.n, layer.m)[:, : x.shape[1]]
+        if x.shape[1] % layer.m and layer.k_remainder == "dense":
+            xp = xf  # the layer runs dense: no residual
+        elif layer.compensation == "norm":
+            xp = xp * reference.norm_scale(xf, xp, eps=layer.eps)[:, None]
+        d = xf - xp  # R = x W^T - s x~ W^T = (x - s x~) W^T: one GEMM
+        dev = self.xtr.device
+        r = _mm32(d.to(w.dtype), w.T)
+        if gram:
+            self.xtx += _mm32(x.T, x).to(dev)
+        self.xtr += _mm32(x.T, r.to(x.dtype)).to(dev)
         self.rr += float(r.double().pow(2).sum())
+        if y is None:
+            y = _mm32(x, w.T)
         self.yy += float(y.double().pow(2).sum())
         self.rows += x.shape[0]
 
-    def merge(self, other: "LayerStats") -> None:
-        self.xtx += other.xtx.to(self.xtx.device)
-        self.xtr += other.xtr.to(self.xtr.device)
+    def merge(self, other: "LayerStats", gram: bool = True) -> None:
+        if gram:
+            self.xtx += other.xtx.to(self.xtx)
+        self.xtr += other.xtr.to(self.xtr)
         self.rr += other.rr
         self.yy += other.yy
         self.rows += other.rows
+
+
+def _check_stats_file(path: Path, md: dict) -> None:
+    if md.get("format") not in ("1", str(STATS_FORMAT)):
+        raise ValueError(f"{path}: not an rtlynx calibration file (format {md.get('format')!r})")
 
 
 @dataclass
@@ -75,18 +109,21 @@ class CalibStats:
     meta: dict = field(default_factory=dict)
 
     def save(self, path, overwrite: bool = False) -> Path:
+        """One safetensors file; a Gram shared by several layers is written once (under its first layer)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (or --resume to add to it)")
-        tensors, scalars = {}, {}
+        tensors, scalars, owner = {}, {}, {}
         for name, s in self.layers.items():
-            tensors[f"{name}.xtx"] = s.xtx.cpu().contiguous()
+            key = owner.setdefault(id(s.xtx), name)
+            if key == name:
+                tensors[f"{name}.xtx"] = s.xtx.cpu().contiguous()
             tensors[f"{name}.xtr"] = s.xtr.cpu().contiguous()
-            scalars[name] = {"rr": s.rr, "yy": s.yy, "rows": s.rows}
+            scalars[name] = {"rr": s.rr, "yy": s.yy, "rows": s.rows, "gram": key}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": str(STATS_FORMAT), "scalars": json.dumps(scalars),
                                                "meta": json.dumps(self.meta)})
         tmp.replace(path)
@@ -94,53 +131,168 @@ class CalibStats:
 
     @classmethod
     def load(cls, path, device="cpu") -> "CalibStats":
+        """A statistics file, or a directory of them (one per calibration pass: disjoint layers, merged)."""
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            parts = sorted(path.glob("pass-*.safetensors"))
+            if not parts:
+                raise FileNotFoundError(f"{path} holds no calibration passes (pass-*.safetensors)")
+            out = cls()
+            for part in parts:
+                one = cls.load(part, device)
+                out.layers.update(one.layers)
+                out.meta.setdefault("passes", []).append(one.meta)
+            return out
         if not path.is_file():
             raise FileNotFoundError(f"no calibration statistics at {path} (run `rtlynx calibrate` first)")
         try:
             with safe_open(str(path), "pt", device=str(device)) as f:
                 md = f.metadata() or {}
-                if md.get("format") != str(STATS_FORMAT):
-                    raise ValueError(f"{path}: not an rtlynx calibration file (format {md.get('format')!r})")
+                _check_stats_file(path, md)
                 scalars = json.loads(md["scalars"])
-                layers = {}
+                layers, grams = {}, {}
                 for name, sc in scalars.items():
-                    xtx, xtr = f.get_tensor(f"{name}.xtx"), f.get_tensor(f"{name}.xtr")
+                    key = sc.get("gram", name)
+                    if key not in grams:
+                        grams[key] = f.get_tensor(f"{key}.xtx")
+                    xtx, xtr = grams[key], f.get_tensor(f"{name}.xtr")
                     layers[name] = LayerStats(xtx.shape[0], xtr.shape[1], xtx, xtr, sc["rr"], sc["yy"], sc["rows"])
                 return cls(layers, json.loads(md.get("meta", "{}")))
         except (KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is corrupt: {e}") from e
 
 
-def collect(transformer, run_fn, stats: CalibStats | None = None) -> CalibStats:
-    """Run ``run_fn()`` (e.g. dense sampling) with the sparsified ``transformer`` in dense mode and
-    accumulate every sparse layer's statistics from the inputs it sees."""
+# ------------------------------------------------------------------------------------------ memory plan
+@dataclass
+class Group:
+    """Layers that read one input (an activation site): one Gram [K, K] + one [K, N_i] per layer."""
+
+    layers: list[str]
+    k: int
+    ns: list[int]
+
+    def nbytes(self, itemsize: int = 4) -> int:
+        return itemsize * self.k * (self.k + sum(self.ns))
+
+
+@dataclass
+class Plan:
+    passes: list[list[Group]]
+    budget_bytes: int | None
+    itemsize: int = 4
+
+    def pass_bytes(self) -> list[int]:
+        return [sum(g.nbytes(self.itemsize) for g in p) for p in self.passes]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.pass_bytes())
+
+    def report(self) -> str:
+        sizes = self.pass_bytes()
+        lines = [f"calibration statistics: {self.total_bytes / GB:.2f} GiB in {len(sizes)} pass"
+                 f"{'es' if len(sizes) > 1 else ''} (budget "
+                 f"{'none' if self.budget_bytes is None else f'{self.budget_bytes / GB:.2f} GiB'})"]
+        for i, (p, b) in enumerate(zip(self.passes, sizes)):
+            lines.append(f"  pass {i + 1}: {sum(len(g.layers) for g in p)} layers in {len(p)} sites, {b / GB:.2f} GiB")
+        return "\n".join(lines)
+
+
+def stat_groups(transformer) -> list[Group]:
+    """The Gram-sharing groups of a sparsified transformer, in module order: its activation sites."""
+    from . import sites
+
+    names = {id(m): n for n, m in sparse_layers(transformer).items()}
+    if not names:
+        raise ValueError("transformer has no SparseActLinear layers: sparsify it first")
+    groups = [Group([names[id(l)] for l in site.layers], site.k, [l.out_features for l in site.layers])
+              for site in sites.model_sites(transformer)]
+    covered = {n for g in groups for n in g.layers}
+    groups += [Group([n], l.in_features, [l.out_features]) for n, l in sparse_layers(transformer).items()
+               if n not in covered]
+    return groups
+
+
+def plan(transformer, max_stats_gb: float | None = None, itemsize: int = 4) -> Plan:
+    """Split the statistics over passes of at most ``max_stats_gb`` (None: one pass), site by site in module
+    order. A site larger than the budget gets a pass of its own (with a warning)."""
+    import warnings
+
+    budget = None if max_stats_gb is None else int(max_stats_gb * GB)
+    passes: list[list[Group]] = [[]]
+    used = 0
+    for g in stat_groups(transformer):
+        b = g.nbytes(itemsize)
+        if budget is not None and b > budget:
+            warnings.warn(f"site {g.layers[0]}... needs {b / GB:.2f} GiB of statistics, more than the budget "
+                          f"{max_stats_gb} GB: it gets a pass of its own", RuntimeWarning, stacklevel=2)
+        if budget is not None and passes[-1] and used + b > budget:
+            passes.append([])
+            used = 0
+        passes[-1].append(g)
+        used += b
+    return Plan(passes, budget, itemsize)
+
+
+def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[Group] | None = None,
+            device=None) -> CalibStats:
+    """Run ``run_fn()`` (e.g. dense sampling) with the sparsified ``transformer`` in dense mode and accumulate
+    the statistics of the layers in ``groups`` (default: all) on ``device`` (default: each layer's device).
+    Members of a site share one Gram; a site whose members turn out to read different inputs is an error."""
     from .api import dense_mode
 
     layers = sparse_layers(transformer)
     if not layers:
         raise ValueError("transformer has no SparseActLinear layers: sparsify it first")
+    groups = groups if groups is not None else stat_groups(transformer)
     stats = stats or CalibStats()
-    for name, layer in layers.items():
-        if name not in stats.layers:
-            stats.layers[name] = LayerStats.empty(layer.in_features, layer.out_features, layer.weight.device)
-        elif (stats.layers[name].k, stats.layers[name].n) != (layer.in_features, layer.out_features):
-            raise ValueError(f"statistics for {name} have another shape than the model's layer")
+    state = {}
+    for g in groups:
+        first = g.layers[0]
+        dev = device or layers[first].weight.device
+        gram = stats.layers[first].xtx if first in stats.layers else None
+        for name in g.layers:
+            layer = layers[name]
+            if name not in stats.layers:
+                stats.layers[name] = LayerStats.empty(layer.in_features, layer.out_features, dev, gram=gram)
+                gram = stats.layers[name].xtx
+            elif (stats.layers[name].k, stats.layers[name].n) != (layer.in_features, layer.out_features):
+                raise ValueError(f"statistics for {name} have another shape than the model's layer")
+            state[name] = g
+    last_x: dict[int, torch.Tensor] = {}  # per group: the input whose Gram was added last
+    rows_before = {n: stats.layers[n].rows for n in state}
+    gram_rows = {id(g): 0 for g in groups}
 
     def hook(name):
+        g = state[name]
+
         def fn(mod, inp, out):
-            stats.layers[name].add(inp[0].reshape(-1, mod.in_features), mod)
+            x = inp[0].reshape(-1, mod.in_features)
+            new = last_x.get(id(g)) is not inp[0]
+            if new:
+                last_x[id(g)] = inp[0]
+                gram_rows[id(g)] += x.shape[0]
+            y = out.reshape(-1, mod.out_features).float()
+            if mod.bias is not None:
+                y = y - mod.bias.float()
+            stats.layers[name].add(x, mod, gram=new, y=y)
         return fn
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    handles = [layers[name].register_forward_hook(hook(name)) for name in state]
     try:
         with torch.no_grad(), dense_mode(transformer):
             run_fn()
     finally:
         for h in handles:
             h.remove()
+        last_x.clear()
+    for g in groups:
+        seen = {stats.layers[n].rows - rows_before[n] for n in g.layers}
+        if len(g.layers) > 1 and seen != {gram_rows[id(g)]}:
+            raise ValueError(f"the layers {g.layers} of one site read different inputs; calibrate with "
+                             "fuse_sites=False so each gets a Gram of its own")
     return stats
 
 
@@ -149,8 +301,8 @@ def solve_lora(s: LayerStats, rank: int, ridge: float = 1e-3) -> tuple[torch.Ten
     if s.rows == 0:
         raise ValueError("no calibration rows for this layer")
     rank = min(rank, s.k, s.n)
-    g = s.xtx / s.rows
-    c = s.xtr / s.rows
+    g = s.xtx.double() / s.rows
+    c = s.xtr.double() / s.rows
     lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
     eye = torch.eye(s.k, dtype=g.dtype, device=g.device)
     m = torch.linalg.solve(g + lam * eye, c)  # [K, N]
@@ -164,8 +316,9 @@ def residual_error(s: LayerStats, a: torch.Tensor | None = None, b: torch.Tensor
     """Relative output error |Y - Y~| / |Y| of the layer on these statistics, with LoRA (a, b) or without."""
     err = s.rr
     if a is not None:
-        m = (b @ a).T.to(s.xtx)  # [K, N]
-        err = s.rr - 2 * float((m * s.xtr).sum()) + float((m * (s.xtx @ m)).sum())
+        g, c = s.xtx.double(), s.xtr.double()
+        m = (b.double() @ a.double()).T.to(g.device)  # [K, N]
+        err = s.rr - 2 * float((m * c).sum()) + float((m * (g @ m)).sum())
     return (max(err, 0.0) / max(s.yy, 1e-30)) ** 0.5
 
 

@@ -38,7 +38,7 @@ def direct_error(layer, x):
 
 def test_stats_are_exact_sums(gen):
     layer, x, s = layer_with_stats(gen)
-    torch.testing.assert_close(s.xtx, (x.T @ x).double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(s.xtx.double(), (x.T @ x).double(), rtol=1e-5, atol=1e-3)
     assert s.rows == x.shape[0]
     assert distill.residual_error(s) == pytest.approx(direct_error(layer, x), rel=1e-4)
 

@@ -1,0 +1,31 @@
+#!/bin/bash
+# One device call for issue 10 (~4 minutes on an H200; carry .whl with the diffusers wheel, and .cache as for
+# benchmarks/e2e_session.sh so the lynx kernels need no rebuild):
+#   bash benchmarks/issue10_session.sh
+# 1. full-size FLUX.1-dev calibration: peak memory and s/prompt per pass, one pass and --max-stats-gb 40
+#    (benchmarks/calibrate_memory.py -> benchmarks/results/calibrate_memory_h200.json)
+# 2. the speed table of `rtlynx select` for this GPU at the site shapes of FLUX / Qwen-Image / Z-Image /
+#    PixArt-Sigma / SD3.5, and each model's fast-site set against dense (benchmarks/select_speed.py ->
+#    benchmarks/results/speed_table_h200.json, select_speed_h200.json)
+# Everything lands in benchmarks/results/ and is copied to $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
+export RTLYNX_BUILD_DIR=$PWD/.cache/build
+export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/env.txt"
+python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt"
+export RTLYNX_LIB=$(grep '\.so$' "$OUT/build.txt" | tail -1)
+save() { cp benchmarks/results/calibrate_memory_*.json benchmarks/results/speed_table_*.json \
+  benchmarks/results/select_speed_*.json "$OUT/" 2>/dev/null; true; }
+echo "== $(date +%T) calibration memory / time, full-size FLUX.1-dev"
+timeout 100 python3 benchmarks/calibrate_memory.py --model flux --max-stats-gb 0 40 --prompts 2 --steps 4 2>&1 \
+  | grep -v Warning | tee "$OUT/calibrate_memory.txt"
+save
+echo "== $(date +%T) speed table + fast sites vs dense"
+timeout 150 python3 benchmarks/select_speed.py --models flux z-image qwen-image pixart-sigma sd35 --reps 10 2>&1 \
+  | grep -v Warning | tee "$OUT/select_speed.txt"
+save
+echo "== $(date +%T) done"

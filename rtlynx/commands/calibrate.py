@@ -1,0 +1,179 @@
+"""`rtlynx calibrate` and `rtlynx train-lora`: distil the LoRA compensation of any supported model.
+
+calibrate: sample with the dense pipeline (a local FLUX / Qwen-Image / Z-Image directory, or the shipped
+mini-FLUX) on a prompts file and stream every sparse layer's sufficient statistics (rtlynx.distill: one Gram per
+activation site) into a file. Resumable: the statistics are saved after every --save-every batches and a rerun
+with --resume skips the prompts already in them. With --max-stats-gb the sites are split over passes that each
+hold at most that much (each pass samples the same prompts with the same seeds); the output is then a directory
+of pass-N.safetensors. train-lora: solve each layer's LoRA in closed form and save it with rtlynx.save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .generate import add_model_args, read_prompts, torch_dtype
+
+
+def calibration_prompts(args) -> list[str]:
+    import numpy as np
+
+    if args.prompts:
+        return read_prompts(args.prompts)[: args.num_prompts]
+    from ..data import emoji64
+
+    if args.model != "miniflux":
+        raise SystemExit("rtlynx calibrate: give --prompts (one prompt per line) for this model")
+    data = emoji64.load(args.data) if args.data else emoji64.load()
+    rng = np.random.default_rng(args.seed)
+    w = emoji64.identity_weights(data["identity"])
+    idx = rng.choice(len(data["prompts"]), size=args.num_prompts or 1024, p=w / w.sum())
+    return [str(data["prompts"][i]) for i in idx]
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def _model_args(args):
+    """(device or None for auto, dtype or None) from the shared options."""
+    return (None if args.device == "auto" else args.device), torch_dtype(args.dtype)
+
+
+def _pass_paths(out: Path, passes: int) -> list[Path]:
+    return [out] if passes == 1 else [out / f"pass-{i + 1:03d}.safetensors" for i in range(passes)]
+
+
+def run_calibrate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .. import api, distill
+    from ..pipelines import ModelError, load_runner, model_kind
+
+    try:
+        model_kind(args.model)
+    except ModelError as e:
+        raise SystemExit(f"rtlynx calibrate: {e}") from None
+    prompts = calibration_prompts(args)
+    out = Path(args.out)
+    if out.exists() and not (args.resume or args.overwrite or args.plan_only):
+        raise SystemExit(f"rtlynx calibrate: {out} exists: pass --resume to add prompts to it or --overwrite to "
+                         "start over")
+    device, dtype = _model_args(args)
+    try:
+        runner = load_runner(args.model, device=device, dtype=dtype)
+        api.sparsify(runner.transformer, preset=args.preset)
+    except (ModelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rtlynx calibrate: {e}") from None
+    plan = distill.plan(runner.transformer, args.max_stats_gb)
+    print(plan.report())
+    if args.plan_only:
+        return 0
+    paths = _pass_paths(out, len(plan.passes))
+    if len(paths) > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    stats_device = None if args.stats_device == "auto" else args.stats_device
+    meta = dict(model=str(args.model), kind=runner.kind, steps=args.steps, guidance=args.guidance, height=args.height,
+                width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size)
+    nb = -(-len(prompts) // args.batch_size)
+    for p, (groups, path) in enumerate(zip(plan.passes, paths)):
+        stats, done = None, 0
+        if args.resume and path.exists():
+            stats = distill.CalibStats.load(path, device=stats_device or runner.device)
+            done = stats.meta.get("prompts_done", 0)
+            if stats.meta.get("prompts_sha") != prompts_digest(prompts[:done]):
+                raise SystemExit(f"rtlynx calibrate: {path} was made from other prompts than the first {done} of "
+                                 "this prompts file; use the same file (or --overwrite)")
+            if done >= len(prompts):
+                print(f"pass {p + 1}: all {done} prompts already in {path}")
+                continue
+            print(f"pass {p + 1}: resuming {path}: {done} prompts already in it")
+        desc = "calibrate" + (f" pass {p + 1}/{len(paths)}" if len(paths) > 1 else "")
+        for b, i in enumerate(tqdm(range(done, len(prompts), args.batch_size), desc=desc, unit="batch",
+                                   initial=done // args.batch_size, total=nb)):
+            batch = prompts[i: i + args.batch_size]
+            stats = distill.collect(runner.transformer, lambda: runner.sample(
+                batch, steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                seed=args.seed + i, latent=True), stats, groups=groups, device=stats_device)
+            stats.meta.update(meta, prompts_done=i + len(batch), prompts_sha=prompts_digest(prompts[: i + len(batch)]),
+                              calib_pass=p + 1, passes=len(paths))
+            if (b + 1) % args.save_every == 0 or i + len(batch) >= len(prompts):
+                stats.save(path, overwrite=True)  # an interrupted run resumes from the last save
+    print(f"wrote {out}: {sum(len(g.layers) for p in plan.passes for g in p)} layers, {len(prompts)} prompts")
+    return 0
+
+
+def run_train_lora(args) -> int:
+    from .. import api, distill, io
+    from ..pipelines import ModelError, load_transformer
+
+    out = Path(args.out)
+    if (out / io.CONFIG_FILE).exists() and not args.overwrite:
+        raise SystemExit(f"rtlynx train-lora: {out} already holds an rtlynx save; pass --overwrite to replace it")
+    device, dtype = _model_args(args)
+    try:
+        transformer = load_transformer(args.model, device=device, dtype=dtype)
+        dev = next(transformer.parameters()).device
+        stats = distill.CalibStats.load(args.calib, device=dev)
+        val = distill.CalibStats.load(args.val, device=dev) if args.val else None
+        # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
+        # gives exactly the same LoRA for the layers it keeps.
+        api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
+        rows = distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val)
+    except (ModelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rtlynx train-lora: {e}") from None
+    io.save(transformer, out, overwrite=args.overwrite)
+    (out / "distill_report.json").write_text(json.dumps({"rank": args.rank, "ridge": args.ridge, "model": args.model,
+                                                          "calib": stats.meta, "layers": rows}, indent=1))
+    keys = [k for k in ("err_norm", "err_lora", "val_err_norm", "val_err_lora") if k in rows[0]]
+    print("mean relative layer-output error: " + ", ".join(
+        f"{k} {sum(r[k] for r in rows) / len(rows):.4f}" for k in keys))
+    print(f"wrote {out}")
+    return 0
+
+
+def _model_option_aliases(p) -> None:
+    p.add_argument("--model-dir", dest="model", help="same as --model (kept for old scripts)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="stream dense-trajectory layer statistics for LoRA distillation")
+    add_model_args(p)
+    _model_option_aliases(p)
+    p.add_argument("--prompts", "--prompts-file", dest="prompts", default=None,
+                   help="one prompt per line (default: Emoji-64 prompts, for the mini-FLUX only)")
+    p.add_argument("--data", default=None, help="Emoji-64 npz for the mini-FLUX (default: the cache path of "
+                                                "`rtlynx data emoji64`)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="use the first N prompts (default: all of --prompts; 1024 from Emoji-64)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (default: 4)")
+    p.add_argument("--preset", default="auto",
+                   help="layers to collect statistics for: preset name or preset file (default: auto)")
+    p.add_argument("--max-stats-gb", type=float, default=None,
+                   help="most statistics memory per pass; more passes over the same prompts when exceeded "
+                        "(default: no limit, one pass)")
+    p.add_argument("--stats-device", default="auto",
+                   help="where the statistics accumulate: cuda / cpu (default: auto = the model's device)")
+    p.add_argument("--save-every", type=int, default=1, help="save the statistics every N batches (default: 1)")
+    p.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (default: off)")
+    p.add_argument("--out", required=True, help="statistics file (.safetensors); a directory when there are "
+                                                "several passes")
+    p.add_argument("--resume", action="store_true", help="add the remaining prompts to an existing file "
+                                                         "(default: off)")
+    p.add_argument("--overwrite", action="store_true", help="start over (default: off)")
+    p.set_defaults(func=run_calibrate)
+
+    p = sub.add_parser("train-lora", help="solve every sparse layer's LoRA from calibration statistics")
+    add_model_args(p)
+    _model_option_aliases(p)
+    p.add_argument("--calib", required=True, help="statistics from `rtlynx calibrate` (file or pass directory)")
+    p.add_argument("--val", default=None, help="held-out statistics to report generalisation (default: none)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean input power "
+                                                              "(default: 1e-3)")
+    p.add_argument("--preset", default=None, help="layers to give a LoRA (default: the calibration's preset)")
+    p.add_argument("--out", required=True, help="output directory (rtlynx.save format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an rtlynx save in --out (default: off)")
+    p.set_defaults(func=run_train_lora)

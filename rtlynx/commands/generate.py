@@ -1,0 +1,186 @@
+"""`rtlynx generate`: images from a local FLUX / Qwen-Image / Z-Image pipeline (or the shipped mini-FLUX) with
+RT-Lynx, optionally against dense (--compare: per-step and total times, paired PSNR). Writes PNGs and
+generate.json (settings + timings) into --out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
+
+
+def parse_t(value: str):
+    """--dense-below-t: a float, "none" (sparse at every step) or "config" (keep the loaded value)."""
+    return value if value in ("none", "config") else float(value)
+
+
+def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool) -> str:
+    """Sparsify ``runner.transformer``: from a saved rtlynx directory (with its LoRA) or a preset (norm
+    compensation only). Returns a short description. Raises ValueError / FileNotFoundError on bad input."""
+    from .. import api, io
+
+    if lynx and preset:
+        raise ValueError("give --lynx (a saved sparsification) or --preset, not both")
+    if lynx:
+        io.load(runner.transformer, lynx)
+        what = f"rtlynx save {lynx}"
+    else:
+        api.sparsify(runner.transformer, preset=preset or "auto")
+        what = f"preset {preset or 'auto'} (norm compensation, no LoRA: distil one with calibrate + train-lora)"
+    changes = {"backend": backend, "speed_rules": speed_rules}
+    if dense_below_t != "config":
+        changes["dense_below_t"] = None if dense_below_t == "none" else dense_below_t
+    api.configure(runner.transformer, **changes)
+    return what
+
+
+def timed_sample(runner, prompts, args, dense: bool):
+    from .. import api
+    from ..pipelines import StepTimer
+
+    kw = dict(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed)
+    ctx = api.dense_mode(runner.transformer) if dense else _null()
+    with ctx:
+        if args.compare:  # warm-up (kernel selection, caches): one untimed 1-step run
+            runner.sample(prompts[:1], **{**kw, "steps": 1}, latent=True)
+        with StepTimer(runner.transformer) as timer:
+            images = runner.sample(prompts, **kw)
+    return images, timer
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mse = float((d ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def run(args) -> int:
+    from .. import api
+    from ..pipelines import ModelError, load_runner, model_kind
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
+    if not prompts:
+        raise SystemExit("rtlynx generate: give --prompt (repeatable) or --prompts-file")
+    out = Path(args.out)
+    if (out / "generate.json").exists() and not args.overwrite:
+        raise SystemExit(f"rtlynx generate: {out} already holds a generation; pass --overwrite or another --out")
+    try:
+        model_kind(args.model)
+        device = None if args.device == "auto" else args.device
+        runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
+        what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules)
+    except (ModelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rtlynx generate: {e}") from None
+    config = api.config_of(runner.transformer)
+    print(f"{runner.kind} from {runner.path} on {runner.device} ({str(runner.dtype).removeprefix('torch.')}), "
+          f"{len(api.sparse_layers(runner.transformer))} sparse layers: {what}")
+    images, timer = timed_sample(runner, prompts, args, dense=False)
+    result = {"lynx": {"total_s": timer.total, "steps_s": timer.steps}}
+    dense_images = None
+    if args.compare:
+        dense_images, dtimer = timed_sample(runner, prompts, args, dense=True)
+        result["dense"] = {"total_s": dtimer.total, "steps_s": dtimer.steps}
+        result["speedup_median_step"] = _median(dtimer.steps) / _median(timer.steps)
+        result["speedup_total"] = dtimer.total / timer.total
+        result["psnr_vs_dense"] = [psnr(a, b) for a, b in zip(images, dense_images)]
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, img in enumerate(images):
+        img.save(out / f"lynx_{i}.png")
+        files.append(f"lynx_{i}.png")
+        if dense_images is not None:
+            dense_images[i].save(out / f"dense_{i}.png")
+            files.append(f"dense_{i}.png")
+    settings = {k: getattr(args, k) for k in ("model", "lynx", "preset", "steps", "guidance", "seed", "height",
+                                              "width", "backend", "dtype", "compare")}
+    settings.update(prompts=prompts, kind=runner.kind, device=str(runner.device),
+                    torch_dtype=str(runner.dtype).removeprefix("torch."), sparsity=config.to_dict(),
+                    sparse_layers=len(api.sparse_layers(runner.transformer)))
+    (out / "generate.json").write_text(json.dumps({"settings": settings, "timing": result, "files": files}, indent=1))
+    print(report(result))
+    print(f"wrote {len(files)} PNG(s) and {out / 'generate.json'}")
+    return 0
+
+
+def report(result: dict) -> str:
+    lines = []
+    for name in ("lynx", "dense"):
+        if name in result:
+            r = result[name]
+            steps = " ".join(f"{s * 1e3:.0f}" for s in r["steps_s"])
+            lines.append(f"{name:6s} total {r['total_s']:.2f} s, per step (ms): {steps}")
+    if "speedup_total" in result:
+        lines.append(f"speed-up vs dense: {result['speedup_median_step']:.3f}x per step (median), "
+                     f"{result['speedup_total']:.3f}x total; PSNR vs dense "
+                     + ", ".join(f"{p:.2f} dB" for p in result["psnr_vs_dense"]))
+    return "\n".join(lines)
+
+
+def read_prompts(path) -> list[str]:
+    """Non-empty lines of a prompts file; SystemExit with one line if it is missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"prompts file {p} does not exist")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+def add_model_args(p, steps_help="sampling steps (default: the pipeline's own)") -> None:
+    """Options shared by generate / calibrate / select: the model and how to sample it."""
+    p.add_argument("--model", default="miniflux",
+                   help="local diffusers pipeline directory (FluxPipeline, QwenImagePipeline, ZImagePipeline) "
+                        "or 'miniflux' for the shipped mini-FLUX (default: miniflux)")
+    p.add_argument("--steps", type=int, default=None, help=steps_help)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (Qwen-Image: true CFG scale) (default: the pipeline's own)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's own)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's own)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start noise (default: 0)")
+    p.add_argument("--device", default="auto", help="cuda / cpu (default: auto = cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
+                   help="weights dtype (default: auto = bf16 on a GPU, fp32 on the CPU)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with an RT-Lynx pipeline (optionally against dense)")
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", help="prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, added to --prompt (default: none)")
+    p.add_argument("--lynx", default=None, help="rtlynx.save directory (from train-lora) to load (default: none)")
+    p.add_argument("--preset", default=None,
+                   help="layers to sparsify without --lynx: a preset name or a preset file from `rtlynx select` "
+                        "(default: auto, by model class)")
+    p.add_argument("--dense-below-t", type=parse_t, default="config", metavar="T|none|config",
+                   help="run the final steps (noise level t < T) dense (default: config = the loaded value)")
+    p.add_argument("--backend", default="auto", help="auto / reference / cusparselt / lynx (default: auto)")
+    p.add_argument("--no-speed-rules", action="store_true",
+                   help="sparse even where the kernels lose to dense (default: speed rules on)")
+    p.add_argument("--compare", action="store_true",
+                   help="also generate dense: per-step and total time, speed-up and PSNR (default: off)")
+    p.add_argument("--out", default="rtlynx-generate", help="output directory (default: rtlynx-generate)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous generation in --out (default: off)")
+    p.set_defaults(func=run)

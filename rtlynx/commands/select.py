@@ -1,0 +1,65 @@
+"""`rtlynx select`: choose the sparse sites of a model for the most speed within a quality budget and write
+them as a preset file (see rtlynx.select)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .generate import add_model_args, read_prompts, torch_dtype
+
+
+def run(args) -> int:
+    from .. import select
+    from ..pipelines import ModelError, load_runner, model_kind
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"rtlynx select: {out} exists; pass --overwrite to replace it")
+    prompts = read_prompts(args.prompts) if args.prompts else ["a photo"]
+    try:
+        model_kind(args.model)
+        if args.speed_table is None and select.device_name() is None:
+            select.speed_table_for([], None)  # the one-line "no speed table on the CPU" error, before loading
+        runner = load_runner(args.model, device=None if args.device == "auto" else args.device,
+                             dtype=torch_dtype(args.dtype))
+        sel = select.select_layers(runner, budget=args.budget, calib=args.calib, rank=args.rank,
+                                   speed_table=args.speed_table, min_speedup=args.min_speedup,
+                                   candidate_preset=args.candidates, prompts=prompts, steps=args.steps,
+                                   height=args.height, width=args.width, seed=args.seed)
+    except (ModelError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"rtlynx select: {e}") from None
+    print(select.report(sel))
+    if not sel["selected"]:
+        raise SystemExit("rtlynx select: no site gains speed within the budget on this speed table; nothing written")
+    info = {"budget": args.budget, "rank": args.rank, "calib": args.calib, "speed_table_device": sel["table_device"],
+            "candidates": sel["candidate_preset"], "min_speedup": args.min_speedup,
+            "sites": [{"layers": c.layers, "M": c.m, "K": c.k, "N": c.n, "speedup": c.speedup,
+                       "saved_ms": c.saved_ms, "cost": c.cost} for c in sel["selected"]]}
+    layers = [n for c in sel["selected"] for n in c.layers]
+    select.write_preset_file(out, type(runner.transformer).__name__, layers, info, overwrite=args.overwrite)
+    print(f"wrote {out}: use it with `rtlynx generate --preset {out}`, `rtlynx calibrate --preset {out}` "
+          f"or rtlynx.sparsify(model, preset='{out}')")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("select", help="choose the sparse layers for speed within a quality budget (preset file)")
+    add_model_args(p, steps_help="sampling steps of the quick quality measurement without --calib (default: 4)")
+    p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` for the quality costs "
+                                                 "(default: a quick measurement on --prompts)")
+    p.add_argument("--rank", type=int, default=0, help="with --calib: cost with the LoRA of this rank "
+                                                       "(default: 0 = norm compensation only)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="allowed quality cost relative to the model's default preset (default: 1.0)")
+    p.add_argument("--speed-table", default=None,
+                   help="speed table JSON (default: this GPU's cached table, measuring missing shapes; "
+                        "required on a CPU)")
+    p.add_argument("--min-speedup", type=float, default=1.02,
+                   help="a site must be at least this much faster sparse (default: 1.02)")
+    p.add_argument("--candidates", default=None, help="preset naming the candidate layers (default: the "
+                                                      "model's '-all' preset)")
+    p.add_argument("--prompts", default=None, help="prompts file for the quick quality measurement "
+                                                   "(default: one prompt)")
+    p.add_argument("--out", default="rtlynx-preset.json", help="preset file to write (default: rtlynx-preset.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (default: off)")
+    p.set_defaults(func=run)
