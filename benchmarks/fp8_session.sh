@@ -22,7 +22,7 @@ python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt" || { echo BUI
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
 export RTLYNX_LIB=$(grep '\.so$' "$OUT/build.txt" | tail -1)
 [ -f "$RTLYNX_LIB" ] || { echo "no library"; cat "$OUT/build.txt"; exit 1; }
-cp -r .cache/build/obj "$OUT/obj" 2>/dev/null  # objects for later calls
+tar czf "$OUT/obj.tgz" -C .cache/build obj 2>/dev/null  # objects for later calls (one file: the copy-back limits count)
 save() { cp "$RES" "$OUT/" 2>/dev/null; true; }
 case $what in
   kernels)
