@@ -30,6 +30,46 @@ from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# FP8 variants (issue "FP8 + 2:4"), on the same layers as the sparse ones:
+# - dense_fp8: the dense layers with FP8 e4m3 operands (x per token, W per output channel: rtlynx.reference.fp8's
+#   scales; what torchao's float8 dynamic-activation linears compute), emulated: weights round-tripped through e4m3
+#   in place for the variant, inputs through a forward pre-hook
+# - rtlynx_fp8: RT-Lynx with dtype="fp8" (the FP8 sparse kernels on sm_90 + lynx, the FP8 spec elsewhere)
+FP8_VARIANTS = {
+    "dense_fp8": ("dense FP8", dict(mode="dense", dtype="native")),
+    "rtlynx_fp8": ("RT-Lynx FP8", dict(mode="sparse", compensation="norm", lora=True, dtype="fp8")),
+}
+ALL_VARIANTS = {**demo.VARIANTS, **FP8_VARIANTS}
+
+
+class _DenseFP8:
+    """Context: every sparse layer of ``transformer`` runs its dense product on e4m3-quantised operands."""
+
+    def __init__(self, transformer):
+        self.layers = list(api.sparse_layers(transformer).values())
+
+    def __enter__(self):
+        from rtlynx.reference.fp8 import dequantize, quantize_rows_e4m3
+
+        def hook(mod, args):
+            x = args[0]
+            return (dequantize(*quantize_rows_e4m3(x)).to(x.dtype),) + tuple(args[1:])
+
+        self.saved, self.hooks = [], []
+        with torch.no_grad():
+            for layer in self.layers:
+                self.saved.append(layer.weight.detach().clone())
+                layer.weight.copy_(dequantize(*quantize_rows_e4m3(layer.weight)).to(layer.weight.dtype))
+                self.hooks.append(layer.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for layer, w in zip(self.layers, self.saved):
+                layer.weight.copy_(w)
+        for h in self.hooks:
+            h.remove()
+
 
 def _preset(lora_dir) -> str | None:
     f = Path(lora_dir) / "rtlynx_config.json"
@@ -49,7 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS), choices=list(ALL_VARIANTS),
+                    help="also: " + ", ".join(FP8_VARIANTS))
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="sampling dtype (all variants)")
@@ -66,7 +107,7 @@ def main(argv=None) -> int:
     model = load_miniflux(args.model_dir, device=dev, dtype=dtype)
     has_lora = demo.prepare(model, Path(args.lora_dir), backend=args.backend)
     api.configure(model.transformer, dense_below_t=args.dense_below_t)
-    variants = [v for v in args.variants if has_lora or v != "rtlynx"]
+    variants = [v for v in args.variants if has_lora or v not in ("rtlynx", "rtlynx_fp8")]
     t0 = time.time()
     if Path(args.data).is_file():
         data = emoji64.load(args.data)
@@ -88,9 +129,13 @@ def main(argv=None) -> int:
 
     images, out = {}, {}
     for name in variants:
-        api.configure(model.transformer, **demo.VARIANTS[name][1])
+        api.configure(model.transformer, **{"dtype": "native", **ALL_VARIANTS[name][1]})
         t1 = time.time()
-        images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
+        if name == "dense_fp8":
+            with _DenseFP8(model.transformer):
+                images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
+        else:
+            images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
         gen_s = time.time() - t1
         row = {"seconds_generate": gen_s}
         if net is not None:
@@ -116,6 +161,11 @@ def main(argv=None) -> int:
             summary["rtlynx_fid_over_dense"] = out["rtlynx"]["fid"] / out["dense"]["fid"]
             if "weight24" in out:
                 summary["weight24_is_worst_fid"] = max(out, key=lambda v: out[v]["fid"]) == "weight24"
+    if {"rtlynx", "rtlynx_fp8"} <= set(out):
+        if net is not None:
+            summary["fid_fp8_over_bf16_rtlynx"] = out["rtlynx_fp8"]["fid"] / out["rtlynx"]["fid"]
+        if "dense" in out:
+            summary["psnr_fp8_minus_bf16_rtlynx_db"] = out["rtlynx_fp8"]["psnr"] - out["rtlynx"]["psnr"]
     result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,
