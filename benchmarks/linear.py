@@ -12,8 +12,8 @@ Columns per (M, K, N) of the target models' token-level linears (bf16, Y = X W^T
 - lynx_linear:  rtlynx.ops.lynx_linear, prune + compress + norm + GEMM + bias
 - lynx_lora:    the same + LoRA r = 64 (h = x A^T by cuBLAS, h B^T fused into the sparse GEMM as extra K)
 - prune:        rtlynx::prune_compress_sm90 alone (TB/s = bytes of x read + values, meta, scale written)
-Times: triton.testing.do_bench medians (it flushes a 256 MB buffer between reps, so every rep starts with
-cold L2), after warm-up; ratios are dense time / variant time from the same run.
+Times: rtlynx.benchtools.measure medians after warm-up (a buffer larger than L2 is read between reps, so every
+rep starts with cold L2); ratios are dense time / variant time from the same run.
 """
 
 from __future__ import annotations
@@ -34,49 +34,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rtlynx import ops  # noqa: E402
+from rtlynx.benchtools import capture, median_ms, rotating, run_metadata  # noqa: E402
 from rtlynx.reference import prune_nm  # noqa: E402
 
 DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "h100_linear.json"
 
 
-def bench(fn, rep_ms=100, warmup_ms=25):
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+def bench(fn, reps=100, warmup=10):
+    return median_ms(fn, reps=reps, warmup=warmup)
 
 
 def bench_rotating(make_fn, nbytes_per_input, reps=60, warmup=5):
-    """Median event time of fn(i) over inputs rotated beyond L2 (>= 150 MB in total), without do_bench's
-    memset flush (which leaves ~50 MB of dirty lines in L2 for the timed kernel to write back)."""
-    n = max(2, min(16, -(-150_000_000 // nbytes_per_input)))
-    fns = [make_fn() for _ in range(n)]
-    for i in range(warmup):
-        fns[i % n]()
-    times = []
-    for i in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fns[i % n]()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in times)
-    return ts[len(ts) // 2]
+    """Median time of fn(i) over inputs rotated beyond L2, no flush between reps."""
+    return median_ms(rotating(make_fn, nbytes_per_input), reps=reps, warmup=warmup)
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after warm-up on a side stream): times the GPU work without host overhead."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+graphed = capture  # fn captured in a CUDA graph: times the GPU work without host overhead
 
 
 def cslt_search(compressed, dense_b):
@@ -295,7 +269,8 @@ def main(argv=None):
         "prune_compress_tbps_rotating_inputs": geomean([r["prune_rotating_tbps"] for r in big]) if big else None,
         "per_model": summ,
     }
-    result = {"device": dev, "torch": torch.__version__, "configs": names, "timing": "triton do_bench median, L2 flushed",
+    result = {**run_metadata(), "device": dev, "configs": names,
+              "timing": "rtlynx.benchtools.measure: median of reps, L2 flushed by a read between reps",
               "rows": [per_shape[u] for u in uniq], "csv_rows": rows, "summary": summary,
               "seconds": time.time() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rtlynx import api, demo
+from rtlynx.benchtools import run_metadata
 from rtlynx.data import emoji64
 from rtlynx.eval import fid as F
 from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             summary["rtlynx_fid_over_dense"] = out["rtlynx"]["fid"] / out["dense"]["fid"]
             if "weight24" in out:
                 summary["weight24_is_worst_fid"] = max(out, key=lambda v: out[v]["fid"]) == "weight24"
-    result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
+    result = {**run_metadata(), "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,
               "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": args.backend, "dtype": args.dtype,
