@@ -14,6 +14,7 @@ def run(args) -> int:
     from ..models.miniflux import ASSET_DIR, load_miniflux
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    print(f"loading the mini-FLUX and its LoRA on {dev}...", flush=True)
     try:
         # bf16 on GPUs, the dtype the fused kernels (and cuSPARSELt) run
         model = load_miniflux(args.model_dir or ASSET_DIR, device=dev,
@@ -38,6 +39,8 @@ def run(args) -> int:
     prompts = args.prompt or demo.DEMO_PROMPTS[: args.num_prompts or (8 if dev != "cpu" else 4)]
     out = demo.fresh_dir(Path(args.out), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"sampling {len(prompts)} prompts x {len(variants)} variants, {args.steps} steps each "
+          f"(+ {demo.WARMUP_STEPS} untimed warm-up steps per variant)", flush=True)
     results = demo.generate_variants(model, prompts, variants, seed=args.seed, num_steps=args.steps)
     metrics = demo.paired_metrics(results)
     sheet = demo.sheet(results, prompts, out / "sheet.png",
@@ -48,10 +51,13 @@ def run(args) -> int:
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
     if args.dtype == "fp8":
         backend = "reference (FP8 emulated)"
-    (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
+    from ..benchtools import run_metadata
+
+    (out / "metrics.json").write_text(json.dumps({**run_metadata(), "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
                                                   "backend": backend,
                                                   "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
-                                                  "prompts": prompts, "variants": metrics}, indent=1))
+                                                  "prompts": prompts, "command": " ".join(["rtlynx", *getattr(args, "argv", ["demo"])]),
+                                                  "variants": metrics}, indent=1))
     print(demo.table(metrics))
     if dense_below_t:
         print(f"sparse variants run dense on the final steps (noise level t < {dense_below_t}); "
