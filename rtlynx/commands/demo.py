@@ -13,6 +13,9 @@ def run(args) -> int:
     from ..backends import lynx_status
     from ..models.miniflux import ASSET_DIR, load_miniflux
 
+    from ..benchtools import run_metadata
+
+    meta = run_metadata()  # the code as it was when the run started
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     print(f"loading the mini-FLUX and its LoRA on {dev}...", flush=True)
     try:
@@ -51,9 +54,7 @@ def run(args) -> int:
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
     if args.dtype == "fp8":
         backend = "reference (FP8 emulated)"
-    from ..benchtools import run_metadata
-
-    (out / "metrics.json").write_text(json.dumps({**run_metadata(), "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
+    (out / "metrics.json").write_text(json.dumps({**meta, "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
                                                   "backend": backend,
                                                   "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
                                                   "prompts": prompts, "command": " ".join(["rtlynx", *getattr(args, "argv", ["demo"])]),
