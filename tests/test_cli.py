@@ -26,3 +26,43 @@ def test_analyze_unknown_model(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown model"):
         main(["analyze", "--model", "sd9", "--out", str(tmp_path)])
+
+
+def _all_parsers(parser, path=("rtlynx",)):
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*path, name))
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    from rtlynx.cli import build_parser
+
+    missing, seen = [], 0
+    for path, parser in _all_parsers(build_parser()):
+        assert parser.allow_abbrev is False, f"{' '.join(path)} accepts abbreviated options"
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or not action.option_strings:
+                continue
+            seen += 1
+            if not (action.help or "").strip():
+                missing.append(f"{' '.join(path)} {action.option_strings[0]}")
+            elif action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+                # the help screen names the default value
+                assert f"default: {action.default}" in " ".join(text.split()), (path, action.option_strings)
+    assert seen > 50 and not missing, f"options without help: {missing}"
+
+
+def test_abbreviated_option_is_rejected(capsys):
+    import pytest
+
+    # `demo --model tiny-flux` used to be taken as --model-dir tiny-flux
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--model", "tiny-flux"])
+    assert e.value.code == 2 and "--model" in capsys.readouterr().err

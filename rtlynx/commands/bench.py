@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def register(subparsers):
     p = subparsers.add_parser("bench", help="benchmark lynx kernels vs cuBLAS / cuSPARSELt (needs an sm_90 GPU)")
-    p.add_argument("--csv", default=None, help="shapes CSV (default: benchmarks/shapes_1024.csv)")
+    p.add_argument("--csv", default=None, help="shapes CSV (none: benchmarks/shapes_1024.csv)")
     p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/h100_linear.json)")
     p.add_argument("--sweep", action="store_true", help="time every compiled GEMM config per shape")
     p.add_argument("--quick", action="store_true", help="shorter timings")
