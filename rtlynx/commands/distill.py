@@ -26,21 +26,32 @@ def _load_model(args):
 
 
 def calibration_prompts(args) -> list[str]:
+    """The prompts to calibrate on: --prompts-file, else a draw from Emoji-64. A missing source ends the command
+    with one line naming both ways out."""
     import numpy as np
 
     if args.prompts_file:
-        prompts = [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        try:
+            prompts = [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        except OSError as e:
+            raise SystemExit(f"rtlynx calibrate: cannot read --prompts-file: {e}")
         if not prompts:
-            raise SystemExit(f"{args.prompts_file} holds no prompts")
-    else:
-        from ..data import emoji64
+            raise SystemExit(f"rtlynx calibrate: {args.prompts_file} holds no prompts")
+        return prompts[: args.num_prompts]
+    from ..data import emoji64
 
-        data = emoji64.load(args.data) if args.data else emoji64.load()
-        rng = np.random.default_rng(args.seed)
-        w = emoji64.identity_weights(data["identity"])
-        idx = rng.choice(len(data["prompts"]), size=args.num_prompts, p=w / w.sum())
-        return [str(data["prompts"][i]) for i in idx]
-    return prompts[: args.num_prompts]
+    path = Path(args.data) if args.data else emoji64.DEFAULT_PATH
+    try:
+        data = emoji64.load(path)
+    except (OSError, ValueError) as e:
+        why = "not found" if isinstance(e, FileNotFoundError) else f"unreadable ({e})"
+        raise SystemExit(f"rtlynx calibrate: the Emoji-64 prompts ({path}) are {why}: build them with "
+                         f"`rtlynx data emoji64{'' if path == emoji64.DEFAULT_PATH else f' --out {path}'}` (needs npm) "
+                         "or pass --prompts-file FILE (one prompt a line)")
+    rng = np.random.default_rng(args.seed)
+    w = emoji64.identity_weights(data["identity"])
+    idx = rng.choice(len(data["prompts"]), size=args.num_prompts, p=w / w.sum())
+    return [str(data["prompts"][i]) for i in idx]
 
 
 def run_calibrate(args) -> int:
@@ -51,19 +62,21 @@ def run_calibrate(args) -> int:
     out = Path(args.out)
     if out.exists() and not (args.resume or args.overwrite):
         raise SystemExit(f"{out} exists: pass --resume to add prompts to it or --overwrite to start over")
+    prompts = calibration_prompts(args)  # before the model loads: a missing data set fails at once
+    print(f"loading the model on {_device(args.device)}...", flush=True)
     model = _load_model(args)
     api.sparsify(model.transformer, preset=args.preset)
-    prompts = calibration_prompts(args)
     stats, done = None, 0
     if args.resume and out.exists():
         stats = distill.CalibStats.load(out, device=model.img_ids.device)
         done = stats.meta.get("prompts_done", 0)
         print(f"resuming {out}: {done} prompts already in it")
-    for i in tqdm(range(done, len(prompts), args.batch_size), desc="calibrate", initial=done // args.batch_size,
+    for i in tqdm(range(done, len(prompts), args.batch_size), desc="calibrate", unit="batch", initial=done // args.batch_size,
                   total=-(-len(prompts) // args.batch_size)):
         batch = prompts[i: i + args.batch_size]
         stats = distill.collect(model.transformer, lambda: model.sample(
-            batch, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i), stats)
+            batch, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i,
+            progress=f"{len(batch)} prompts"), stats)
         stats.meta.update(prompts_done=i + len(batch), steps=args.steps, preset=args.preset, seed=args.seed)
         stats.save(out, overwrite=True)  # after every batch: an interrupted run resumes from here
     print(f"wrote {out}: {len(stats.layers)} layers, {stats.meta['prompts_done']} prompts")
