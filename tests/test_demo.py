@@ -35,3 +35,18 @@ def test_seconds_per_image_leave_out_start_up(monkeypatch):
     # every variant's timed run costs 0.01 s per image; the 0.5 s start-up must not land in the dense column
     for name in ("dense", "act24"):
         assert 0.01 <= res[name][1] < 0.1, (name, res[name][1])
+
+
+def test_demo_says_what_it_loads_before_the_slow_start(monkeypatch, capsys, tmp_path):
+    import pytest
+
+    from rtlynx.cli import main
+    from rtlynx.models import miniflux
+
+    def load(*a, **k):
+        assert "loading the mini-FLUX" in capsys.readouterr().out  # printed before the load starts
+        raise FileNotFoundError("no model here")
+
+    monkeypatch.setattr(miniflux, "load_miniflux", load)
+    with pytest.raises(SystemExit, match="no model here"):
+        main(["demo", "--device", "cpu", "--out", str(tmp_path / "d")])
