@@ -62,8 +62,10 @@ def capture(fn: Callable, warmup: int = 2) -> Callable:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    replay = g.replay
-    replay.graph = g  # keep the graph (and its memory pool) alive with the callable
+    def replay():
+        g.replay()
+
+    replay.graph = g  # the graph (and its memory pool) lives as long as the callable
     return replay
 
 
