@@ -84,7 +84,7 @@ def test_kernel_library_hash(tmp_path, monkeypatch):
 @pytest.mark.parametrize("script", [p for p in BENCH if re.search(r"json\.dump|write_text\(json", p.read_text())],
                          ids=lambda p: p.name)
 def test_every_results_writer_records_the_run(script):
-    assert "run_metadata()" in script.read_text(), f"{script.name} writes results without rtlynx.benchtools.run_metadata"
+    assert "run_metadata()" in script.read_text(), f"{script.name} writes results without benchtools.run_metadata"
 
 
 @pytest.mark.parametrize("script", BENCH, ids=lambda p: p.name)

@@ -84,7 +84,8 @@ def test_dtype_fp8_through_sparsify_configure_save_load(tmp_path):
     # every sparse layer ran the FP8 specification on the input it saw (not the native path)
     assert len(seen) == len(rtlynx.sparse_layers(model))
     for name, (layer, x, y) in seen.items():
-        expect = fp8.fp8_sparse_act_linear(x, layer.weight, layer.bias, layer.n, layer.m, layer.compensation, eps=layer.eps)
+        expect = fp8.fp8_sparse_act_linear(x, layer.weight, layer.bias, layer.n, layer.m, layer.compensation,
+                                           eps=layer.eps)
         torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     assert torch.isfinite(out).all()
     assert float((out - native).norm() / native.norm()) < 0.1

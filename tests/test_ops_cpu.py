@@ -109,7 +109,8 @@ def test_ops_import_loads_and_builds_nothing(tmp_path):
     nvcc.chmod(0o755)
     code = ("import sys, rtlynx, rtlynx.ops; from rtlynx.ops import _lib; "
             "print(_lib._LIB is None, 'rtlynx.ops._build' in sys.modules, 'triton' in sys.modules)")
-    env = {**os.environ, "RTLYNX_NVCC": str(nvcc), "CUDA_HOME": str(tmp_path), "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env = {**os.environ, "RTLYNX_NVCC": str(nvcc), "CUDA_HOME": str(tmp_path),
+           "PATH": f"{tmp_path}:{os.environ['PATH']}"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "False", "False"] and not mark.exists()

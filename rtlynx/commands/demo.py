@@ -11,9 +11,8 @@ def run(args) -> int:
 
     from .. import demo
     from ..backends import lynx_status
-    from ..models.miniflux import ASSET_DIR, load_miniflux
-
     from ..benchtools import run_metadata
+    from ..models.miniflux import ASSET_DIR, load_miniflux
 
     meta = run_metadata()  # the code as it was when the run started
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -57,7 +56,8 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps({**meta, "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
                                                   "backend": backend,
                                                   "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
-                                                  "prompts": prompts, "command": " ".join(["rtlynx", *getattr(args, "argv", ["demo"])]),
+                                                  "prompts": prompts,
+                                                  "command": " ".join(["rtlynx", *getattr(args, "argv", ["demo"])]),
                                                   "variants": metrics}, indent=1))
     print(demo.table(metrics))
     if dense_below_t:
@@ -74,10 +74,12 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the start noise (shared by every variant)")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; none: a fixed set)")
-    p.add_argument("--num-prompts", type=int, default=None, help="how many of the fixed set (none: 8 on a GPU, 4 on a CPU)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="how many of the fixed set (none: 8 on a GPU, 4 on a CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (cuda when available)")
     p.add_argument("--model-dir", default=None, help="MiniFlux directory (none: the shipped mini-FLUX)")
-    p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA (none: the shipped one)")
+    p.add_argument("--lora-dir", default=None,
+                   help="rtlynx.save directory with the distilled LoRA (none: the shipped one)")
     p.add_argument("--dense-below-t", default="config", metavar="T|none|config",
                    help="run the final steps (noise level t < T) dense; config: the LoRA config's value")
     p.add_argument("--dtype", default="native", choices=("native", "fp8"),

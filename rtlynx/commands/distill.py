@@ -71,8 +71,8 @@ def run_calibrate(args) -> int:
         stats = distill.CalibStats.load(out, device=model.img_ids.device)
         done = stats.meta.get("prompts_done", 0)
         print(f"resuming {out}: {done} prompts already in it")
-    for i in tqdm(range(done, len(prompts), args.batch_size), desc="calibrate", unit="batch", initial=done // args.batch_size,
-                  total=-(-len(prompts) // args.batch_size)):
+    for i in tqdm(range(done, len(prompts), args.batch_size), desc="calibrate", unit="batch",
+                  initial=done // args.batch_size, total=-(-len(prompts) // args.batch_size)):
         batch = prompts[i: i + args.batch_size]
         stats = distill.collect(model.transformer, lambda: model.sample(
             batch, num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + i,
