@@ -53,15 +53,15 @@ def test_demo_says_what_it_loads_before_the_slow_start(monkeypatch, capsys, tmp_
 
 
 def test_readme_demo_numbers_come_from_the_files_the_demo_wrote():
-    """README's demo PSNRs are the ones in docs/demo_metrics*.json (written by `rtlynx demo`, copied there)."""
+    """README's demo PSNRs are the ones in docs/demo_metrics_cpu*.json (written by `rtlynx demo`, copied there)."""
     text = " ".join((ROOT / "README.md").read_text().split())
     order = ("weight24", "act24", "act24_norm", "rtlynx")
     m = re.search(r"weight 2:4 ([\d.]+) dB, activation 2:4 ([\d.]+) dB, \+ norm ([\d.]+) dB, RT-Lynx ([\d.]+) dB", text)
     e = re.search(r"every step sparse \(`--dense-below-t none`\) ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+) dB", text)
     assert m and e, "README's demo sentence changed: update this test with it"
-    for found, name in ((m, "demo_metrics.json"), (e, "demo_metrics_every_step.json")):
+    for found, name in ((m, "demo_metrics_cpu.json"), (e, "demo_metrics_cpu_every_step.json")):
         doc = json.loads((ROOT / "docs" / name).read_text())
         assert doc["device"] == "cpu" and doc["command"].startswith("rtlynx demo") and doc["commit"] != "unknown"
         want = [f"{doc['variants'][v]['psnr']:.2f}" for v in order]
         assert list(found.groups()) == want, (name, found.groups(), want)
-    assert json.loads((ROOT / "docs" / "demo_metrics_every_step.json").read_text())["dense_below_t"] is None
+    assert json.loads((ROOT / "docs" / "demo_metrics_cpu_every_step.json").read_text())["dense_below_t"] is None
