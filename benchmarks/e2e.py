@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 import rtlynx
+from rtlynx.benchtools import kernel_library, measure, run_metadata
 from rtlynx.integrations.diffusers import example_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,24 +68,10 @@ def build(kind: str, device: str = "cuda", tiny: bool = False):
     return model
 
 
-def time_forward(model, inputs, reps: int) -> list[float]:
+def time_forward(model, inputs, reps: int) -> float:
+    """Median ms of one forward (rtlynx.benchtools.measure; synchronised after each, so host time counts)."""
     with torch.no_grad():
-        for _ in range(3):
-            model(**inputs)
-        if not torch.cuda.is_available():  # CPU smoke run: wall clock
-            t = time.perf_counter()
-            model(**inputs)
-            return [1e3 * (time.perf_counter() - t)]
-        torch.cuda.synchronize()
-        out = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            model(**inputs)
-            b.record()
-            torch.cuda.synchronize()
-            out.append(a.elapsed_time(b))
-    return out
+        return measure(lambda: model(**inputs), reps=reps, warmup=3, flush_l2=False, sync_each=True).median_ms
 
 
 def kernel_class(name: str) -> str:
@@ -141,42 +126,6 @@ def check_sites(model, inputs, blocks: int = 2) -> dict:
     return dict(sites=len(errs), max_rel_err=max(errs.values()) if errs else None, rel_err=errs)
 
 
-def git_commit() -> str:
-    """HEAD of the checkout (with -dirty for uncommitted changes). A device copy may carry a stale .git: the
-    source digest below identifies the code that ran either way."""
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def source_digest() -> str:
-    """sha256 (16 hex) of the rtlynx package and csrc/ sources that ran."""
-    import hashlib
-
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for p in sorted([*(root / "rtlynx").rglob("*.py"), *(root / "csrc").glob("*.c*"), *(root / "csrc").glob("*.h")]):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def kernel_library() -> str | None:
-    """File name of the lynx library (its name carries the hash of its objects): the loaded one, else RTLYNX_LIB."""
-    import os
-
-    try:
-        from rtlynx.ops import _lib
-
-        if _lib._LIB is not None:
-            return Path(_lib._LIB._name).name
-    except Exception:  # noqa: BLE001
-        pass
-    return Path(os.environ["RTLYNX_LIB"]).name if os.environ.get("RTLYNX_LIB") else None
-
-
 def summarize(rows: list[dict]) -> dict:
     """{"flux": {"eager": x, "compiled": x, "eager_lora": x, "peak_mem_ratio_lora": x}, ...} from the rows."""
     out = {}
@@ -228,8 +177,7 @@ def main(argv=None) -> int:
         args.variants = ["dense", *args.variants]  # ratios need the dense row of the same run
 
     def save():
-        doc.update({"device": gpu, "torch": torch.__version__, "backend": args.backend, "commit": git_commit(),
-                    "source_digest": source_digest(),
+        doc.update({**run_metadata(), "device": gpu, "backend": args.backend,
                     "kernel_library": kernel_library() or doc.get("kernel_library"),
                     "resolution": "1024x1024 (4096 image tokens)",
                     "text_len": args.text_len, "batch": 1, "dtype": "bfloat16", "rows": rows,
@@ -263,7 +211,7 @@ def main(argv=None) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 tc = time.time()
-                ms = statistics.median(time_forward(runner, inputs, args.reps))
+                ms = time_forward(runner, inputs, args.reps)
                 extra = {}
                 if args.compile:
                     from torch._dynamo.utils import counters

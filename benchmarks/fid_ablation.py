@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rtlynx import api, demo, schedule
+from rtlynx.benchtools import run_metadata
 from rtlynx.eval import fid as F
 from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
 
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         row["grain_vs_dense"] = row["grain"] / rows["dense"]["grain"] if rows else 1.0
         rows[name] = row
         print(f"{name:30s} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    out = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "n_generated": args.n, "steps": steps, "backend": args.backend,
+    out = {**run_metadata(), "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "n_generated": args.n, "steps": steps, "backend": args.backend,
            "lora_dir": str(demo.LORA_DIR), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

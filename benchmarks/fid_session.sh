@@ -35,7 +35,7 @@ quality|ablation)
         .qcarry/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PYTHONPATH
     cp .qw/*.safetensors rtlynx/assets/miniflux/
-    lib=$(ls .cache/build/librtlynx_sm90.*.so 2>/dev/null | head -1)
+    lib=$(ls -t .cache/build/librtlynx_sm90.*.so 2>/dev/null | head -1)  # the newest; the JSON records its sha256
     backend=reference
     [ -n "$lib" ] && export RTLYNX_LIB=$PWD/$lib && backend=lynx
     if [ $stage = ablation ]; then

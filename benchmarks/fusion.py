@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rtlynx.benchtools import measure, run_metadata  # noqa: E402
 from rtlynx.ops import sm90 as k90  # noqa: E402
 
 DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
@@ -47,30 +48,9 @@ def gelu(h):
 
 
 def graph_time(fns, reps=30, warmup=3):
-    """Median time per call (ms) of fns[0](), fns[1](), ... captured back to back in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:  # warm-up: library load, workspaces
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    for _ in range(warmup):
-        g.replay()
-    ev = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        ev.append((a, b))
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) / len(fns) for a, b in ev)
-    del g
-    return ts[len(ts) // 2], ts[0], ts[-1]
+    """(median, min, max) ms per call of fns[i](), each captured in a CUDA graph, replayed in turn (inputs rotated)."""
+    t = measure(fns, reps=reps * len(fns), warmup=warmup * len(fns), graph=True, flush_l2=False)
+    return t.median_ms, t.min_ms, t.max_ms
 
 
 def run_shape(m, k, n, reps):
@@ -163,8 +143,8 @@ def main(argv=None):
               f"bitwise {r['fused_operand_bitwise_equal']}", flush=True)
     summary = {key: geomean([r[f"{key}_speedup"] for r in out]) for key in ("unfused", "fused", "fused_dense", "gemm")}
     summary["fusion_gain"] = geomean([r["unfused_ms"] / r["fused_ms"] for r in out])
-    result = {"device": dev, "torch": torch.__version__, "timing": "CUDA graph replays over rotated input sets "
-              "(>= 250 MB), median per call", "rows": out, "summary_speedup_geomean_vs_dense_mlp": summary,
+    result = {**run_metadata(), "device": dev, "timing": "rtlynx.benchtools.measure: one CUDA graph per call, "
+              "replayed in turn over the input sets (>= 250 MB), median per call", "rows": out, "summary_speedup_geomean_vs_dense_mlp": summary,
               "seconds": time.time() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import rtlynx
+from rtlynx.benchtools import measure, run_metadata
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,26 +51,13 @@ def host_us(fn, x, iters: int) -> float:
 
 
 def graph_us(fn, x, iters: int) -> float:
+    """Replay cost per triple of a CUDA graph holding 10 triples (rtlynx.benchtools.measure)."""
+    def ten():
+        for _ in range(10):
+            fn(x)
+
     with torch.no_grad():
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn(x)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(10):
-                fn(x)
-        g.replay()
-        torch.cuda.synchronize()
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        for _ in range(iters // 10):
-            g.replay()
-        t1.record()
-        torch.cuda.synchronize()
-    return t0.elapsed_time(t1) * 1e3 / (iters // 10 * 10)
+        return measure(ten, reps=max(1, iters // 10), warmup=1, graph=True, flush_l2=False).median_ms * 1e3 / 10
 
 
 def main(argv=None) -> int:
@@ -89,11 +77,7 @@ def main(argv=None) -> int:
         rows.append(dict(variant=name, host_us_per_triple=h, graph_us_per_triple=g))
         print(f"{name:18s} host {h:7.1f} us / Q,K,V   CUDA graph replay {g:7.1f} us", flush=True)
     out = RESULTS / f"host_overhead_{gpu.replace(' ', '_')}.json"
-    from e2e import git_commit, kernel_library, source_digest  # benchmarks/ is on sys.path as the script's folder
-
-    out.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "commit": git_commit(),
-                               "source_digest": source_digest(), "kernel_library": kernel_library(), "m": args.m,
-                               "k": args.k, "rows": rows}, indent=1))
+    out.write_text(json.dumps({**run_metadata(), "m": args.m, "k": args.k, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

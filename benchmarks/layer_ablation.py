@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rtlynx import api, demo
+from rtlynx.benchtools import run_metadata
 from rtlynx.eval.fid import paired_metrics
 from rtlynx.models.miniflux import load_miniflux, to_uint8
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
             m = paired_metrics(sample(), dense)
             rows.append({"group": group, "layers": len(chosen), "setting": setting, "psnr": m["psnr"], "ssim": m["ssim"]})
             print(f"{group:40s} {len(chosen):3d} {setting:16s} PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.3f}", flush=True)
-    Path(args.out).write_text(json.dumps({"device": args.device, "prompts": prompts, "steps": args.steps,
+    Path(args.out).write_text(json.dumps({**run_metadata(), "device": args.device, "prompts": prompts, "steps": args.steps,
                                           "rows": rows, "seconds": time.time() - t0}, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -8,12 +8,14 @@ Columns per (M, K, N) of the target models' token-level linears (bf16, Y = X W^T
 - cslt_best:    cuSPARSELt GEMM only, X pre-pruned and pre-compressed, best algorithm from its search
                 (its fused bias is per row for a sparse left operand, so no bias: GEMM only)
 - cslt_online:  torch prune (reference) + _cslt_compress + _cslt_sparse_mm (what PyTorch offers today)
+- *_graph:      dense, cslt_best, cslt_online, lynx_linear, lynx_lora captured in CUDA graphs (GPU time without host
+                overhead; eager, torch rebuilds cuSPARSELt's descriptors and plan on every call)
 - lynx_gemm:    rtlynx::sparse_gemm_sm90 on pre-compressed X, epilogue s * acc + b included
 - lynx_linear:  rtlynx.ops.lynx_linear, prune + compress + norm + GEMM + bias
 - lynx_lora:    the same + LoRA r = 64 (h = x A^T by cuBLAS, h B^T fused into the sparse GEMM as extra K)
 - prune:        rtlynx::prune_compress_sm90 alone (TB/s = bytes of x read + values, meta, scale written)
-Times: triton.testing.do_bench medians (it flushes a 256 MB buffer between reps, so every rep starts with
-cold L2), after warm-up; ratios are dense time / variant time from the same run.
+Times: rtlynx.benchtools.measure medians after warm-up (a buffer larger than L2 is read between reps, so every
+rep starts with cold L2); ratios are dense time / variant time from the same run.
 """
 
 from __future__ import annotations
@@ -34,49 +36,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rtlynx import ops  # noqa: E402
+from rtlynx.benchtools import capture, median_ms, rotating, run_metadata  # noqa: E402
 from rtlynx.reference import prune_nm  # noqa: E402
 
 DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "h100_linear.json"
 
 
-def bench(fn, rep_ms=100, warmup_ms=25):
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+def bench(fn, reps=100, warmup=10):
+    return median_ms(fn, reps=reps, warmup=warmup)
 
 
 def bench_rotating(make_fn, nbytes_per_input, reps=60, warmup=5):
-    """Median event time of fn(i) over inputs rotated beyond L2 (>= 150 MB in total), without do_bench's
-    memset flush (which leaves ~50 MB of dirty lines in L2 for the timed kernel to write back)."""
-    n = max(2, min(16, -(-150_000_000 // nbytes_per_input)))
-    fns = [make_fn() for _ in range(n)]
-    for i in range(warmup):
-        fns[i % n]()
-    times = []
-    for i in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fns[i % n]()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in times)
-    return ts[len(ts) // 2]
+    """Median time of fn(i) over inputs rotated beyond L2, no flush between reps."""
+    return median_ms(rotating(make_fn, nbytes_per_input), reps=reps, warmup=warmup)
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after warm-up on a side stream): times the GPU work without host overhead."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+graphed = capture  # fn captured in a CUDA graph: times the GPU work without host overhead
 
 
 def cslt_search(compressed, dense_b):
@@ -127,9 +103,9 @@ def run_shape(m, k, n, sweep, quick, names):
         wt = w.t()
         alg = cslt_search(comp, wt)
         res["cslt_alg"] = alg
-        res["cslt_best_ms"] = bench(lambda: torch._cslt_sparse_mm(comp, wt, alg_id=alg["alg_id"],
-                                                                   split_k=alg["split_k"],
-                                                                   split_k_mode=alg["split_k_mode"]), rep)
+        cslt_mm = lambda: torch._cslt_sparse_mm(comp, wt, alg_id=alg["alg_id"], split_k=alg["split_k"],  # noqa: E731
+                                                split_k_mode=alg["split_k_mode"])
+        res["cslt_best_ms"] = bench(cslt_mm, rep)
         res["cslt_online_ms"] = bench(lambda: torch._cslt_sparse_mm(torch._cslt_compress(prune_nm(x)), wt,
                                                                      alg_id=alg["alg_id"], split_k=alg["split_k"],
                                                                      split_k_mode=alg["split_k_mode"]), 20, 5)
@@ -192,6 +168,16 @@ def run_shape(m, k, n, sweep, quick, names):
     res["dense_graph_ms"] = bench(graphed(lambda: torch.nn.functional.linear(x, w, b)), rep)
     res["lynx_linear_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, None, None)), rep)
     res["lynx_lora_graph_ms"] = bench(graphed(lambda: ops.lynx_linear(x, w, b, True, a, bb)), rep)
+    if "cslt_best_ms" in res:  # eager, torch rebuilds cuSPARSELt's descriptors and plan every call (host time)
+        try:
+            res["cslt_best_graph_ms"] = bench(graphed(cslt_mm), rep)
+            res["cslt_best_graph_speedup"] = res["dense_graph_ms"] / res["cslt_best_graph_ms"]
+            res["cslt_online_graph_ms"] = bench(graphed(lambda: torch._cslt_sparse_mm(
+                torch._cslt_compress(prune_nm(x)), wt, alg_id=alg["alg_id"], split_k=alg["split_k"],
+                split_k_mode=alg["split_k_mode"])), 20, 5)
+            res["cslt_online_graph_speedup"] = res["dense_graph_ms"] / res["cslt_online_graph_ms"]
+        except Exception as e:  # noqa: BLE001
+            res["cslt_graph_error"] = f"{type(e).__name__}: {e}"[:300]
     # L2-hot input, as inside a model: a producer kernel writes x right before the layer reads it (weights
     # stay cold). Time of [producer; layer] minus [producer] alone, both as CUDA graphs.
     x_src = torch.randn_like(x)
@@ -220,7 +206,8 @@ def geomean(v):
 def summarize(rows, per_shape):
     out = {}
     models = sorted({r["model"] for r in rows})
-    keys = ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph")
+    keys = ("cslt_best", "cslt_best_graph", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph",
+            "lynx_lora_graph")
     for model in models + ["all"]:
         sel = [r for r in rows if model == "all" or r["model"] == model]
         shapes = {(r["M"], r["K"], r["N"]) for r in sel}
@@ -270,7 +257,8 @@ def main(argv=None):
         r = run_shape(m, k, n, args.sweep, args.quick, names)
         per_shape[(m, k, n)] = r
         print(f"{m:>5} {k:>6} {n:>6}  dense {r['dense_ms']:.4f} ms ({r['dense_tflops']:.0f} TF/s)  "
-              f"cslt {r.get('cslt_best_speedup', float('nan')):.2f}x  gemm {r['lynx_gemm_speedup']:.2f}x  "
+              f"cslt {r.get('cslt_best_speedup', float('nan')):.2f}x "
+              f"(graph {r.get('cslt_best_graph_speedup', float('nan')):.2f}x)  gemm {r['lynx_gemm_speedup']:.2f}x  "
               f"linear {r['lynx_linear_speedup']:.2f}x  lora {r['lynx_lora_speedup']:.2f}x  "
               f"(graphs {r['lynx_linear_graph_speedup']:.2f}x/{r['lynx_lora_graph_speedup']:.2f}x, "
               f"L2-hot x {r['lynx_linear_hot_speedup']:.2f}x)  "
@@ -283,19 +271,21 @@ def main(argv=None):
         "linear_speedup_geomean": summ["all"]["lynx_linear_speedup_geomean"],
         "lora_linear_speedup_geomean": summ["all"]["lynx_lora_speedup_geomean"],
         "cslt_best_speedup_geomean": summ["all"]["cslt_best_speedup_geomean"],
+        "cslt_best_graph_speedup_geomean": summ["all"]["cslt_best_graph_speedup_geomean"],
         "linear_graph_speedup_geomean": summ["all"]["lynx_linear_graph_speedup_geomean"],
         "lora_linear_graph_speedup_geomean": summ["all"]["lynx_lora_graph_speedup_geomean"],
         "large_shapes": {  # M >= 4096 and N, K >= 3072: the layers that carry > 95 % of the FLOPs
             key: geomean([r.get(f"{key}_speedup") for r in per_shape.values()
                           if r["M"] >= 4096 and min(r["N"], r["K"]) >= 3072])
-            for key in ("cslt_best", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph", "lynx_lora_graph",
-                        "lynx_linear_hot")},
+            for key in ("cslt_best", "cslt_best_graph", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph",
+                        "lynx_lora_graph", "lynx_linear_hot")},
         "linear_hot_speedup_geomean": geomean([r.get("lynx_linear_hot_speedup") for r in per_shape.values()]),
         "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]) if big else None,
         "prune_compress_tbps_rotating_inputs": geomean([r["prune_rotating_tbps"] for r in big]) if big else None,
         "per_model": summ,
     }
-    result = {"device": dev, "torch": torch.__version__, "configs": names, "timing": "triton do_bench median, L2 flushed",
+    result = {**run_metadata(), "device": dev, "configs": names,
+              "timing": "rtlynx.benchtools.measure: median of reps, L2 flushed by a read between reps",
               "rows": [per_shape[u] for u in uniq], "csv_rows": rows, "summary": summary,
               "seconds": time.time() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

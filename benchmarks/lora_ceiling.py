@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from rtlynx import api, demo, distill, reference, schedule
+from rtlynx.benchtools import run_metadata
 from rtlynx.models.miniflux import load_miniflux
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
             print(f"{t:10s} {p:9s} " + " ".join(f"{mean[k]:11.4f}" for k in keys)
                   + (f"   (full rank removes {100 * mean['removed_full_rank']:.0f}% of the residual energy)"
                      if "removed_full_rank" in mean else ""))
-    Path(args.out).write_text(json.dumps({"device": "cpu", "prompts": prompts, "steps": args.steps,
+    Path(args.out).write_text(json.dumps({**run_metadata(), "device": "cpu", "prompts": prompts, "steps": args.steps,
                                           "summary": summary, "layers": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rtlynx import api, demo
+from rtlynx.benchtools import run_metadata
 from rtlynx.data import emoji64
 from rtlynx.eval import fid as F
 from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
             summary["fid_fp8_over_bf16_rtlynx"] = out["rtlynx_fp8"]["fid"] / out["rtlynx"]["fid"]
         if "dense" in out:
             summary["psnr_fp8_minus_bf16_rtlynx_db"] = out["rtlynx_fp8"]["psnr"] - out["rtlynx"]["psnr"]
-    result = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
+    result = {**run_metadata(), "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "model": "mini-FLUX (rtlynx/assets/miniflux)",
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,
               "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": args.backend, "dtype": args.dtype,

@@ -1,10 +1,10 @@
 """Sparse vs dense GEMM under sustained load (GPU, sm_90): does the sparse advantage survive the power cap?
 
-benchmarks/linear.py times each GEMM alone with an L2 flush between reps (do_bench): the GPU idles a
+benchmarks/linear.py times each GEMM alone with cold L2 (rtlynx.benchtools.measure): the GPU idles a
 little between kernels. Inside a model the GEMMs run back to back, and the end-to-end profile
 (benchmarks/results/e2e_profile_log.txt) showed the lynx GEMMs at ~1.2x over cuBLAS instead of ~1.5x.
 This runs each GEMM back to back for --seconds (inputs rotated beyond L2) while NVML samples the SM clock
-and board power, next to the isolated do_bench time; the ratio column is dense / sparse.
+and board power, next to the isolated time (one call per rep); the ratio column is dense / sparse.
 
     python benchmarks/sustained.py [--seconds 3]
 """
@@ -80,8 +80,7 @@ def sustained(fns, seconds):
 
 
 def main(argv=None) -> int:
-    import triton
-
+    from rtlynx.benchtools import median_ms
     from rtlynx.ops import sm90 as k90
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,8 +98,7 @@ def main(argv=None) -> int:
         packed = [k90.prune_compress_sm90(x, None, False, 1e-8) for x in xs]
         dense = [lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)]
         sparse = [lambda p=p, w=w: k90.sparse_gemm_sm90(p[0], p[1], w, None, None) for p, w in zip(packed, ws)]
-        iso_d = triton.testing.do_bench(dense[0], warmup=25, rep=100, return_mode="median")
-        iso_s = triton.testing.do_bench(sparse[0], warmup=25, rep=100, return_mode="median")
+        iso_d, iso_s = median_ms(dense), median_ms(sparse)  # isolated: one call per rep, inputs rotated
         sd = sustained(dense, args.seconds)
         ss = sustained(sparse, args.seconds)
         flop = 2 * m * k * n
@@ -115,7 +113,9 @@ def main(argv=None) -> int:
         del xs, ws, packed, dense, sparse
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "seconds": args.seconds,
+    from rtlynx.benchtools import run_metadata
+
+    Path(args.out).write_text(json.dumps({**run_metadata(), "seconds": args.seconds,
                                           "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0

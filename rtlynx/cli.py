@@ -9,9 +9,19 @@ import sys
 from .commands import COMMANDS
 
 
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command: no abbreviated options (`demo --model x` must not become --model-dir) and help that
+    shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rtlynx", description="RT-Lynx: online N:M activation sparsity for DiTs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = Parser(prog="rtlynx", description="RT-Lynx: online N:M activation sparsity for DiTs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(name)
@@ -26,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded by commands that write results
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -14,6 +14,11 @@ MODES = ("sparse", "dense", "weight")
 DTYPES = ("native", "fp8")
 CONFIG_VERSION = 1
 
+# Benchmark timing (rtlynx.benchtools): input sets rotate until their bytes reach BENCH_ROTATE_BYTES, and a single
+# input is followed by a read of BENCH_FLUSH_BYTES; both well beyond the 50-60 MB L2 of an H100 / H200.
+BENCH_ROTATE_BYTES = 150_000_000
+BENCH_FLUSH_BYTES = 256 * 2**20
+
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a rank

@@ -19,6 +19,8 @@ DEMO_PROMPTS = [
     "cat face, noto style",
 ]
 
+WARMUP_STEPS = 2  # untimed sampling steps per variant before its timed run
+
 # name -> (label, configure() arguments)
 VARIANTS = {
     "dense": ("dense", dict(mode="dense")),
@@ -44,7 +46,9 @@ def prepare(model, lora_dir: Path | None = LORA_DIR, backend: str = "auto") -> b
 
 def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | None = None,
                       guidance_scale: float | None = None, progress: bool = True) -> dict:
-    """name -> (images uint8 [B,H,W,3], seconds per image). One shared start noise for all variants."""
+    """name -> (images uint8 [B,H,W,3], seconds per image). One shared start noise for all variants. Each variant
+    first samples one prompt for WARMUP_STEPS untimed, so its seconds per image leave out one-time costs (the
+    first forward's allocations and library loads, lazily prepared weights)."""
     from tqdm.auto import tqdm
 
     from .models.miniflux import to_uint8
@@ -53,12 +57,17 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
     noise = torch.randn(len(prompts), model.grid ** 2, model.config["patch_size"] ** 2 * model.config["channels"],
                         generator=g)
     out = {}
-    for name in tqdm(variants, desc="variants", disable=not progress):
+    bar = tqdm(variants, desc="variants", disable=not progress, unit="variant")
+    for name in bar:
+        bar.set_postfix_str(VARIANTS[name][0])
         api.configure(model.transformer, **VARIANTS[name][1])
+        model.sample(list(prompts[:1]), num_steps=WARMUP_STEPS, guidance_scale=guidance_scale, noise=noise[:1],
+                     progress=f"{name} warm-up" if progress else False)
         if model.img_ids.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        imgs = model.sample(list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, noise=noise)
+        imgs = model.sample(list(prompts), num_steps=num_steps, guidance_scale=guidance_scale, noise=noise,
+                            progress=name if progress else False)
         if model.img_ids.is_cuda:
             torch.cuda.synchronize()
         out[name] = (to_uint8(imgs).cpu(), (time.perf_counter() - t0) / len(prompts))

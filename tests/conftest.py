@@ -1,7 +1,47 @@
+import os
+import random
+import zlib
+
+import numpy as np
 import pytest
 import torch
 
 from rtlynx import backends
+
+# One seed per session, fresh each run unless RTLYNX_TEST_SEED fixes it; each test's own seed is derived from it and
+# the test's id, so one failing test reruns alone with the same numbers (its report says how).
+SESSION_SEED = int(os.environ.get("RTLYNX_TEST_SEED") or random.SystemRandom().randrange(2**31))
+
+
+def test_seed(nodeid: str) -> int:
+    return (SESSION_SEED + zlib.crc32(nodeid.encode())) % 2**31
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
+def pytest_report_header(config):
+    return f"rtlynx test seeds from RTLYNX_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """Seeds torch, numpy and random for every test; the value is in the test's report if it fails."""
+    s = test_seed(request.node.nodeid)
+    request.node.user_properties.append(("seed", s))
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if rep.failed:
+        s = dict(item.user_properties).get("seed")
+        rep.sections.append(("random seed", f"this test ran with seed {s}; rerun it with the same numbers: "
+                                            f"RTLYNX_TEST_SEED={SESSION_SEED} python -m pytest '{item.nodeid}'"))
 
 
 @pytest.fixture(autouse=True)
@@ -12,8 +52,8 @@ def _fresh_warnings():
 
 
 @pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh random inputs every run
+def gen(seed):
+    return torch.Generator().manual_seed(seed)  # fresh random inputs every run, logged by the seed fixture
 
 
 def brute_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -41,3 +81,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         elif "sm90" in item.keywords and not is_sm90:
             item.add_marker(pytest.mark.skip(reason="needs an sm_90 (Hopper) GPU"))
+
+
+def brute_sparse_act_linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """Independent float64 reference of one SparseActLinear's output on its input x: brute-force N:M mask, the
+    norm scale straight from its definition, dense LoRA on x."""
+    x64 = x.detach().double().reshape(-1, x.shape[-1])
+    k, m = x64.shape[-1], layer.m
+    xp = torch.nn.functional.pad(x64, (0, -k % m))
+    kept = xp * brute_mask(xp, layer.n, m)
+    w = torch.nn.functional.pad(layer.weight.detach().double(), (0, -k % m))
+    y = kept @ w.T
+    if layer.compensation == "norm":
+        y = y * torch.sqrt((x64 ** 2).sum(-1) / ((kept ** 2).sum(-1) + layer.eps)).unsqueeze(-1)
+    if layer.bias is not None:
+        y = y + layer.bias.detach().double()
+    if layer.lora_rank and layer.lora_enabled:
+        y = y + (x64 @ layer.lora_A.detach().double().T) @ layer.lora_B.detach().double().T
+    return y.reshape(*x.shape[:-1], -1)

@@ -75,8 +75,19 @@ def test_dtype_fp8_through_sparsify_configure_save_load(tmp_path):
     with torch.no_grad():
         native = output_tensor(model(**inputs))
         rtlynx.configure(model, dtype="fp8")
+        seen = {}
+        hooks = [layer.register_forward_hook(lambda mod, inp, o, n=n: seen.update({n: (mod, inp[0], o)}))
+                 for n, layer in rtlynx.sparse_layers(model).items()]
         out = output_tensor(model(**inputs))
-    assert torch.isfinite(out).all() and not torch.equal(out, native)
+        for h in hooks:
+            h.remove()
+    # every sparse layer ran the FP8 specification on the input it saw (not the native path)
+    assert len(seen) == len(rtlynx.sparse_layers(model))
+    for name, (layer, x, y) in seen.items():
+        expect = fp8.fp8_sparse_act_linear(x, layer.weight, layer.bias, layer.n, layer.m, layer.compensation,
+                                           eps=layer.eps)
+        torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.isfinite(out).all()
     assert float((out - native).norm() / native.norm()) < 0.1
     assert "FP8 e4m3" in str(rtlynx.summary(model))
     rtlynx.save(model, tmp_path / "s")

@@ -96,14 +96,33 @@ def test_rows_layout_unchanged_by_registration():
     assert torch.equal(decompress(v, mt), prune_nm(x))
 
 
-def test_ops_import_is_cheap_and_status_on_cpu():
+def test_ops_import_loads_and_builds_nothing(tmp_path):
+    """Importing rtlynx (and rtlynx.ops) must not build or load the CUDA library, look for nvcc or import triton:
+    checked in a fresh interpreter whose nvcc is a script that leaves a mark if anything runs it."""
+    import os
+    import subprocess
+    import sys
+
+    mark = tmp_path / "nvcc_ran"
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    nvcc.chmod(0o755)
+    code = ("import sys, rtlynx, rtlynx.ops; from rtlynx.ops import _lib; "
+            "print(_lib._LIB is None, 'rtlynx.ops._build' in sys.modules, 'triton' in sys.modules)")
+    env = {**os.environ, "RTLYNX_NVCC": str(nvcc), "CUDA_HOME": str(tmp_path),
+           "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "False", "False"] and not mark.exists()
+
+
+def test_ops_status_on_cpu():
     import rtlynx.ops as ops
 
     ok, why = ops.lynx_status()
     if not torch.cuda.is_available():
         assert not ok and "CUDA" in why
     assert issubclass(ops.Unsupported, RuntimeError)
-    assert ops.lynx_status() == (ok, why)  # cached
 
 
 def test_ops_fake_shapes_on_meta_device():

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import rtlynx
 from rtlynx import api, io
+from conftest import brute_sparse_act_linear
 from rtlynx.config import SparsityConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -112,4 +113,6 @@ def test_model_without_time_argument_warns_and_stays_sparse():
     rtlynx.sparsify(net, backend="reference", dense_below_t=0.5)
     with pytest.warns(RuntimeWarning, match="without a 'timestep'"):
         y = net(x)
-    assert not torch.allclose(y, dense, atol=1e-4)
+    expect = brute_sparse_act_linear(net.blocks[0], x).float()  # sparse, by the independent reference
+    torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expect, dense, atol=1e-4)

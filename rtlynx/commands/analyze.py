@@ -24,15 +24,36 @@ def load_model_and_inputs(spec: str, batches: int, seed: int):
     if not path.is_dir():
         raise SystemExit(f"rtlynx analyze: unknown model {spec!r}: use one of {TINY}, 'miniflux' or a local "
                          "diffusers model directory")
-    import diffusers
-
-    cfg = diffusers.ConfigMixin.load_config(str(path))
-    cls = getattr(diffusers, cfg.get("_class_name", ""), None)
-    if cls is None:
-        raise SystemExit(f"rtlynx analyze: {path} has no diffusers _class_name in its config")
-    model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    model = load_local_model(path)
     torch.manual_seed(seed)
     return model, [example_inputs(model, seed=seed + i) for i in range(batches)], path.name
+
+
+def load_local_model(path: Path):
+    """A diffusers model from a local folder: the model's own folder, or a pipeline folder (its transformer/).
+    Anything else ends the command with one line saying what the folder is."""
+    import json
+
+    import diffusers
+
+    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+        path = path / "transformer"  # a pipeline folder (model_index.json + one folder per component)
+    where = f"rtlynx analyze: {path}"
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{where} is not a diffusers model folder (no config.json, no transformer/config.json)")
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{where}: config.json is not a diffusers config ({e})")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise SystemExit(f"{where} holds {name or 'no _class_name'!s}, not a diffusers model class: give the "
+                         "transformer's folder or a pipeline folder holding transformer/")
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"{where}: cannot load the {name}: {first}")
 
 
 def miniflux_inputs(batches: int, seed: int, steps: int = 20, every: int = 4):
@@ -77,10 +98,10 @@ def register(sub) -> None:
     p.add_argument("--model", default="tiny-flux",
                    help=f"{', '.join(TINY)}, miniflux (shipped model) or a local diffusers model dir")
     p.add_argument("--out", default="rtlynx-analysis", help="output directory")
-    p.add_argument("--n", type=int, default=2)
-    p.add_argument("--m", type=int, default=4)
-    p.add_argument("--preset", default=None, help="which layers (default: all token linears)")
+    p.add_argument("--n", type=int, default=2, help="N of the N:M pattern (kept per group)")
+    p.add_argument("--m", type=int, default=4, help="M of the N:M pattern (group size along K)")
+    p.add_argument("--preset", default=None, help="which layers (none: every token linear)")
     p.add_argument("--batches", type=int, default=2, help="forward passes to collect inputs from")
     p.add_argument("--max-tokens", type=int, default=4096, help="input rows kept per layer")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model weights (tiny models) and inputs")
     p.set_defaults(func=run)

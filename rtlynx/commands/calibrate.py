@@ -26,7 +26,14 @@ def calibration_prompts(args) -> list[str]:
 
     if args.model != "miniflux":
         raise SystemExit("rtlynx calibrate: give --prompts (one prompt per line) for this model")
-    data = emoji64.load(args.data) if args.data else emoji64.load()
+    path = Path(args.data) if args.data else emoji64.DEFAULT_PATH
+    try:
+        data = emoji64.load(path)
+    except (OSError, ValueError) as e:  # one line naming both ways out, no traceback
+        why = "not found" if isinstance(e, FileNotFoundError) else f"unreadable ({e})"
+        raise SystemExit(f"rtlynx calibrate: the Emoji-64 prompts ({path}) are {why}: build them with "
+                         f"`rtlynx data emoji64{'' if path == emoji64.DEFAULT_PATH else f' --out {path}'}` (needs npm) "
+                         "or pass --prompts FILE (one prompt a line)")
     rng = np.random.default_rng(args.seed)
     w = emoji64.identity_weights(data["identity"])
     idx = rng.choice(len(data["prompts"]), size=args.num_prompts or 1024, p=w / w.sum())

