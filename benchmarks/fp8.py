@@ -36,7 +36,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,35 +58,11 @@ def large_shapes(path=ROOT / "benchmarks" / "shapes_1024.csv"):
 
 
 def graph_time(make_fn, nbytes, reps=50, warmup=3):
-    """Median CUDA-event time (ms) of one CUDA-graph replay of fn(inputs_i), input sets rotated beyond L2."""
-    n = max(2, min(12, -(-150_000_000 // max(nbytes, 1))))
-    fns = [make_fn() for _ in range(n)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            for _ in range(2):
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    graphs = []
-    for f in fns:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            f()
-        graphs.append(g)
-    for i in range(warmup * n):
-        graphs[i % n].replay()
-    ev = []
-    for i in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graphs[i % n].replay()
-        b.record()
-        ev.append((a, b))
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    del graphs, fns
-    return ts[len(ts) // 2]
+    """Median time (ms) of one CUDA-graph replay of fn(inputs_i), input sets rotated beyond L2 (rtlynx.benchtools)."""
+    from rtlynx.benchtools import measure, rotating
+
+    fns = rotating(make_fn, max(nbytes, 1))
+    return measure(fns, reps=reps, warmup=warmup * len(fns), graph=True, flush_l2=False).median_ms
 
 
 @torch.compile(dynamic=True)
@@ -195,23 +170,12 @@ def geomean(v):
 
 
 def identity() -> dict:
-    def sh(*cmd):
-        try:
-            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip() or None
-        except Exception:  # noqa: BLE001
-            return None
+    from rtlynx.benchtools import run_metadata
 
-    lib = None
-    try:
-        from rtlynx.ops import _lib
-
-        lib = os.path.basename(getattr(_lib.lib(), "_name", "") or "") or None
-    except Exception:  # noqa: BLE001
-        pass
-    # RTLYNX_COMMIT: the commit the caller copied to this machine (a copied tree's .git can be stale)
-    return {"commit": os.environ.get("RTLYNX_COMMIT") or sh("git", "describe", "--always", "--dirty"),
-            "kernel_library": lib,
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    meta = run_metadata()
+    if os.environ.get("RTLYNX_COMMIT"):  # the commit the caller copied to this machine (a copied .git can be stale)
+        meta["commit"] = os.environ["RTLYNX_COMMIT"]
+    return {**meta, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -281,7 +245,6 @@ def _torchao_fp8(model, only_plain_linear: bool):
 
 def cmd_e2e(args) -> int:
     import gc
-    import statistics
     import warnings
 
     import rtlynx
@@ -330,7 +293,7 @@ def cmd_e2e(args) -> int:
             runner = torch.compile(model)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ms = statistics.median(E.time_forward(runner, inputs, args.reps))
+                ms = E.time_forward(runner, inputs, args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30
             dense_ms = dense_ms or ms
             row = {"variant": name, "ms": ms, "vs_dense": dense_ms / ms, "peak_gib": peak,
