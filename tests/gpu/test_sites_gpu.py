@@ -135,8 +135,9 @@ def test_tiny_models_fused_match_per_layer_reference(kind, lora, count_site_call
     msgs = [str(w.message) for w in caught]
     # no split, no site refused; a fallback only for the layers the kernels cannot run (tiny Z-Image's SwiGLU
     # hidden width 170: N and K not multiples of 8)
+    # (its hidden width 170 is zero-padded by the layer to 172 = K of the padded operand; either number may be named)
     bad = [t for t in msgs if "one input" in t or "cannot run fused" in t
-           or ("falling back" in t and "170" not in t)]
+           or ("falling back" in t and "170" not in t and "172" not in t)]
     assert not bad, bad
     assert first <= n_sites  # one prune per site (GELU sites use their own op)
     assert len(count_site_calls) == 2 * first and torch.equal(again, out)  # the fast path: same calls, same bits
