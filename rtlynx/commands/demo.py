@@ -51,7 +51,7 @@ def run(args) -> int:
                        + (f", dense for t < {dense_below_t}" if dense_below_t else ""))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     backend = "reference" if dev == "cpu" else ("lynx" if lynx_status()[0] else "auto (no lynx: cuSPARSELt)")
-    if args.dtype == "fp8":  # the mini-FLUX's layers are small: the speed rules keep them off the FP8 kernels
+    if args.dtype == "fp8":
         backend = "reference (FP8 emulated)" if dev == "cpu" else backend + " (FP8 sites where the kernels run)"
     (out / "metrics.json").write_text(json.dumps({**meta, "device": dev, "dtype": dtype, "sparse_dtype": args.dtype,
                                                   "backend": backend,
