@@ -243,3 +243,13 @@ def test_calibrate_memory_benchmark_smoke(tmp_path):
     assert mod.main(["--tiny", "--max-stats-gb", "0", "--prompts", "1", "--steps", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["budgets"][0]["passes"][0]["s_per_prompt"] > 0 and r["dense_s_per_prompt"] > 0
+
+
+def test_generate_fp8_sparse_dtype(pipes, tmp_path):
+    """--sparse-dtype fp8 reaches the config that runs and is written (on the CPU the FP8 spec runs on the reference
+    path; tests/test_fp8_reference.py checks that path's layer outputs against the spec)."""
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(pipes["flux"]), "--preset", "flux", "--sparse-dtype", "fp8",
+                 "--prompt", "a red cat", *SAMPLE, "--out", str(out)]) == 0
+    settings = json.loads((out / "generate.json").read_text())["settings"]
+    assert settings["sparsity"]["dtype"] == "fp8"

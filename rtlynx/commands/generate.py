@@ -21,7 +21,8 @@ def parse_t(value: str):
     return value if value in ("none", "config") else float(value)
 
 
-def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool) -> str:
+def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool,
+            sparse_dtype: str | None = None) -> str:
     """Sparsify ``runner.transformer``: from a saved rtlynx directory (with its LoRA) or a preset (norm
     compensation only). Returns a short description. Raises ValueError / FileNotFoundError on bad input."""
     from .. import api, io
@@ -35,6 +36,8 @@ def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend
         api.sparsify(runner.transformer, preset=preset or "auto")
         what = f"preset {preset or 'auto'} (norm compensation, no LoRA: distil one with calibrate + train-lora)"
     changes = {"backend": backend, "speed_rules": speed_rules}
+    if sparse_dtype is not None:
+        changes["dtype"] = sparse_dtype
     if dense_below_t != "config":
         changes["dense_below_t"] = None if dense_below_t == "none" else dense_below_t
     api.configure(runner.transformer, **changes)
@@ -90,7 +93,8 @@ def run(args) -> int:
         model_kind(args.model)
         device = None if args.device == "auto" else args.device
         runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
-        what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules)
+        what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules,
+                       args.sparse_dtype)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx generate: {e}") from None
     config = api.config_of(runner.transformer)
@@ -177,6 +181,9 @@ def register(sub) -> None:
     p.add_argument("--dense-below-t", type=parse_t, default="config", metavar="T|none|config",
                    help="run the final steps (noise level t < T) dense (default: config = the loaded value)")
     p.add_argument("--backend", default="auto", help="auto / reference / cusparselt / lynx (default: auto)")
+    p.add_argument("--sparse-dtype", default=None, choices=("native", "fp8"),
+                   help="operands of the sparse layers: fp8 = float8 e4m3 (FP8 sparse kernels on sm_90, else "
+                        "emulated) (default: the saved / preset setting, native)")
     p.add_argument("--no-speed-rules", action="store_true",
                    help="sparse even where the kernels lose to dense (default: speed rules on)")
     p.add_argument("--compare", action="store_true",
