@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import rtlynx  # noqa: E402
 from rtlynx import distill  # noqa: E402
+from rtlynx.benchtools import run_metadata  # noqa: E402
 from rtlynx.integrations.diffusers import example_inputs  # noqa: E402
 
 GIB = 2 ** 30
@@ -57,7 +58,8 @@ def write_plans(preset: str, budgets, out: Path) -> int:
         plans[kind] = {"sparse_layers": len(rtlynx.sparse_layers(model)), "budgets": {
             str(b or None): [x / GIB for x in distill.plan(model, b or None).pass_bytes()] for b in budgets}}
         print(kind, json.dumps(plans[kind]))
-    out.write_text(json.dumps({"preset": preset, "unit": "GiB per pass (fp32 statistics)", "models": plans}, indent=1))
+    out.write_text(json.dumps({**run_metadata(), "preset": preset, "unit": "GiB per pass (fp32 statistics)",
+                               "models": plans}, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
         run_prompts(model, inputs, args.prompts, args.steps)
     _sync()
     dense_s = (time.perf_counter() - t) / args.prompts
-    result = {"device": name, "torch": torch.__version__, "model": args.model, "tiny": args.tiny,
+    result = {**run_metadata(), "device": name, "torch": torch.__version__, "model": args.model, "tiny": args.tiny,
               "preset": args.preset, "steps_per_prompt": args.steps, "prompts_per_pass": args.prompts,
               "text_len": args.text_len, "tokens": next(iter(inputs.values())).shape[1],
               "sparse_layers": len(rtlynx.sparse_layers(model)), "weights_gib": weights,

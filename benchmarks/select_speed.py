@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import rtlynx  # noqa: E402
 from rtlynx import distill, select  # noqa: E402
+from rtlynx.benchtools import run_metadata  # noqa: E402
 
 # Models outside benchmarks/e2e.py: (class, config, forward inputs at 1024x1024 as a function of device, dtype)
 EXTRA = {
@@ -90,8 +91,10 @@ def main(argv=None) -> int:
     tag = gpu.split()[-1].lower()
     table_path = Path(args.table or ROOT / "benchmarks" / "results" / f"speed_table_{tag}.json")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"select_speed_{tag}.json")
-    table = select.load_speed_table(table_path) if table_path.is_file() else {"device": gpu, "rows": []}
-    results = {"device": gpu, "torch": torch.__version__, "min_speedup": args.min_speedup, "models": {}}
+    table = select.load_speed_table(table_path) if table_path.is_file() else {**run_metadata(), "device": gpu,
+                                                                                   "rows": []}
+    results = {**run_metadata(), "device": gpu, "torch": torch.__version__, "min_speedup": args.min_speedup,
+               "models": {}}
     for kind in args.models:
         try:
             model, inputs = build(kind)

@@ -33,7 +33,7 @@ def calibration_prompts(args) -> list[str]:
         why = "not found" if isinstance(e, FileNotFoundError) else f"unreadable ({e})"
         raise SystemExit(f"rtlynx calibrate: the Emoji-64 prompts ({path}) are {why}: build them with "
                          f"`rtlynx data emoji64{'' if path == emoji64.DEFAULT_PATH else f' --out {path}'}` (needs npm) "
-                         "or pass --prompts FILE (one prompt a line)")
+                         "or pass --prompts-file FILE (one prompt a line)")
     rng = np.random.default_rng(args.seed)
     w = emoji64.identity_weights(data["identity"])
     idx = rng.choice(len(data["prompts"]), size=args.num_prompts or 1024, p=w / w.sum())

@@ -145,9 +145,12 @@ def report(result: dict) -> str:
 def read_prompts(path) -> list[str]:
     """Non-empty lines of a prompts file; SystemExit with one line if it is missing or empty."""
     p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"prompts file {p} does not exist")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "it does not exist" if isinstance(e, FileNotFoundError) else e
+        raise SystemExit(f"cannot read --prompts-file {p}: {reason}")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit(f"prompts file {p} holds no prompts")
     return prompts
