@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     k = 8
     demo.sheet({v: (torch.from_numpy(images[v][:k]), 0.0) for v in variants}, prompts[:k],
                Path(args.out).with_name(Path(args.out).stem + "_sheet.png"),
+               labels={k: v[0] for k, v in ALL_VARIANTS.items()},
                title=f"mini-FLUX, {steps} steps (quality benchmark)"
                + (f", dense for t < {args.dense_below_t}" if args.dense_below_t else ""))
     print(json.dumps(summary, indent=1))

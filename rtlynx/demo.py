@@ -90,8 +90,9 @@ def paired_metrics(results: dict) -> dict:
     return metrics
 
 
-def sheet(results: dict, prompts, path: Path, title: str = "") -> Path:
-    """Rows = prompts, columns = variants, as a PNG."""
+def sheet(results: dict, prompts, path: Path, title: str = "", labels: dict | None = None) -> Path:
+    """Rows = prompts, columns = variants, as a PNG. ``labels``: column titles of variants that are not in
+    ``VARIANTS`` (default: the variant's name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +108,7 @@ def sheet(results: dict, prompts, path: Path, title: str = "") -> Path:
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(VARIANTS[name][0], fontsize=9)
+                ax.set_title(VARIANTS[name][0] if name in VARIANTS else (labels or {}).get(name, name), fontsize=9)
             if j == 0:
                 ax.set_ylabel(prompts[i].replace(", ", ",\n"), fontsize=6, rotation=0, ha="right", va="center")
     if title:

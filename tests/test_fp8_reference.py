@@ -176,3 +176,31 @@ def test_fp8_op_fakes_give_the_documented_shapes():
     assert y.shape == (70, 48) and y.dtype == torch.bfloat16
     outs = kf8.fp8_site_sm90(x, wq, sw, None, [32, 16], True, 1e-8)
     assert [tuple(o.shape) for o in outs] == [(70, 32), (70, 16)]
+
+
+def test_quality_fp8_variants_and_their_sheet(tmp_path):
+    """benchmarks/quality.py's FP8 variants: dense FP8 = each sparse layer's dense product on e4m3 operands (checked
+    against the spec's quantisers on one layer), weights restored afterwards; the sheet labels variants outside
+    demo.VARIANTS (it raised KeyError)."""
+    import importlib.util
+    from pathlib import Path
+
+    from rtlynx import demo
+    from rtlynx.integrations.diffusers import tiny_transformer
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    model = tiny_transformer("flux")
+    rtlynx.sparsify(model, mode="dense")
+    name, layer = next(iter(rtlynx.sparse_layers(model).items()))
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), quality._DenseFP8(model):
+        got = layer(x)
+    want = fp8.dequantize(*fp8.quantize_rows_e4m3(x)) @ fp8.dequantize(*fp8.quantize_rows_e4m3(w0)).T + layer.bias
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.weight, w0)
+    imgs = {v: (torch.randint(0, 255, (2, 16, 16, 3), dtype=torch.uint8), 0.0) for v in ("dense", "rtlynx_fp8")}
+    out = demo.sheet(imgs, ["a", "b"], tmp_path / "s.png", labels={"rtlynx_fp8": "RT-Lynx FP8"})
+    assert Path(out).read_bytes()[:4] == b"\x89PNG"
