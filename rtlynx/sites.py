@@ -191,8 +191,11 @@ class Site:
         """Quantise the FP8 operand now (sparsify / configure / build), not at a first call that torch.compile may
         be tracing with fake tensors."""
         settings = getattr(self.layers[0], "_settings", None)
-        if (settings is not None and settings.config.dtype == "fp8" and getattr(self, "_wext_nolora", None) is not None
-                and self._wext_nolora.is_cuda):
+        if settings is None:
+            return
+        if settings.config.dtype != "fp8":
+            self._fp8 = None  # configured back to native: free the FP8 copy
+        elif getattr(self, "_wext_nolora", None) is not None and self._wext_nolora.is_cuda:
             self.fp8_operand()
 
     def _slow_reason(self) -> str | None:
