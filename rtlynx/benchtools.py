@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ._files import file_sha256
 from .config import BENCH_FLUSH_BYTES, BENCH_ROTATE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout root when rtlynx is installed editable
@@ -155,14 +156,6 @@ def source_digest(root: Path | None = None) -> str:
         h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kernel_library() -> dict | None:

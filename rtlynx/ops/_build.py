@@ -49,6 +49,8 @@ import sys
 import time
 from pathlib import Path
 
+from .._files import file_sha256
+
 # In a source checkout csrc/ sits at the repository root; wheels carry it as rtlynx/csrc (a symlink
 # to ../csrc in the checkout, whose files setuptools copies into the package).
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -197,14 +199,6 @@ def _library_path(out: Path, objs: list[Path], tc: dict) -> Path:
     return out / f"librtlynx_sm90.{_key(*sorted(o.name for o in objs), ' '.join(LINK_FLAGS), tc['nvcc_version'])}.so"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(lib: Path) -> Path:
     return lib.with_suffix(".json")
 
@@ -213,7 +207,7 @@ def verified(lib: Path) -> bool:
     """Whether ``lib`` exists and its bytes match the sha256 its manifest recorded at link time."""
     try:
         want = json.loads(_manifest(lib).read_text())["sha256"]
-        return lib.is_file() and _sha256(lib) == want
+        return lib.is_file() and file_sha256(lib) == want
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -351,7 +345,7 @@ def _link(lib: Path, objs: list[Path], tc: dict, log, log_path: Path, say) -> No
         r = _run_logged([tc["nvcc"], *LINK_FLAGS, *map(str, objs), "-o", str(tmp)], log, "linking")
         if r.returncode != 0:
             raise BuildError(f"link failed: {_last_error(r.stderr)} (full log: {log_path})", log_path)
-        tmp_manifest.write_text(json.dumps({"sha256": _sha256(tmp), "objects": [o.name for o in objs],
+        tmp_manifest.write_text(json.dumps({"sha256": file_sha256(tmp), "objects": [o.name for o in objs],
                                             **{k: tc[k] for k in ("nvcc_version", "cutlass_version", "arch")}},
                                            indent=1))
         os.replace(tmp, lib)  # the library first: a crash before the manifest means "relink", never a bad load
