@@ -38,14 +38,19 @@ def write_preset_file(path, model_class: str, layers: list[str], info: dict | No
     return path
 
 
+def _read_json(path: Path, what: str):
+    """The JSON in ``path``; FileNotFoundError / ValueError naming ``what`` if it is missing or not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
 def read_preset_file(path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preset file {path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"preset file {path} is not valid JSON: {e}") from None
+    d = _read_json(path, "preset file")
     if not isinstance(d, dict) or d.get("format") != PRESET_FORMAT or not isinstance(d.get("include"), list):
         raise ValueError(f"{path} is not an rtlynx preset file (written by `rtlynx select`)")
     return d
@@ -98,12 +103,7 @@ def load_speed_table(path) -> dict:
     """A speed table: {"device": ..., "rows": [{"M", "K", "N", "dense_ms", "lynx_linear_ms"}, ...]} (the output
     of ``measure_speed_table`` or of benchmarks/linear.py)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"speed table {path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"speed table {path} is not valid JSON: {e}") from None
+    d = _read_json(path, "speed table")
     rows = d.get("rows") if isinstance(d, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"M", "K", "N", *SPEED_KEYS} <= set(r)
                                              for r in rows):
