@@ -1,24 +1,13 @@
 #!/bin/bash
-# One device call of the end-to-end work (issue 8). Carry: .whl (diffusers 0.42.1 + importlib_metadata wheels),
-# .cache (CUTLASS headers in .cache/cutlass/include; kernel objects prebuilt on a CPU machine in .cache/build).
+# One device call of the end-to-end work (issue 8). Carry what benchmarks/device_setup.sh lists (.whl, the CUTLASS
+# headers, optionally prebuilt objects in .cache/build).
 #   bash benchmarks/e2e_session.sh eager      build, site tests, eager rows of the three models (+ split, check)
 #   bash benchmarks/e2e_session.sh compiled MODEL...   torch.compile rows, one model per call
 #   bash benchmarks/e2e_session.sh tests      the whole GPU suite
 # Rows merge into benchmarks/results/e2e_h200.json, copied to $OUT at the end of every step.
-set -o pipefail
-OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
 what=${1:-eager}; shift || true
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
-export RTLYNX_BUILD_DIR=$PWD/.cache/build
-export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp
+source benchmarks/device_setup.sh
 RES=benchmarks/results/e2e_h200.json
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
-t0=$(date +%s)
-python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt" || { echo BUILD FAILED; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
-export RTLYNX_LIB=$(grep '\.so$' "$OUT/build.txt" | tail -1)
 save() { cp "$RES" "$OUT/" 2>/dev/null; true; }
 case $what in
   eager)

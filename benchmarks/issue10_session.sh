@@ -8,16 +8,7 @@
 #    PixArt-Sigma / SD3.5, and each model's fast-site set against dense (benchmarks/select_speed.py ->
 #    benchmarks/results/speed_table_h200.json, select_speed_h200.json)
 # Everything lands in benchmarks/results/ and is copied to $OUT.
-set -o pipefail
-OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
-export RTLYNX_BUILD_DIR=$PWD/.cache/build
-export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp
-nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/env.txt"
-python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt"
-export RTLYNX_LIB=$(grep '\.so$' "$OUT/build.txt" | tail -1)
+source benchmarks/device_setup.sh
 save() { cp benchmarks/results/calibrate_memory_*.json benchmarks/results/speed_table_*.json \
   benchmarks/results/select_speed_*.json "$OUT/" 2>/dev/null; true; }
 echo "== $(date +%T) calibration memory / time, full-size FLUX.1-dev"
