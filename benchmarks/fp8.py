@@ -18,8 +18,9 @@ median of --reps after warm-up. Ratios: time of the baseline / time of the varia
 Results merge into --out under "linear"; the summary keys of the issue are recomputed on every write.
 
 e2e: one FLUX.1-dev transformer forward (real configuration, random weights, 1024x1024 = 4096 image tokens, 512 text
-tokens, bf16; benchmarks/e2e.py's model and inputs), every variant under torch.compile (default mode), median of --reps
-after warm-up, same process:
+tokens, bf16; benchmarks/e2e.py's model and inputs), every variant under torch.compile (default mode; --compile
+regional compiles each transformer block once and reuses it, diffusers' compile_repeated_blocks: same kernels, minutes
+less compile), median of --reps after warm-up, same process:
 - dense:               bf16
 - fp8 recipe:          the flux-fast recipe: fused Q/K/V projections + torchao float8 dynamic-activation /
                        float8-weight linears (row-wise scales) on every nn.Linear (torchao 0.17.0, the release built
@@ -258,7 +259,12 @@ def cmd_e2e(args) -> int:
     data["device"] = torch.cuda.get_device_name()
     rows = []
     # every call is one run (its own dense row: ratios never mix runs); earlier runs are kept
+    import faulthandler
+
+    # a compile that stalls prints where it is (every 120 s) instead of dying silent at the call's time limit
+    faulthandler.dump_traceback_later(120, repeat=True, file=sys.stderr)
     data.setdefault("e2e_runs", []).append({"identity": identity(), "model": "flux", "mode": "compiled",
+                                            "compile": args.compile,
                                             "reps": args.reps, "resolution": "1024x1024 (4096 image tokens)",
                                             "text_len": 512, "rows": rows})
     model = None
@@ -290,14 +296,19 @@ def cmd_e2e(args) -> int:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             torch._dynamo.reset()
-            runner = torch.compile(model)
+            t_prep = time.time() - t0
+            if args.compile == "regional":
+                model.compile_repeated_blocks()
+                runner = model
+            else:
+                runner = torch.compile(model)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ms = E.time_forward(runner, inputs, args.reps)
             peak = torch.cuda.max_memory_allocated() / 2**30
             dense_ms = dense_ms or ms
             row = {"variant": name, "ms": ms, "vs_dense": dense_ms / ms, "peak_gib": peak,
-                   "compile_and_time_s": round(time.time() - t0, 1),
+                   "prepare_s": round(t_prep, 1), "compile_and_time_s": round(time.time() - t0, 1),
                    "warnings": sorted({str(w.message)[:160] for w in caught})}
         except Exception as e:  # noqa: BLE001 - keep the rows already measured
             row = {"variant": name, "error": f"{type(e).__name__}: {e}"[:400]}
@@ -308,7 +319,7 @@ def cmd_e2e(args) -> int:
                 r["vs_fp8_recipe"] = recipe["ms"] / r["ms"]
         print(json.dumps(row), flush=True)
         save(out, data)
-        if name.endswith("torchao"):  # torchao changed the dense layers in place: the next variant needs a new model
+        if name.endswith("torchao") or args.compile == "regional":  # changed in place: the next one needs a new model
             fresh()
         elif name.startswith("rtlynx"):
             rtlynx.unsparsify(model)
@@ -332,6 +343,8 @@ def main(argv=None) -> int:
     q.add_argument("--reps", type=int, default=10, help="timed forwards per variant")
     q.add_argument("--variants", nargs="+", default=list(E2E_VARIANTS), choices=E2E_VARIANTS,
                    help="in this order (dense first: the ratios need it)")
+    q.add_argument("--compile", choices=("full", "regional"), default="full",
+                   help="torch.compile the whole transformer, or each repeated block (the same for every variant)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("fp8.py: needs a CUDA GPU (sm_90)", file=sys.stderr)
