@@ -1,7 +1,7 @@
 # Sourced by the device session scripts (benchmarks/*_session.sh): the set-up every device call needs.
 # Carry .whl (diffusers + importlib_metadata, torchao for the FP8 recipe), the CUTLASS headers as
 # .cache/cutlass/include or packed as .cache/cutlass_inc.tar.xz (1 MB instead of 28), and optionally .cache/build
-# (kernel objects prebuilt elsewhere). Sets OUT, PYTHONPATH, RTLYNX_BUILD_DIR, CUTLASS_INCLUDE and RTLYNX_LIB (the
+# or .cache/obj.tgz (kernel objects prebuilt elsewhere). Sets OUT, PYTHONPATH, RTLYNX_BUILD_DIR, CUTLASS_INCLUDE and RTLYNX_LIB (the
 # library it builds or finds), writes $OUT/env.txt, $OUT/build.txt and $OUT/obj.tgz (the objects, one file).
 set -o pipefail
 OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
@@ -9,6 +9,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MAX_JOBS=16
 export RTLYNX_BUILD_DIR=$PWD/.cache/build
+# prebuilt objects may come packed (.cache/obj.tgz, the obj.tgz an earlier call wrote): a third of the size
+if [ -f .cache/obj.tgz ]; then mkdir -p .cache/build && tar xzf .cache/obj.tgz -C .cache/build; fi
 if [ -f .cache/cutlass_inc.tar.xz ]; then mkdir -p /tmp/cutlass && tar xJf .cache/cutlass_inc.tar.xz -C /tmp/cutlass; fi
 export CUTLASS_INCLUDE=$PWD/.cache/cutlass/include; [ -d "$CUTLASS_INCLUDE" ] || CUTLASS_INCLUDE=/tmp/cutlass/include
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
