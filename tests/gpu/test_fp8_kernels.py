@@ -7,6 +7,7 @@ import torch
 
 from rtlynx.ops import fp8 as kf8
 from rtlynx.reference import fp8 as rf8
+from rtlynx.reference import gelu_tanh
 from rtlynx.reference.sm90 import padded_shape
 
 FP8 = torch.float8_e4m3fn
@@ -49,7 +50,10 @@ def same_fp8(got, want):
 
 def check_prune(x, norm=True, act=0):
     got = raw_prune(x, norm=norm, act=act)
-    ref = rf8.compress_sm90_fp8(x.cpu(), norm=norm, act="gelu_tanh" if act else None)
+    # GELU evaluated on the GPU (CUDA's tanhf, the spec of rtlynx.reference.producers); the CPU's tanh differs in
+    # the last bit now and then, which moves a near-tie of the 2:4 selection
+    xr = gelu_tanh(x) if act else x
+    ref = rf8.compress_sm90_fp8(xr.cpu(), norm=norm)
     v, m_, rs, sx, s = got
     assert same_fp8(v, ref[0]), "values differ"
     assert torch.equal(m_.cpu(), ref[1]), "metadata differs"
