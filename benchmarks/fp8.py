@@ -174,8 +174,6 @@ def identity() -> dict:
     from rtlynx.benchtools import run_metadata
 
     meta = run_metadata()
-    if os.environ.get("RTLYNX_COMMIT"):  # the commit the caller copied to this machine (a copied .git can be stale)
-        meta["commit"] = os.environ["RTLYNX_COMMIT"]
     return {**meta, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

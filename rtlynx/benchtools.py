@@ -132,6 +132,8 @@ def git_commit(cwd: Path | None = None) -> str:
     """``git describe --always --dirty`` of the checkout rtlynx runs from; "unknown" outside one (a wheel install,
     a copy without .git). Only a repository whose top level holds this rtlynx package counts, so a wheel inside
     some other repository's virtual environment does not report that repository's commit."""
+    if os.environ.get("RTLYNX_COMMIT"):  # the commit a caller copied to a machine whose copied .git is stale
+        return os.environ["RTLYNX_COMMIT"]
     cwd = Path(cwd or ROOT)
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=cwd,

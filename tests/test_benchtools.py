@@ -48,7 +48,8 @@ def test_graph_timing_needs_cuda():
         benchtools.measure(lambda: None, graph=True, cuda=False)
 
 
-def test_git_commit_names_head_of_this_checkout():
+def test_git_commit_names_head_of_this_checkout(monkeypatch):
+    monkeypatch.delenv("RTLYNX_COMMIT", raising=False)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     if not head:
         pytest.skip("not a git checkout")
@@ -60,7 +61,15 @@ def test_git_commit_names_head_of_this_checkout():
     assert commit.endswith("-dirty") == dirty
 
 
-def test_git_commit_of_another_repository_is_unknown(tmp_path):
+def test_git_commit_from_the_environment(monkeypatch):
+    """A device copy of the tree carries a stale .git: the caller names the commit it copied."""
+    monkeypatch.setenv("RTLYNX_COMMIT", "abc1234")
+    assert benchtools.git_commit() == "abc1234"
+    assert benchtools.run_metadata()["commit"] == "abc1234"
+
+
+def test_git_commit_of_another_repository_is_unknown(tmp_path, monkeypatch):
+    monkeypatch.delenv("RTLYNX_COMMIT", raising=False)
     if subprocess.run(["git", "init", "-q", str(tmp_path)]).returncode != 0:
         pytest.skip("no git")
     assert benchtools.git_commit(tmp_path) == "unknown"  # a repository that does not hold rtlynx
