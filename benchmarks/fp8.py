@@ -20,12 +20,14 @@ Results merge into --out under "linear"; the summary keys of the issue are recom
 e2e: one FLUX.1-dev transformer forward (real configuration, random weights, 1024x1024 = 4096 image tokens, 512 text
 tokens, bf16; benchmarks/e2e.py's model and inputs), every variant under torch.compile (default mode; --compile
 regional compiles each transformer block once and reuses it, diffusers' compile_repeated_blocks: same kernels, minutes
-less compile), median of --reps after warm-up, same process:
+less compile; --inductor: every variant with the inductor settings torchao's quantize_ imposes, or with inductor's
+defaults), median of --reps after warm-up, same process:
 - dense:               bf16
 - fp8 recipe:          the flux-fast recipe: fused Q/K/V projections + torchao float8 dynamic-activation /
                        float8-weight linears (row-wise scales) on every nn.Linear (torchao 0.17.0, the release built
                        for torch 2.11)
-- rtlynx fp8:          rtlynx.sparsify(dtype="fp8"): FP8 sparse sites on the preset's layers, the rest bf16
+- rtlynx fp8:          rtlynx.sparsify(dtype="fp8"): FP8 sparse sites on the preset's layers (FP8 weights only), the
+                       rest bf16
 - rtlynx fp8 + torchao: the same, and torchao's float8 linears on every layer rtlynx keeps dense (the recipe with
                        rtlynx's FP8 sparse sites in place of torchao's FP8 linears where they are sparse)
 """
@@ -275,6 +277,19 @@ def cmd_e2e(args) -> int:
         model = E.build("flux")
         return model
 
+    # torchao's quantize_ switches inductor to coordinate-descent tuning for the rest of the process (its
+    # recommended_inductor_config_setter); every variant gets the same inductor settings: the recipe's ("recipe",
+    # set here before the first compile) or inductor's defaults ("default", put back after every quantize_)
+    knobs = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
+             "fx_graph_cache")
+    import torch._inductor.config
+
+    if args.inductor == "recipe":
+        from torchao.quantization.utils import recommended_inductor_config_setter
+
+        recommended_inductor_config_setter()
+    inductor = {k: getattr(torch._inductor.config, k) for k in knobs}
+    data["e2e_runs"][-1]["inductor"] = {"settings": args.inductor, **inductor}
     fresh()
     inputs = example_inputs(model, batch=1, text_len=512, **E.MODELS["flux"][2])
     inputs["guidance"] = torch.full((1,), 3.5, device="cuda")
@@ -290,6 +305,8 @@ def cmd_e2e(args) -> int:
                 rtlynx.sparsify(model, dtype="fp8")
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
+            for k, v in inductor.items():
+                setattr(torch._inductor.config, k, v)
             gc.collect()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -317,6 +334,8 @@ def cmd_e2e(args) -> int:
                 r["vs_fp8_recipe"] = recipe["ms"] / r["ms"]
         print(json.dumps(row), flush=True)
         save(out, data)
+        runner = None  # the compiled wrapper holds the model: the next variant's peak must not include it
+        torch._dynamo.reset()
         if name.endswith("torchao") or args.compile == "regional":  # changed in place: the next one needs a new model
             fresh()
         elif name.startswith("rtlynx"):
@@ -341,6 +360,9 @@ def main(argv=None) -> int:
     q.add_argument("--reps", type=int, default=10, help="timed forwards per variant")
     q.add_argument("--variants", nargs="+", default=list(E2E_VARIANTS), choices=E2E_VARIANTS,
                    help="in this order (dense first: the ratios need it)")
+    q.add_argument("--inductor", choices=("recipe", "default"), default="recipe",
+                   help="inductor settings for every variant: the ones torchao's quantize_ sets (coordinate-descent "
+                        "tuning...), or inductor's defaults")
     q.add_argument("--compile", choices=("full", "regional"), default="full",
                    help="torch.compile the whole transformer, or each repeated block (the same for every variant)")
     args = p.parse_args(argv)

@@ -91,7 +91,7 @@ def analyze(model, inputs, n: int = 2, m: int = 4, preset: str | None = None,
             x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
         layer = module.get_submodule(name)
         rows.append({"layer": name, "K": layer.in_features, "N": layer.out_features,
-                     **layer_errors(x, layer.weight, n, m)})
+                     **layer_errors(x, layer.dense_weight(), n, m)})
     return rows
 
 

@@ -47,8 +47,13 @@ class SparsityConfig:
         table (``rtlynx.presets.SPEED_RULES``; reported by ``summary``). The reference path ignores it.
     dtype: "native" (the GEMM runs in the layer's dtype) or "fp8" (kept activations and weights quantised to
         float8 e4m3 with per-token / per-channel scales, rtlynx.reference.fp8): the FP8 sparse kernels for bf16
-        sites on an sm_90 GPU (K <= 16384; the weights are quantised once per site, next to the bf16 ones);
-        elsewhere emulated on the reference path, with a warning on a GPU.
+        sites on an sm_90 GPU (K <= 16384; the weights are quantised once per site and replace the bf16 ones
+        there, see keep_dense_weights); elsewhere emulated on the reference path, with a warning on a GPU.
+    keep_dense_weights: with dtype="fp8", keep the original bf16 weights next to the FP8 ones (more memory;
+        unsparsify / configure(dtype="native") get the exact originals back). False (default): on the FP8 kernels
+        a layer's ``weight`` becomes its float8_e4m3fn weight plus a ``weight_scale`` buffer [N] (half the
+        memory); whatever needs a bf16 weight (dense mode, the final-steps schedule, unsparsify, a dtype cast)
+        dequantises it, which is not the original weight (a one-time warning says so).
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
 
@@ -72,6 +77,7 @@ class SparsityConfig:
     speed_rules: bool = True
     fuse_sites: bool = True
     dtype: str = "native"
+    keep_dense_weights: bool = False
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -93,7 +99,7 @@ class SparsityConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not _is_int(self.lora_rank) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
-        for name in ("lora", "speed_rules", "fuse_sites"):
+        for name in ("lora", "speed_rules", "fuse_sites", "keep_dense_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not (_is_real(self.eps) and self.eps > 0):

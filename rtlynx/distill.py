@@ -69,7 +69,7 @@ class LayerStats:
         """Accumulate rows ``x [T, K]`` seen by ``layer`` (its pattern and compensation define R); ``gram=False``
         when another member of the site already added ``x``'s Gram; ``y`` = x W^T when the caller has it."""
         x = x.detach()
-        w = layer.weight.detach()
+        w = layer.dense_weight().detach()
         xf = x.float()
         # K not a multiple of m: prune the zero-padded row, as the layer does (k_remainder "pad")
         xp = reference.prune_nm(reference.pad_to_multiple(xf, layer.m), layer.n, layer.m)[:, : x.shape[1]]

@@ -69,6 +69,9 @@ class SparseActLinear(nn.Module):
       rebuilding), "weight" (baseline: magnitude N:M on W instead of on x).
     - K not a multiple of m: ``k_remainder="pad"`` zero-pads the last group, ``"dense"`` runs the
       layer dense; either way a one-time warning says so.
+    - ``dtype="fp8"`` on the FP8 kernels (unless ``keep_dense_weights``): ``weight`` holds the float8_e4m3fn weight
+      and the buffer ``weight_scale [N]`` its per-channel scales (``W ~= weight * weight_scale[:, None]``);
+      :meth:`dense_weight` gives the dequantised weight in :attr:`compute_dtype`.
     """
 
     mode = _setting("mode")
@@ -90,6 +93,8 @@ class SparseActLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+        self.register_buffer("weight_scale", None)  # set while the weight is stored in FP8 (rtlynx.sites)
+        self._dense_dtype = linear.weight.dtype     # the dtype the layer computes in (also while weight is FP8)
         if settings is None:  # a standalone layer: its own settings
             settings = Settings(SparsityConfig(n=n, m=m, compensation=compensation, backend=backend,
                                                k_remainder=k_remainder, eps=eps, lora_rank=lora_rank,
@@ -112,8 +117,31 @@ class SparseActLinear(nn.Module):
             if site is not None:
                 site._dirty = True  # a parameter object replaced: the site rebuilds its operand before the next call
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the layer's inputs and outputs (the weight's, or the original one while it is FP8)."""
+        return self._dense_dtype if self.weight_scale is not None else self.weight.dtype
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in :attr:`compute_dtype`: the parameter itself, or its FP8 storage dequantised."""
+        if self.weight_scale is None:
+            return self.weight
+        return (self.weight.float() * self.weight_scale.float().unsqueeze(1)).to(self._dense_dtype)
+
     def _apply(self, fn, recurse=True):
+        scale = self.weight_scale  # float32, before fn touches it
         out = super()._apply(fn, recurse)
+        if scale is not None and self.weight.dtype != torch.float8_e4m3fn:
+            # a dtype cast (.half(), .to(float32)) turned the FP8 values into plain numbers: fold the scales in
+            backends.warn_once("fp8-cast", "rtlynx: a dtype cast of a model whose weights are stored in FP8 "
+                                           "dequantises them (the original weights were not kept: "
+                                           "keep_dense_weights=False)")
+            with torch.no_grad():
+                w = self.weight
+                w.data = (w.float() * scale.to(w.device).float().unsqueeze(1)).to(w.dtype)
+            self.weight_scale = None
+        if self.weight_scale is None:
+            self._dense_dtype = self.weight.dtype
         if self._site is not None:
             self._site.member_applied(self)  # .to / .half moved the parameters off the site's operand
         return out
@@ -126,11 +154,11 @@ class SparseActLinear(nn.Module):
         """(Re)create the LoRA branch: A like nn.Linear's init, B = 0 (the layer output is unchanged)."""
         if rank <= 0:
             raise ValueError(f"LoRA rank must be > 0, got {rank}")
-        w = self.weight
-        a = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
+        dev, dt = self.weight.device, self.compute_dtype
+        a = torch.empty(rank, self.in_features, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
         self.lora_rank = rank
         if rebuild:
             self._site.build()  # the site's operand grows a tail for B
@@ -148,7 +176,10 @@ class SparseActLinear(nn.Module):
                 f"backend={self.backend}, mode={self.mode}")
 
     def to_linear(self) -> nn.Linear:
-        """The plain nn.Linear holding this layer's (shared) weight and bias; the LoRA is dropped."""
+        """The plain nn.Linear holding this layer's (shared) weight and bias; the LoRA is dropped. A weight stored
+        in FP8 must have been given back first (``Site.release``)."""
+        if self.weight_scale is not None:
+            raise RuntimeError("to_linear: the weight is stored in FP8; rtlynx.unsparsify dequantises it first")
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device="meta", dtype=self.weight.dtype)
         lin.weight = self.weight
@@ -159,7 +190,8 @@ class SparseActLinear(nn.Module):
         w = self.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._weight_cache is None or self._weight_cache[0] != key:
-            wp = reference.prune_weight_magnitude(reference.pad_to_multiple(w.detach(), self.m), self.n, self.m)
+            wd = self.dense_weight().detach()
+            wp = reference.prune_weight_magnitude(reference.pad_to_multiple(wd, self.m), self.n, self.m)
             self._weight_cache = (key, wp[:, : self.in_features])
         return self._weight_cache[1]
 
@@ -168,9 +200,9 @@ class SparseActLinear(nn.Module):
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.compute_dtype and not torch.is_autocast_enabled(x.device.type):
             # nn.Linear refuses this too; the backends would otherwise cast x or W silently
-            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {self.weight.dtype} "
+            raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {self.compute_dtype} "
                                "(SparseActLinear, like nn.Linear: cast the input or the layer)")
         return self._site.forward(self, x)
 
@@ -179,7 +211,7 @@ class SparseActLinear(nn.Module):
         msg = f"K={k} is not a multiple of m={m}"
         if self.k_remainder == "dense":
             backends.warn_once(f"kdense:{k}:{m}", f"rtlynx: {msg}; running this layer dense")
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.dense_weight(), self.bias)
         backends.warn_once(f"kpad:{k}:{m}", f"rtlynx: {msg}; zero-padding the last group")
         use_lora = self.lora_enabled and self.lora_A is not None
         lora_a, lora_b = (self.lora_A, self.lora_B) if use_lora else (None, None)
@@ -189,7 +221,7 @@ class SparseActLinear(nn.Module):
     def _forward_padded(self, x2, lora_a, lora_b):
         # Zero columns in x and W change neither the kept set of full groups nor any dot product.
         xp = reference.pad_to_multiple(x2, self.m)
-        wp = reference.pad_to_multiple(self.weight, self.m)
+        wp = reference.pad_to_multiple(self.dense_weight(), self.m)
         ap = reference.pad_to_multiple(lora_a, self.m) if lora_a is not None else None
         return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps,
                             fp8=self._settings.config.dtype == "fp8")

@@ -55,6 +55,21 @@ def _repoint(param: torch.Tensor | None, view: torch.Tensor) -> None:
     param.data = view
 
 
+def _dequantize_member(layer) -> None:
+    """A layer whose weight is stored in FP8 gets a dense weight of its own again (dequantised: the originals were
+    not kept), with a one-time warning."""
+    if layer.weight_scale is None:
+        return
+    backends.warn_once("fp8-dequantise", "rtlynx: the weights were stored in FP8 only (dtype='fp8', "
+                                         "keep_dense_weights=False); going back to bf16 weights dequantises them "
+                                         "(they are not the original weights)")
+    with torch.no_grad():
+        w = layer.dense_weight().contiguous()
+        _repoint(layer.weight, w)
+        layer.weight.requires_grad_(getattr(layer, "_weight_grad", True))
+        layer.weight_scale = None
+
+
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -93,9 +108,15 @@ class Site:
     def build(self) -> None:
         """(Re)build the site's operand from the layers' current parameters and re-point them at it."""
         ls = self.layers
+        stored = [l.weight_scale is not None for l in ls]
+        if any(stored) and not (all(stored) and len({l.weight.device for l in ls}) == 1):
+            for l in ls:  # members stored in FP8 next to others that are not (or on other devices): all dense
+                _dequantize_member(l)
+            stored = [False]
         w0 = ls[0].weight
-        dev, dt = w0.device, w0.dtype
-        tensors = [t for l in ls for t in (l.weight, l.bias, l.lora_A, l.lora_B) if t is not None]
+        dev, dt = w0.device, ls[0].compute_dtype
+        tensors = [t for l in ls for t in (l.bias, l.lora_A, l.lora_B) if t is not None]
+        tensors += [l.weight for l in ls if l.weight_scale is None]
         self.kp = kp = round_up(self.k, 128)
         ranks = [l.lora_rank if l.lora_A is not None else 0 for l in ls]
         self._ranks = tuple(ranks)
@@ -111,6 +132,7 @@ class Site:
         self.splits = tuple(l.out_features for l in ls)
         self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
         self._fp8 = None          # (wq, sw) of the FP8 kernels, made at their first use (fp8_operand)
+        self._fp8_stored = all(stored)  # the layers' weights live in _fp8 (no bf16 copy: keep_dense_weights off)
         self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
         self._applied: set[int] = set()
         self._dirty = False
@@ -120,6 +142,9 @@ class Site:
             # mixed devices / dtypes: no shared operand, every member runs on its own
             self.wext = self.bias = self.lora_a = self._wext_nolora = None
             return
+        if self._fp8_stored:
+            self._build_fp8_stored(dev)
+            return
         with torch.no_grad():
             if len(ls) == 1 and kg == self.k and w0.is_contiguous():
                 wext = w0.detach()  # the parameter itself is the GEMM operand: nothing to build
@@ -128,37 +153,100 @@ class Site:
                 for l, sl in zip(ls, self.slices):
                     wext[sl, : self.k].copy_(l.weight)
                     _repoint(l.weight, wext[sl, : self.k])
-            lora_a = None
-            if self.rank:
-                lora_a = torch.zeros(rp, self.k, device=dev, dtype=dt)
-                roff = 0
-                for l, sl, r in zip(ls, self.slices, ranks):
-                    if not r:
-                        continue
-                    lora_a[roff: roff + r].copy_(l.lora_A)
-                    _repoint(l.lora_A, lora_a[roff: roff + r])
+            lora_a, bias = self._build_lora_a_bias(dev, dt)
+            for l, sl, r, roff in zip(ls, self.slices, ranks, self._lora_offs):
+                if r:
                     tail = wext[sl, kp + 2 * roff: kp + 2 * (roff + r): 2]  # B's column t at Kp + 2t
                     tail.copy_(l.lora_B)
                     _repoint(l.lora_B, tail)
-                    roff += r
-            bias = None
-            if any(l.bias is not None for l in ls):
-                if len(ls) == 1:
-                    bias = ls[0].bias.detach()
-                else:
-                    bias = torch.zeros(self.n, device=dev, dtype=dt)
-                    for l, sl in zip(ls, self.slices):
-                        if l.bias is not None:
-                            bias[sl].copy_(l.bias)
-                            _repoint(l.bias, bias[sl])
         self.wext, self.bias, self.lora_a = wext, bias, lora_a
         self._wext_nolora = wext[:, :kp] if rp else wext  # the operand without its LoRA tail (row stride Kg)
         self._wptrs = tuple(w.data_ptr() for w in self._weights)  # re-pointed at the operand
         self._prepare_fp8()
 
+    def _build_lora_a_bias(self, dev, dt):
+        """The members' LoRA A stacked ``[rp, K]`` and biases concatenated ``[N]`` (None where there are none),
+        the layers' parameters re-pointed at them."""
+        ls = self.layers
+        lora_a = None
+        if self.rank:
+            lora_a = torch.zeros(self.rp, self.k, device=dev, dtype=dt)
+            for l, r, roff in zip(ls, self._ranks, self._lora_offs):
+                if r:
+                    lora_a[roff: roff + r].copy_(l.lora_A)
+                    _repoint(l.lora_A, lora_a[roff: roff + r])
+        bias = None
+        if any(l.bias is not None for l in ls):
+            if len(ls) == 1:
+                bias = ls[0].bias.detach()
+            else:
+                bias = torch.zeros(self.n, device=dev, dtype=dt)
+                for l, sl in zip(ls, self.slices):
+                    if l.bias is not None:
+                        bias[sl].copy_(l.bias)
+                        _repoint(l.bias, bias[sl])
+        return lora_a, bias
+
+    def _build_fp8_stored(self, dev) -> None:
+        """build() for members whose weights are stored in FP8: one ``wq [N, Kp]`` / ``sw [N]`` for the site (the
+        FP8 kernels' operand), the layers' ``weight`` / ``weight_scale`` re-pointed at views of it; LoRA B stays
+        in the layers' own tensors (the FP8 path adds h B^T after the GEMM)."""
+        ls = self.layers
+        with torch.no_grad():
+            wq = torch.zeros(self.n, self.kp, device=dev, dtype=torch.uint8).view(torch.float8_e4m3fn)
+            sw = torch.empty(self.n, device=dev, dtype=torch.float32)
+            for l, sl in zip(ls, self.slices):
+                wq[sl, : self.k].copy_(l.weight)
+                sw[sl].copy_(l.weight_scale)
+                _repoint(l.weight, wq[sl, : self.k])
+                _repoint(l.weight_scale, sw[sl])
+            self.lora_a, self.bias = self._build_lora_a_bias(dev, ls[0].compute_dtype)
+        self.wext = self._wext_nolora = None
+        self._fp8 = (wq, sw)
+        self._wptrs = tuple(w.data_ptr() for w in self._weights)
+
+    def _fp8_storable(self, cfg) -> bool:
+        """Whether this site's calls run on the FP8 kernels (what storing its weights in FP8 only is for)."""
+        w = self._wext_nolora
+        return (w is not None and w.is_cuda and w.dtype == torch.bfloat16 and self._uniform
+                and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0 and self.n % 8 == 0 and self.k <= 16384
+                and all(l.backend in ("auto", "lynx") for l in self.layers)
+                and not (cfg.speed_rules and self.slow_reason is not None)
+                and backends._lynx_ok(w.device.index or 0))
+
+    def _store_fp8(self) -> None:
+        """Replace the bf16 weights by the FP8 operand (keep_dense_weights=False): the layers' ``weight`` become
+        views of ``wq`` and ``weight_scale`` of ``sw``; the bf16 operand is freed."""
+        wq, sw = self._fp8
+        with torch.no_grad():
+            for l, sl in zip(self.layers, self.slices):
+                if l.lora_B is not None:  # off the bf16 operand's tail, which goes
+                    _repoint(l.lora_B, l.lora_B.detach().clone())
+                l._dense_dtype = l.weight.dtype
+                l._weight_grad = l.weight.requires_grad
+                _repoint(l.weight, wq[sl, : self.k])
+                l.weight.requires_grad_(False)
+                l.weight_scale = sw[sl]
+        self.wext = self._wext_nolora = None
+        self._fp8_stored = True
+        self._wptrs = tuple(w.data_ptr() for w in self._weights)
+
+    def restore_dense(self) -> None:
+        """Give the members dense weights again, dequantised from FP8 (the originals were not kept), and rebuild."""
+        if not self._fp8_stored:
+            return
+        for l in self.layers:
+            _dequantize_member(l)
+        self._fp8_stored = False
+        self._fp8 = None
+        self.build()
+
     def release(self) -> None:
         """Give every layer parameters that own their storage again (unsparsify; diffusers / safetensors saving
         refuse tensors that share storage)."""
+        for l in self.layers:
+            _dequantize_member(l)
+        self._fp8_stored = False
         with torch.no_grad():
             for l in self.layers:
                 for name in ("weight", "bias", "lora_A", "lora_B"):
@@ -191,12 +279,17 @@ class Site:
         """Quantise the FP8 operand now (sparsify / configure / build), not at a first call that torch.compile may
         be tracing with fake tensors."""
         settings = getattr(self.layers[0], "_settings", None)
-        if settings is None:
+        if settings is None or not hasattr(self, "_fp8_stored"):
             return
-        if settings.config.dtype != "fp8":
+        cfg = settings.config
+        if self._fp8_stored and (cfg.dtype != "fp8" or cfg.keep_dense_weights):
+            self.restore_dense()  # back to native (or asked to keep bf16 weights now): dequantised, with a warning
+        if cfg.dtype != "fp8":
             self._fp8 = None  # configured back to native: free the FP8 copy
         elif getattr(self, "_wext_nolora", None) is not None and self._wext_nolora.is_cuda:
             self.fp8_operand()
+            if not cfg.keep_dense_weights and self._fp8_storable(cfg):
+                self._store_fp8()
 
     def _slow_reason(self) -> str | None:
         lim = SPEED_RULES["max_dense_features"]
@@ -212,8 +305,12 @@ class Site:
                 and (self.slow_reason is not None or x2.shape[0] <= SPEED_RULES["max_dense_tokens"]))
 
     def _fusable(self, cfg, backend: str, x2: torch.Tensor) -> bool:
-        return (self.wext is not None and backend in ("auto", "lynx") and x2.is_cuda and self._uniform
-                and (cfg.n, cfg.m) == (2, 4) and x2.dtype == self.wext.dtype and self.k % 8 == 0
+        if self._fp8_stored:  # the FP8 operand is all there is
+            operand = cfg.dtype == "fp8" and x2.dtype == self.layers[0].compute_dtype
+        else:
+            operand = self.wext is not None and x2.dtype == self.wext.dtype
+        return (operand and backend in ("auto", "lynx") and x2.is_cuda and self._uniform
+                and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0
                 and self.n % 8 == 0 and backends._lynx_ok(backends._device_index(x2)))
 
     def _fused_path(self, cfg, layer, x2) -> str:
@@ -243,7 +340,7 @@ class Site:
         cfg = layer._settings.config
         mode = layer.mode
         if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense):
-            return F.linear(x, layer.weight, layer.bias)
+            return F.linear(x, layer.dense_weight(), layer.bias)
         if mode == "weight":
             return F.linear(x, layer._pruned_weight(), layer.bias)
         k = self.k
@@ -254,7 +351,7 @@ class Site:
         use_lora = layer.lora_enabled and layer.lora_A is not None
         path = self._fused_path(cfg, layer, x2)
         if path == "dense":
-            return F.linear(x, layer.weight, layer.bias)
+            return F.linear(x, layer.dense_weight(), layer.bias)
         norm = layer.compensation == "norm"
         fp8 = cfg.dtype == "fp8"
         if path == "fused":
@@ -274,7 +371,7 @@ class Site:
         if fp8:
             return self._forward_fp8(layer, x2, use_lora, cfg).reshape(*lead, layer.out_features)
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
-        y = backends.run(layer.backend, x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation,
+        y = backends.run(layer.backend, x2, layer.dense_weight(), layer.bias, cfg.n, cfg.m, layer.compensation,
                          lora_a, lora_b, cfg.eps)
         return y.reshape(*lead, layer.out_features)
 
@@ -287,6 +384,11 @@ class Site:
                                                "FP8 sparse kernels need an sm_90 GPU, bf16, K <= 16384): for "
                                                "studying quality, not for speed")
         lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
+        if layer.weight_scale is not None:  # stored in FP8: the spec on exactly these quantised weights
+            from .reference.fp8 import fp8_sparse_act_linear
+
+            return fp8_sparse_act_linear(x2, None, layer.bias, cfg.n, cfg.m, layer.compensation, lora_a, lora_b,
+                                         cfg.eps, weight_q=(layer.weight, layer.weight_scale))
         return backends.run("reference", x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation, lora_a,
                             lora_b, cfg.eps, fp8=True)
 
@@ -534,15 +636,16 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     def spec(layer, x):
         use = layer.lora_enabled and layer.lora_A is not None
         a, b = (layer.lora_A, layer.lora_B) if use else (None, None)
-        x2, w = x.reshape(-1, layer.in_features), layer.weight
+        x2, w = x.reshape(-1, layer.in_features), layer.dense_weight()
         if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
             x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
             a = None if a is None else reference.pad_to_multiple(a, layer.m)
         if layer._settings.config.dtype == "fp8":  # the FP8 spec: same quantisation, float32 products and sums
             from .reference.fp8 import fp8_sparse_act_linear
 
+            wq = None if layer.weight_scale is None else (layer.weight, layer.weight_scale)  # stored: these
             return fp8_sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, a, b,
-                                         layer._settings.config.eps)
+                                         layer._settings.config.eps, weight_q=wq)
         return reference.sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, a, b,
                                            compute_dtype=torch.float32)
 

@@ -2,6 +2,8 @@
 activation scale), fp32-product tolerance for the GEMM; fuzzed and awkward shapes, special values, poisoned outputs,
 opcheck. Every test prints its seed (shown by pytest on failure)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -204,3 +206,39 @@ def test_fp8_site_compiles_fullgraph_and_captures(gen):
         full = output_tensor(torch.compile(model, fullgraph=True)(**inputs))
         torch._dynamo.reset()
     assert ((full.float() - eager.float()).norm() / eager.float().norm()).item() < 0.1
+
+
+def test_fp8_weights_replace_bf16_on_the_gpu(gen):
+    """keep_dense_weights=False (default): the sites on the FP8 kernels hold only FP8 weights (less memory than
+    with the bf16 copy kept), and compute exactly what they compute with the copy kept (same FP8 operand)."""
+    import warnings
+
+    import rtlynx
+    from rtlynx import api, sites
+    from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen, device="cuda")))
+    base = tiny_transformer("flux").cuda().to(torch.bfloat16)
+    inputs = example_inputs(base, batch=2)
+    outs, mem = {}, {}
+    for keep in (True, False):
+        model = copy.deepcopy(base)
+        torch.cuda.synchronize()
+        m0 = torch.cuda.memory_allocated()
+        rtlynx.sparsify(model, speed_rules=False, dtype="fp8", keep_dense_weights=keep)
+        torch.cuda.synchronize()
+        mem[keep] = torch.cuda.memory_allocated() - m0
+        stored = [s for s in sites.model_sites(model) if s._fp8_stored]
+        assert bool(stored) != keep
+        with torch.no_grad():
+            outs[keep] = output_tensor(model(**inputs)).clone()
+        if not keep:
+            assert all(l.weight.dtype == FP8 for s in stored for l in s.layers)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rtlynx.unsparsify(model)
+            assert any("dequantis" in str(w.message) for w in caught)
+            assert not api.sparse_layers(model)
+        del model
+    assert torch.equal(outs[True], outs[False])
+    assert mem[False] < mem[True], mem
