@@ -282,13 +282,13 @@ def cmd_e2e(args) -> int:
     # set here before the first compile) or inductor's defaults ("default", put back after every quantize_)
     knobs = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul",
              "fx_graph_cache")
-    import torch._inductor.config
+    from torch._inductor import config as inductor_config
 
     if args.inductor == "recipe":
         from torchao.quantization.utils import recommended_inductor_config_setter
 
         recommended_inductor_config_setter()
-    inductor = {k: getattr(torch._inductor.config, k) for k in knobs}
+    inductor = {k: getattr(inductor_config, k) for k in knobs}
     data["e2e_runs"][-1]["inductor"] = {"settings": args.inductor, **inductor}
     fresh()
     inputs = example_inputs(model, batch=1, text_len=512, **E.MODELS["flux"][2])
@@ -306,7 +306,7 @@ def cmd_e2e(args) -> int:
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
             for k, v in inductor.items():
-                setattr(torch._inductor.config, k, v)
+                setattr(inductor_config, k, v)
             gc.collect()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

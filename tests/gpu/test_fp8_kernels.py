@@ -190,7 +190,9 @@ def test_tiny_models_fp8_sites_match_fp8_spec(kind, lora, gen, monkeypatch):
     assert not [t for t in msgs if "cannot run fused" in t and "170" not in t], msgs
     assert torch.isfinite(out).all()
     errs = sites.verify(model, **inputs)
-    assert errs and max(errs.values()) < 1e-2, errs
+    # with a LoRA the FP8 path rounds the GEMM output to bf16 before its bf16 addmm of h B^T, where the spec sums both
+    # in float32 and rounds once: two bf16 roundings, and where the two terms cancel the relative error grows
+    assert errs and max(errs.values()) < (2e-2 if lora else 1e-2), errs
 
 
 def test_fp8_site_compiles_fullgraph_and_captures(gen):
