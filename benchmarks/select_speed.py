@@ -110,7 +110,26 @@ def main(argv=None) -> int:
                     if (r := select.lookup(table, *s)) and r["dense_ms"] / r["lynx_linear_ms"] >= args.min_speedup]
             rtlynx.unsparsify(model)
             dense_names = [n for g in fast for n in g.layers]
-            entry = {"preset": preset, "sites": len(groups), "fast_sites": len(fast), "fast_layers": len(dense_names),
+            table_only = len(fast)
+
+            def time_with(layers):
+                if layers:
+                    rtlynx.sparsify(model, preset=None, include=list(layers))
+                try:
+                    return e2e.time_forward(model, inputs, args.reps)
+                finally:
+                    if layers:
+                        rtlynx.unsparsify(model)
+
+            # rtlynx select's end-to-end check: drop the sites of least table speed-up until not slower than dense
+            cands = [select.Candidate(list(g.layers), *s, 1, 0.0, select.lookup(table, *s)["dense_ms"],
+                                      select.lookup(table, *s)["lynx_linear_ms"]) for g, s in zip(groups, shapes)
+                     if g in fast]
+            kept, confirm_log = select.confirm_end_to_end(cands, time_with)
+            dense_names = [n for c in kept for n in c.layers]
+            fast = [g for g in fast if g.layers[0] in dense_names]
+            entry = {"preset": preset, "sites": len(groups), "fast_sites_table": table_only, "end_to_end": confirm_log,
+                     "fast_sites": len(fast), "fast_layers": len(dense_names),
                      "shapes": [{"M": m, "K": k, "N": n} for m, k, n in sorted(set(shapes))]}
             dense = e2e.time_forward(model, inputs, args.reps)
             entry["dense_ms"] = dense

@@ -263,6 +263,27 @@ def select_sites(cands: list[Candidate], budget: float, min_speedup: float = 1.0
     return chosen
 
 
+def confirm_end_to_end(chosen: list[Candidate], time_with, tolerance: float = 0.0) -> tuple[list[Candidate], list]:
+    """Keep only what is faster end to end. The speed table times each site's shape alone; in the model a site
+    also pays its host time and launches, so a set of sites that each win a little can lose together (SD3.5 on
+    an H200: every chosen site >= 1.02x alone, the forward 0.95x dense). ``time_with(layers)`` times one forward
+    with ``layers`` sparse (``[]`` = dense). While the sparse forward is slower than ``(1 + tolerance)`` x the
+    dense one, the chosen sites of the smallest table speed-up are dropped (all sites of that shape at once) and
+    it is timed again; with nothing left the model stays dense. Returns ``(kept, log)``, log rows
+    ``{"sites", "layers", "ms", "dense_ms"}``."""
+    kept = sorted(chosen, key=lambda c: c.speedup or 0.0, reverse=True)
+    dense_ms = time_with([])
+    log = []
+    while kept:
+        ms = time_with([n for c in kept for n in c.layers])
+        log.append({"sites": len(kept), "layers": sum(len(c.layers) for c in kept), "ms": ms, "dense_ms": dense_ms})
+        if ms * (1.0 - tolerance) <= dense_ms:
+            break
+        slowest = kept[-1].speedup
+        kept = [c for c in kept if c.speedup != slowest]
+    return kept, log
+
+
 def calls_per_step(transformer, run_fn) -> dict[str, tuple[int, int]]:
     """(rows per call, calls per transformer forward) of every sparse layer over ``run_fn()`` (dense)."""
     from .api import dense_mode, sparse_layers
@@ -296,13 +317,14 @@ def all_preset(model_class: str) -> str:
 def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_table=None,
                   min_speedup: float = 1.02, candidate_preset: str | None = None, prompts=("a photo",),
                   steps: int | None = None, height: int | None = None, width: int | None = None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, confirm: bool = True, confirm_reps: int = 5) -> dict:
     """Choose the sparse sites of ``runner`` (rtlynx.pipelines.Runner; its transformer must be dense).
 
     ``budget`` is relative to the model's hand-written default preset: the selected sites may cost at most
     ``budget`` times that preset's summed quality cost (1.0: no more output error than the default preset).
     Quality costs come from ``calib`` statistics (with the rank-``rank`` LoRA) or, without, from a short dense
-    sampling of ``prompts`` (norm compensation only). Returns a dict with "selected" and "candidates"
+    sampling of ``prompts`` (norm compensation only). On a GPU (``confirm``) the chosen set is then timed in the
+    model against dense and trimmed until it is not slower (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates"
     (Candidate lists), "reference" (the default preset's layers), "budget" (absolute) and "table"."""
     from . import api, distill
     from .config import SparsityConfig
@@ -334,10 +356,48 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
         raise ValueError("no quality cost for the default preset's layers: calibrate with the candidate preset "
                          f"{candidate_preset!r} (or without --calib)")
     chosen = select_sites(cands, budget * ref_cost, min_speedup)
+    confirm_log = None
+    if confirm and chosen and next(transformer.parameters()).is_cuda:
+        chosen, confirm_log = confirm_end_to_end(chosen, _forward_timer(runner, one_step, reps=confirm_reps))
     ref_saved = sum(c.saved_ms * sum(n in ref for n in c.layers) / len(c.layers) for c in cands)
     return {"selected": chosen, "candidates": cands, "reference": reference, "reference_cost": ref_cost,
             "reference_saved_ms": ref_saved, "budget": budget * ref_cost, "table_device": table.get("device"),
-            "candidate_preset": candidate_preset}
+            "candidate_preset": candidate_preset, "end_to_end": confirm_log}
+
+
+def _forward_timer(runner, one_step, reps: int = 5):
+    """``time_with(layers)`` for :func:`confirm_end_to_end`: median ms of one transformer forward on the inputs the
+    pipeline gives it (captured from one sampling step), with ``layers`` sparse (sparsified for the call)."""
+    from . import api
+    from .benchtools import measure
+
+    transformer = runner.transformer
+    captured = {}
+
+    def grab(mod, args, kwargs):
+        captured.setdefault("call", (args, kwargs))
+
+    h = transformer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        one_step()
+    finally:
+        h.remove()
+    args, kwargs = captured["call"]
+
+    def time_with(layers):
+        import torch
+
+        if layers:
+            api.sparsify(transformer, preset=None, include=list(layers))
+        try:
+            with torch.no_grad():
+                return measure(lambda: transformer(*args, **kwargs), reps=reps, warmup=2, flush_l2=False,
+                               sync_each=True).median_ms
+        finally:
+            if layers:
+                api.unsparsify(transformer)
+
+    return time_with
 
 
 def report(sel: dict) -> str:
@@ -348,6 +408,9 @@ def report(sel: dict) -> str:
         sp = "unknown" if c.speedup is None else f"{c.speedup:.2f}x"
         lines.append(f"{c.layers[0][:52]:52s} {c.m:6d} {c.k:6d} {c.n:6d} {sp:>8s} {c.saved_ms:8.3f} {c.cost:8.4f}  "
                      f"{'yes' if id(c) in chosen else ''}")
+    for row in sel.get("end_to_end") or []:
+        lines.append(f"end to end: {row['sites']} sites ({row['layers']} layers) {row['ms']:.2f} ms, dense "
+                     f"{row['dense_ms']:.2f} ms ({row['dense_ms'] / row['ms']:.3f}x)")
     cost = sum(c.cost for c in sel["selected"])
     saved = sum(c.saved_ms for c in sel["selected"])
     lines.append(f"selected {len(sel['selected'])} of {len(sel['candidates'])} sites "

@@ -253,3 +253,37 @@ def test_generate_fp8_sparse_dtype(pipes, tmp_path):
                  "--prompt", "a red cat", *SAMPLE, "--out", str(out)]) == 0
     settings = json.loads((out / "generate.json").read_text())["settings"]
     assert settings["sparsity"]["dtype"] == "fp8"
+
+
+def test_confirm_end_to_end_drops_least_gain_first_until_not_slower():
+    """A synthetic model: dense 100 ms; every sparse site saves its table gain but costs 0.3 ms of host time
+    in the model. The check must drop whole speed-up tiers, weakest first, and stop at the first set that is not
+    slower; with nothing worth it, nothing stays."""
+    from rtlynx import select
+
+    def cand(name, speedup, gain):  # dense_ms / sparse_ms = speedup, saves `gain` ms in the model
+        return select.Candidate([name], 4096, 256, 256, 1, 0.0, dense_ms=speedup, sparse_ms=1.0), gain
+
+    pairs = [cand("a", 1.30, 1.0), cand("b", 1.30, 1.0), cand("c", 1.05, 0.1), cand("d", 1.02, 0.05),
+             cand("e", 1.02, 0.05)]
+    gain = {c.layers[0]: g for c, g in pairs}
+    timed = []
+
+    def time_with(layers):
+        timed.append(sorted(layers))
+        return 100.0 - sum(gain[n] - 0.3 for n in layers)
+
+    kept, log = select.confirm_end_to_end([c for c, _ in pairs], time_with)
+    # all five: 100 - (2*0.7 - 0.2 - 2*0.25) = 99.3 -> faster already? 1.4 - 0.2 - 0.5 = 0.7 saved: kept as is
+    assert sorted(n for c in kept for n in c.layers) == ["a", "b", "c", "d", "e"] and len(log) == 1
+    # make the weak sites cost more: the 1.02x tier goes first, then the 1.05x one, and a, b stay
+    gain.update(c=-2.0, d=-1.0, e=-1.0)
+    timed.clear()
+    kept, log = select.confirm_end_to_end([c for c, _ in pairs], time_with)
+    assert sorted(n for c in kept for n in c.layers) == ["a", "b"]
+    assert timed == [[], ["a", "b", "c", "d", "e"], ["a", "b", "c"], ["a", "b"]]
+    assert [r["sites"] for r in log] == [5, 3, 2] and all(r["dense_ms"] == 100.0 for r in log)
+    # nothing gains in the model: the model stays dense
+    gain.update(a=0.1, b=0.1)
+    kept, log = select.confirm_end_to_end([c for c, _ in pairs], time_with)
+    assert kept == [] and log[-1]["sites"] == 2

@@ -25,14 +25,15 @@ def run(args) -> int:
         sel = select.select_layers(runner, budget=args.budget, calib=args.calib, rank=args.rank,
                                    speed_table=args.speed_table, min_speedup=args.min_speedup,
                                    candidate_preset=args.candidates, prompts=prompts, steps=args.steps,
-                                   height=args.height, width=args.width, seed=args.seed)
+                                   height=args.height, width=args.width, seed=args.seed,
+                                   confirm=not args.no_confirm)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx select: {e}") from None
     print(select.report(sel))
     if not sel["selected"]:
         raise SystemExit("rtlynx select: no site gains speed within the budget on this speed table; nothing written")
     info = {"budget": args.budget, "rank": args.rank, "calib": args.calib, "speed_table_device": sel["table_device"],
-            "candidates": sel["candidate_preset"], "min_speedup": args.min_speedup,
+            "candidates": sel["candidate_preset"], "min_speedup": args.min_speedup, "end_to_end": sel["end_to_end"],
             "sites": [{"layers": c.layers, "M": c.m, "K": c.k, "N": c.n, "speedup": c.speedup,
                        "saved_ms": c.saved_ms, "cost": c.cost} for c in sel["selected"]]}
     layers = [n for c in sel["selected"] for n in c.layers]
@@ -60,6 +61,9 @@ def register(sub) -> None:
                                                       "model's '-all' preset)")
     p.add_argument("--prompts", default=None, help="prompts file for the quick quality measurement "
                                                    "(default: one prompt)")
+    p.add_argument("--no-confirm", action="store_true",
+                   help="skip the end-to-end check on the GPU (time the chosen set in the model against dense and "
+                        "drop the sites of least speed-up until it is not slower; default: on)")
     p.add_argument("--out", default="rtlynx-preset.json", help="preset file to write (default: rtlynx-preset.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (default: off)")
     p.set_defaults(func=run)
