@@ -181,7 +181,8 @@ class StatsFiles:
                 metas.append(json.loads(md.get("meta", "{}")))
                 for name, sc in scalars.items():
                     gram = sc.get("gram", name)  # format 1: every layer owns its Gram
-                    sc["rr"], sc["yy"], sc["rows"]  # noqa: B018 (present, or corrupt)
+                    if not {"rr", "yy", "rows"} <= sc.keys():
+                        raise KeyError(f"the scalars of {name} are incomplete")
                     missing = {f"{gram}.xtx", f"{name}.xtr"} - keys
                     if missing:
                         raise KeyError(f"tensor {sorted(missing)[0]} is missing")
