@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -167,11 +166,6 @@ def run_shape(m, k, n, sweep, reps):
     return row
 
 
-def geomean(v):
-    v = [x for x in v if x and x > 0]
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else None
-
-
 def identity() -> dict:
     from rtlynx.benchtools import run_metadata
 
@@ -185,6 +179,8 @@ def load(out: Path) -> dict:
 
 
 def save(out: Path, data: dict) -> None:
+    from rtlynx.benchtools import geomean
+
     lin = data.get("linear", {}).get("rows", [])
     summ = data.setdefault("summary", {})
     if lin:

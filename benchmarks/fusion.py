@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rtlynx.benchtools import measure, run_metadata  # noqa: E402
+from rtlynx.benchtools import fmt, geomean, measure, run_metadata  # noqa: E402
 from rtlynx.ops import sm90 as k90  # noqa: E402
 
 DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
@@ -113,11 +113,6 @@ def run_shape(m, k, n, reps):
     return res
 
 
-def geomean(v):
-    v = [x for x in v if x and x > 0]
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--csv", default=str(DEFAULT_CSV))
@@ -150,7 +145,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n{dev}: MLP down-projection incl. its GELU, speed-up vs GELU + cuBLAS (geomean over {len(out)} shapes)")
-    print("  " + "  ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    print("  " + "  ".join(f"{k} {fmt(v)}" for k, v in summary.items()))
     print(f"wrote {args.out}")
     return 0
 

@@ -24,7 +24,6 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rtlynx import ops  # noqa: E402
-from rtlynx.benchtools import capture, median_ms, rotating, run_metadata  # noqa: E402
+from rtlynx.benchtools import capture, fmt, geomean, median_ms, rotating, run_metadata  # noqa: E402
 from rtlynx.reference import prune_nm  # noqa: E402
 
 DEFAULT_CSV = ROOT / "benchmarks" / "shapes_1024.csv"
@@ -198,11 +197,6 @@ def run_shape(m, k, n, sweep, quick, names):
     return res
 
 
-def geomean(v):
-    v = [x for x in v if x and x > 0]
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else float("nan")
-
-
 def summarize(rows, per_shape):
     out = {}
     models = sorted({r["model"] for r in rows})
@@ -280,8 +274,8 @@ def main(argv=None):
             for key in ("cslt_best", "cslt_best_graph", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph",
                         "lynx_lora_graph", "lynx_linear_hot")},
         "linear_hot_speedup_geomean": geomean([r.get("lynx_linear_hot_speedup") for r in per_shape.values()]),
-        "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]) if big else None,
-        "prune_compress_tbps_rotating_inputs": geomean([r["prune_rotating_tbps"] for r in big]) if big else None,
+        "prune_compress_tbps": geomean([r["prune_tbps"] for r in big]),
+        "prune_compress_tbps_rotating_inputs": geomean([r["prune_rotating_tbps"] for r in big]),
         "per_model": summ,
     }
     result = {**run_metadata(), "device": dev, "configs": names,
@@ -295,13 +289,13 @@ def main(argv=None):
     print(f"{'model':<16}{'cslt best':>10}{'lynx gemm':>11}{'linear':>9}{'+LoRA':>8}{'lin(graph)':>11}"
           f"{'LoRA(graph)':>12}   FLOP-weighted gemm/linear/lora")
     for model, s in summ.items():
-        fw = [s.get(f"{k}_speedup_flop_weighted", float("nan")) for k in ("lynx_gemm", "lynx_linear", "lynx_lora")]
-        print(f"{model:<16}{s['cslt_best_speedup_geomean']:>10.3f}{s['lynx_gemm_speedup_geomean']:>11.3f}"
-              f"{s['lynx_linear_speedup_geomean']:>9.3f}{s['lynx_lora_speedup_geomean']:>8.3f}"
-              f"{s['lynx_linear_graph_speedup_geomean']:>11.3f}{s['lynx_lora_graph_speedup_geomean']:>12.3f}   "
-              + "/".join(f"{v:.3f}" for v in fw))
-    print("large shapes (M >= 4096, N, K >= 3072): " + ", ".join(f"{k} {v:.3f}" for k, v in summary["large_shapes"].items()))
-    print(f"prune+compress: {summary['prune_compress_tbps']} TB/s (geomean, M*K >= 4096*3072)")
+        fw = [s.get(f"{k}_speedup_flop_weighted") for k in ("lynx_gemm", "lynx_linear", "lynx_lora")]
+        print(f"{model:<16}{fmt(s['cslt_best_speedup_geomean']):>10}{fmt(s['lynx_gemm_speedup_geomean']):>11}"
+              f"{fmt(s['lynx_linear_speedup_geomean']):>9}{fmt(s['lynx_lora_speedup_geomean']):>8}"
+              f"{fmt(s['lynx_linear_graph_speedup_geomean']):>11}{fmt(s['lynx_lora_graph_speedup_geomean']):>12}   "
+              + "/".join(fmt(v) for v in fw))
+    print("large shapes (M >= 4096, N, K >= 3072): " + ", ".join(f"{k} {fmt(v)}" for k, v in summary["large_shapes"].items()))
+    print(f"prune+compress: {fmt(summary['prune_compress_tbps'])} TB/s (geomean, M*K >= 4096*3072)")
     if args.sweep:
         table = {(r["M"], r["N"], (r["K"] + 127) // 128 * 128): tuple(r["config_best"][:2]) for r in per_shape.values()}
         print("suggested CONFIG_TABLE = {")

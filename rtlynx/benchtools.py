@@ -6,6 +6,8 @@ layer does inside a model) or, with one callable, after reading a buffer larger 
 lines for the timed kernel to write back, unlike triton's memset flush); optionally every call captured in a CUDA
 graph (GPU time without host overhead). On a CPU it times wall clock, so the scripts' smoke runs work there.
 
+``geomean`` is the one summary of per-shape ratios (None, JSON null, when nothing ran); ``fmt`` prints it.
+
 ``run_metadata`` is what every results JSON records: ``git describe --dirty`` of the checkout, a digest of the
 sources, and the name and sha256 of the kernel library that was loaded.
 """
@@ -13,6 +15,7 @@ sources, and the name and sha256 of the kernel library that was loaded.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import statistics
 import subprocess
@@ -127,6 +130,18 @@ def median_ms(fns, **kw) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- run identity
+
+def geomean(values) -> float | None:
+    """Geometric mean of the positive numbers in ``values``; None, zero, negative and NaN entries (a variant that
+    did not run, or failed) are left out. None when nothing is left: JSON null (NaN is not valid JSON)."""
+    v = [x for x in values if x is not None and x > 0]  # NaN > 0 is False
+    return math.exp(math.fsum(math.log(x) for x in v) / len(v)) if v else None
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    """``format(x, spec)``, or "n/a" for a missing value (a geomean of nothing)."""
+    return "n/a" if x is None else format(x, spec)
+
 
 def git_commit(cwd: Path | None = None) -> str:
     """``git describe --always --dirty`` of the checkout rtlynx runs from; "unknown" outside one (a wheel install,

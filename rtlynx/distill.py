@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .api import sparse_layers
@@ -131,37 +130,102 @@ class CalibStats:
 
     @classmethod
     def load(cls, path, device="cpu") -> "CalibStats":
-        """A statistics file, or a directory of them (one per calibration pass: disjoint layers, merged)."""
+        """A statistics file, or a directory of them (one per calibration pass: disjoint layers, merged), all in
+        memory; :class:`StatsFiles` reads them a site at a time instead."""
+        return StatsFiles(path).read(device=device)
+
+    def site_names(self) -> list[list[str]]:
+        """The layer names grouped by shared Gram (activation site), in order."""
+        sites: dict[int, list[str]] = {}
+        for name, s in self.layers.items():
+            sites.setdefault(id(s.xtx), []).append(name)
+        return list(sites.values())
+
+    def read(self, names, device=None) -> "CalibStats":
+        """The statistics of ``names`` (the same objects; ``device`` is ignored: they stay where they are)."""
+        return CalibStats({n: self.layers[n] for n in names}, self.meta)
+
+
+def stats_parts(path) -> list[Path]:
+    """The statistics files at ``path``: the file itself, or a pass directory's pass-*.safetensors in order."""
+    path = Path(path)
+    if path.is_dir():
+        parts = sorted(path.glob("pass-*.safetensors"))
+        if not parts:
+            raise FileNotFoundError(f"{path} holds no calibration passes (pass-*.safetensors)")
+        return parts
+    if not path.is_file():
+        raise FileNotFoundError(f"no calibration statistics at {path} (run `rtlynx calibrate` first)")
+    return [path]
+
+
+class StatsFiles:
+    """Calibration statistics on disk (a file or a pass directory), read lazily: the metadata when opened, the
+    tensors of the layers asked for by :meth:`read`, so a caller can hold one site at a time. A pass directory's
+    ``meta`` holds the settings all passes share and ``"passes"``, the list of each pass's own meta."""
+
+    def __init__(self, path):
+        from safetensors import SafetensorError, safe_open
+
+        self.path = Path(path)
+        self.parts = stats_parts(path)
+        self.layers: dict[str, tuple[Path, str, dict]] = {}  # layer -> (file, Gram owner, scalars)
+        metas = []
+        for part in self.parts:
+            try:
+                with safe_open(str(part), "pt") as f:  # the header only
+                    md = f.metadata() or {}
+                    keys = set(f.keys())
+                _check_stats_file(part, md)
+                scalars = json.loads(md["scalars"])
+                metas.append(json.loads(md.get("meta", "{}")))
+                for name, sc in scalars.items():
+                    gram = sc.get("gram", name)  # format 1: every layer owns its Gram
+                    if not {"rr", "yy", "rows"} <= sc.keys():
+                        raise KeyError(f"the scalars of {name} are incomplete")
+                    missing = {f"{gram}.xtx", f"{name}.xtr"} - keys
+                    if missing:
+                        raise KeyError(f"tensor {sorted(missing)[0]} is missing")
+                    if name in self.layers:
+                        raise ValueError(f"{part}: layer {name} is also in {self.layers[name][0]}: "
+                                         "these passes come from different calibrations")
+                    self.layers[name] = (part, gram, sc)
+            except SafetensorError as e:
+                raise ValueError(f"{part} is not a safetensors file: {e}") from e
+            except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{part} is corrupt: {e}") from e
+        if self.path.is_dir():
+            common = {k: v for k, v in metas[0].items() if k not in ("calib_pass", "passes")
+                      and all(m.get(k) == v for m in metas)}
+            self.meta = common | {"passes": metas}
+        else:
+            self.meta = metas[0]
+
+    def site_names(self) -> list[list[str]]:
+        """The layer names grouped by shared Gram (activation site), in file order."""
+        sites: dict[tuple[Path, str], list[str]] = {}
+        for name, (part, gram, _) in self.layers.items():
+            sites.setdefault((part, gram), []).append(name)
+        return list(sites.values())
+
+    def read(self, names=None, device="cpu") -> CalibStats:
+        """The statistics of ``names`` (default: all) on ``device``; each Gram is read once and shared."""
         from safetensors import safe_open
 
-        path = Path(path)
-        if path.is_dir():
-            parts = sorted(path.glob("pass-*.safetensors"))
-            if not parts:
-                raise FileNotFoundError(f"{path} holds no calibration passes (pass-*.safetensors)")
-            out = cls()
-            for part in parts:
-                one = cls.load(part, device)
-                out.layers.update(one.layers)
-                out.meta.setdefault("passes", []).append(one.meta)
-            return out
-        if not path.is_file():
-            raise FileNotFoundError(f"no calibration statistics at {path} (run `rtlynx calibrate` first)")
-        try:
-            with safe_open(str(path), "pt", device=str(device)) as f:
-                md = f.metadata() or {}
-                _check_stats_file(path, md)
-                scalars = json.loads(md["scalars"])
-                layers, grams = {}, {}
-                for name, sc in scalars.items():
-                    key = sc.get("gram", name)
-                    if key not in grams:
-                        grams[key] = f.get_tensor(f"{key}.xtx")
-                    xtx, xtr = grams[key], f.get_tensor(f"{name}.xtr")
+        names = list(self.layers) if names is None else list(names)
+        layers: dict[str, LayerStats] = {}
+        grams: dict[tuple[Path, str], torch.Tensor] = {}
+        for part in dict.fromkeys(self.layers[n][0] for n in names):  # one open per file
+            with safe_open(str(part), "pt", device=str(device)) as f:
+                for name in names:
+                    where, gram, sc = self.layers[name]
+                    if where != part:
+                        continue
+                    if (part, gram) not in grams:
+                        grams[part, gram] = f.get_tensor(f"{gram}.xtx")
+                    xtx, xtr = grams[part, gram], f.get_tensor(f"{name}.xtr")
                     layers[name] = LayerStats(xtx.shape[0], xtr.shape[1], xtx, xtr, sc["rr"], sc["yy"], sc["rows"])
-                return cls(layers, json.loads(md.get("meta", "{}")))
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is corrupt: {e}") from e
+        return CalibStats({n: layers[n] for n in names}, self.meta)
 
 
 # ------------------------------------------------------------------------------------------ memory plan
@@ -304,8 +368,10 @@ def solve_lora(s: LayerStats, rank: int, ridge: float = 1e-3) -> tuple[torch.Ten
     g = s.xtx.double() / s.rows
     c = s.xtr.double() / s.rows
     lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(s.k, dtype=g.dtype, device=g.device)
-    m = torch.linalg.solve(g + lam * eye, c)  # [K, N]
+    gr = g.clone()
+    gr.diagonal().add_(lam)  # g + lam I without a [K, K] identity (fp64: 1.8 GB at K = 15360)
+    m = torch.linalg.solve(gr, c)  # [K, N]
+    del gr
     fitted = m.T @ g @ m  # [N, N], energy of x M per output direction
     evals, evecs = torch.linalg.eigh((fitted + fitted.T) / 2)
     v = evecs[:, -rank:].flip(-1)  # top-r, largest first
@@ -322,27 +388,49 @@ def residual_error(s: LayerStats, a: torch.Tensor | None = None, b: torch.Tensor
     return (max(err, 0.0) / max(s.yy, 1e-30)) ** 0.5
 
 
-def fit_lora(transformer, stats: CalibStats, rank: int, ridge: float = 1e-3, val: CalibStats | None = None,
-             progress: bool = True) -> list[dict]:
+def fit_lora(transformer, stats, rank: int, ridge: float = 1e-3, val=None, progress: bool = True,
+             device=None) -> list[dict]:
     """Give every sparse layer of ``transformer`` a rank-``rank`` LoRA solved from ``stats``.
-    Returns per-layer rows: error without / with LoRA (on ``val`` too when given)."""
+    Returns per-layer rows in module order: error without / with LoRA (on ``val`` too when given).
+
+    ``stats`` and ``val`` are :class:`CalibStats` in memory, or :class:`StatsFiles` / paths (a statistics file
+    or a pass directory) read one activation site at a time onto ``device`` (default: the layer's), each freed before the next is
+    read: the peak memory is the largest site's statistics, not the sum. Each LoRA depends on its own layer's
+    statistics only, so the result is the same either way."""
     from tqdm.auto import tqdm
 
     layers = sparse_layers(transformer)
-    missing = [n for n in layers if n not in stats.layers]
-    if missing:
+    src = stats if isinstance(stats, (CalibStats, StatsFiles)) else StatsFiles(stats)
+    vsrc = val if val is None or isinstance(val, (CalibStats, StatsFiles)) else StatsFiles(val)
+    missing = [n for n in layers if n not in src.layers]
+    if missing:  # checked before any layer changes
         raise ValueError(f"no calibration statistics for {len(missing)} layers, e.g. {missing[0]}")
-    report = []
-    for name, layer in tqdm(layers.items(), desc="lora", disable=not progress):
-        s = stats.layers[name]
-        a, b = solve_lora(s, rank, ridge)
-        layer.add_lora(a.shape[0])
-        with torch.no_grad():
-            layer.lora_A.copy_(a.to(layer.lora_A))
-            layer.lora_B.copy_(b.to(layer.lora_B))
-        row = {"layer": name, "rank": a.shape[0], "err_norm": residual_error(s), "err_lora": residual_error(s, a, b)}
-        if val is not None and name in val.layers:
-            row["val_err_norm"] = residual_error(val.layers[name])
-            row["val_err_lora"] = residual_error(val.layers[name], a, b)
-        report.append(row)
-    return report
+    rows = {}
+    with tqdm(total=len(layers), desc="lora", disable=not progress) as bar:
+        for site in src.site_names():
+            names = [n for n in site if n in layers]  # a narrower preset than the calibration's skips some
+            if not names:
+                continue
+            dev = device or layers[names[0]].weight.device
+            part = src.read(names, dev)
+            vpart = vsrc.read([n for n in names if n in vsrc.layers], dev) if vsrc is not None else None
+            for name in names:
+                rows[name] = _fit_layer(name, layers[name], part.layers[name], rank, ridge,
+                                        vpart.layers.get(name) if vpart is not None else None)
+                bar.update()
+            del part, vpart  # before the next site is read
+    return [rows[n] for n in layers]
+
+
+def _fit_layer(name: str, layer: SparseActLinear, s: LayerStats, rank: int, ridge: float,
+               val: LayerStats | None) -> dict:
+    a, b = solve_lora(s, rank, ridge)
+    layer.add_lora(a.shape[0])
+    with torch.no_grad():
+        layer.lora_A.copy_(a.to(layer.lora_A))
+        layer.lora_B.copy_(b.to(layer.lora_B))
+    row = {"layer": name, "rank": a.shape[0], "err_norm": residual_error(s), "err_lora": residual_error(s, a, b)}
+    if val is not None:
+        row["val_err_norm"] = residual_error(val)
+        row["val_err_lora"] = residual_error(val, a, b)
+    return row

@@ -213,17 +213,18 @@ class Candidate:
 
 
 def layer_costs(stats, rank: int = 0, ridge: float = 1e-3) -> dict[str, float]:
-    """Squared relative output error of every layer in ``stats`` (rtlynx.distill.CalibStats): norm-compensated
-    pruning alone, or with the rank-``rank`` LoRA the statistics give."""
-    from .distill import residual_error, solve_lora
+    """Squared relative output error of every layer in ``stats`` (rtlynx.distill.CalibStats, StatsFiles or a
+    path: read one site at a time): norm-compensated pruning alone, or with the rank-``rank`` LoRA the
+    statistics give."""
+    from .distill import CalibStats, StatsFiles, residual_error, solve_lora
 
+    def cost(s) -> float:
+        return residual_error(s, *solve_lora(s, rank, ridge)) ** 2 if rank else residual_error(s) ** 2
+
+    src = stats if isinstance(stats, (CalibStats, StatsFiles)) else StatsFiles(stats)
     out = {}
-    for name, s in stats.layers.items():
-        if rank:
-            a, b = solve_lora(s, rank, ridge)
-            out[name] = residual_error(s, a, b) ** 2
-        else:
-            out[name] = residual_error(s) ** 2
+    for site in src.site_names():  # the comprehension lets go of each site before the next is read
+        out.update({name: cost(s) for name, s in src.read(site).layers.items()})
     return out
 
 
@@ -342,7 +343,7 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
                   if g.layers[0] in rows]
         table = speed_table_for(shapes, speed_table)
         if calib is not None:
-            stats = distill.CalibStats.load(calib) if not isinstance(calib, distill.CalibStats) else calib
+            stats = calib  # read one site at a time by layer_costs
         else:
             stats = distill.collect(transformer, lambda: runner.sample(
                 list(prompts), steps=steps or 4, height=height, width=width, seed=seed, latent=True))

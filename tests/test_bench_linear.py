@@ -29,5 +29,10 @@ def test_cusparselt_has_a_graph_column_like_dense_and_lynx():
     assert math.isclose(s["cslt_best_speedup_geomean"], math.sqrt(0.5 * 0.2))
     # forward-time ratio against the dense time of the same mode (graph vs graph)
     assert math.isclose(s["cslt_best_graph_forward_time_ratio"], 1.8 / (0.9 / 1.2 + 0.9 / 0.9))
+    # a variant that ran on no shape (cuSPARSELt missing) has no geomean: JSON null, and the table prints n/a
+    for r in per_shape.values():
+        del r["cslt_best_ms"], r["cslt_best_speedup"]
+    s = lin.summarize(rows, per_shape)["all"]
+    assert s["cslt_best_speedup_geomean"] is None and "cslt_best_forward_time_ratio" not in s
     src = (ROOT / "benchmarks" / "linear.py").read_text()
     assert 'res["cslt_best_graph_ms"] = bench(graphed(' in src

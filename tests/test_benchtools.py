@@ -106,6 +106,22 @@ def test_no_private_timing_loops(script):
         assert pattern not in src, f"{script.name} times with its own {pattern}"
 
 
+def test_geomean_closed_form_and_missing_values():
+    assert benchtools.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    assert benchtools.geomean([0.5, 2.0, 1.0]) == pytest.approx(1.0)
+    # variants that did not run (None), failed (0, NaN) or make no sense (negative) are left out
+    assert benchtools.geomean([None, 3.0, 0, float("nan"), -1.0, 12.0]) == pytest.approx(6.0)
+    assert benchtools.geomean([]) is None and benchtools.geomean([None, 0.0, float("nan")]) is None
+    assert benchtools.fmt(None) == "n/a" and benchtools.fmt(1.23456) == "1.235"
+    assert f"{benchtools.fmt(None):>6}|" == "   n/a|"
+
+
+@pytest.mark.parametrize("script", BENCH, ids=lambda p: p.name)
+def test_no_private_geomean(script):
+    """Every summary ratio goes through benchtools.geomean (one rule for missing values: None, JSON null)."""
+    assert "def geomean(" not in script.read_text(), f"{script.name} has its own geomean"
+
+
 def test_source_digest_covers_python_and_cuda_sources(tmp_path):
     pkg = tmp_path / "rtlynx"
     (pkg / "csrc").mkdir(parents=True)

@@ -115,3 +115,73 @@ def test_check_helpers_directly():
         _checks.check_tensor([1, 2], "v", x)
     with pytest.raises(ops.Unsupported, match="bf16/fp16"):
         _checks.check_activation(meta(3, 64, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------ FP8 (rtlynx.ops.fp8)
+F8 = torch.float8_e4m3fn
+
+
+def fp8_gemm_operands(m=70, n=64, kg=256):
+    mp = (m + 63) // 64 * 64
+    return (meta(m, kg // 2, dtype=F8), meta(mp * kg // 8, dtype=torch.uint8), meta(n, kg, dtype=F8),
+            meta(m, dtype=torch.float32), meta(n, dtype=torch.float32), meta(n))
+
+
+def test_fp8_gemm_accepts_good_operands():
+    from rtlynx.ops import fp8 as kf8
+
+    y = kf8.sparse_gemm_fp8_sm90(*fp8_gemm_operands())
+    assert y.shape == (70, 64) and y.dtype == BF
+    args = fp8_gemm_operands(m=0)  # an empty batch: the producer's metadata is still one 64-row block
+    assert kf8.sparse_gemm_fp8_sm90(args[0], meta(64 * 256 // 8, dtype=torch.uint8), *args[2:]).shape == (0, 64)
+
+
+@pytest.mark.parametrize("slot,bad,match", [
+    (0, meta(70, 128), "values must be a 2-D float8_e4m3fn"),
+    (0, meta(70, 256, dtype=F8)[:, :128], r"values .* must be packed \(row stride 128\)"),
+    (0, meta(70, 100, dtype=F8), r"values .* must be \[\*, 128\]"),
+    (1, meta(128 * 256 // 8 - 1, dtype=torch.uint8), r"meta .* must be a contiguous \[4096\]"),
+    (2, meta(64, 256), "wq .* must be float8_e4m3fn"),
+    (2, meta(64, 200, dtype=F8), "multiple of 128"),
+    (2, meta(60, 256, dtype=F8), "multiple of 8"),
+    (2, meta(64, 264, dtype=F8)[:, :256], "row stride >= 256 and a multiple of 16"),  # 16 e4m3 = 16 bytes
+    (2, torch.empty(64, 256, dtype=F8), "not on the input's device"),
+    (3, meta(70, dtype=torch.float16), "rs .* must be float32"),
+    (3, meta(71, dtype=torch.float32), r"rs .* \[70\]"),
+    (4, meta(32, dtype=torch.float32), r"sw .* \[64\]"),
+    (5, meta(64, dtype=torch.float32), "bias .* must be bfloat16"),
+    (5, torch.empty(64, dtype=BF), "bias .* not on the input's device"),
+])
+def test_fp8_gemm_refuses(slot, bad, match):
+    from rtlynx.ops import fp8 as kf8
+
+    args = list(fp8_gemm_operands())
+    args[slot] = bad
+    with pytest.raises(ops.Unsupported, match=match):
+        kf8.sparse_gemm_fp8_sm90(*args)
+
+
+def test_fp8_prune_and_site_refuse():
+    from rtlynx.ops import fp8 as kf8
+
+    x, wq, sw = meta(5, 256), meta(64, 256, dtype=F8), meta(64, dtype=torch.float32)
+    assert kf8.prune_quant_fp8_sm90(meta(256, 5).t(), True, 1e-8)[0].shape == (5, 128)  # any strides: copied
+    assert [t.shape for t in kf8.fp8_site_sm90(x, wq, sw, meta(64), [32, 32], True, 1e-8)] == [(5, 32), (5, 32)]
+    for call, match in (
+            (lambda: kf8.prune_quant_fp8_sm90(meta(5, 256, dtype=torch.float16), True, 1e-8), "take bf16"),
+            (lambda: kf8.prune_quant_fp8_sm90(meta(5, 100), True, 1e-8), "K % 8 == 0"),
+            (lambda: kf8.prune_quant_fp8_sm90(meta(5, 16392), True, 1e-8), "K <= 16384"),
+            (lambda: kf8.prune_quant_fp8_sm90(x, True, 1e-8, 2), "act must be 0"),
+            (lambda: kf8.fp8_site_sm90(x, wq, sw, None, [32, 24], True, 1e-8), "splits"),
+            (lambda: kf8.fp8_site_sm90(meta(5, 264), wq, sw, None, [64], True, 1e-8), r"needs \[N, >= 384\]"),
+            (lambda: kf8.fp8_site_sm90(x, meta(64, 256), sw, None, [64], True, 1e-8), "wq .* must be float8"),
+            (lambda: kf8.fp8_site_sm90(x, wq, meta(64), None, [64], True, 1e-8), "sw .* must be float32"),
+            (lambda: kf8.fp8_site_sm90(x, wq, sw, meta(64, dtype=torch.float16), [64], True, 1e-8),
+             "site bias .* must be bfloat16"),
+            (lambda: ops.fp8_site(x, torch.empty(64, 256, dtype=F8), sw, None, [64]),
+             "wq .* not on the input's device"),
+            (lambda: ops.fp8_site(x, wq, torch.empty(64), None, [64]), "sw .* not on the input's device"),
+            (lambda: ops.fp8_site(meta(5, 256, dtype=torch.float32), wq, sw, None, [64]), "bf16/fp16"),
+            (lambda: ops.fp8_site(meta(5, 256, dtype=torch.float16), wq, sw, None, [64]), "take bf16")):
+        with pytest.raises(ops.Unsupported, match=match):
+            call()

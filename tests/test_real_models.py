@@ -115,10 +115,93 @@ def test_memory_plan_passes():
     assert "pass 2" in many.report()
 
 
+def test_fit_lora_streams_one_site_at_a_time(tmp_path, monkeypatch):
+    """fit_lora from a pass directory holds one site's statistics at a time (freed by reference counting before
+    the next is read) and gives the LoRA of the fit from all statistics in memory."""
+    import copy
+    import weakref
+
+    from rtlynx.integrations.diffusers import example_inputs, tiny_transformer
+    from rtlynx.select import layer_costs
+
+    torch.manual_seed(0)  # seed logged by being fixed
+    model = tiny_transformer("flux")
+    rtlynx.sparsify(model, preset="flux-all")
+    stats = distill.collect(model, lambda: model(**example_inputs(model, height=4, width=4, seed=1)))
+    val = distill.collect(model, lambda: model(**example_inputs(model, height=4, width=4, seed=2)))
+    plan = distill.plan(model, max(g.nbytes() for g in distill.stat_groups(model)) * 2.5 / distill.GB)
+    assert len(plan.passes) > 1
+    split = tmp_path / "split"
+    for i, groups in enumerate(plan.passes):
+        distill.CalibStats({n: stats.layers[n] for g in groups for n in g.layers}, {"preset": "flux-all"}).save(
+            split / f"pass-{i + 1:03d}.safetensors")
+    val.save(tmp_path / "val.safetensors")
+
+    reads, live = [], []
+    real_read = distill.StatsFiles.read
+
+    def read(self, names=None, device="cpu"):
+        if self.path.name != "val.safetensors":  # a new site (its validation statistics come after it)
+            assert all(r() is None for r in live), "a site's statistics were still held when the next was read"
+            reads.append(list(names))
+        out = real_read(self, names, device)
+        live.extend(weakref.ref(t) for s in out.layers.values() for t in (s.xtx, s.xtr))
+        return out
+
+    monkeypatch.setattr(distill.StatsFiles, "read", read)
+    ref = copy.deepcopy(model)
+    ref_rows = distill.fit_lora(ref, stats, rank=3, val=val, progress=False)  # all in memory
+    streamed = copy.deepcopy(model)
+    rows = distill.fit_lora(streamed, split, rank=3, val=tmp_path / "val.safetensors", progress=False)
+    assert [sorted(r) for r in reads] == [sorted(g.layers) for p in plan.passes for g in p]  # site by site
+    assert [r["layer"] for r in rows] == [r["layer"] for r in ref_rows] == list(rtlynx.sparse_layers(model))
+    for a, b in zip(rows, ref_rows):
+        assert a.keys() == b.keys()
+        for k in ("err_norm", "err_lora", "val_err_norm", "val_err_lora"):
+            assert a[k] == pytest.approx(b[k], rel=1e-9, abs=1e-12)
+    got, want = rtlynx.sparse_layers(streamed), rtlynx.sparse_layers(ref)
+    for name in want:
+        torch.testing.assert_close(got[name].lora_A, want[name].lora_A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got[name].lora_B, want[name].lora_B, rtol=1e-6, atol=1e-7)
+    # select's quality costs stream the same way: the squared errors of the LoRA fit
+    reads.clear()
+    costs = layer_costs(split, rank=3)
+    assert len(reads) == sum(len(p) for p in plan.passes)
+    assert costs == pytest.approx({r["layer"]: r["err_lora"] ** 2 for r in ref_rows}, rel=1e-9, abs=1e-15)
+    assert distill.StatsFiles(split).meta["preset"] == "flux-all"  # settings the passes share
+    assert len(distill.StatsFiles(split).meta["passes"]) == len(plan.passes)
+
+
+def test_stats_files_bad_inputs(tmp_path):
+    from rtlynx.integrations.diffusers import example_inputs, tiny_transformer
+
+    model = tiny_transformer("flux")
+    rtlynx.sparsify(model, preset="flux-all")
+    stats = distill.collect(model, lambda: model(**example_inputs(model, height=4, width=4, seed=1)))
+    d = tmp_path / "d"
+    stats.save(d / "pass-001.safetensors")
+    stats.save(d / "pass-002.safetensors")
+    with pytest.raises(ValueError, match="also in"):  # a layer in two passes: two calibrations mixed
+        distill.StatsFiles(d)
+    (tmp_path / "junk.safetensors").write_bytes(b"12345678garbage")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        distill.StatsFiles(tmp_path / "junk.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no calibration passes"):
+        distill.StatsFiles(tmp_path / "empty")
+    # a layer missing from the statistics stops before any layer gets a LoRA
+    part = distill.CalibStats(dict(list(stats.layers.items())[:3])).save(tmp_path / "part.safetensors")
+    with pytest.raises(ValueError, match="no calibration statistics"):
+        distill.fit_lora(model, part, rank=2, progress=False)
+    assert all(l.lora_rank == 0 for l in rtlynx.sparse_layers(model).values())
+
+
 @pytest.mark.slow
 def test_passes_and_resume_equal_one_run(pipes, tmp_path):
+    from safetensors.torch import load_file
+
     common = ["--model", str(pipes["flux"]), "--prompts", str(pipes["prompts"]), "--num-prompts", "2",
-              "--batch-size", "1", *SAMPLE]
+              "--batch-size", "1", *SAMPLE, "--preset", "flux-all"]
     whole, split, resumed = tmp_path / "whole.st", tmp_path / "split", tmp_path / "resumed.st"
     assert main(["calibrate", *common, "--out", str(whole)]) == 0
     assert main(["calibrate", *common, "--max-stats-gb", "1e-4", "--out", str(split)]) == 0
@@ -132,6 +215,17 @@ def test_passes_and_resume_equal_one_run(pipes, tmp_path):
             assert other.layers[name].rows == s.rows
             torch.testing.assert_close(other.layers[name].xtx, s.xtx, rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(other.layers[name].xtr, s.xtr, rtol=1e-5, atol=1e-4)
+    # train-lora reads the passes one site at a time and gives the LoRA of the single file; the preset comes
+    # from the statistics (flux-all: 34 layers, where the default would give 20)
+    loras = []
+    for calib in (whole, split):
+        lynx = tmp_path / f"lynx-{calib.stem}"
+        assert main(["train-lora", *common[:2], "--calib", str(calib), "--rank", "2", "--device", "cpu",
+                     "--out", str(lynx)]) == 0
+        loras.append(load_file(str(lynx / rtlynx.io.LORA_FILE)))
+    assert sorted(loras[0]) == sorted(loras[1]) and len(loras[0]) == 2 * len(a.layers) == 2 * 34
+    for key, t in loras[0].items():
+        torch.testing.assert_close(loras[1][key], t, rtol=1e-4, atol=1e-5)
     other_prompts = tmp_path / "other.txt"
     other_prompts.write_text("a green tree\na sun\na dog\n")
     with pytest.raises(SystemExit, match="other prompts"):

@@ -5,7 +5,8 @@ mini-FLUX) on a prompts file and stream every sparse layer's sufficient statisti
 activation site) into a file. Resumable: the statistics are saved after every --save-every batches and a rerun
 with --resume skips the prompts already in them. With --max-stats-gb the sites are split over passes that each
 hold at most that much (each pass samples the same prompts with the same seeds); the output is then a directory
-of pass-N.safetensors. train-lora: solve each layer's LoRA in closed form and save it with rtlynx.save.
+of pass-N.safetensors. train-lora: solve each layer's LoRA in closed form, reading one activation site's
+statistics at a time (its peak memory is the largest site's, not the sum), and save it with rtlynx.save.
 """
 
 from __future__ import annotations
@@ -123,12 +124,13 @@ def run_train_lora(args) -> int:
     try:
         transformer = load_transformer(args.model, device=device, dtype=dtype)
         dev = next(transformer.parameters()).device
-        stats = distill.CalibStats.load(args.calib, device=dev)
-        val = distill.CalibStats.load(args.val, device=dev) if args.val else None
+        # Only the headers now; fit_lora reads one site's statistics at a time (peak: the largest site)
+        stats = distill.StatsFiles(args.calib)
+        val = distill.StatsFiles(args.val) if args.val else None
         # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
         # gives exactly the same LoRA for the layers it keeps.
         api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
-        rows = distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val)
+        rows = distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
     io.save(transformer, out, overwrite=args.overwrite)

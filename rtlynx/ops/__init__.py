@@ -7,6 +7,7 @@ Public API (nothing CUDA is imported or built at import time):
 - :func:`prune_compress` (x2d) -> (values, meta, scale) in the sm90 layout (rtlynx.reference.sm90)
 - :func:`gelu_prune_compress` (h2d) -> the same for x = GELU_tanh(h2d), computed inside the prune pass
 - :func:`lynx_gelu_linear` (h2d, weight, bias, norm) -> y2d: the MLP down-projection from its pre-activation
+- :func:`fp8_site`: an activation site on the FP8 (e4m3) kernels (:mod:`rtlynx.ops.fp8`)
 - :class:`Unsupported`: raised for inputs the kernels cannot run (the caller falls back with a warning); the operand
   checks live in :mod:`rtlynx.ops._checks` (one ``check_*`` per operand kind, for new ops to reuse).
 - :class:`LibraryUnavailable` (an Unsupported): the kernel library could not be built or loaded; remembered for the
@@ -26,7 +27,7 @@ import torch
 from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
 from . import fp8 as _fp8  # noqa: F401  the FP8 ops (rtlynx::prune_quant_fp8_sm90, ...), same rules
-from ._checks import LibraryUnavailable, Unsupported, check_activation, check_devices, check_site
+from ._checks import LibraryUnavailable, Unsupported, check_activation, check_devices, check_fp8_site, check_site
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,16 +217,11 @@ def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.
              norm: bool = True, eps: float = 1e-8, act: int = 0, check: bool = True) -> list[torch.Tensor]:
     """An activation site on the FP8 kernels (:mod:`rtlynx.ops.fp8`): one prune + quantise pass of ``x2d [M, K]``
     (act 1: of GELU_tanh(x2d)), one FP8 sparse GEMM per member on its rows of ``wq [N, Kp]`` e4m3 with per-row
-    scales ``sw [N]``; bf16 only, K <= 16384. Raises :class:`Unsupported` for what the kernels cannot run."""
-    if check:
+    scales ``sw [N]``; bf16 only, K <= 16384. Raises :class:`Unsupported` for what the kernels cannot run
+    (``check=False``: the caller validated the same operands before, as for :func:`sparse_site`)."""
+    if check:  # once: the eager call below goes to the implementation, which does not check again
         _check_x(x2d)
-        if x2d.dtype != torch.bfloat16 or x2d.shape[1] % 8 or x2d.shape[1] > 16384:
-            raise Unsupported(f"the FP8 kernels take bf16 [M, K] with K % 8 == 0 and K <= 16384, got {x2d.dtype} "
-                              f"{tuple(x2d.shape)}")
-        if sum(splits) != wq.shape[0] or any(n % 8 for n in splits):
-            raise Unsupported(f"FP8 site outputs {list(splits)} must be multiples of 8 covering N={wq.shape[0]}")
-        if bias is not None and bias.dtype != torch.bfloat16:
-            raise Unsupported(f"FP8 site bias must be bf16, got {bias.dtype}")
+        check_fp8_site(x2d, wq, sw, bias, splits, act)
     if x2d.shape[0] == 0:
         return [x2d.new_empty(0, n) for n in splits]
     if torch.compiler.is_compiling() or not x2d.is_cuda:

@@ -3,13 +3,15 @@ reason before any raw address reaches a kernel. Shapes, dtypes, devices and stri
 they also run on meta tensors (the ops' fakes call them: a wrong call fails at trace time too).
 
 Layout facts (csrc/rtlynx_sm90.h): every 2-D operand is row-major (stride(1) == 1) with a row stride that is a
-multiple of 8 elements (16 bytes) and a 16-byte aligned start, read in 16-byte runs."""
+multiple of 16 bytes (8 bf16 elements, 16 e4m3) and a 16-byte aligned start, read in 16-byte runs."""
 
 from __future__ import annotations
 
 import torch
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn
+FP8_MAX_K = 16384  # the FP8 prune keeps a row in registers
 
 
 class Unsupported(RuntimeError):
@@ -56,15 +58,16 @@ def check_aligned(t: torch.Tensor, name: str) -> None:
 
 def check_rows(t, name: str, like: torch.Tensor, rows: int | None, cols: int, dtype: torch.dtype | None = None) -> None:
     """A row-major matrix ``[rows, cols]`` (rows None: any) the kernels read in 16-byte runs: stride(1) == 1 and a
-    row stride >= cols, a multiple of 8 elements; 16-byte aligned."""
+    row stride >= cols, a multiple of 16 bytes; 16-byte aligned."""
     check_tensor(t, name, like, dtype)
     shape = t.shape  # (attributes read once: these checks sit on per-call paths)
     if len(shape) != 2 or (rows is not None and shape[0] != rows) or shape[1] != cols:
         raise Unsupported(f"{name} {_where(t)} must be [{'*' if rows is None else rows}, {cols}]")
     ld, inner = t.stride()
-    if (cols > 1 and inner != 1) or (shape[0] > 1 and (ld < cols or ld % 8)):
-        raise Unsupported(f"{name} {_where(t)} must be row-major with a row stride >= {cols} and a multiple of 8, "
-                          f"got strides {t.stride()}")
+    align = 16 // t.element_size()
+    if (cols > 1 and inner != 1) or (shape[0] > 1 and (ld < cols or ld % align)):
+        raise Unsupported(f"{name} {_where(t)} must be row-major with a row stride >= {cols} and a multiple of "
+                          f"{align}, got strides {t.stride()}")
     check_aligned(t, name)
 
 
@@ -88,16 +91,18 @@ def check_activation(x) -> None:
         raise Unsupported(f"lynx kernels need a CUDA tensor, got {x.device}")
 
 
-def check_weight(w, name: str, like: torch.Tensor, cols: int, rows: int | None = None) -> None:
-    """A GEMM weight operand ``[N, cols]`` in the activation's dtype, N a multiple of 8 (16-byte rows of Y)."""
-    check_rows(w, name, like, rows, cols)
+def check_weight(w, name: str, like: torch.Tensor, cols: int, rows: int | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+    """A GEMM weight operand ``[N, cols]`` of ``dtype`` (default: the activation's), N a multiple of 8 (16-byte rows
+    of Y)."""
+    check_rows(w, name, like, rows, cols, dtype)
     if w.shape[0] % 8:
         raise Unsupported(f"{name} {_where(w)}: N must be a multiple of 8")
 
 
-def check_meta(meta, values: torch.Tensor, kg: int) -> None:
-    """sm90 metadata of ``values [M, Kg/2]``: uint8, contiguous, ``round_up(M, 64) * Kg / 8`` bytes."""
-    need = (values.shape[0] + 63) // 64 * 64 * kg // 8
+def check_meta(meta, values: torch.Tensor, kg: int, min_rows: int = 0) -> None:
+    """sm90 metadata of ``values [M, Kg/2]``: uint8, contiguous, ``round_up(max(M, min_rows), 64) * Kg / 8`` bytes."""
+    need = (max(values.shape[0], min_rows) + 63) // 64 * 64 * kg // 8
     check_tensor(meta, "meta", values, torch.uint8)
     if meta.dim() != 1 or meta.numel() != need or not meta.is_contiguous():
         raise Unsupported(f"meta {_where(meta)} must be a contiguous [{need}] vector (round_up(M, 64) * Kg / 8 "
@@ -191,6 +196,63 @@ def check_gemm(values, meta, weight, scale, bias) -> None:
         check_vector(bias, "bias", values, weight.shape[0])
 
 
-__all__ = ["KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation", "check_aligned", "check_devices",
-           "check_gemm", "check_linear", "check_meta", "check_prune", "check_rows", "check_site", "check_tensor",
-           "check_vector", "check_weight"]
+# ----------------------------------------------------------------------------------------------- FP8 (rtlynx.ops.fp8)
+def check_fp8_activation(x, act: int = 0) -> None:
+    """Input of the FP8 producer (``rtlynx::prune_quant_fp8_sm90``, the FP8 sites): x [M, K] bf16 (the FP8 GEMM
+    writes bf16) with K % 8 == 0 and K <= 16384, any strides (the callers copy it row-major); act 0 (x) or 1
+    (GELU_tanh(x))."""
+    check_activation(x)
+    if x.dtype != torch.bfloat16:
+        raise Unsupported(f"the FP8 kernels take bf16 activations (their GEMM writes bf16), got {x.dtype}")
+    k = x.shape[1]
+    if k % 8 or k > FP8_MAX_K:
+        raise Unsupported(f"x {_where(x)}: the FP8 kernels need K % 8 == 0 and K <= {FP8_MAX_K}")
+    if act not in (0, 1):
+        raise Unsupported(f"FP8 producer act must be 0 (none) or 1 (GELU-tanh), got {act!r}")
+
+
+def check_fp8_gemm(values, meta, wq, rs, sw, bias) -> None:
+    """Operands of ``rtlynx::sparse_gemm_fp8_sm90``: values [M, Kg/2] e4m3 packed (row stride Kg/2), meta,
+    wq [N, Kg] e4m3 (Kg % 128 == 0, N % 8 == 0), rs [M] and sw [N] float32, bias [N] bf16 or None."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.dtype != FP8:
+        raise Unsupported(f"values must be a 2-D float8_e4m3fn tensor, got "
+                          f"{_where(values) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    if not isinstance(wq, torch.Tensor) or wq.dim() != 2:
+        raise Unsupported("wq must be a 2-D tensor [N, Kg]")
+    n, kg = wq.shape
+    if kg % 128 or kg == 0:
+        raise Unsupported(f"wq {_where(wq)}: Kg must be a positive multiple of 128 (quantize_weight pads it)")
+    check_rows(values, "values", values, None, kg // 2)
+    if values.shape[0] > 1 and values.stride(0) != kg // 2:
+        raise Unsupported(f"values {_where(values)} must be packed (row stride {kg // 2}), got strides "
+                          f"{values.stride()}")
+    check_weight(wq, "wq", values, kg)
+    check_meta(meta, values, kg, min_rows=1)  # M = 0: the producer's one 64-row block (the GEMM returns at once)
+    check_vector(rs, "rs", values, values.shape[0], torch.float32)
+    check_vector(sw, "sw", values, n, torch.float32)
+    if bias is not None:
+        check_vector(bias, "bias", values, n, torch.bfloat16)
+
+
+def check_fp8_site(x, wq, sw, bias, splits, act: int = 0) -> None:
+    """Operands of an FP8 activation site (``rtlynx::fp8_site_sm90``): x as :func:`check_fp8_activation`;
+    wq [N, >= Kp] e4m3 row-major (Kp = round_up(K, 128)); splits positive multiples of 8 summing to N; sw [N]
+    float32; bias [N] bf16 or None."""
+    check_fp8_activation(x, act)
+    kp = (x.shape[1] + 127) // 128 * 128
+    if not isinstance(wq, torch.Tensor) or wq.dim() != 2 or wq.shape[1] < kp:
+        raise Unsupported(f"FP8 site wq {_where(wq) if isinstance(wq, torch.Tensor) else wq!r} does not fit x "
+                          f"{_where(x)} (needs [N, >= {kp}])")
+    check_weight(wq, "FP8 site wq", x, wq.shape[1], dtype=FP8)
+    if sum(splits) != wq.shape[0] or any(n <= 0 or n % 8 for n in splits):
+        raise Unsupported(f"FP8 site splits {list(splits)} must be positive multiples of 8 summing to "
+                          f"N={wq.shape[0]}")
+    check_vector(sw, "FP8 site sw", x, wq.shape[0], torch.float32)
+    if bias is not None:
+        check_vector(bias, "FP8 site bias", x, wq.shape[0], torch.bfloat16)
+
+
+__all__ = ["FP8", "FP8_MAX_K", "KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation",
+           "check_aligned", "check_devices", "check_fp8_activation", "check_fp8_gemm", "check_fp8_site", "check_gemm",
+           "check_linear", "check_meta", "check_prune", "check_rows", "check_site", "check_tensor", "check_vector",
+           "check_weight"]

@@ -12,6 +12,9 @@ Notation as in :mod:`rtlynx.ops.sm90`; Kp = round_up(K, 128), Mp = round_up(M, 6
   activation site: one prune + quantise pass, one FP8 sparse GEMM per member on its rows of ``wq``.
 
 bf16 activations only (the GEMM writes bf16); K <= 16384 (the prune keeps a row in registers).
+Every op checks its operands with :mod:`rtlynx.ops._checks` (``check_fp8_*``, raising :class:`Unsupported`) in its
+CUDA implementation and in its fake; the internal ``_prune_impl``, ``_gemm_impl`` and ``_site_impl`` take operands
+their callers checked (``rtlynx.ops.fp8_site`` checks once, then calls ``_site_impl``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import os
 import torch
 
 from ..reference.sm90 import padded_shape
-from . import _lib
+from . import _checks, _lib
+from ._checks import FP8
 from .sm90 import PDL, _align, _ptr, _scratch, _stream
 
-FP8 = torch.float8_e4m3fn
 _DT = {torch.bfloat16: 0}  # the FP8 GEMM writes bf16, so its producer reads bf16
 
 _LIB = torch.library.Library("rtlynx", "FRAGMENT")
@@ -102,18 +105,15 @@ def _config(m: int, n: int, kg: int) -> tuple[int, int]:
     return config, sched | (1 << 16) if PDL else sched
 
 
-def _check_x(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 2 or x.dtype not in _DT or x.shape[1] % 8:
-        raise ValueError(f"FP8 prune takes a 2-D bf16 [M, K] with K % 8 == 0, got {x.dtype} {tuple(x.shape)}")
-    if x.shape[1] > 16384:
-        raise ValueError(f"FP8 prune supports K <= 16384, got {x.shape[1]}")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte runs of rows
+def _rows16(x: torch.Tensor) -> torch.Tensor:
+    """x, or a row-major copy where the prune could not read it in 16-byte runs of rows."""
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     return x
 
 
 def _prune_impl(x, norm, eps, act=0):
-    x = _check_x(x)
+    x = _rows16(x)
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     values = torch.empty(m, kp // 2, dtype=FP8, device=x.device)
@@ -128,43 +128,25 @@ def _prune_impl(x, norm, eps, act=0):
     return values, meta, rs, sx, s
 
 
-_LIB.impl("prune_quant_fp8_sm90", _prune_impl, "CUDA")
+def _prune_op(x, norm, eps, act=0):
+    _checks.check_fp8_activation(x, act)
+    return _prune_impl(x, norm, eps, act)
+
+
+_LIB.impl("prune_quant_fp8_sm90", _prune_op, "CUDA")
 prune_quant_fp8_sm90 = torch.ops.rtlynx.prune_quant_fp8_sm90.default
 
 
 @torch.library.register_fake("rtlynx::prune_quant_fp8_sm90", lib=_LIB)
 def _(x, norm, eps, act=0):
+    _checks.check_fp8_activation(x, act)
     m, k = x.shape
     mp, kp = padded_shape(m, k)
     f = x.new_empty(m, dtype=torch.float32)
     return (x.new_empty(m, kp // 2, dtype=FP8), x.new_empty(mp * kp // 8, dtype=torch.uint8), f, f.clone(), f.clone())
 
 
-def _check_gemm(values, meta, wq, rs, sw, bias):
-    m = values.shape[0]
-    n, kg = wq.shape
-    mp = (max(m, 1) + 63) // 64 * 64
-    if values.dtype != FP8 or wq.dtype != FP8:
-        raise ValueError(f"FP8 sparse GEMM takes float8_e4m3fn values and weight, got {values.dtype}, {wq.dtype}")
-    if values.shape[1] != kg // 2 or values.stride(1) != 1 or values.stride(0) != kg // 2:
-        raise ValueError(f"values must be a packed [M, Kg/2] = [{m}, {kg // 2}], got {tuple(values.shape)} "
-                         f"strides {values.stride()}")
-    if meta.dtype != torch.uint8 or meta.numel() != mp * kg // 8:
-        raise ValueError(f"meta must hold {mp * kg // 8} bytes (uint8), got {meta.numel()} {meta.dtype}")
-    if wq.stride(1) != 1 or wq.stride(0) % 16 or kg % 128 or n % 8:
-        raise ValueError(f"wq must be K-contiguous [N, Kg] with N % 8 == 0, Kg % 128 == 0, got {tuple(wq.shape)}")
-    for name, t, size in (("rs", rs, m), ("sw", sw, n)):
-        if t.dtype != torch.float32 or t.numel() != size or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous float32 [{size}], got {t.dtype} {tuple(t.shape)}")
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.numel() != n or not bias.is_contiguous()):
-        raise ValueError(f"bias must be a contiguous bf16 [{n}], got {bias.dtype} {tuple(bias.shape)}")
-    devs = {t.device for t in (values, meta, wq, rs, sw) + (() if bias is None else (bias,))}
-    if len(devs) != 1:
-        raise ValueError(f"FP8 sparse GEMM operands on several devices: {devs}")
-
-
 def _gemm_impl(values, meta, wq, rs, sw, bias, config=-1, sched=0):
-    _check_gemm(values, meta, wq, rs, sw, bias)
     m = values.shape[0]
     n, kg = wq.shape
     y = torch.empty(m, n, dtype=torch.bfloat16, device=values.device)
@@ -179,27 +161,30 @@ def _gemm_impl(values, meta, wq, rs, sw, bias, config=-1, sched=0):
     return y
 
 
-_LIB.impl("sparse_gemm_fp8_sm90", _gemm_impl, "CUDA")
+def _gemm_op(values, meta, wq, rs, sw, bias, config=-1, sched=0):
+    _checks.check_fp8_gemm(values, meta, wq, rs, sw, bias)
+    if config >= len(CONFIG_NAMES) or (config >= 0 and wq.shape[1] % TILE_K[CONFIG_NAMES[config]]):
+        raise _checks.Unsupported(f"config {config} is not one of the {len(CONFIG_NAMES)} compiled FP8 GEMM configs "
+                                  f"or its tile K does not divide Kg={wq.shape[1]}")
+    return _gemm_impl(values, meta, wq, rs, sw, bias, config, sched)
+
+
+_LIB.impl("sparse_gemm_fp8_sm90", _gemm_op, "CUDA")
 sparse_gemm_fp8_sm90 = torch.ops.rtlynx.sparse_gemm_fp8_sm90.default
 
 
 @torch.library.register_fake("rtlynx::sparse_gemm_fp8_sm90", lib=_LIB)
 def _(values, meta, wq, rs, sw, bias, config=-1, sched=0):
+    _checks.check_fp8_gemm(values, meta, wq, rs, sw, bias)
     return values.new_empty(values.shape[0], wq.shape[0], dtype=torch.bfloat16)
 
 
 def _site_impl(x, wq, sw, bias, splits, norm, eps, act=0, persistent=False):
-    """One prune + quantise pass of x into scratch, then one FP8 GEMM per member on its row block of ``wq``."""
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"the FP8 site writes bf16: x must be bf16, got {x.dtype}")
-    x = _check_x(x)
+    """One prune + quantise pass of x into scratch, then one FP8 GEMM per member on its row block of ``wq``
+    (operands checked by the caller: _checks.check_fp8_site)."""
+    x = _rows16(x)
     m, k = x.shape
     mp, kp = padded_shape(m, k)
-    n_all = sum(splits)
-    if wq.dtype != FP8 or wq.shape[0] != n_all or wq.shape[1] < kp or wq.stride(1) != 1 or wq.stride(0) % 16:
-        raise ValueError(f"wq must be e4m3 [{n_all}, >= {kp}] K-contiguous, got {wq.dtype} {tuple(wq.shape)}")
-    if sw.dtype != torch.float32 or sw.numel() != n_all or bias is not None and bias.numel() != n_all:
-        raise ValueError("sw must be float32 [N] and bias [N] for N = sum(splits)")
     if m == 0:
         return [x.new_empty(0, n) for n in splits]
     L = _library()
@@ -228,6 +213,7 @@ def _site_impl(x, wq, sw, bias, splits, norm, eps, act=0, persistent=False):
 
 
 def _site_op_impl(x, wq, sw, bias, splits, norm, eps, act=0):
+    _checks.check_fp8_site(x, wq, sw, bias, splits, act)
     return _site_impl(x, wq, sw, bias, list(splits), norm, eps, act)
 
 
@@ -237,6 +223,7 @@ fp8_site_sm90 = torch.ops.rtlynx.fp8_site_sm90.default
 
 @torch.library.register_fake("rtlynx::fp8_site_sm90", lib=_LIB)
 def _(x, wq, sw, bias, splits, norm, eps, act=0):
+    _checks.check_fp8_site(x, wq, sw, bias, splits, act)
     return [x.new_empty(x.shape[0], n) for n in splits]
 
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from rtlynx.ops import Unsupported
 from rtlynx.ops import fp8 as kf8
 from rtlynx.reference import fp8 as rf8
 from rtlynx.reference import gelu_tanh
@@ -138,15 +139,18 @@ def test_empty_batch_and_refusals(gen):
     x0 = torch.empty(0, 256, dtype=torch.bfloat16, device="cuda")
     assert kf8.fp8_linear(x0, wq, sw).shape == (0, 64)
     x = rnd((5, 256), torch.bfloat16, gen)
-    with pytest.raises(ValueError):
+    with pytest.raises(Unsupported, match="bf16/fp16"):
         kf8.fp8_linear(x.float(), wq, sw)
-    with pytest.raises(ValueError):
+    with pytest.raises(Unsupported, match="take bf16"):
         kf8.prune_quant_fp8_sm90(x.half(), True, 1e-8)
-    with pytest.raises(ValueError):
+    with pytest.raises(Unsupported, match="splits"):
         kf8.fp8_site_sm90(x, wq, sw, None, [32, 16], True, 1e-8)  # splits do not cover N
     v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
-    with pytest.raises(ValueError):
+    with pytest.raises(Unsupported, match="meta"):
         kf8.sparse_gemm_fp8_sm90(v, meta[:-1], wq, rs, sw, None)
+    with pytest.raises(Unsupported, match="config"):
+        kf8.sparse_gemm_fp8_sm90(v, meta, wq, rs, sw, None, len(kf8.CONFIG_NAMES))
+    torch.cuda.synchronize()  # nothing launched with the bad operands
 
 
 def test_opcheck(gen):

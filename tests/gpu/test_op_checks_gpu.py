@@ -84,3 +84,43 @@ def test_linear_and_site_refusals_on_device():
         with pytest.raises(ops.Unsupported, match=match):
             call()
     torch.cuda.synchronize()
+
+
+def test_fp8_refusals_on_device():
+    from rtlynx.ops import fp8 as kf8
+
+    x = _cuda(70, 256)
+    wq, sw = kf8.quantize_weight(_cuda(64, 256))
+    good = ops.fp8_site(x, wq, sw, None, [64])[0]
+    v, meta, rs, _, _ = kf8.prune_quant_fp8_sm90(x, True, 1e-8)
+    for call, match in (
+            (lambda: ops.fp8_site(x, wq.cpu(), sw, None, [64]), "wq .* device"),
+            (lambda: ops.fp8_site(x, wq, sw.cpu(), None, [64]), "sw .* device"),
+            (lambda: ops.fp8_site(x, wq, sw, _cuda(64, dtype=torch.float16), [64]), "site bias"),
+            (lambda: ops.fp8_site(x, _misaligned(wq), sw, None, [64]), "16-byte"),
+            (lambda: kf8.fp8_site_sm90(x, wq, sw, None, [32, 24], True, 1e-8), "splits"),
+            (lambda: kf8.sparse_gemm_fp8_sm90(_misaligned(v), meta, wq, rs, sw, None), "16-byte"),
+            (lambda: kf8.sparse_gemm_fp8_sm90(v, meta, wq, rs.cpu(), sw, None), "rs .* device"),
+            (lambda: kf8.sparse_gemm_fp8_sm90(v, meta, wq.t().contiguous().t(), rs, sw, None), "row-major")):
+        with pytest.raises(ops.Unsupported, match=match):
+            call()
+    torch.cuda.synchronize()
+    assert torch.equal(ops.fp8_site(x, wq, sw, None, [64])[0], good)
+
+
+def test_fp8_site_checks_once_per_eager_call(monkeypatch):
+    """ops.fp8_site(check=True) validates the operands once and calls the unchecked implementation."""
+    from rtlynx.ops import _checks
+    from rtlynx.ops import fp8 as kf8
+
+    calls = []
+    real = _checks.check_fp8_site
+    counting = lambda *a: calls.append(1) or real(*a)  # noqa: E731
+    monkeypatch.setattr(_checks, "check_fp8_site", counting)  # the ops' own checks (rtlynx.ops.fp8)
+    monkeypatch.setattr(ops, "check_fp8_site", counting)      # rtlynx.ops.fp8_site's
+    x = _cuda(70, 256)
+    wq, sw = kf8.quantize_weight(_cuda(64, 256))
+    ops.fp8_site(x, wq, sw, None, [32, 32])
+    assert len(calls) == 1
+    kf8.fp8_site_sm90(x, wq, sw, None, [32, 32], True, 1e-8)  # the op checks for itself
+    assert len(calls) == 2
