@@ -1,6 +1,6 @@
 """This GPU's speed table for `rtlynx select`, and the selected set against dense end to end (issue 10).
 
-    python benchmarks/select_speed.py [--models flux qwen-image z-image pixart-sigma sd35] [--reps 10]
+    python benchmarks/select_speed.py [--models flux qwen-image z-image pixart-sigma sd35 wan2.1] [--reps 10]
                                       [--table benchmarks/results/speed_table_<gpu>.json] [--out ...json]
 
 For each model (real config, random weights, bf16, 1024x1024): sparsify it with its widest preset, record every
@@ -46,6 +46,10 @@ EXTRA = {
         encoder_hidden_states=torch.randn(1, 333, 4096, device=d, dtype=t),
         pooled_projections=torch.randn(1, 2048, device=d, dtype=t), timestep=torch.tensor([500.0], device=d),
         return_dict=False)),
+    # Wan2.1-14B (the class defaults), 832x480 with 17 frames (5 latent frames, 7800 tokens; 81 frames is 32760)
+    "wan2.1": ("WanTransformer3DModel", dict(), lambda d, t: dict(
+        hidden_states=torch.randn(1, 16, 5, 60, 104, device=d, dtype=t), timestep=torch.tensor([500], device=d),
+        encoder_hidden_states=torch.randn(1, 512, 4096, device=d, dtype=t), return_dict=False)),
 }
 
 
