@@ -90,8 +90,8 @@ def analyze(model, inputs, n: int = 2, m: int = 4, preset: str | None = None,
         if x.shape[0] > max_tokens:
             x = x[torch.linspace(0, x.shape[0] - 1, max_tokens).long()]
         layer = module.get_submodule(name)
-        rows.append({"layer": name, "K": layer.in_features, "N": layer.out_features,
-                     **layer_errors(x, layer.dense_weight(), n, m)})
+        w = layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight  # SparseActLinear or Linear
+        rows.append({"layer": name, "K": layer.in_features, "N": layer.out_features, **layer_errors(x, w, n, m)})
     return rows
 
 
