@@ -293,6 +293,8 @@ def summary(model, *args, **kwargs) -> Summary:
                     reason = f"M={r} <= {SPEED_RULES['max_dense_tokens']}"
                 if reason:
                     note = f"dense on the GPU kernels by the speed rules: {reason}"
+            if m._tp is not None:
+                note = "; ".join(filter(None, (note, f"tensor-parallel {m._tp.style} shard of {m._tp.size}")))
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
     return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None,
                    dtype=config.dtype if config else "native")

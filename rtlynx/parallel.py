@@ -153,7 +153,8 @@ def layer_shards(module: nn.Module, names: list[str], config) -> dict[str, Shard
         dim = w.placements[0].dim % 2
         spec_dim, blocks = specs.get(f"{name}.weight", (dim, ()))
         if spec_dim != dim:
-            raise ValueError(f"rtlynx: {name}: the weight is split along dim {dim}, the model's _tp_plan says {spec_dim}")
+            raise ValueError(f"rtlynx: {name}: the weight is split along dim {dim}, the model's _tp_plan says "
+                             f"{spec_dim}")
         blocks = blocks or (w.shape[dim],)
         check_split(name, _style(dim), blocks, mesh.size(), config, w.device.type == "cuda")
         out[name] = Shard(_style(dim), tuple(blocks), mesh.get_group(), mesh.get_local_rank(), mesh.size())
@@ -238,6 +239,9 @@ def row_forward(site, layer, x: torch.Tensor) -> torch.Tensor:
     """A row-parallel sparse layer on this rank's slice of K: the partial outputs of every mode (sparse, dense,
     weight) are summed over the ranks, then the bias is added once."""
     cfg = layer._settings.config
+    if cfg.dtype == "fp8":
+        raise RuntimeError(f"rtlynx: site {site.name!r} is row-parallel, and dtype='fp8' scales each token over its "
+                           "whole K: configure(model, dtype='native') for a tensor-parallel model")
     x2 = x.reshape(-1, site.k)
     mode = layer.mode
     if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense) or \
@@ -270,7 +274,10 @@ def uninstall(module: nn.Module) -> None:
 
 
 def _tp_config(config):
-    from diffusers import TensorParallelConfig
+    try:
+        from diffusers import TensorParallelConfig
+    except ImportError:  # a diffusers without tensor parallelism
+        return None
 
     return config if isinstance(config, TensorParallelConfig) else getattr(config, "tensor_parallel_config", None)
 
@@ -333,6 +340,19 @@ def enable_parallelism(self, *, config, cp_plan=None):
     restore()
 
 
-__all__ = ["LYNX_K_MULTIPLE", "Shard", "all_reduce", "check_split", "enable_parallelism", "global_norm_scale",
+def allow_cpu_parallelism() -> None:
+    """For tests and CPU smoke runs only (rtlynx never calls it): diffusers gates ``enable_parallelism`` to
+    accelerators (the device is ``rank % accelerator count``; tensor parallelism names its device types), while its
+    CP / TP code runs on CPU tensors with gloo. Lifts those two gates in this process."""
+    import diffusers.hooks.tensor_parallel as tp
+
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    if "cpu" not in tp._SUPPORTED_TP_DEVICES:
+        tp._SUPPORTED_TP_DEVICES = (*tp._SUPPORTED_TP_DEVICES, "cpu")
+
+
+__all__ = ["LYNX_K_MULTIPLE", "Shard", "all_reduce", "allow_cpu_parallelism", "check_split", "enable_parallelism",
+           "global_norm_scale",
            "install", "is_sharded", "layer_shards", "localize", "refuse_sharded", "row_forward", "site_shard",
            "uninstall"]

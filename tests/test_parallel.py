@@ -4,8 +4,8 @@ One spawn of two workers runs every multi-process check (a process start with to
 2-core machine); each test below reads its check's result. The workers run diffusers' own context and tensor
 parallelism on CPU tensors: diffusers gates ``enable_parallelism`` to accelerators (the device is ``rank %
 accelerator count``, tensor parallelism names its device types), while its CP / TP code is device-agnostic, so the
-workers lift those two gates in their own process. On GPUs the same runs without the patch
-(tests/gpu/test_parallel_gpu.py, benchmarks/multi_gpu.py).
+workers lift those two gates in their own process (rtlynx.parallel.allow_cpu_parallelism). On GPUs the same runs
+without it (tests/gpu/test_parallel_gpu.py, benchmarks/multi_gpu.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ TOL = 1e-5  # float32 end to end: the parallel and single-process sums differ in
 # FLUX with head_dim 6: the single block's proj_out reads [attention (12) | MLP (48)], so a split over 2 ranks
 # leaves blocks of 6: groups of 4 would straddle the shard boundary.
 MISALIGNED_FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=6,
-                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[2, 2, 2])
+                       num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                       axes_dims_rope=[2, 2, 2])
 
 
 def _rel(a, b) -> float:
@@ -93,15 +94,6 @@ def test_cp_wrapper_is_installed_and_removed():
 
 
 # ------------------------------------------------------------------------------------------------ two processes
-def _allow_cpu() -> None:
-    """Lift diffusers' accelerator-only gates in this worker (see the module docstring)."""
-    import diffusers.hooks.tensor_parallel as tp
-
-    torch.accelerator.device_count = lambda: 1
-    if "cpu" not in tp._SUPPORTED_TP_DEVICES:
-        tp._SUPPORTED_TP_DEVICES = (*tp._SUPPORTED_TP_DEVICES, "cpu")
-
-
 def _heavy(g, *shape):
     """Activations with a few large channels per token (what makes pruning choices matter)."""
     return torch.randn(*shape, generator=g) * torch.randn(shape[-1], generator=g).exp()
@@ -142,7 +134,7 @@ def _split_layer(full, sh):
     w, b, a, bb = (t.detach() for t in (full.weight, full.bias, full.lora_A, full.lora_B))
     col = sh.style == "colwise"
     wl = sh.local(w, 0 if col else 1)
-    lin = nn.Linear(wl.shape[1], wl.shape[0])
+    lin = nn.Linear(wl.shape[1], wl.shape[0], device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(wl)
         lin.bias.copy_(sh.local(b, 0) if col else b)
@@ -205,7 +197,6 @@ def check_cp(rank, seed):
     """diffusers' context parallelism (Ulysses) of sparsified FLUX and Wan vs their single-process outputs. (Ring
     attention needs an attention backend that returns the log-sum-exp: cuDNN / flash, CUDA only; the GPU test runs
     it.)"""
-    _allow_cpu()
     return {kind: _cp_check(kind, "ulysses") for kind in ("flux", "wan")}
 
 
@@ -300,6 +291,7 @@ def _worker(rank, port, seed, out_dir):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    parallel.allow_cpu_parallelism()
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
     for name, check in CHECKS.items():
