@@ -205,8 +205,8 @@ def global_norm_scale(x: torch.Tensor, kept: torch.Tensor, eps: float, group) ->
 
 
 def _row_lynx(site, layer, x2, cfg) -> bool:
-    return (layer.backend in ("auto", "lynx") and x2.is_cuda and (cfg.n, cfg.m) == (2, 4) and site.wext is not None
-            and x2.dtype == site.wext.dtype and site.k % LYNX_K_MULTIPLE == 0 and layer.out_features % 8 == 0
+    return (layer.backend in ("auto", "lynx") and x2.is_cuda and x2.shape[0] > 0 and (cfg.n, cfg.m) == (2, 4)
+            and site.wext is not None and x2.dtype == site.wext.dtype and site.k % LYNX_K_MULTIPLE == 0 and layer.out_features % 8 == 0
             and backends._lynx_ok(backends._device_index(x2)))
 
 

@@ -193,16 +193,16 @@ def _cp_check(kind, cp):
     return dict(err=_rel(got, sparse), dense_err=_rel(got_dense, dense), sparse_vs_dense=_rel(sparse, dense))
 
 
-def _cp_sparsify_after():
-    from diffusers import ContextParallelConfig
-
+def _sparsify_after(config) -> dict:
+    """model.enable_parallelism(config) on the dense model, then rtlynx.sparsify, vs the single-process sparse
+    output of the same weights."""
     model = tiny_transformer("flux")
     inputs = example_inputs(model)
     rtlynx.sparsify(model, speed_rules=False)
     with torch.no_grad():
         want = output_tensor(model(**inputs))
     rtlynx.unsparsify(model)
-    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    model.enable_parallelism(config=config)
     rtlynx.sparsify(model, speed_rules=False)
     with torch.no_grad():
         return dict(err=_rel(output_tensor(model(**inputs)), want))
@@ -213,7 +213,9 @@ def check_cp(rank, seed):
     sparsify after enable_parallelism. (Ring attention needs an attention backend that returns the log-sum-exp: cuDNN
     / flash, CUDA only; the GPU test runs it.)"""
     out = {kind: _cp_check(kind, "ulysses") for kind in ("flux", "wan")}
-    out["flux, sparsified after"] = _cp_sparsify_after()
+    from diffusers import ContextParallelConfig
+
+    out["flux, sparsified after"] = _sparsify_after(ContextParallelConfig(ulysses_degree=WORLD))
     return out
 
 
@@ -259,17 +261,7 @@ def check_tp_sharded_first(rank, seed):
     """model.enable_parallelism(TensorParallelConfig) -> rtlynx.sparsify, vs the single-process sparse output."""
     from diffusers import TensorParallelConfig
 
-    model = tiny_transformer("flux")
-    inputs = example_inputs(model)
-    rtlynx.sparsify(model, speed_rules=False)
-    with torch.no_grad():
-        want = output_tensor(model(**inputs))
-    rtlynx.unsparsify(model)
-    model.enable_parallelism(config=TensorParallelConfig(tp_degree=WORLD))
-    rtlynx.sparsify(model, speed_rules=False)
-    with torch.no_grad():
-        got = output_tensor(model(**inputs))
-    return dict(err=_rel(got, want))
+    return _sparsify_after(TensorParallelConfig(tp_degree=WORLD))
 
 
 def check_tp_misaligned(rank, seed):
