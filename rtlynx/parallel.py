@@ -124,7 +124,11 @@ def _plan_specs(module: nn.Module, size: int) -> dict:
     plan = getattr(module, "_tp_plan", None)
     if not plan:
         return {}
-    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+    try:
+        from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+    except ImportError as e:
+        raise RuntimeError(f"rtlynx reads a model's _tp_plan through diffusers' resolve_tp_shard_specs (diffusers "
+                           f">= 0.42), which this diffusers lacks ({e})") from e
 
     return {k: (v.dim, tuple(v.block_sizes or ())) for k, v in resolve_tp_shard_specs(module, plan, size).items()}
 
@@ -344,10 +348,12 @@ def allow_cpu_parallelism() -> None:
     """For tests and CPU smoke runs only (rtlynx never calls it): diffusers gates ``enable_parallelism`` to
     accelerators (the device is ``rank % accelerator count``; tensor parallelism names its device types), while its
     CP / TP code runs on CPU tensors with gloo. Lifts those two gates in this process."""
-    import diffusers.hooks.tensor_parallel as tp
-
     if torch.accelerator.device_count() == 0:
         torch.accelerator.device_count = lambda: 1
+    try:
+        import diffusers.hooks.tensor_parallel as tp
+    except ImportError:  # no tensor parallelism in this diffusers
+        return
     if "cpu" not in tp._SUPPORTED_TP_DEVICES:
         tp._SUPPORTED_TP_DEVICES = (*tp._SUPPORTED_TP_DEVICES, "cpu")
 
