@@ -47,12 +47,16 @@ SUMMARY_KEY = {"flux": "flux", "qwen-image": "qwen_image", "z-image": "z_image"}
 
 
 def build(kind: str, device: str = "cuda", tiny: bool = False):
-    import diffusers
-
     from rtlynx.integrations.diffusers import TINY_CONFIGS
 
     cls_name, cfg, _ = MODELS[kind]
-    cfg = TINY_CONFIGS[kind][1] if tiny else cfg
+    return build_model(cls_name, TINY_CONFIGS[kind][1] if tiny else cfg, device)
+
+
+def build_model(cls_name: str, cfg: dict, device: str = "cuda"):
+    """The diffusers class ``cls_name`` with config ``cfg`` and random weights, in eval mode."""
+    import diffusers
+
     # Built directly on the device in bf16 (a 20B-parameter model does not fit in fp32); the modules'
     # own initialisers give sane random weights and the RoPE tables their real values.
     prev = torch.get_default_dtype()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import schedule, sites
+from . import parallel, schedule, sites
 from .config import SparsityConfig
 from .nn import OVERRIDABLE, SparseActLinear
 from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, resolve_preset
@@ -106,11 +106,22 @@ def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_ran
     """Replace ``names`` by SparseActLinear layers (LoRA of ``lora_rank``, 0 = none) sharing one
     Settings(config), grouped into sites by the config's site rules."""
     settings = sites.Settings(config)
+    shards = parallel.layer_shards(module, names, config)  # tensor parallelism: checked before anything changes
+    for name in names:
+        hooks = getattr(module.get_submodule(name), "_diffusers_hook", None)
+        if hooks is not None and hooks.hooks:
+            raise ValueError(f"{name} carries diffusers hooks ({sorted(hooks.hooks)}) that replacing it would drop: "
+                             "rtlynx.sparsify before model.enable_parallelism / other diffusers hooks")
     for name in names:
         lin = module.get_submodule(name)
-        _set_submodule(module, name, SparseActLinear(lin, lora_rank=lora_rank, settings=settings))
+        if name in shards:
+            lin = parallel.localize(lin)
+        layer = SparseActLinear(lin, lora_rank=lora_rank, settings=settings)
+        layer._tp = shards.get(name)
+        _set_submodule(module, name, layer)
     sites.build_sites(module, names, site_rules(module, config))
     module._rtlynx_settings = settings
+    parallel.install(module)
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
 
 
@@ -122,6 +133,9 @@ def sparse_layers(model) -> dict[str, SparseActLinear]:
 def unsparsify(model):
     """Undo :func:`sparsify`: put plain nn.Linear layers (same weight/bias objects) back; LoRA is dropped."""
     module = _as_module(model)
+    if any(l._tp is not None for l in sparse_layers(module).values()):
+        parallel.refuse_sharded(module, "rtlynx.unsparsify")
+    parallel.uninstall(module)
     schedule.remove(module, sparse_layers(module).values())
     sites.remove_producers(module)
     for site in sites.model_sites(module):
@@ -279,6 +293,8 @@ def summary(model, *args, **kwargs) -> Summary:
                     reason = f"M={r} <= {SPEED_RULES['max_dense_tokens']}"
                 if reason:
                     note = f"dense on the GPU kernels by the speed rules: {reason}"
+            if m._tp is not None:
+                note = "; ".join(filter(None, (note, f"tensor-parallel {m._tp.style} shard of {m._tp.size}")))
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
     return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None,
                    dtype=config.dtype if config else "native")

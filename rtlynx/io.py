@@ -32,8 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from . import schedule
-from . import sites
+from . import parallel, schedule, sites
 from .api import _apply, _as_module, config_of, settings_of, sparse_layers, unsparsify
 from .config import SparsityConfig, _is_int
 from .nn import SparseActLinear
@@ -54,6 +53,7 @@ def save(model, path, overwrite: bool = False) -> Path:
     layers = sparse_layers(module)
     if not layers:
         raise ValueError("model has no SparseActLinear layers; nothing to save")
+    parallel.refuse_sharded(module, "rtlynx.save")
     config = config_of(module) or SparsityConfig()
     overridden = sorted(n for n, l in layers.items() if l._override)
     if overridden:
@@ -170,6 +170,7 @@ def load(model, path, strict_class: bool = True):
     """Re-apply a saved sparsification to a freshly built (dense) model, or to one sparsified with
     the same layers. Everything is checked first; on any error the model is left untouched."""
     module = _as_module(model)
+    parallel.refuse_sharded(module, "rtlynx.load")
     meta, tensors = read(path)
     if strict_class and meta["model_class"] != type(module).__name__:
         raise ValueError(f"saved for {meta['model_class']}, but the model is {type(module).__name__} "

@@ -106,6 +106,10 @@ class SparseActLinear(nn.Module):
         self._weight_cache = None
         self._step_gate = None  # rtlynx.schedule: dense on the final sampling steps when set
         self._site = None
+        self._tp = None  # rtlynx.parallel.Shard when tensor parallelism split this layer (set by rtlynx.sparsify)
+        for key, value in vars(linear).items():  # diffusers' tensor-parallel plan data (packed blocks) stays readable
+            if key.startswith("_tp_"):
+                setattr(self, key, value)
         if lora_rank:
             self.add_lora(lora_rank, rebuild=False)
         Site([self], "plain", "")  # a site of its own until rtlynx.sites groups it with others
@@ -184,6 +188,9 @@ class SparseActLinear(nn.Module):
                         device="meta", dtype=self.weight.dtype)
         lin.weight = self.weight
         lin.bias = self.bias
+        for key, value in vars(self).items():
+            if key.startswith("_tp_"):
+                setattr(lin, key, value)
         return lin
 
     def _pruned_weight(self) -> torch.Tensor:

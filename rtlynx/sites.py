@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backends
+from . import backends, parallel
 from .presets import SPEED_RULES
 from .reference.sm90 import round_up
 
@@ -97,6 +97,8 @@ class Site:
         self.n = sum(l.out_features for l in layers)
         for i, layer in enumerate(layers):
             layer._site, layer._slot = self, i
+        self.tp = parallel.site_shard(layers, name)  # tensor-parallel split (rtlynx.parallel), None on one GPU
+        self.row_parallel = self.tp is not None and self.tp.style == "rowwise"
         self._misses = 0
         self._split = False       # members read different inputs: one GEMM each
         # Why the speed rules keep this site dense on the GPU kernels (its shape alone), None if they do not.
@@ -337,6 +339,8 @@ class Site:
         return self._wext_nolora, None
 
     def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.row_parallel:  # this rank holds a slice of K: partial outputs summed over the ranks
+            return parallel.row_forward(self, layer, x)
         cfg = layer._settings.config
         mode = layer.mode
         if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense):
@@ -474,7 +478,8 @@ class Site:
         """``layer(gelu(h))`` for a site whose producer is GELU-tanh: on the lynx kernels without a LoRA branch the
         GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
         cfg = layer._settings.config
-        if (layer.mode == "sparse" and not (layer._step_gate is not None and layer._step_gate.dense)
+        if (layer.mode == "sparse" and not self.row_parallel
+                and not (layer._step_gate is not None and layer._step_gate.dense)
                 and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
             h2 = h.reshape(-1, self.k)
             path = self._fused_path(cfg, layer, h2)
@@ -611,7 +616,8 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     downstream makes two correct paths diverge)."""
     from . import reference
 
-    picked = [s for s in model_sites(model) if prefixes is None or s.name.startswith(prefixes)]
+    # (row-parallel sites are left out: a layer's output there is the sum over ranks, not a function of its input)
+    picked = [s for s in model_sites(model) if (prefixes is None or s.name.startswith(prefixes)) and not s.row_parallel]
     seen: dict = {}
     hooks = []
 

@@ -21,21 +21,31 @@ TINY_CONFIGS = {
 }
 
 
+# Video transformers, kept apart from the image ones above (which the test suite runs one by one).
+TINY_VIDEO_CONFIGS = {
+    "wan": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=96, num_layers=2, rope_max_seq_len=32)),
+}
+
+
 def tiny_transformer(kind: str, seed: int = 0, dtype=torch.float32):
-    """A randomly initialised tiny diffusers transformer of ``kind`` (flux, qwen-image, z-image)."""
+    """A randomly initialised tiny diffusers transformer of ``kind`` (flux, qwen-image, z-image, wan)."""
     import diffusers
 
-    if kind not in TINY_CONFIGS:
-        raise ValueError(f"unknown tiny model {kind!r}; choose from {sorted(TINY_CONFIGS)}")
-    cls_name, cfg = TINY_CONFIGS[kind]
+    configs = {**TINY_CONFIGS, **TINY_VIDEO_CONFIGS}
+    if kind not in configs:
+        raise ValueError(f"unknown tiny model {kind!r}; choose from {sorted(configs)}")
+    cls_name, cfg = configs[kind]
     torch.manual_seed(seed)
     model = getattr(diffusers, cls_name)(**cfg).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
 def example_inputs(model, batch: int = 1, height: int = 8, width: int = 8, text_len: int = 6,
-                   seed: int = 0) -> dict:
-    """Random forward kwargs for a Flux / Qwen-Image / Z-Image transformer (latent ``height x width``)."""
+                   seed: int = 0, frames: int = 1) -> dict:
+    """Random forward kwargs for a Flux / Qwen-Image / Z-Image / Wan transformer (latent ``height x width``; Wan:
+    ``frames`` latent frames)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     dtype = next(model.parameters()).dtype
@@ -64,6 +74,10 @@ def example_inputs(model, batch: int = 1, height: int = 8, width: int = 8, text_
         return dict(x=[rnd(cfg.in_channels, 1, height, width) for _ in range(batch)],
                     t=torch.full((batch,), 0.5, device=dev),
                     cap_feats=[rnd(text_len, cfg.cap_feat_dim) for _ in range(batch)], return_dict=False)
+    if name == "WanTransformer3DModel":
+        return dict(hidden_states=rnd(batch, cfg.in_channels, frames, height, width),
+                    timestep=torch.full((batch,), 500.0, device=dev),
+                    encoder_hidden_states=rnd(batch, text_len, cfg.text_dim), return_dict=False)
     raise ValueError(f"no example inputs for {name}; pass your own forward kwargs")
 
 

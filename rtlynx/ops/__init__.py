@@ -95,6 +95,14 @@ def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
     return _sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
 
 
+def sparse_gemm(values: torch.Tensor, meta: torch.Tensor, wext: torch.Tensor, scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = scale * (X~ @ W^T) + bias`` from the compressed X of :func:`prune_compress` (its own scale, or one computed
+    elsewhere: the tensor-parallel norm scale, rtlynx.parallel); ``wext [N, Kp]`` padded as a site's operand
+    (row stride >= Kp), ``scale [M]`` float32 or None."""
+    return _sm90.sparse_gemm_sm90(values, meta, wext, scale, bias, -1, 0)
+
+
 def gelu_prune_compress(h2d: torch.Tensor, eps: float = 1e-8, dense: bool = False):
     """Producer-fused prune: ``x = GELU_tanh(h2d)`` (float32, rounded once to h's dtype, as ``F.gelu(h,
     approximate="tanh")`` on CUDA) pruned + compressed in one pass over ``h2d [M, K]``:
@@ -229,4 +237,4 @@ def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.
     return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), persistent=True)
 
 
-__all__ = ["LibraryUnavailable", "Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress"]
+__all__ = ["LibraryUnavailable", "Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress", "sparse_gemm"]
