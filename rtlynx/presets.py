@@ -153,7 +153,9 @@ PRESETS: dict[str, dict] = {
         "doc": "Any other diffusers transformer (SD3, PixArt, DiT, Wan...): token linears inside the blocks",
         "sites": DEFAULT_SITES,
         "include": ["transformer_blocks.*", "single_transformer_blocks.*", "blocks.*", "layers.*"],
-        "exclude": [],
+        # cross-attention keys / values read the text (or image) condition, not the tokens: conditioning-only, and
+        # grouped with the query they would make a site whose members read different inputs
+        "exclude": ["*attn2.to_k", "*attn2.to_v", "*attn2.add_k_proj", "*attn2.add_v_proj"],
     },
 }
 

@@ -287,3 +287,22 @@ def test_config_dict_roundtrip():
     for bad in (dict(backend="x"), dict(compensation="var"), dict(lora_rank=-1), dict(eps=0), dict(k_remainder="x")):
         with pytest.raises(ValueError):
             rtlynx.SparsityConfig(**bad)
+
+
+def test_default_preset_keeps_cross_attention_keys_values_dense():
+    """Wan's attn2 keys / values read the text condition (conditioning-only layers): dense; its query reads the
+    tokens: sparse, in a site of its own (no site whose members read different inputs)."""
+    import warnings
+
+    from rtlynx.integrations.diffusers import example_inputs, tiny_transformer
+
+    model = tiny_transformer("wan")
+    rtlynx.sparsify(model)
+    names = set(rtlynx.sparse_layers(model))
+    assert "blocks.0.attn2.to_q" in names and "blocks.0.attn1.to_k" in names
+    assert not any(n.endswith(("attn2.to_k", "attn2.to_v")) for n in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a split site would warn
+        with torch.no_grad():
+            for _ in range(4):
+                model(**example_inputs(model, batch=1))
