@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = load_miniflux(args.model_dir, device=dev, dtype=dtype)
     has_lora = demo.prepare(model, Path(args.lora_dir), backend=args.backend)
-    api.configure(model.transformer, dense_below_t=args.dense_below_t)
+    # keep_dense_weights: the FP8 variant must not replace the bf16 weights the other variants run on
+    api.configure(model.transformer, dense_below_t=args.dense_below_t, keep_dense_weights=True)
     variants = [v for v in args.variants if has_lora or v not in ("rtlynx", "rtlynx_fp8")]
     t0 = time.time()
     if Path(args.data).is_file():

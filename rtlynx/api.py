@@ -152,11 +152,12 @@ _UNSET = object()
 
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
               backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None,
-              dtype: str | None = None):
+              dtype: str | None = None, keep_dense_weights: bool | None = None):
     """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
     "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
     ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``,
-    ``dtype`` "native" / "fp8".
+    ``dtype`` "native" / "fp8", ``keep_dense_weights`` (with "fp8": keep the bf16 weights next to the FP8 ones;
+    set it before switching to "fp8" when exact dense runs must follow, e.g. an A/B against dense).
 
     The model's one SparsityConfig is replaced (so ``save`` writes what runs), and per-layer overrides of the
     changed settings are dropped."""
@@ -166,7 +167,8 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     if not layers or settings is None:
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
     changes = {k: v for k, v in (("mode", mode), ("compensation", compensation), ("lora", lora),
-                                 ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype))
+                                 ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype),
+                                 ("keep_dense_weights", keep_dense_weights))
                if v is not None}
     if dense_below_t is not _UNSET:
         changes["dense_below_t"] = dense_below_t

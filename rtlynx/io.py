@@ -166,16 +166,18 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def load(model, path, strict_class: bool = True):
+def load(model, path, strict_class: bool = True, **overrides):
     """Re-apply a saved sparsification to a freshly built (dense) model, or to one sparsified with
-    the same layers. Everything is checked first; on any error the model is left untouched."""
+    the same layers. Everything is checked first; on any error the model is left untouched. ``overrides`` change
+    fields of the saved config as it is applied (e.g. ``keep_dense_weights=True`` before FP8 sites drop the bf16
+    weights)."""
     module = _as_module(model)
     parallel.refuse_sharded(module, "rtlynx.load")
     meta, tensors = read(path)
     if strict_class and meta["model_class"] != type(module).__name__:
         raise ValueError(f"saved for {meta['model_class']}, but the model is {type(module).__name__} "
                          "(pass strict_class=False to load anyway)")
-    config = SparsityConfig.from_dict(meta["config"])
+    config = SparsityConfig.from_dict({**meta["config"], **overrides})
     layers = meta["layers"]
     expected = set()
     for name, info in layers.items():

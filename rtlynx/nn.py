@@ -130,6 +130,9 @@ class SparseActLinear(nn.Module):
         """The weight in :attr:`compute_dtype`: the parameter itself, or its FP8 storage dequantised."""
         if self.weight_scale is None:
             return self.weight
+        backends.warn_once("fp8-dense-weight", "rtlynx: a dense product on weights stored in FP8 uses their "
+                                               "dequantised values, not the original weights (keep_dense_weights="
+                                               "True keeps those, for exact dense runs)")
         return (self.weight.float() * self.weight_scale.float().unsqueeze(1)).to(self._dense_dtype)
 
     def _apply(self, fn, recurse=True):

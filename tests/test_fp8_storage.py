@@ -179,3 +179,26 @@ def test_keep_dense_weights_is_a_config_field(tmp_path, gen):
     assert api.config_of(fresh).keep_dense_weights is False and api.config_of(fresh).dtype == "fp8"
     with pytest.raises(ValueError, match="keep_dense_weights"):
         rtlynx.SparsityConfig(keep_dense_weights="yes")
+
+
+def test_load_and_configure_take_keep_dense_weights(tmp_path, gen):
+    """An exact dense baseline next to FP8 sites (rtlynx generate --compare, the quality benchmark): the flag can
+    be set when loading a save made with dtype="fp8", and through configure."""
+    model, _ = build(gen, lora=4)
+    rtlynx.save(model, tmp_path / "lynx")
+    fresh = Attn().to(torch.bfloat16)
+    rtlynx.load(fresh, tmp_path / "lynx", keep_dense_weights=True)
+    assert api.config_of(fresh).keep_dense_weights and api.config_of(fresh).dtype == "fp8"
+    with pytest.raises(ValueError, match="keep_dense_weights must be a bool"):
+        rtlynx.load(Attn().to(torch.bfloat16), tmp_path / "lynx", keep_dense_weights="no")
+    rtlynx.configure(fresh, keep_dense_weights=False)
+    assert api.config_of(fresh).keep_dense_weights is False
+
+
+def test_dense_product_on_fp8_weights_warns(gen):
+    model, _ = build(gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store(model)
+    with pytest.warns(RuntimeWarning, match="dequantised values"), torch.no_grad(), api.dense_mode(model):
+        model(torch.randn(2, 64, generator=gen).to(torch.bfloat16))

@@ -22,7 +22,7 @@ def parse_t(value: str):
 
 
 def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool,
-            sparse_dtype: str | None = None) -> str:
+            sparse_dtype: str | None = None, keep_dense_weights: bool = False) -> str:
     """Sparsify ``runner.transformer``: from a saved rtlynx directory (with its LoRA) or a preset (norm
     compensation only). Returns a short description. Raises ValueError / FileNotFoundError on bad input."""
     from .. import api, io
@@ -30,12 +30,13 @@ def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend
     if lynx and preset:
         raise ValueError("give --lynx (a saved sparsification) or --preset, not both")
     if lynx:
-        io.load(runner.transformer, lynx)
+        io.load(runner.transformer, lynx, keep_dense_weights=keep_dense_weights)
         what = f"rtlynx save {lynx}"
     else:
         api.sparsify(runner.transformer, preset=preset or "auto")
         what = f"preset {preset or 'auto'} (norm compensation, no LoRA: distil one with calibrate + train-lora)"
-    changes = {"backend": backend, "speed_rules": speed_rules}
+    # --compare runs the dense baseline on the original weights: with FP8 sites they must stay next to the FP8 ones
+    changes = {"backend": backend, "speed_rules": speed_rules, "keep_dense_weights": keep_dense_weights}
     if sparse_dtype is not None:
         changes["dtype"] = sparse_dtype
     if dense_below_t != "config":
@@ -94,7 +95,7 @@ def run(args) -> int:
         device = None if args.device == "auto" else args.device
         runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
         what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules,
-                       args.sparse_dtype)
+                       args.sparse_dtype, keep_dense_weights=args.compare)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx generate: {e}") from None
     config = api.config_of(runner.transformer)
