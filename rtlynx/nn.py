@@ -153,6 +153,18 @@ class SparseActLinear(nn.Module):
             self._site.member_applied(self)  # .to / .half moved the parameters off the site's operand
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if self.weight_scale is not None and w is not None and w.dtype != torch.float8_e4m3fn:
+            # base weights loaded into a layer that stores FP8 (e.g. a fine-tune's checkpoint): quantised as
+            # sparsify does, instead of copy_ casting the values to e4m3 without a scale
+            from .reference.fp8 import quantize_rows_e4m3
+
+            q, sw = quantize_rows_e4m3(w.to(self.weight_scale.device))
+            state_dict = {**state_dict, key: q, prefix + "weight_scale": sw}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseActLinear":
         return cls(linear, **kwargs)

@@ -202,3 +202,23 @@ def test_dense_product_on_fp8_weights_warns(gen):
         store(model)
     with pytest.warns(RuntimeWarning, match="dequantised values"), torch.no_grad(), api.dense_mode(model):
         model(torch.randn(2, 64, generator=gen).to(torch.bfloat16))
+
+
+def test_loading_bf16_base_weights_into_fp8_storage_quantises_them(gen):
+    """load_state_dict of plain bf16 weights (a fine-tuned base) into FP8-stored layers: quantised like sparsify
+    does (not cast to e4m3 without a scale); the output equals the FP8 spec on the new weights."""
+    model, _ = build(gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store(model)
+    new = {n: (torch.randn(m.weight.shape, generator=gen) * 0.3).to(torch.bfloat16)
+           for n, m in api.sparse_layers(model).items()}
+    model.load_state_dict({f"{n}.weight": w for n, w in new.items()}, strict=False)
+    x = torch.randn(4, 64, generator=gen).to(torch.bfloat16)
+    for name, layer in api.sparse_layers(model).items():
+        q, s = quantize_rows_e4m3(new[name])
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)) and torch.equal(layer.weight_scale, s)
+    layer = api.sparse_layers(model)["to_k"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(layer(x), fp8_sparse_act_linear(x, new["to_k"], layer.bias))
