@@ -234,6 +234,7 @@ class Summary:
     flops_measured: bool
     dense_below_t: float | None = None
     dtype: str = "native"
+    fp8_stored: int = 0      # sparse layers whose weights are held in FP8 only (dtype="fp8", keep_dense_weights off)
 
     @property
     def sparse_flop_share(self) -> float:
@@ -255,6 +256,9 @@ class Summary:
         if self.dtype == "fp8":
             lines.append("kept activations and weights in FP8 e4m3 (per-token / per-channel scales): FP8 sparse "
                          "kernels on sm_90 for bf16 sites, emulated on the reference path elsewhere")
+            if self.fp8_stored:
+                lines.append(f"{self.fp8_stored} sparse layers hold their weights in FP8 only (the bf16 copy was "
+                             "dropped: keep_dense_weights=False)")
         return "\n".join(lines)
 
 
@@ -298,5 +302,6 @@ def summary(model, *args, **kwargs) -> Summary:
             if m._tp is not None:
                 note = "; ".join(filter(None, (note, f"tensor-parallel {m._tp.style} shard of {m._tp.size}")))
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
+    stored = sum(isinstance(m, SparseActLinear) and m.weight_scale is not None for m in linears.values())
     return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None,
-                   dtype=config.dtype if config else "native")
+                   dtype=config.dtype if config else "native", fp8_stored=stored)

@@ -73,6 +73,8 @@ def test_stored_weights_are_the_quantised_originals_and_outputs_unchanged(lora, 
         assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8))
         assert torch.equal(layer.weight_scale, s)
     assert all(s._fp8_stored and s.wext is None for s in sites.model_sites(model))
+    summ = api.summary(model)
+    assert summ.fp8_stored == 4 and "4 sparse layers hold their weights in FP8 only" in str(summ)
     assert torch.equal(before, after)  # the FP8 spec quantises the originals to exactly what is stored
     # and both equal the spec evaluated here on the original weights
     with torch.no_grad():
