@@ -253,12 +253,14 @@ def candidates(transformer, rows_per_call: dict[str, tuple[int, int]], costs: di
 def select_sites(cands: list[Candidate], budget: float, min_speedup: float = 1.02) -> list[Candidate]:
     """The sites to make sparse: of those at least ``min_speedup`` faster (never one that loses, never one of
     unknown speed), the most time saved per unit of quality cost first, while the summed cost stays within
-    ``budget`` (a greedy knapsack)."""
+    ``budget`` (a greedy knapsack). The budget has a relative slack of 1e-9: costs summed in another order than
+    the budget was (select_layers sums the default preset's layers in module order) differ in the last bits, and
+    must not drop a site from a set that costs exactly the budget."""
     fast = [c for c in cands if c.speedup is not None and c.speedup >= min_speedup]
     fast.sort(key=lambda c: c.saved_ms / max(c.cost, 1e-12), reverse=True)
     chosen, spent = [], 0.0
     for c in fast:
-        if spent + c.cost <= budget:
+        if spent + c.cost <= budget * (1 + 1e-9):
             chosen.append(c)
             spent += c.cost
     return chosen
