@@ -94,7 +94,7 @@ class SparseActLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.register_buffer("weight_scale", None)  # set while the weight is stored in FP8 (rtlynx.sites)
-        self._dense_dtype = linear.weight.dtype     # the dtype the layer computes in (also while weight is FP8)
+        self._dense_dtype = linear.weight.dtype     # the dtype the layer computes in while its weight is FP8
         if settings is None:  # a standalone layer: its own settings
             settings = Settings(SparsityConfig(n=n, m=m, compensation=compensation, backend=backend,
                                                k_remainder=k_remainder, eps=eps, lora_rank=lora_rank,
@@ -133,7 +133,16 @@ class SparseActLinear(nn.Module):
         backends.warn_once("fp8-dense-weight", "rtlynx: a dense product on weights stored in FP8 uses their "
                                                "dequantised values, not the original weights (keep_dense_weights="
                                                "True keeps those, for exact dense runs)")
-        return (self.weight.float() * self.weight_scale.float().unsqueeze(1)).to(self._dense_dtype)
+        return self._dequantized()
+
+    def _dequantized(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight * scale`` (default: ``weight_scale``) in float32, rounded once to the dtype the layer computes in
+        (the weight's own dtype once a cast has turned the FP8 values into plain numbers)."""
+        from .reference.fp8 import dequantize
+
+        scale = self.weight_scale if scale is None else scale
+        dtype = self._dense_dtype if self.weight.dtype == torch.float8_e4m3fn else self.weight.dtype
+        return dequantize(self.weight, scale.to(self.weight.device).float()).to(dtype)
 
     def _apply(self, fn, recurse=True):
         scale = self.weight_scale  # float32, before fn touches it
@@ -144,11 +153,8 @@ class SparseActLinear(nn.Module):
                                            "dequantises them (the original weights were not kept: "
                                            "keep_dense_weights=False)")
             with torch.no_grad():
-                w = self.weight
-                w.data = (w.float() * scale.to(w.device).float().unsqueeze(1)).to(w.dtype)
+                self.weight.data = self._dequantized(scale)
             self.weight_scale = None
-        if self.weight_scale is None:
-            self._dense_dtype = self.weight.dtype
         if self._site is not None:
             self._site.member_applied(self)  # .to / .half moved the parameters off the site's operand
         return out

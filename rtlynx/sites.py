@@ -64,7 +64,7 @@ def _dequantize_member(layer) -> None:
                                          "keep_dense_weights=False); going back to bf16 weights dequantises them "
                                          "(they are not the original weights)")
     with torch.no_grad():
-        w = layer.dense_weight().contiguous()
+        w = layer._dequantized().contiguous()
         _repoint(layer.weight, w)
         layer.weight.requires_grad_(getattr(layer, "_weight_grad", True))
         layer.weight_scale = None
@@ -210,11 +210,9 @@ class Site:
     def _fp8_storable(self, cfg) -> bool:
         """Whether this site's calls run on the FP8 kernels (what storing its weights in FP8 only is for)."""
         w = self._wext_nolora
-        return (w is not None and w.is_cuda and w.dtype == torch.bfloat16 and self._uniform
-                and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0 and self.n % 8 == 0 and self.k <= 16384
-                and all(l.backend in ("auto", "lynx") for l in self.layers)
-                and not (cfg.speed_rules and self.slow_reason is not None)
-                and backends._lynx_ok(w.device.index or 0))
+        return (w is not None and w.is_cuda and w.dtype == torch.bfloat16 and self.k <= 16384
+                and all(self._kernels_ok(cfg, l.backend, w.device.index or 0) for l in self.layers)
+                and not (cfg.speed_rules and self.slow_reason is not None))
 
     def _store_fp8(self) -> None:
         """Replace the bf16 weights by the FP8 operand (keep_dense_weights=False): the layers' ``weight`` become
@@ -311,9 +309,13 @@ class Site:
             operand = cfg.dtype == "fp8" and x2.dtype == self.layers[0].compute_dtype
         else:
             operand = self.wext is not None and x2.dtype == self.wext.dtype
-        return (operand and backend in ("auto", "lynx") and x2.is_cuda and self._uniform
-                and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0
-                and self.n % 8 == 0 and backends._lynx_ok(backends._device_index(x2)))
+        return operand and x2.is_cuda and self._kernels_ok(cfg, backend, backends._device_index(x2))
+
+    def _kernels_ok(self, cfg, backend: str, device_index: int) -> bool:
+        """The site kernels' conditions that do not depend on the call: backend, pattern, no per-layer overrides,
+        K and N multiples of 8, the kernel library loaded for the device."""
+        return (backend in ("auto", "lynx") and self._uniform and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0
+                and self.n % 8 == 0 and backends._lynx_ok(device_index))
 
     def _fused_path(self, cfg, layer, x2) -> str:
         """How this call runs: "fused" (lynx site kernels; "checked" the first time for this config / device /
