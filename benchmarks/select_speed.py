@@ -116,19 +116,11 @@ def main(argv=None) -> int:
             dense_names = [n for g in fast for n in g.layers]
             table_only = len(fast)
 
-            def time_with(layers):
-                if layers:
-                    rtlynx.sparsify(model, preset=None, include=list(layers))
-                try:
-                    return e2e.time_forward(model, inputs, args.reps)
-                finally:
-                    if layers:
-                        rtlynx.unsparsify(model)
-
             # rtlynx select's end-to-end check: drop the sites of least table speed-up until not slower than dense
-            cands = [select.Candidate(list(g.layers), *s, 1, 0.0, select.lookup(table, *s)["dense_ms"],
-                                      select.lookup(table, *s)["lynx_linear_ms"]) for g, s in zip(groups, shapes)
-                     if g in fast]
+            rows_of = [(g, s, select.lookup(table, *s)) for g, s in zip(groups, shapes) if g in fast]
+            cands = [select.Candidate(list(g.layers), *s, 1, 0.0, r["dense_ms"], r["lynx_linear_ms"])
+                     for g, s, r in rows_of]
+            time_with = select.timer_with_layers(model, lambda: e2e.time_forward(model, inputs, args.reps))
             kept, confirm_log = select.confirm_end_to_end(cands, time_with)
             dense_names = [n for c in kept for n in c.layers]
             fast = [g for g in fast if g.layers[0] in dense_names]

@@ -371,7 +371,6 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
 def _forward_timer(runner, one_step, reps: int = 5):
     """``time_with(layers)`` for :func:`confirm_end_to_end`: median ms of one transformer forward on the inputs the
     pipeline gives it (captured from one sampling step), with ``layers`` sparse (sparsified for the call)."""
-    from . import api
     from .benchtools import measure
 
     transformer = runner.transformer
@@ -387,15 +386,26 @@ def _forward_timer(runner, one_step, reps: int = 5):
         h.remove()
     args, kwargs = captured["call"]
 
-    def time_with(layers):
+    def forward_ms():
         import torch
 
+        with torch.no_grad():
+            return measure(lambda: transformer(*args, **kwargs), reps=reps, warmup=2, flush_l2=False,
+                           sync_each=True).median_ms
+
+    return timer_with_layers(transformer, forward_ms)
+
+
+def timer_with_layers(transformer, time_fn):
+    """``time_with(layers)`` for :func:`confirm_end_to_end`: ``time_fn()`` with exactly ``layers`` of the dense
+    ``transformer`` sparsified for the call (``[]``: dense)."""
+    from . import api
+
+    def time_with(layers):
         if layers:
             api.sparsify(transformer, preset=None, include=list(layers))
         try:
-            with torch.no_grad():
-                return measure(lambda: transformer(*args, **kwargs), reps=reps, warmup=2, flush_l2=False,
-                               sync_each=True).median_ms
+            return time_fn()
         finally:
             if layers:
                 api.unsparsify(transformer)

@@ -381,3 +381,15 @@ def test_confirm_end_to_end_drops_least_gain_first_until_not_slower():
     gain.update(a=0.1, b=0.1)
     kept, log = select.confirm_end_to_end([c for c, _ in pairs], time_with)
     assert kept == [] and log[-1]["sites"] == 2
+
+
+def test_timer_with_layers_sparsifies_exactly_those_for_the_call():
+    from rtlynx import select
+    from rtlynx.integrations.diffusers import tiny_transformer
+
+    model = tiny_transformer("flux")
+    names = rtlynx.eligible_layers(model)[:3]
+    time_with = select.timer_with_layers(model, lambda: sorted(rtlynx.sparse_layers(model)))
+    assert time_with(names) == sorted(names)
+    assert not rtlynx.sparse_layers(model)  # dense again after the call
+    assert time_with([]) == []
