@@ -1,12 +1,23 @@
+import importlib.util
 import os
 import random
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from rtlynx import backends
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # One seed per session, fresh each run unless RTLYNX_TEST_SEED fixes it; each test's own seed is derived from it and
 # the test's id, so one failing test reruns alone with the same numbers (its report says how).

@@ -1,21 +1,15 @@
 """benchmarks/linear.py's summary on made-up per-shape times (the timing itself needs an sm_90 GPU)."""
 
-import importlib.util
 import math
 from pathlib import Path
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _linear():
-    spec = importlib.util.spec_from_file_location("bench_linear", ROOT / "benchmarks" / "linear.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_cusparselt_has_a_graph_column_like_dense_and_lynx():
-    lin = _linear()
+    lin = load_benchmark("linear")
     rows = [dict(model="flux", M=4096, K=3072, N=3072, count_per_forward=1, flop_share=0.5),
             dict(model="flux", M=512, K=3072, N=3072, count_per_forward=1, flop_share=0.5)]
     per_shape = {}

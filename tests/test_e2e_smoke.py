@@ -1,24 +1,16 @@
 """benchmarks/e2e.py on the CPU (--smoke: tiny configs, reference backend): the script, its JSON and its summary."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 pytest.importorskip("diffusers")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_e2e_smoke_writes_rows_and_summary(tmp_path):
-    e2e = _load("e2e")
+    e2e = load_benchmark("e2e")
     out = tmp_path / "e2e.json"
     assert e2e.main(["--smoke", "--models", "flux", "--variants", "rtlynx", "rtlynx + LoRA r64", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -32,7 +24,7 @@ def test_e2e_smoke_writes_rows_and_summary(tmp_path):
 
 
 def test_kernel_classes():
-    e2e = _load("e2e")
+    e2e = load_benchmark("e2e")
     assert e2e.kernel_class("void (anonymous namespace)::prune_compress_kernel<__nv_bfloat16, 32>") == \
         "prune / producer passes"
     assert e2e.kernel_class("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalI"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rtlynx
+from conftest import load_benchmark
 from rtlynx import reference
 from rtlynx.reference import fp8
 
@@ -182,15 +183,12 @@ def test_quality_fp8_variants_and_their_sheet(tmp_path):
     """benchmarks/quality.py's FP8 variants: dense FP8 = each sparse layer's dense product on e4m3 operands (checked
     against the spec's quantisers on one layer), weights restored afterwards; the sheet labels variants outside
     demo.VARIANTS (it raised KeyError)."""
-    import importlib.util
     from pathlib import Path
 
     from rtlynx import demo
     from rtlynx.integrations.diffusers import tiny_transformer
 
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_benchmark("quality")
     model = tiny_transformer("flux")
     rtlynx.sparsify(model, mode="dense")
     name, layer = next(iter(rtlynx.sparse_layers(model).items()))

@@ -47,9 +47,12 @@ def build(gen, lora=0, bias=True):
 
 
 def store(model):
-    for site in sites.model_sites(model):
-        site.fp8_operand()
-        site._store_fp8()
+    """What a site on the FP8 kernels does at sparsify (Site._prepare_fp8), made by hand on the CPU."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for site in sites.model_sites(model):
+            site.fp8_operand()
+            site._store_fp8()
 
 
 def dequantised(w):
@@ -87,9 +90,7 @@ def test_stored_weights_are_the_quantised_originals_and_outputs_unchanged(lora, 
 
 def test_no_bf16_weight_copy_left(gen):
     model, originals = build(gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     dense_bytes = sum(w.numel() * 2 for w in originals.values())
     storages = {}
     for t in list(model.parameters()) + list(model.buffers()):
@@ -105,9 +106,7 @@ def test_no_bf16_weight_copy_left(gen):
 def test_dense_mode_schedule_and_unsparsify_dequantise(gen):
     model, originals = build(gen)
     x = torch.randn(9, 64, generator=gen).to(torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     layers = api.sparse_layers(model)
     with torch.no_grad(), api.dense_mode(model):
         got = layers["to_k"](x)
@@ -123,9 +122,7 @@ def test_dense_mode_schedule_and_unsparsify_dequantise(gen):
 def test_configure_native_restores_dequantised_weights(gen):
     model, originals = build(gen)
     x = torch.randn(6, 64, generator=gen).to(torch.bfloat16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     with pytest.warns(RuntimeWarning, match="dequantis"):
         rtlynx.configure(model, dtype="native")
     layer = api.sparse_layers(model)["to_v"]
@@ -140,9 +137,7 @@ def test_configure_native_restores_dequantised_weights(gen):
 
 def test_dtype_cast_folds_the_scales(gen):
     model, originals = build(gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     with pytest.warns(RuntimeWarning, match="dtype cast"):
         model.float()
     for name, layer in api.sparse_layers(model).items():
@@ -199,9 +194,7 @@ def test_load_and_configure_take_keep_dense_weights(tmp_path, gen):
 
 def test_dense_product_on_fp8_weights_warns(gen):
     model, _ = build(gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     with pytest.warns(RuntimeWarning, match="dequantised values"), torch.no_grad(), api.dense_mode(model):
         model(torch.randn(2, 64, generator=gen).to(torch.bfloat16))
 
@@ -210,9 +203,7 @@ def test_loading_bf16_base_weights_into_fp8_storage_quantises_them(gen):
     """load_state_dict of plain bf16 weights (a fine-tuned base) into FP8-stored layers: quantised like sparsify
     does (not cast to e4m3 without a scale); the output equals the FP8 spec on the new weights."""
     model, _ = build(gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        store(model)
+    store(model)
     new = {n: (torch.randn(m.weight.shape, generator=gen) * 0.3).to(torch.bfloat16)
            for n, m in api.sparse_layers(model).items()}
     model.load_state_dict({f"{n}.weight": w for n, w in new.items()}, strict=False)

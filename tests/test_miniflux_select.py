@@ -1,29 +1,18 @@
 """benchmarks/miniflux_select.py's mapping of mini-FLUX sites onto the full-size FLUX rows of the H200 speed table,
 and the budget slack of rtlynx.select.select_sites."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import load_benchmark
 from rtlynx import select
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("miniflux_select", ROOT / "benchmarks" / "miniflux_select.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def mapped():
     from rtlynx.pipelines import load_runner
 
-    bench = _bench()
+    bench = load_benchmark("miniflux_select")
     runner = load_runner("miniflux", device="cpu", dtype=torch.float32)
     sites = bench.site_shapes(runner)
     h200 = select.load_speed_table(bench.H200_TABLE)
@@ -72,7 +61,7 @@ def test_single_site_holds_qkv_and_mlp_up(mapped):
 
 
 def test_unknown_role_and_missing_flux_row_are_errors(mapped):
-    bench = _bench()
+    bench = load_benchmark("miniflux_select")
     with pytest.raises(ValueError, match="no FLUX role"):
         bench.flux_role("transformer_blocks.0.attn.new_layer")
     sites, h200 = mapped[0], mapped[1]

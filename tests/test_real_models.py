@@ -11,6 +11,7 @@ from rtlynx import distill, reference
 from rtlynx.cli import main
 
 pytest.importorskip("transformers")
+from conftest import load_benchmark  # noqa: E402
 from tiny_pipelines import PROMPTS, SIZE, save_tiny_pipeline  # noqa: E402
 
 KINDS = ("flux", "qwen-image", "z-image")
@@ -324,15 +325,12 @@ def test_select_picks_fast_sites_within_budget(pipes, tmp_path):
 
 
 def test_calibrate_memory_benchmark_smoke(tmp_path):
-    import importlib.util
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("calibrate_memory", root / "benchmarks" / "calibrate_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("calibrate_memory")
     out = tmp_path / "cm.json"
     assert mod.main(["--tiny", "--max-stats-gb", "0", "--prompts", "1", "--steps", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
