@@ -35,7 +35,6 @@ defaults), median of --reps after warm-up, same process:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -50,13 +49,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def large_shapes(path=ROOT / "benchmarks" / "shapes_1024.csv"):
-    """The unique (M, K, N) with M >= 4096 and K, N >= 3072 (12 for FLUX / Qwen-Image / Z-Image)."""
-    seen = []
-    for r in csv.DictReader(open(path)):
-        sh = (int(r["M"]), int(r["K"]), int(r["N"]))
-        if sh[0] >= 4096 and sh[1] >= 3072 and sh[2] >= 3072 and sh not in seen:
-            seen.append(sh)
-    return seen
+    """The unique large (M, K, N) of benchmarks/linear.py (is_large), in file order."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from linear import is_large, load_shapes
+
+    return list(dict.fromkeys((r["M"], r["K"], r["N"]) for r in load_shapes(path) if is_large(r["M"], r["K"], r["N"])))
 
 
 def graph_time(make_fn, nbytes, reps=50, warmup=3):

@@ -73,6 +73,11 @@ def cslt_search(compressed, dense_b):
     raise RuntimeError(f"no cuSPARSELt search available: {last if fns else 'missing'}")
 
 
+def is_large(m: int, k: int, n: int) -> bool:
+    """M >= 4096 and N, K >= 3072: the layers that carry > 95 % of the FLOPs (12 shapes for FLUX / Qwen / Z-Image)."""
+    return m >= 4096 and min(k, n) >= 3072
+
+
 def load_shapes(path):
     rows = list(csv.DictReader(open(path)))
     for r in rows:
@@ -268,9 +273,8 @@ def main(argv=None):
         "cslt_best_graph_speedup_geomean": summ["all"]["cslt_best_graph_speedup_geomean"],
         "linear_graph_speedup_geomean": summ["all"]["lynx_linear_graph_speedup_geomean"],
         "lora_linear_graph_speedup_geomean": summ["all"]["lynx_lora_graph_speedup_geomean"],
-        "large_shapes": {  # M >= 4096 and N, K >= 3072: the layers that carry > 95 % of the FLOPs
-            key: geomean([r.get(f"{key}_speedup") for r in per_shape.values()
-                          if r["M"] >= 4096 and min(r["N"], r["K"]) >= 3072])
+        "large_shapes": {
+            key: geomean([r.get(f"{key}_speedup") for r in per_shape.values() if is_large(r["M"], r["K"], r["N"])])
             for key in ("cslt_best", "cslt_best_graph", "lynx_gemm", "lynx_linear", "lynx_lora", "lynx_linear_graph",
                         "lynx_lora_graph", "lynx_linear_hot")},
         "linear_hot_speedup_geomean": geomean([r.get("lynx_linear_hot_speedup") for r in per_shape.values()]),
