@@ -80,7 +80,7 @@ def time_forward(model, inputs, reps: int) -> float:
 
 def kernel_class(name: str) -> str:
     n = name.lower()
-    if "prune_compress" in n:
+    if "prune_compress" in n or "prune_quant" in n:
         return "prune / producer passes"
     if "sparse" in n and ("cutlass" in n or "gemm" in n):
         return "sparse GEMMs"
@@ -88,10 +88,12 @@ def kernel_class(name: str) -> str:
         return "attention"
     if any(s in n for s in ("nvjet", "gemm", "xmma", "cublas", "cutlass", "splitk")):
         return "dense GEMMs"
+    if n.startswith("triton"):  # inductor's fused elementwise / reduction kernels (torchao's FP8 casts among them)
+        return "triton (inductor)"
     return "rest"
 
 
-CLASSES = ("sparse GEMMs", "prune / producer passes", "dense GEMMs", "attention", "rest")
+CLASSES = ("sparse GEMMs", "prune / producer passes", "dense GEMMs", "attention", "triton (inductor)", "rest")
 
 
 def time_split(model, inputs) -> dict:

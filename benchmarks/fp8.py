@@ -318,6 +318,11 @@ def cmd_e2e(args) -> int:
             row = {"variant": name, "ms": ms, "vs_dense": dense_ms / ms, "peak_gib": peak,
                    "prepare_s": round(t_prep, 1), "compile_and_time_s": round(time.time() - t0, 1),
                    "warnings": sorted({str(w.message)[:160] for w in caught})}
+            if args.profile:  # after the timing: one profiled forward, GPU time per kernel class
+                try:
+                    row["split"] = E.time_split(runner, inputs)
+                except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timing
+                    row["split"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         except Exception as e:  # noqa: BLE001 - keep the rows already measured
             row = {"variant": name, "error": f"{type(e).__name__}: {e}"[:400]}
         rows.append(row)
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
     q.add_argument("--inductor", choices=("recipe", "default"), default="recipe",
                    help="inductor settings for every variant: the ones torchao's quantize_ sets (coordinate-descent "
                         "tuning...), or inductor's defaults")
+    q.add_argument("--profile", action="store_true", help="after timing, one profiled forward per variant "
+                   "(GPU ms per kernel class, top kernels: benchmarks/e2e.py time_split)")
     q.add_argument("--compile", choices=("full", "regional"), default="full",
                    help="torch.compile the whole transformer, or each repeated block (the same for every variant)")
     args = p.parse_args(argv)

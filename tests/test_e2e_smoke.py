@@ -32,3 +32,6 @@ def test_kernel_classes():
     assert e2e.kernel_class("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "dense GEMMs"
     assert e2e.kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
     assert e2e.kernel_class("void at::native::vectorized_layer_norm_kernel") == "rest"
+    assert e2e.kernel_class("void (anonymous namespace)::prune_quant_fp8_kernel<__nv_bfloat16, 32, 8, 1>") == \
+        "prune / producer passes"
+    assert e2e.kernel_class("triton_poi_fused__to_copy_abs_amax_clamp_0") == "triton (inductor)"
