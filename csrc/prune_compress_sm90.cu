@@ -39,8 +39,6 @@ template <>
 struct Traits<__nv_bfloat16> {
   static constexpr uint16_t kInf = 0x7F80;
   __device__ static float to_float(uint16_t b) { return __uint_as_float(uint32_t(b) << 16); }
-  __device__ static float lo_float(uint32_t w) { return __uint_as_float(w << 16); }
-  __device__ static float hi_float(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
   __device__ static uint16_t from_float(float f) {
     __nv_bfloat16 h = __float2bfloat16_rn(f);
     return *reinterpret_cast<uint16_t*>(&h);
@@ -53,8 +51,6 @@ struct Traits<__half> {
     __half h = *reinterpret_cast<__half*>(&b);
     return __half2float(h);
   }
-  __device__ static float lo_float(uint32_t w) { return to_float(uint16_t(w)); }
-  __device__ static float hi_float(uint32_t w) { return to_float(uint16_t(w >> 16)); }
   __device__ static uint16_t from_float(float f) {
     __half h = __float2half_rn(f);
     return *reinterpret_cast<uint16_t*>(&h);
@@ -125,13 +121,12 @@ __device__ __forceinline__ uint32_t select24_fast(const uint16_t e[4], uint16_t&
   const uint32_t hi01 = max(u[0], u[1]), lo01 = min(u[0], u[1]);
   const uint32_t hi23 = max(u[2], u[3]), lo23 = min(u[2], u[3]);
   const uint32_t second = max(min(hi01, hi23), max(lo01, lo23));
-  // exactly two keys are >= second: the lower kept index is the first of p0, p1 (else 2), the upper the last of
-  // p3, p2 (else 1); selects on the predicates, no bit mask to scan
-  const bool p0 = u[0] >= second, p1 = u[1] >= second, p2 = u[2] >= second, p3 = u[3] >= second;
-  v0 = p0 ? e[0] : (p1 ? e[1] : e[2]);
-  v1 = p3 ? e[3] : (p2 ? e[2] : e[1]);
-  const uint32_t i0 = p0 ? 0u : (p1 ? 1u : 2u);
-  const uint32_t i1 = p3 ? 3u : (p2 ? 2u : 1u);
+  const uint32_t keep = uint32_t(u[0] >= second) | uint32_t(u[1] >= second) << 1 | uint32_t(u[2] >= second) << 2 |
+                        uint32_t(u[3] >= second) << 3;
+  uint32_t i0 = __ffs(keep) - 1;
+  uint32_t i1 = 31 - __clz(keep);
+  v0 = i0 == 0 ? e[0] : (i0 == 1 ? e[1] : e[2]);
+  v1 = i1 == 3 ? e[3] : (i1 == 2 ? e[2] : e[1]);
   return i0 | (i1 << 2);
 }
 
@@ -139,9 +134,7 @@ __device__ __forceinline__ uint32_t select24_fast(const uint16_t e[4], uint16_t&
 template <class T, bool kFast>
 __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint16_t& word, float& sx, float& sp) {
   const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
-  const uint32_t* ew = reinterpret_cast<const uint32_t*>(in);  // element pairs, the lower one in the low half
   uint16_t* o = reinterpret_cast<uint16_t*>(&out);
-  const uint32_t* ow = reinterpret_cast<const uint32_t*>(&out);
   uint32_t w = 0;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
@@ -151,12 +144,11 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
     o[2 * g] = v0;
     o[2 * g + 1] = v1;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // element order 4g .. 4g + 3, as before
-      const float lo = Traits<T>::lo_float(ew[2 * g + i]), hi = Traits<T>::hi_float(ew[2 * g + i]);
-      sx = fmaf(lo, lo, sx);
-      sx = fmaf(hi, hi, sx);
+    for (int i = 0; i < 4; ++i) {
+      float f = Traits<T>::to_float(e[4 * g + i]);
+      sx = fmaf(f, f, sx);
     }
-    const float f0 = Traits<T>::lo_float(ow[g]), f1 = Traits<T>::hi_float(ow[g]);
+    float f0 = Traits<T>::to_float(v0), f1 = Traits<T>::to_float(v1);
     sp = fmaf(f0, f0, sp);
     sp = fmaf(f1, f1, sp);
   }
@@ -324,18 +316,18 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
 
   uint4 kept[kMaxRuns];
   float sx = 0.f, sp = 0.f;
-  uint32_t amax2 = 0;  // max |kept| as 16-bit magnitude bits, two lanes: the order of the values, NaN above +inf
+  uint32_t amax = 0;  // max |kept| as 16-bit magnitude bits: the order of the values, NaN above +inf
   // All of the thread's loads are issued before any is used (up to 16 x 16 bytes in flight per thread).
   uint4 in[kMaxRuns][2];
-  const uint4* xp = reinterpret_cast<const uint4*>(xr + 16 * sub);  // run sub + kRow j at xp[2 kRow j]: immediates
 #pragma unroll
   for (int j = 0; j < kMaxRuns; ++j) {
-    const int k = 16 * (sub + kRow * j);  // k < K implies the run is inside Kp
+    const int c = sub + kRow * j;
+    const int k = c * 16;
     in[j][0] = make_uint4(0, 0, 0, 0);
     in[j][1] = make_uint4(0, 0, 0, 0);
-    if (row_ok && k < K) {
-      in[j][0] = __ldg(xp + 2 * kRow * j);
-      if (k + 16 <= K) in[j][1] = __ldg(xp + 2 * kRow * j + 1);
+    if (row_ok && c < runs && k < K) {
+      in[j][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      if (k + 16 <= K) in[j][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
     }
   }
 #pragma unroll
@@ -350,12 +342,11 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
       uint16_t word;
       process_run<T, true>(in[j], kept[j], word, sx, sp);
       meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(&kept[j]);
+      const uint16_t* kv = reinterpret_cast<const uint16_t*>(&kept[j]);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) amax2 = __vmaxu2(amax2, kw[i] & 0x7FFF7FFFu);  // sm_90: one 16x2 max
+      for (int i = 0; i < 8; ++i) amax = max(amax, uint32_t(kv[i] & 0x7FFFu));
     }
   }
-  uint32_t amax = max(amax2 & 0xFFFFu, amax2 >> 16);
   // Row reduction (sums and the max) over the kRow threads of the row.
 #pragma unroll
   for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
@@ -387,18 +378,6 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
   const float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   const float qs = __fdiv_rn(Traits<T>::to_float(uint16_t(amax)), 448.0f);
   const float safe = qs > 0.f ? qs : 1.0f;  // NaN > 0 is false: a NaN row divides by 1, as the reference
-  // v / safe for every kept v: with r = RN(1 / safe), q0 = RN(v r), q = RN(q0 + RN(v - q0 safe) r) (Markstein's
-  // correction, 3 FMA-unit ops instead of a full IEEE division each). Its e4m3 cast equals that of the IEEE
-  // quotient for every bf16 |v| <= amax when safe >= 2^-100 (checked exhaustively over all bf16
-  // pairs: tests/test_fp8_division.py); the other rows divide: tiny (amax < 4e-28), zero, inf or NaN scales (an inf
-  // kept value next to a NaN one must give inf / 1, not the correction's NaN).
-  const bool fast_div = qs >= 0x1p-100f && qs <= 3.4028235e38f;
-  const float r = __frcp_rn(safe);
-  auto quot = [&](float v) {
-    if (!fast_div) return __fdiv_rn(v, safe);
-    const float q0 = __fmul_rn(v, r);
-    return __fmaf_rn(__fmaf_rn(-q0, safe, v), r, q0);
-  };
   if (row_ok && sub == 0) {
     rs[m] = s * qs;
     if (sx_out != nullptr) sx_out[m] = qs;
@@ -414,7 +393,8 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
     uint32_t lo = 0, hi = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float2 f = make_float2(quot(Traits<T>::to_float(kv[2 * i])), quot(Traits<T>::to_float(kv[2 * i + 1])));
+      const float2 f = make_float2(__fdiv_rn(Traits<T>::to_float(kv[2 * i]), safe),
+                                   __fdiv_rn(Traits<T>::to_float(kv[2 * i + 1]), safe));
       const uint32_t q2 = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);  // .x in the low byte
       if (i < 2) lo |= q2 << (16 * i);
       else hi |= q2 << (16 * (i - 2));

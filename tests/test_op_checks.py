@@ -67,6 +67,14 @@ def test_prune_and_linear_refuse():
                         ((x, meta(64, 240), None, None, None), "does not fit")):
         with pytest.raises(ops.Unsupported, match=match):
             k90.sparse_linear_sm90(*args, True, 1e-8)
+    # a weight the GEMM does not read in place (K' = 100 < K = 104, x zero-padded; or a LoRA): a padded copy is
+    # made, so its row stride need not be 16 bytes; one it reads in place must be
+    x104 = meta(5, 104)
+    assert k90.sparse_linear_sm90(x104, meta(96, 100), None, None, None, True, 1e-8).shape == (5, 96)
+    with pytest.raises(ops.Unsupported, match="N must be a multiple of 8"):
+        k90.sparse_linear_sm90(x104, meta(90, 100), None, None, None, True, 1e-8)
+    with pytest.raises(ops.Unsupported, match="row-major"):
+        k90.sparse_linear_sm90(x, meta(256, 64).t(), None, None, None, True, 1e-8)
 
 
 def test_public_ops_refuse_operands_on_another_device():

@@ -138,7 +138,12 @@ def check_linear(x, weight, bias, lora_a, lora_b) -> None:
     n, kw = weight.shape
     if not k - 8 < kw <= k:  # x may carry up to 7 zero columns of padding to K % 8 == 0 (rtlynx.ops.lynx_linear)
         raise Unsupported(f"weight {_where(weight)} does not fit x {_where(x)}")
-    check_weight(weight, "weight", x, kw)
+    if kw == k and k % 128 == 0 and lora_a is None:  # the GEMM reads it in place
+        check_weight(weight, "weight", x, kw)
+    else:  # the GEMM reads a padded copy (rtlynx.ops.sm90.WEIGHT_CACHE): any strides
+        check_tensor(weight, "weight", x)
+        if n % 8:
+            raise Unsupported(f"weight {_where(weight)}: N must be a multiple of 8")
     if bias is not None:
         check_vector(bias, "bias", x, n)
     if (lora_a is None) != (lora_b is None):
