@@ -257,7 +257,7 @@ def cmd_e2e(args) -> int:
     # a compile that stalls prints where it is (every 120 s) instead of dying silent at the call's time limit
     faulthandler.dump_traceback_later(120, repeat=True, file=sys.stderr)
     data.setdefault("e2e_runs", []).append({"identity": identity(), "model": "flux", "mode": "compiled",
-                                            "compile": args.compile,
+                                            "compile": args.compile, "compile_mode": args.mode,
                                             "reps": args.reps, "resolution": "1024x1024 (4096 image tokens)",
                                             "text_len": 512, "rows": rows})
     model = None
@@ -306,10 +306,10 @@ def cmd_e2e(args) -> int:
             torch._dynamo.reset()
             t_prep = time.time() - t0
             if args.compile == "regional":
-                model.compile_repeated_blocks()
+                model.compile_repeated_blocks(mode=args.mode)
                 runner = model
             else:
-                runner = torch.compile(model)
+                runner = torch.compile(model, mode=args.mode)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ms = E.time_forward(runner, inputs, args.reps)
@@ -363,6 +363,8 @@ def main(argv=None) -> int:
                         "tuning...), or inductor's defaults")
     q.add_argument("--profile", action="store_true", help="after timing, one profiled forward per variant "
                    "(GPU ms per kernel class, top kernels: benchmarks/e2e.py time_split)")
+    q.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
+                   help="torch.compile mode for every variant (reduce-overhead: CUDA graphs, no host time per launch)")
     q.add_argument("--compile", choices=("full", "regional"), default="full",
                    help="torch.compile the whole transformer, or each repeated block (the same for every variant)")
     args = p.parse_args(argv)
