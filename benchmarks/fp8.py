@@ -194,6 +194,17 @@ def save(out: Path, data: dict) -> None:
             summ[key] = best
     if "fp8 recipe" in e2e:
         summ["e2e_fp8_recipe_vs_bf16"] = e2e["fp8 recipe"].get("vs_dense")
+    # quality (issue item 6): benchmarks/quality.py's FID runs next to this file (every step sparse; shipped schedule)
+    for key, name in (("fid_fp8_over_bf16_rtlynx", "quality_fp8.json"),
+                      ("fid_fp8_over_bf16_rtlynx_dense_below_t0.2", "quality_fp8_t0.2.json")):
+        q = out.parent / name
+        if q.exists() and "fid_fp8_over_bf16_rtlynx" in json.loads(q.read_text()).get("summary", {}):
+            summ[key] = json.loads(q.read_text())["summary"]["fid_fp8_over_bf16_rtlynx"]
+    pending = data.get("summary_pending", {})
+    for key in [k for k in pending if k in summ]:
+        del pending[key]
+    if not pending:
+        data.pop("summary_pending", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))

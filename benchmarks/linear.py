@@ -24,7 +24,6 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Kernel build and load on the CPU with a fake nvcc (a script), a fake CUTLASS tree and a mocked sm_90 GPU:
 cache keys, the build lock, temporary files, the library checksum, and the fallback when a build or load fails."""
 
-import os
 import stat
 import sys
 import threading

@@ -35,3 +35,20 @@ def test_kernel_classes():
     assert e2e.kernel_class("void (anonymous namespace)::prune_quant_fp8_kernel<__nv_bfloat16, 32, 8, 1>") == \
         "prune / producer passes"
     assert e2e.kernel_class("triton_poi_fused__to_copy_abs_amax_clamp_0") == "triton (inductor)"
+
+
+def test_fp8_results_summary(tmp_path):
+    """benchmarks/fp8.py save(): the e2e ratios from the rows, the FID ratios from the quality files beside it, and
+    summary_pending entries dropped once measured."""
+    fp8 = load_benchmark("fp8")
+    (tmp_path / "quality_fp8.json").write_text(json.dumps({"summary": {"fid_fp8_over_bf16_rtlynx": 1.25}}))
+    rows = [{"variant": "dense", "ms": 10.0, "vs_dense": 1.0}, {"variant": "fp8 recipe", "ms": 8.0, "vs_dense": 1.25},
+            {"variant": "rtlynx fp8", "ms": 5.0, "vs_dense": 2.0, "vs_fp8_recipe": 1.6}]
+    data = {"e2e_runs": [{"rows": rows}], "summary_pending": {"fid_fp8_over_bf16_rtlynx": "not yet", "other": "x"}}
+    out = tmp_path / "fp8.json"
+    fp8.save(out, data)
+    got = json.loads(out.read_text())
+    assert got["summary"]["fid_fp8_over_bf16_rtlynx"] == 1.25
+    assert "fid_fp8_over_bf16_rtlynx_dense_below_t0.2" not in got["summary"]  # no such file
+    assert got["summary"]["e2e_flux_compiled_vs_bf16"] == 2.0 and got["summary"]["e2e_flux_compiled_vs_fp8_recipe"] == 1.6
+    assert got["summary_pending"] == {"other": "x"}

@@ -5,7 +5,6 @@ site kernel (rtlynx.reference.sm90.site_linear_sm90)."""
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import rtlynx
 from rtlynx import api, reference, sites

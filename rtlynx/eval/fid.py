@@ -22,7 +22,6 @@ Protocol (what `fid_of_model` reports):
 from __future__ import annotations
 
 import json
-import math
 import warnings
 import zipfile
 from pathlib import Path

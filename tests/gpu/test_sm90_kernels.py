@@ -1,14 +1,13 @@
 """Hopper lynx kernels against the pure-torch reference: bitwise for prune/compress, fp32-product tolerance for
 the GEMMs; fuzzed shapes, special values, poisoned outputs, opcheck, torch.compile and CUDA graph capture."""
 
-import itertools
 
 import pytest
 import torch
 
 from rtlynx import ops
 from rtlynx.ops import sm90 as k90
-from rtlynx.reference import norm_scale, prune_nm, sparse_act_linear
+from rtlynx.reference import prune_nm, sparse_act_linear
 from rtlynx.reference import sm90 as ref90
 
 DTYPES = [torch.bfloat16, torch.float16]
