@@ -198,8 +198,9 @@ def save(out: Path, data: dict) -> None:
     for key, name in (("fid_fp8_over_bf16_rtlynx", "quality_fp8.json"),
                       ("fid_fp8_over_bf16_rtlynx_dense_below_t0.2", "quality_fp8_t0.2.json")):
         q = out.parent / name
-        if q.exists() and "fid_fp8_over_bf16_rtlynx" in json.loads(q.read_text()).get("summary", {}):
-            summ[key] = json.loads(q.read_text())["summary"]["fid_fp8_over_bf16_rtlynx"]
+        fid = json.loads(q.read_text()).get("summary", {}).get("fid_fp8_over_bf16_rtlynx") if q.exists() else None
+        if fid is not None:
+            summ[key] = fid
     pending = data.get("summary_pending", {})
     for key in [k for k in pending if k in summ]:
         del pending[key]

@@ -127,6 +127,12 @@ def check_prune(x, h=None, rows: bool = True) -> None:
             check_rows(h, "h", x, x.shape[0], h.shape[1])
 
 
+def weight_in_place(k: int, weight, lora_a) -> bool:
+    """Whether ``rtlynx::sparse_linear_sm90`` hands ``weight`` to the GEMM as it is (else a padded copy with the
+    LoRA tail, rtlynx.ops.sm90.WEIGHT_CACHE): K a multiple of 128, no LoRA, the weight as wide as x."""
+    return k % 128 == 0 and lora_a is None and weight.shape[1] == k
+
+
 def check_linear(x, weight, bias, lora_a, lora_b) -> None:
     """Operands of ``rtlynx::sparse_linear_sm90``: x [M, K] (K % 8 == 0), weight [N, K'] row-major (N % 8 == 0;
     K - 8 < K' <= K, x zero-padded),
@@ -138,9 +144,9 @@ def check_linear(x, weight, bias, lora_a, lora_b) -> None:
     n, kw = weight.shape
     if not k - 8 < kw <= k:  # x may carry up to 7 zero columns of padding to K % 8 == 0 (rtlynx.ops.lynx_linear)
         raise Unsupported(f"weight {_where(weight)} does not fit x {_where(x)}")
-    if kw == k and k % 128 == 0 and lora_a is None:  # the GEMM reads it in place
+    if weight_in_place(k, weight, lora_a):
         check_weight(weight, "weight", x, kw)
-    else:  # the GEMM reads a padded copy (rtlynx.ops.sm90.WEIGHT_CACHE): any strides
+    else:  # the GEMM reads a padded copy: any strides
         check_tensor(weight, "weight", x)
         if n % 8:
             raise Unsupported(f"weight {_where(weight)}: N must be a multiple of 8")

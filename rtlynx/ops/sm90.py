@@ -306,7 +306,7 @@ def prepare_weight(weight: torch.Tensor, lora_b: torch.Tensor | None = None) -> 
 def _linear_impl(x, weight, bias, lora_a, lora_b, norm, eps):
     k = x.shape[1]
     use_lora = lora_a is not None and lora_b is not None
-    if k % 128 == 0 and not use_lora and weight.shape[1] == k:
+    if _checks.weight_in_place(k, weight, lora_a if use_lora else None):
         wext = weight
     else:
         wext = WEIGHT_CACHE.get(weight, lora_b if use_lora else None, k)

@@ -89,12 +89,12 @@ def test_prune_quant_special_rows(gen):
     x[3] *= 1e30  # far beyond e4m3 (and fp32 squares overflow: s is inf/nan like the reference)
     x[4] = 1e-30  # subnormal e4m3 after scaling? (all equal: q = 448)
     x[5, :8] = torch.tensor([1, -1, 1, -1, 0.5, 2, -2, 2], dtype=x.dtype)  # ties
-    # the kernel divides by one reciprocal + a correction only where 2^-100 <= sx < inf: rows on both sides
-    x[6, 3], x[6, 9] = float("nan"), float("inf")  # NaN scale: inf / 1 must stay inf (-> 448), not NaN
-    x[7] *= 1e-36  # sx < 2^-100: IEEE division
-    x[8] *= 1e-26  # just above the threshold
-    x[9] *= 1e37  # huge scale, tiny reciprocal
-    x[10] *= 1e-39  # bf16 subnormals
+    # the scale's extremes: a NaN scale beside an inf value (inf / 1 -> 448), tiny and huge scales, bf16 subnormals
+    x[6, 3], x[6, 9] = float("nan"), float("inf")
+    x[7] *= 1e-36
+    x[8] *= 1e-26
+    x[9] *= 1e37
+    x[10] *= 1e-39
     got = raw_prune(x)
     ref = rf8.compress_sm90_fp8(x.cpu())
     assert same_fp8(got[0], ref[0])  # rows 1 (a NaN) and 2 (inf / inf) hold NaNs

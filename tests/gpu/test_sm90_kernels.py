@@ -1,7 +1,6 @@
 """Hopper lynx kernels against the pure-torch reference: bitwise for prune/compress, fp32-product tolerance for
 the GEMMs; fuzzed shapes, special values, poisoned outputs, opcheck, torch.compile and CUDA graph capture."""
 
-
 import pytest
 import torch
 
