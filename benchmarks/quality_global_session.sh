@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Device calls for issue 18 (global distillation), chained on one warm machine (ignored files stay there between
+# calls; it goes back 30 s after a call). The shipped weights (40 MB), the fp16 Inception (44 MB) and Emoji-64
+# (36 MB) do not fit one 64 MiB carry, so:
+#   1. prep       tree without the weights (mv rtlynx/assets/miniflux/*.safetensors .qw/ here first) + carry .whl
+#                 .cache/inception_fp16.pt .cache/inception_fp16.pt.sha256 .cache/prompts_all.txt: wheels installed
+#                 into .cache/site, Inception checked.
+#   2. reference  tree without the weights + carry .cache/emoji64.npz: Emoji-64 Inception features -> .cache/.
+#   3. train      the whole tree: global distillation of the mini-FLUX LoRA (benchmarks/distill_global.py train)
+#                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse).
+#   4. eval       the whole tree: RT-Lynx FP8 every step, dense + RT-Lynx with dense_below_t 0.2, one FLUX.1-dev
+#                 optimisation step.
+#   run: bash benchmarks/quality_global_session.sh {prep|reference|train|eval}
+set -uo pipefail
+what=${1:?prep, reference, train or eval}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/.cache/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+Q=(python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} --batch-size 500
+   --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend reference
+   --lora-dir .cache/gl/lora)
+case $what in
+  prep)
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cache/site .whl/*.whl
+    python3 -c "import torch, diffusers; from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0), 'inception ok')" ;;
+  reference)
+    python3 - <<'PY'
+import time, torch
+from rtlynx.eval import fid as F
+t = time.time()
+net = F.load_inception(".cache/inception_fp16.pt", "cuda")
+f = F.reference_features(net, ".cache/emoji64.npz", cache=".cache/real_features.npz")
+print(f"reference features {f.shape} in {time.time() - t:.1f} s on {torch.cuda.get_device_name(0)}")
+PY
+    rm -f .cache/emoji64.npz ;;
+  train)
+    timeout ${TRAIN_S:-330} python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt \
+      --out .cache/gl/lora --steps ${STEPS:-600} ${TRAIN_ARGS:-} 2>&1 | grep -v "it/s]\|s/it]" | tee "$OUT/train_log.txt"
+    if [ ! -f .cache/gl/lora/rtlynx_config.json ] && [ -f .cache/gl/lora/checkpoint/lora/rtlynx_config.json ]; then
+      echo "training timed out: the last checkpoint is evaluated" | tee -a "$OUT/train_log.txt"
+      cp .cache/gl/lora/checkpoint/lora/* .cache/gl/lora/
+    fi
+    tar czf "$OUT/lora.tgz" -C .cache/gl lora --exclude lora/checkpoint/global_state.safetensors
+    timeout ${EVAL_S:-240} "${Q[@]}" --variants dense rtlynx --out "$OUT/quality_global_every.json" 2>&1 \
+      | grep -v "it/s]" | tee "$OUT/quality_every_log.txt" ;;
+  eval)
+    timeout 200 "${Q[@]}" --variants dense rtlynx --dense-below-t 0.2 --out "$OUT/quality_global_t0.2.json" 2>&1 \
+      | grep -v "it/s]" | tee "$OUT/quality_t02_log.txt"
+    timeout 220 "${Q[@]}" --variants rtlynx_fp8 --out "$OUT/quality_global_fp8.json" 2>&1 \
+      | grep -v "it/s]" | tee "$OUT/quality_fp8_log.txt"
+    timeout 150 python3 benchmarks/distill_global.py flux-step --out "$OUT/distill_flux_step.json" 2>&1 \
+      | grep -v "it/s]" | tail -20 | tee "$OUT/flux_step_log.txt" ;;
+  *) echo "unknown stage $what"; exit 2 ;;
+esac
+ls -la "$OUT"

@@ -1,0 +1,545 @@
+"""Global distillation: every compensation LoRA of a model trained jointly against the dense model's output.
+
+The closed form (:mod:`rtlynx.distill`) is the exact optimum of each layer's own error, and it is at its ceiling:
+the residual of top-2-of-4 is non-linear and per token. What shows in images is the *model's* error, and later
+layers can absorb earlier layers' errors only when they are trained together. Here:
+
+- student: the sparse model (the N:M mask is a constant of the forward; gradients reach the LoRA factors through
+  the dense-x branch and the rest of the network); teacher: the same weights run dense (``rtlynx.dense_mode``).
+  Base weights are frozen; only ``lora_A`` / ``lora_B`` train, with fp32 master copies when the model is half.
+- states: the transformer calls of the *student's own* sampler are recorded (all their arguments), so it learns to
+  correct the drift of its own trajectories (a sparse sampler leaves the dense trajectory, and matching the
+  teacher on dense states stops paying: issue 18's probe). ``states="dense"`` records the dense sampler instead,
+  as the comparison.
+- loss: the teacher's output at those states, mean squared error relative to the teacher's energy, optionally
+  weighted by noise level (``t_weight``).
+Works on any transformer a :class:`rtlynx.pipelines.Runner` samples (the recorder is a forward pre-hook), with
+gradient checkpointing per block where diffusers offers it. Resumable from its checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import schedule
+from .api import config_of, configure, dense_mode, sparse_layers
+
+STATE_FILE = "global_state.safetensors"
+STATE_META = "global_state.json"
+T_WEIGHTS = ("uniform", "late", "early")
+
+
+class DistillError(RuntimeError):
+    """A global distillation that cannot start or go on (the message is one line, for the user)."""
+
+
+@dataclass
+class GlobalConfig:
+    """Settings of :func:`train_global`. ``steps`` optimisation steps of ``batch`` rows each (a row: one sample of
+    one recorded transformer call, CFG halves apart); a new rollout of ``rollout_prompts`` prompts every
+    ``refresh`` steps, the last ``buffer_rounds`` rollouts kept."""
+
+    steps: int = 600
+    lr: float = 1e-3
+    warmup: int = 20
+    batch: int = 128
+    calls_per_batch: int = 8
+    rollout_prompts: int = 64
+    refresh: int = 50
+    buffer_rounds: int = 3
+    states: str = "student"       # "student": the sparse sampler's own states; "dense": the dense sampler's
+    t_weight: str = "uniform"     # "late": weight 1 + 3 (1 - t) on low-noise rows; "early": 1 + 3 t
+    grad_clip: float = 1.0
+    checkpointing: bool = True    # gradient checkpointing per transformer block, where the model offers it
+    seed: int = 0
+    eval_every: int = 100
+    save_every: int = 100
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "calls_per_batch", "rollout_prompts", "refresh", "buffer_rounds",
+                     "eval_every", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("lr", "grad_clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.states not in ("student", "dense"):
+            raise ValueError(f"states must be 'student' or 'dense', got {self.states!r}")
+        if self.t_weight not in T_WEIGHTS:
+            raise ValueError(f"t_weight must be one of {T_WEIGHTS}, got {self.t_weight!r}")
+
+
+# ---------------------------------------------------------------------------------------------- recorded calls
+@dataclass
+class Call:
+    """One transformer call: its arguments (tensors detached, on the store device), batch size, noise level,
+    and the teacher's output once known."""
+
+    args: tuple
+    kwargs: dict
+    rows: int
+    t: float | None
+    target: torch.Tensor | None = None
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.dim() >= 2:
+            return v
+    return None
+
+
+def _map(obj, fn):
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    return obj
+
+
+class Recorder:
+    """Records every call of ``module`` inside the block (a forward pre-hook); tensors go to ``device``."""
+
+    def __init__(self, module: torch.nn.Module, device=None):
+        self.module, self.device, self.calls, self._h = module, device, [], None
+
+    def _hook(self, mod, args, kwargs):
+        first = _first_tensor(args, kwargs)
+        if first is None:
+            return
+        move = (lambda x: x.detach().to(self.device)) if self.device is not None else (lambda x: x.detach())
+        self.calls.append(Call(_map(args, move), _map(kwargs, move), first.shape[0],
+                               schedule.noise_level(mod, args, kwargs)))
+
+    def __enter__(self):
+        self._h = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+def _output(out) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    if torch.is_tensor(sample):
+        return sample
+    raise DistillError(f"the transformer returned {type(out).__name__}; expected a tensor, a tuple or .sample")
+
+
+def _to(obj, device):
+    return _map(obj, lambda x: x.to(device, non_blocking=True))
+
+
+def rows_of(call: Call, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+    """(args, kwargs, target, per-row t) of the rows ``idx`` of a call: every tensor whose first dimension is the
+    batch is sliced; the rest (position ids, masks of shape [N, ...]) is shared."""
+    b = call.rows
+
+    def pick(x):
+        return x[idx.to(x.device)] if x.dim() >= 1 and x.shape[0] == b else x
+
+    t = torch.full((len(idx),), -1.0 if call.t is None else call.t)
+    return _map(call.args, pick), _map(call.kwargs, pick), call.target[idx.to(call.target.device)], t
+
+
+def _cat_calls(parts):
+    """Concatenate the row selections of several calls along the batch (shared tensors taken from the first)."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [p[2].shape[0] for p in parts]
+
+    def merge(items):
+        x0 = items[0]
+        if torch.is_tensor(x0):
+            if x0.dim() >= 1 and all(torch.is_tensor(x) and x.dim() == x0.dim() and x.shape[0] == s
+                                     for x, s in zip(items, sizes)) and x0.shape[0] == sizes[0]:
+                return torch.cat(items)
+            return x0
+        if isinstance(x0, (list, tuple)):
+            return type(x0)(merge([it[i] for it in items]) for i in range(len(x0)))
+        if isinstance(x0, dict):
+            return {k: merge([it[k] for it in items]) for k in x0}
+        return x0
+
+    args = merge([p[0] for p in parts])
+    kwargs = merge([p[1] for p in parts])
+    return args, kwargs, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+
+
+def _row_error(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = tuple(range(1, out.dim()))
+    d = (out.float() - target.float()).pow(2).sum(dims)
+    return d, target.float().pow(2).sum(dims)
+
+
+def t_weights(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row loss weights from noise levels t (1 = noise; rows of unknown t weigh 1)."""
+    if kind == "uniform":
+        return torch.ones_like(t)
+    tt = t.clamp(0, 1)
+    w = 1 + 3 * (1 - tt) if kind == "late" else 1 + 3 * tt
+    return torch.where(t < 0, torch.ones_like(t), w)
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+def lora_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    """The compensation LoRA factors of every sparse layer, by state-dict-like name."""
+    out = {}
+    for name, layer in sparse_layers(transformer).items():
+        if layer.lora_A is not None:
+            out[f"{name}.lora_A"] = layer.lora_A
+            out[f"{name}.lora_B"] = layer.lora_B
+    return out
+
+
+@dataclass
+class MemoryPlan:
+    lora_params: int
+    model_bytes: int
+    optimizer_bytes: int
+    call_bytes: int
+    calls_per_round: int | None
+    store: str
+    checkpointing: bool = True
+
+    def report(self) -> str:
+        gib = 2 ** 30
+        calls = (f"{self.call_bytes / 2 ** 20:.1f} MiB per recorded call (args + teacher output)"
+                 + (f", ~{self.calls_per_round} calls per rollout" if self.calls_per_round else ""))
+        return (f"global distillation memory plan: model {self.model_bytes / gib:.2f} GiB; "
+                f"{self.lora_params:,} LoRA parameters, fp32 master + Adam {self.optimizer_bytes / 2 ** 20:.1f} MiB; "
+                f"{calls}, stored on {self.store}; activations: "
+                + ("one block at a time (gradient checkpointing)" if self.checkpointing else "whole forward (no checkpointing)")
+                + " (measured peak printed after the first step)")
+
+
+def memory_plan(transformer, params, sample_call: Call | None = None, calls_per_round: int | None = None,
+                store: str = "model device", checkpointing: bool = True) -> MemoryPlan:
+    model_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    n = sum(p.numel() for p in params.values())
+    call_bytes = 0
+    if sample_call is not None:
+        seen = []
+        _map((sample_call.args, sample_call.kwargs), lambda x: seen.append(x.numel() * x.element_size()))
+        out = _first_tensor(sample_call.args, sample_call.kwargs)
+        call_bytes = sum(seen) + (out.numel() * out.element_size() if out is not None else 0)
+    return MemoryPlan(n, model_bytes, 16 * n, call_bytes, calls_per_round, store, checkpointing)
+
+
+# ---------------------------------------------------------------------------------------------- training
+class _Master:
+    """fp32 master copies of half-precision LoRA factors (an update below half precision's resolution would be
+    lost in place); the model's parameters (views into the sites' operands) are written in place after each step."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.master = {k: p.detach().float().clone().requires_grad_(True) for k, p in params.items()}
+
+    def grads_in(self) -> None:
+        for k, p in self.params.items():
+            g = p.grad
+            self.master[k].grad = None if g is None else g.float()
+            p.grad = None
+
+    def write_out(self) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.master[k])
+
+
+def _frozen_except(transformer, keep: dict[str, torch.nn.Parameter]):
+    keep_ids = {id(p) for p in keep.values()}
+    saved = [(p, p.requires_grad) for p in transformer.parameters()]
+    for p in transformer.parameters():
+        p.requires_grad_(id(p) in keep_ids)
+    return saved
+
+
+@dataclass
+class History:
+    rows: list = field(default_factory=list)
+
+    def add(self, **row):
+        self.rows.append(row)
+        return row
+
+
+def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: GlobalConfig,
+                history: History) -> None:
+    """The LoRA (rtlynx.save format, loadable on its own) + master weights and Adam moments; written to a temporary
+    name and renamed, so an interrupted save leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+
+    from . import io
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for i, (k, m) in enumerate(master.master.items()):
+        tensors[f"master.{k}"] = m.detach().cpu().contiguous()
+        st = opt.state.get(m, {})
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                tensors[f"{name}.{k}"] = st[name].detach().cpu().contiguous()
+    tmp = ckpt / (STATE_FILE + ".tmp")
+    save_file(tensors, str(tmp))
+    meta = {"step": step, "config": asdict(cfg), "history": history.rows}
+    (ckpt / (STATE_META + ".tmp")).write_text(json.dumps(meta))
+    io.save(transformer, ckpt / "lora", overwrite=True)
+    tmp.replace(ckpt / STATE_FILE)
+    (ckpt / (STATE_META + ".tmp")).replace(ckpt / STATE_META)
+
+
+def _load_state(ckpt: Path, master: _Master, opt) -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / STATE_META).read_text())
+    tensors = load_file(str(ckpt / STATE_FILE))
+    missing = [k for k in master.master if f"master.{k}" not in tensors]
+    if missing:
+        raise DistillError(f"{ckpt}: the checkpoint does not match this model's LoRA layers (missing {missing[0]})")
+    step = int(meta["step"])
+    with torch.no_grad():
+        for k, m in master.master.items():
+            src = tensors[f"master.{k}"]
+            if src.shape != m.shape:
+                raise DistillError(f"{ckpt}: {k} has shape {tuple(src.shape)}, the model's is {tuple(m.shape)}")
+            m.copy_(src)
+            if f"exp_avg.{k}" in tensors:
+                opt.state[m] = {"step": torch.tensor(float(step)), "exp_avg": tensors[f"exp_avg.{k}"].to(m.device),
+                                "exp_avg_sq": tensors[f"exp_avg_sq.{k}"].to(m.device)}
+    master.write_out()
+    return meta
+
+
+def _lr_at(step: int, cfg: GlobalConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))  # cosine to zero
+
+
+class _Backend:
+    """Run the block on another backend (the training forward needs autograd: the reference path; rollouts and
+    evaluations, no gradients: the user's, e.g. the fused kernels)."""
+
+    def __init__(self, transformer, backend: str | None):
+        self.transformer, self.backend = transformer, backend
+
+    def __enter__(self):
+        self.saved = config_of(self.transformer).backend
+        if self.backend is not None and self.backend != self.saved:
+            configure(self.transformer, backend=self.backend)
+
+    def __exit__(self, *exc):
+        if config_of(self.transformer).backend != self.saved:
+            configure(self.transformer, backend=self.saved)
+
+
+def record_round(transformer, rollout: Callable[[list[str], int], object], prompts: list[str], seed: int,
+                 states: str, store_device=None) -> list[Call]:
+    """Run ``rollout(prompts, seed)`` (a sampler) with the student (``states="student"``) or the dense model,
+    record its transformer calls, then the teacher's output at each."""
+    with torch.no_grad():
+        rec = Recorder(transformer, store_device)
+        if states == "dense":
+            with dense_mode(transformer), rec:
+                rollout(prompts, seed)
+        else:
+            with rec:
+                rollout(prompts, seed)
+        dev = next(transformer.parameters()).device
+        with dense_mode(transformer):
+            for c in rec.calls:
+                out = _output(transformer(*_to(c.args, dev), **_to(c.kwargs, dev)))
+                c.target = out.detach().to(store_device) if store_device is not None else out.detach()
+    return rec.calls
+
+
+@torch.no_grad()
+def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float:
+    """Relative error of the student's outputs against the recorded teacher's: sum |v_s - v_t|^2 / sum |v_t|^2."""
+    dev = next(transformer.parameters()).device
+    num = den = 0.0
+    for c in calls:
+        for i in range(0, c.rows, max_rows):
+            idx = torch.arange(i, min(c.rows, i + max_rows))
+            args, kwargs, target, _ = rows_of(c, idx)
+            out = _output(transformer(*_to(args, dev), **_to(kwargs, dev)))
+            d, e = _row_error(out, target.to(dev))
+            num += float(d.sum())
+            den += float(e.sum())
+    return num / den if den else float("nan")
+
+
+def train_global(transformer, rollout: Callable[[list[str], int], object], prompts: list[str],
+                 config: GlobalConfig | None = None, val_calls: list[Call] | None = None,
+                 eval_fn: Callable[[int], dict] | None = None, checkpoint: str | Path | None = None,
+                 resume: bool = False, store_device=None, progress: bool = True, log=print) -> dict:
+    """Train every compensation LoRA of the sparsified ``transformer`` jointly against its dense self.
+
+    ``rollout(prompts, seed)`` samples images for prompts (e.g. ``runner.sample(..., latent=True)``): it is run
+    with the student to record training states (see the module docstring). ``val_calls`` (from
+    :func:`record_round` on held-out prompts) give the held-out velocity error; ``eval_fn(step)`` any other metric
+    (e.g. paired PSNR against dense). ``checkpoint``: a folder written every ``save_every`` steps and at the end
+    (the LoRA as ``checkpoint/lora``, loadable with ``rtlynx.load``); ``resume=True`` continues from it. A non-finite
+    loss stops the run with :class:`DistillError`, the model holding the last good checkpoint's (or the starting)
+    LoRA. Returns the history and timings."""
+    from tqdm.auto import tqdm
+
+    cfg = config or GlobalConfig()
+    params = lora_parameters(transformer)
+    if not params:
+        raise DistillError("the model has no compensation LoRA to train: start from the closed form "
+                           "(`rtlynx train-lora`, or rtlynx.load of a saved LoRA) or sparsify with lora_rank > 0")
+    if not prompts:
+        raise DistillError("no training prompts")
+    dev = next(transformer.parameters()).device
+    master = _Master(params)
+    opt = torch.optim.Adam(list(master.master.values()), lr=cfg.lr)
+    history = History()
+    step0 = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if resume:
+        if ckpt is None or not (ckpt / STATE_META).is_file():
+            raise DistillError(f"nothing to resume: no {STATE_META} in {ckpt}")
+        meta = _load_state(ckpt, master, opt)
+        step0, history.rows = meta["step"], meta["history"]
+        log(f"resumed {ckpt} at step {step0}")
+    start = {k: m.detach().clone() for k, m in master.master.items()}  # restored on a non-finite loss
+
+    rng = random.Random(cfg.seed + step0)
+    order = list(prompts)
+    random.Random(cfg.seed).shuffle(order)
+    user_backend = config_of(transformer).backend
+    train_backend = _Backend(transformer, "reference")  # autograd through the pruned product
+    train_backend.__enter__()
+    saved_grad = _frozen_except(transformer, params)
+    had_ckpt = bool(getattr(transformer, "gradient_checkpointing", False))
+    if cfg.checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
+        try:
+            transformer.enable_gradient_checkpointing()
+        except ValueError:  # a model without checkpointing support: full activations
+            pass
+    buffer: list[list[Call]] = []
+    timings = {"rollout_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+    peak = None
+    round_i = step0 // cfg.refresh
+    bar = tqdm(total=cfg.steps, initial=step0, desc="global distill", disable=not progress, unit="step")
+    try:
+        for step in range(step0, cfg.steps):
+            if step == step0 or step % cfg.refresh == 0:
+                t0 = time.perf_counter()
+                lo = (round_i * cfg.rollout_prompts) % len(order)
+                batch_prompts = [order[(lo + i) % len(order)] for i in range(cfg.rollout_prompts)]
+                with _Backend(transformer, user_backend):
+                    buffer.append(record_round(transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i,
+                                               cfg.states, store_device))
+                buffer = buffer[-cfg.buffer_rounds:]
+                round_i += 1
+                timings["rollout_s"] += time.perf_counter() - t0
+                if step == step0:
+                    log(memory_plan(transformer, params, buffer[0][0] if buffer[0] else None, len(buffer[0]),
+                                    "cpu" if store_device is not None and str(store_device) == "cpu"
+                                    else "the model's device",
+                                    bool(getattr(transformer, "gradient_checkpointing", False))).report())
+            if step == step0 or step % cfg.eval_every == 0:
+                with _Backend(transformer, user_backend):
+                    _evaluate(transformer, step, val_calls, eval_fn, history, timings, log)
+            t0 = time.perf_counter()
+            calls = [c for r in buffer for c in r]
+            picks = rng.sample(range(len(calls)), min(cfg.calls_per_batch, len(calls)))
+            per = max(1, cfg.batch // len(picks))
+            parts = []
+            for j in picks:
+                c = calls[j]
+                idx = torch.tensor(sorted(rng.sample(range(c.rows), min(per, c.rows))))
+                parts.append(rows_of(c, idx))
+            args, kwargs, target, t = _cat_calls(parts)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            out = _output(transformer(*_to(args, dev), **_to(kwargs, dev)))
+            d, e = _row_error(out, target.to(dev))
+            w = t_weights(t, cfg.t_weight).to(dev)
+            loss = (w * d).sum() / e.sum().clamp_min(1e-30)
+            if not torch.isfinite(loss):
+                raise DistillError(f"non-finite loss at step {step}: the LoRA is back at the last good state "
+                                   f"({'checkpoint ' + str(ckpt) if ckpt is not None and (ckpt / STATE_META).is_file() else 'the start'}); "
+                                   "try a lower lr")
+            loss.backward()
+            master.grads_in()
+            torch.nn.utils.clip_grad_norm_(list(master.master.values()), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            master.write_out()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            step_s = time.perf_counter() - t0
+            timings["train_s"] += step_s
+            if peak is None and dev.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+                log(f"measured peak GPU memory after the first step: {peak:.2f} GiB")
+            rel = float((d.sum() / e.sum().clamp_min(1e-30)).detach())
+            bar.set_postfix(loss=f"{rel:.4f}")
+            bar.update(1)
+            history.add(step=step + 1, train_rel_err=rel, lr=_lr_at(step, cfg), step_s=step_s)
+            if ckpt is not None and (step + 1) % cfg.save_every == 0:
+                _save_state(ckpt, transformer, master, opt, step + 1, cfg, history)
+                start = {k: m.detach().clone() for k, m in master.master.items()}
+        with _Backend(transformer, user_backend):
+            _evaluate(transformer, cfg.steps, val_calls, eval_fn, history, timings, log)
+        if ckpt is not None:
+            _save_state(ckpt, transformer, master, opt, cfg.steps, cfg, history)
+    except DistillError:
+        with torch.no_grad():
+            for k, m in master.master.items():
+                m.copy_(start[k])
+        master.write_out()
+        raise
+    finally:
+        bar.close()
+        train_backend.__exit__()
+        for p, rg in saved_grad:
+            p.requires_grad_(rg)
+        if not had_ckpt and hasattr(transformer, "disable_gradient_checkpointing"):
+            try:
+                transformer.disable_gradient_checkpointing()
+            except ValueError:
+                pass
+        for p in params.values():
+            p.grad = None
+    return {"history": history.rows, "timings": timings, "peak_gib": peak, "config": asdict(cfg),
+            "lora_params": sum(p.numel() for p in params.values())}
+
+
+def _evaluate(transformer, step, val_calls, eval_fn, history, timings, log):
+    t0 = time.perf_counter()
+    row = {"step": step}
+    if val_calls:
+        row["val_rel_err"] = velocity_error(transformer, val_calls)
+    if eval_fn is not None:
+        row.update(eval_fn(step))
+    timings["eval_s"] += time.perf_counter() - t0
+    history.add(**row)
+    log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+
+__all__ = ["Call", "DistillError", "GlobalConfig", "MemoryPlan", "Recorder", "lora_parameters", "memory_plan",
+           "record_round", "rows_of", "t_weights", "train_global", "velocity_error"]
