@@ -6,12 +6,12 @@
     rtlynx.save(transformer, "lynx/")            # config + LoRA only, never the base weights
 """
 
+from ._version import __version__
 from .api import config_of, configure, dense_mode, eligible_layers, sparse_layers, sparsify, summary, unsparsify
 from .config import SparsityConfig
 from .io import load, save
 from .nn import SparseActLinear
 
-__version__ = "0.1.0"
 
 __all__ = [
     "SparseActLinear", "SparsityConfig", "config_of", "configure", "dense_mode", "eligible_layers", "load", "save",

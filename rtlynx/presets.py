@@ -213,7 +213,7 @@ def write_preset_file(path, model_class: str, layers: list[str], info: dict | No
     return path
 
 
-def _read_json(path: Path, what: str):
+def read_json(path: Path, what: str):
     """The JSON in ``path``; FileNotFoundError / ValueError naming ``what`` if it is missing or not JSON."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
@@ -225,7 +225,7 @@ def _read_json(path: Path, what: str):
 
 def read_preset_file(path) -> dict:
     path = Path(path)
-    d = _read_json(path, "preset file")
+    d = read_json(path, "preset file")
     if not isinstance(d, dict) or d.get("format") != PRESET_FORMAT or not isinstance(d.get("include"), list):
         raise ValueError(f"{path} is not an rtlynx preset file (written by `rtlynx select`)")
     return d

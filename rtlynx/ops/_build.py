@@ -365,12 +365,7 @@ def _last_error(stderr: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def main(argv=None) -> int:
-    """``python -m rtlynx.ops._build [--no-link] [--jobs N] [--verbose]``: the same as ``rtlynx build``."""
-    from ..commands.build import main as build_main
+if __name__ == "__main__":  # python -m rtlynx.ops._build: the `rtlynx build` command (a script, above the layers)
+    from rtlynx.commands.build import main
 
-    return build_main(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

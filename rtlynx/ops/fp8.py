@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from ..reference.fp8 import quantize_weight_e4m3
 from ..reference.sm90 import padded_shape
 from . import _checks, _lib
 from ._checks import FP8
@@ -230,8 +231,6 @@ def _(x, wq, sw, bias, splits, norm, eps, act=0):
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(wq [N, Kp] e4m3, sw [N] float32)`` for the FP8 GEMM (:func:`rtlynx.reference.fp8.quantize_weight_e4m3`,
     run on the weight's device)."""
-    from ..reference.fp8 import quantize_weight_e4m3
-
     return quantize_weight_e4m3(weight)
 
 

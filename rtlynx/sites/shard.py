@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import backends, ops, reference
+from ..families import family_of
 # The lynx prune kernel reads K in steps of 8 (rtlynx.ops.prune_compress): a row-parallel shard on the GPU kernels
 # must be a multiple of it.
 LYNX_K_MULTIPLE = 8
@@ -61,7 +62,7 @@ def check_split(name: str, style: str, blocks, size: int, config, cuda: bool) ->
             f"rtlynx: {name}: K={k} (blocks {list(blocks)}) split over {size} tensor-parallel ranks leaves shards that "
             f"are not whole groups of {config.m}: every block must be a multiple of m x tp = {unit}, or groups would "
             f"straddle a shard boundary. Keep this layer dense (exclude=[{name!r}]) or use another tp_degree")
-    if config.dtype == "fp8":
+    if not family_of(config.dtype).splits_k:
         raise ValueError(f"rtlynx: {name}: dtype='fp8' scales each token over its whole K, which a row-parallel "
                          f"split does not have; use dtype='native' or exclude the row-parallel layers")
     local_k = k // size
@@ -74,7 +75,7 @@ def check_split(name: str, style: str, blocks, size: int, config, cuda: bool) ->
 
 # ---------------------------------------------------------------------------------------------- sharded models
 def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # lazy: torch.distributed is optional and slow to import
 
     return isinstance(t, DTensor)
 
@@ -214,7 +215,7 @@ def row_forward(site, layer, x: torch.Tensor) -> torch.Tensor:
     """A row-parallel sparse layer on this rank's slice of K: the partial outputs of every mode (sparse, dense,
     weight) are summed over the ranks, then the bias is added once."""
     cfg = layer._settings.config
-    if cfg.dtype == "fp8":
+    if not family_of(cfg.dtype).splits_k:
         raise RuntimeError(f"rtlynx: site {site.name!r} is row-parallel, and dtype='fp8' scales each token over its "
                            "whole K: configure(model, dtype='native') for a tensor-parallel model")
     x2 = x.reshape(-1, site.k)
