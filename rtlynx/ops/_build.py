@@ -50,12 +50,8 @@ import time
 from pathlib import Path
 
 from .._files import file_sha256
+from ._configs import CSRC
 
-# In a source checkout csrc/ sits at the repository root; wheels carry it as rtlynx/csrc (a symlink
-# to ../csrc in the checkout, whose files setuptools copies into the package).
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-if not CSRC.is_dir():
-    CSRC = Path(__file__).resolve().parents[2] / "csrc"
 LIB_NAME = "librtlynx_sm90.so"
 ARCH = "sm_90a"
 NVCC_FLAGS = [
