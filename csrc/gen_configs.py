@@ -1,8 +1,11 @@
 """Generate one .cu per sparse GEMM config plus the dispatch table. Run from csrc/: python gen_configs.py
 
-Config ids are the positions in CONFIGS; rtlynx/ops/sm90.py CONFIG_NAMES must list the same names in order.
-Tile K is always 128 (the metadata layout depends on it).
+Config ids are the positions in CONFIGS / FP8_CONFIGS; configs.json (written here too) gives their names in order
+to rtlynx/ops/sm90.py and rtlynx/ops/fp8.py (CONFIG_NAMES). Tile K is always 128 for bf16 (the metadata layout
+depends on it).
 """
+
+import json
 
 CONFIGS = [
     # name, tile M, tile N, cluster M, cluster N, schedule
@@ -35,7 +38,15 @@ SCHED = {
 }
 
 
+def write_names():
+    """configs.json: the config names in id order, the one list Python reads (tests/test_configs.py checks it)."""
+    with open("configs.json", "w") as f:
+        json.dump({"bf16": [c[0] for c in CONFIGS], "fp8": [c[0] for c in FP8_CONFIGS]}, f, indent=1)
+        f.write("\n")
+
+
 def main():
+    write_names()
     for name, tm, tn, cm, cn, s in CONFIGS:
         ml, ep = SCHED[s]
         with open(f"sparse_gemm_sm90_{name}.cu", "w") as f:

@@ -10,20 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import parallel, schedule, sites
+import torch.distributed as dist
+
+from . import schedule
 from .config import SparsityConfig
+from .integrations import diffusers as hf
+from .integrations.diffusers import as_module as _as_module
 from .nn import OVERRIDABLE, SparseActLinear
-from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, resolve_preset
-
-
-def _as_module(model) -> nn.Module:
-    """Accept a module or a diffusers pipeline (whose denoiser is ``.transformer``)."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "transformer", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    raise TypeError(f"expected an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
+from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, SPEED_RULES, preset_file_config, resolve_preset
+from .sites import Settings, build_sites, model_sites, shard
 
 
 def layer_rules(model: nn.Module, config: SparsityConfig) -> tuple[list[str], list[str]]:
@@ -43,7 +38,7 @@ def site_rules(model: nn.Module, config: SparsityConfig):
     return PRESETS[preset].get("sites", DEFAULT_SITES) if preset else DEFAULT_SITES
 
 
-def settings_of(model) -> sites.Settings | None:
+def settings_of(model) -> Settings | None:
     """The one shared Settings of a sparsified model (None if it is not sparsified)."""
     return getattr(_as_module(model), "_rtlynx_settings", None)
 
@@ -86,8 +81,6 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
     if overrides:
         config = SparsityConfig.from_dict({**config.to_dict(), **overrides})
     if config.preset and config.preset.endswith(".json"):  # a preset file (rtlynx select): its exact layer names
-        from .select import preset_file_config
-
         config = preset_file_config(config, module)
     names = eligible_layers(module, config)
     if not names:
@@ -105,8 +98,8 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
 def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_rank: int) -> None:
     """Replace ``names`` by SparseActLinear layers (LoRA of ``lora_rank``, 0 = none) sharing one
     Settings(config), grouped into sites by the config's site rules."""
-    settings = sites.Settings(config)
-    shards = parallel.layer_shards(module, names, config)  # tensor parallelism: checked before anything changes
+    settings = Settings(config)
+    shards = shard.layer_shards(module, names, config)  # tensor parallelism: checked before anything changes
     for name in names:
         hooks = getattr(module.get_submodule(name), "_diffusers_hook", None)
         if hooks is not None and hooks.hooks:
@@ -115,14 +108,68 @@ def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_ran
     for name in names:
         lin = module.get_submodule(name)
         if name in shards:
-            lin = parallel.localize(lin)
+            lin = shard.localize(lin)
         layer = SparseActLinear(lin, lora_rank=lora_rank, settings=settings)
         layer._tp = shards.get(name)
         _set_submodule(module, name, layer)
-    sites.build_sites(module, names, site_rules(module, config))
+    for site in build_sites(module, names, site_rules(module, config)):
+        hf.install_producer(module, site)
     module._rtlynx_settings = settings
-    parallel.install(module)
+    hf.install_parallelism(module, enable_parallelism)
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
+
+
+def enable_parallelism(self, *, config, cp_plan=None):
+    """diffusers' ``enable_parallelism`` for a sparsified model. Context parallelism: diffusers' own (the sparse
+    layers need nothing). Tensor parallelism: every sparse layer's split is checked first (nothing changes on an
+    error), then the model is un-sparsified, sharded by diffusers and sparsified again (see :mod:`rtlynx.parallel`)."""
+    base = type(self).enable_parallelism
+    tp = hf.tp_config(config)
+    if tp is None or getattr(self, "_tp_plan", None) is None or getattr(self, "_parallel_config", None) is not None:
+        return base(self, config=config, cp_plan=cp_plan)  # CP, or diffusers' own error
+    size = tp.mesh.size() if tp.mesh is not None else tp.tp_degree
+    cfg = config_of(self)
+    layers = sparse_layers(self)
+    cuda = any(l.weight.is_cuda for l in layers.values())
+    for name, spec in shard.plan_specs(self, size).items():
+        layer = name.removesuffix(".weight")
+        if name.endswith(".weight") and layer in layers:
+            shard.check_split(layer, shard.split_style(spec[0]), spec[1], size, cfg, cuda)
+    state = {n: (l.lora_rank if l.lora_A is not None else 0, l._override.copy(),
+                 None if l.lora_A is None else (l.lora_A.detach().clone(), l.lora_B.detach().clone()))
+             for n, l in layers.items()}
+    unsparsify(self)
+
+    def restore():
+        _apply(self, list(state), cfg, lora_rank=0)
+        for name, layer in sparse_layers(self).items():
+            rank, override, lora = state[name]
+            layer._override.update(override)
+            if not rank:
+                continue
+            a, b = lora
+            sh = layer._tp
+            if sh is not None:  # rank 0's LoRA, as diffusers makes rank 0's weights the sharded ones
+                src = dist.get_global_rank(sh.group, 0)
+                dist.broadcast(a, src, group=sh.group)
+                dist.broadcast(b, src, group=sh.group)
+                a = sh.local(a, 1) if sh.style == "rowwise" else a
+                b = sh.local(b, 0) if sh.style == "colwise" else b
+            layer.add_lora(rank, rebuild=False)
+            with torch.no_grad():
+                layer.lora_A.copy_(a)
+                layer.lora_B.copy_(b)
+        for site in model_sites(self):
+            site.refresh_overrides()
+            site.build()
+
+    try:
+        base(self, config=config, cp_plan=cp_plan)
+    except BaseException:
+        if not shard.is_sharded(self):
+            restore()  # diffusers refused before sharding anything: the model as it was
+        raise
+    restore()
 
 
 def sparse_layers(model) -> dict[str, SparseActLinear]:
@@ -134,11 +181,11 @@ def unsparsify(model):
     """Undo :func:`sparsify`: put plain nn.Linear layers (same weight/bias objects) back; LoRA is dropped."""
     module = _as_module(model)
     if any(l._tp is not None for l in sparse_layers(module).values()):
-        parallel.refuse_sharded(module, "rtlynx.unsparsify")
-    parallel.uninstall(module)
+        shard.refuse_sharded(module, "rtlynx.unsparsify")
+    hf.uninstall_parallelism(module)
     schedule.remove(module, sparse_layers(module).values())
-    sites.remove_producers(module)
-    for site in sites.model_sites(module):
+    hf.remove_producers(module)
+    for site in model_sites(module):
         site.release()
     for name, layer in sparse_layers(module).items():
         _set_submodule(module, name, layer.to_linear())
@@ -180,7 +227,7 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     for layer in layers.values():
         for name in dropped:
             layer._override.pop(name, None)
-    for site in sites.model_sites(module):
+    for site in model_sites(module):
         site.refresh_overrides()
     return model
 
@@ -281,8 +328,6 @@ def summary(model, *args, **kwargs) -> Summary:
         finally:
             for h in hooks:
                 h.remove()
-    from .presets import SPEED_RULES
-
     config = config_of(module)
     infos = []
     for n, m in linears.items():

@@ -18,7 +18,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import ops, reference
+from .reference.fp8 import fp8_sparse_act_linear
 
 _warned: set[str] = set()
 
@@ -45,12 +46,7 @@ def cusparselt_status() -> tuple[bool, str]:
 
 
 def lynx_status(device_index: int | None = None) -> tuple[bool, str]:
-    try:
-        from . import ops
-    except ImportError as e:
-        return False, f"rtlynx.ops not importable ({e})"
-    status = getattr(ops, "lynx_status", None)
-    return status(device_index) if status else (False, "rtlynx.ops has no lynx kernels in this build")
+    return ops.lynx_status(device_index)
 
 
 # Availability as compile-time constants: torch.compile evaluates these once while tracing instead of
@@ -71,8 +67,6 @@ def _device_index(x: torch.Tensor) -> int:
 
 def run_reference(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
     if fp8:
-        from .reference.fp8 import fp8_sparse_act_linear
-
         return fp8_sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
     return reference.sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
 
@@ -110,11 +104,11 @@ def run_cusparselt(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8
 
 def run_lynx(x, weight, bias, n, m, compensation, lora_a, lora_b, eps, fp8=False):
     if fp8:
-        raise BackendUnavailable("the FP8 sparse kernels are not built yet (dtype='fp8' is emulated)")
+        # the FP8 kernels run whole sites (rtlynx.families.FP8Family); a layer alone runs the FP8 spec
+        raise BackendUnavailable("dtype='fp8' runs on the lynx kernels per site only; this layer runs the FP8 spec")
     idx = _device_index(x)
     if not _lynx_ok(idx):
         raise BackendUnavailable(lynx_status(idx)[1] if idx >= 0 else "x is not on a CUDA device")
-    from . import ops
 
     try:
         return ops.lynx_linear(x, weight, bias, compensation == "norm", lora_a, lora_b, n=n, m=m, eps=eps)

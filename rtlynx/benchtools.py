@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 from ._files import file_sha256
+from ._version import __version__
 from .config import BENCH_FLUSH_BYTES, BENCH_ROTATE_BYTES
+from .ops import _lib
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout root when rtlynx is installed editable
 
@@ -180,8 +182,6 @@ def kernel_library() -> dict | None:
     None when no library was loaded or named."""
     path = None
     try:
-        from .ops import _lib
-
         if _lib._LIB is not None:
             path = _lib._LIB._name
     except Exception:  # noqa: BLE001  (a broken kernel module must not lose the results)
@@ -195,8 +195,6 @@ def kernel_library() -> dict | None:
 
 def run_metadata() -> dict:
     """The identity of a run, for every results JSON: commit, source digest, kernel library, versions, device."""
-    from . import __version__
-
     return {"commit": git_commit(), "source_digest": source_digest(), "kernel_library": kernel_library(),
             "rtlynx": __version__, "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

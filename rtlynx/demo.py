@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from . import api
+from . import api, io
+from .eval import fid
+from .models.miniflux import to_uint8
 
 LORA_DIR = Path(__file__).resolve().parent / "assets" / "miniflux-lynx"
 
@@ -33,8 +35,6 @@ VARIANTS = {
 def prepare(model, lora_dir: Path | None = LORA_DIR, backend: str = "auto") -> bool:
     """Sparsify ``model.transformer`` for the comparison; load the distilled LoRA when there is one.
     Returns whether a LoRA was loaded."""
-    from . import io
-
     if lora_dir is not None and (Path(lora_dir) / io.CONFIG_FILE).is_file():
         io.load(model.transformer, lora_dir)
         api.configure(model.transformer, backend=backend, speed_rules=False)  # a quality demo: sparse everywhere
@@ -49,8 +49,6 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
     first samples one prompt for WARMUP_STEPS untimed, so its seconds per image leave out one-time costs (the
     first forward's allocations and library loads, lazily prepared weights)."""
     from tqdm.auto import tqdm
-
-    from .models.miniflux import to_uint8
 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), model.grid ** 2, model.config["patch_size"] ** 2 * model.config["channels"],
@@ -76,14 +74,12 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
 
 def paired_metrics(results: dict) -> dict:
     """PSNR / SSIM of every variant against the dense images (same prompts, seeds, noise)."""
-    from .eval.fid import paired_metrics as pair
-
     dense = results["dense"][0]
     metrics = {}
     for name, (imgs, spi) in results.items():
         m = {"seconds_per_image": spi}
         if name != "dense":
-            p = pair(imgs, dense)
+            p = fid.paired_metrics(imgs, dense)
             m.update(psnr=p["psnr"], ssim=p["ssim"])
         metrics[name] = m
     return metrics

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .api import sparse_layers
+from .api import dense_mode, sparse_layers
 from .nn import SparseActLinear
+from .sites import model_sites
 
 STATS_FORMAT = 2  # 2: one Gram per activation site (format 1, one per layer, still loads)
 GB = 2 ** 30
@@ -266,13 +267,11 @@ class Plan:
 
 def stat_groups(transformer) -> list[Group]:
     """The Gram-sharing groups of a sparsified transformer, in module order: its activation sites."""
-    from . import sites
-
     names = {id(m): n for n, m in sparse_layers(transformer).items()}
     if not names:
         raise ValueError("transformer has no SparseActLinear layers: sparsify it first")
     groups = [Group([names[id(l)] for l in site.layers], site.k, [l.out_features for l in site.layers])
-              for site in sites.model_sites(transformer)]
+              for site in model_sites(transformer)]
     covered = {n for g in groups for n in g.layers}
     groups += [Group([n], l.in_features, [l.out_features]) for n, l in sparse_layers(transformer).items()
                if n not in covered]
@@ -305,8 +304,6 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
     """Run ``run_fn()`` (e.g. dense sampling) with the sparsified ``transformer`` in dense mode and accumulate
     the statistics of the layers in ``groups`` (default: all) on ``device`` (default: each layer's device).
     Members of a site share one Gram; a site whose members turn out to read different inputs is an error."""
-    from .api import dense_mode
-
     layers = sparse_layers(transformer)
     if not layers:
         raise ValueError("transformer has no SparseActLinear layers: sparsify it first")

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from .config import BACKENDS, COMPENSATIONS, K_REMAINDER, MODES, SparsityConfig
+from .families import family_of
+from .reference.fp8 import dequantize, quantize_rows_e4m3
 from .sites import Settings, Site
 
 CHOICES = {"mode": MODES, "compensation": COMPENSATIONS, "backend": BACKENDS, "k_remainder": K_REMAINDER}
@@ -138,8 +140,6 @@ class SparseActLinear(nn.Module):
     def _dequantized(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``weight * scale`` (default: ``weight_scale``) in float32, rounded once to the dtype the layer computes in
         (the weight's own dtype once a cast has turned the FP8 values into plain numbers)."""
-        from .reference.fp8 import dequantize
-
         scale = self.weight_scale if scale is None else scale
         dtype = self._dense_dtype if self.weight.dtype == torch.float8_e4m3fn else self.weight.dtype
         return dequantize(self.weight, scale.to(self.weight.device).float()).to(dtype)
@@ -165,7 +165,6 @@ class SparseActLinear(nn.Module):
         if self.weight_scale is not None and w is not None and w.dtype != torch.float8_e4m3fn:
             # base weights loaded into a layer that stores FP8 (e.g. a fine-tune's checkpoint): quantised as
             # sparsify does, instead of copy_ casting the values to e4m3 without a scale
-            from .reference.fp8 import quantize_rows_e4m3
 
             q, sw = quantize_rows_e4m3(w.to(self.weight_scale.device))
             state_dict = {**state_dict, key: q, prefix + "weight_scale": sw}
@@ -251,8 +250,8 @@ class SparseActLinear(nn.Module):
         xp = reference.pad_to_multiple(x2, self.m)
         wp = reference.pad_to_multiple(self.dense_weight(), self.m)
         ap = reference.pad_to_multiple(lora_a, self.m) if lora_a is not None else None
-        return backends.run(self.backend, xp, wp, self.bias, self.n, self.m, self.compensation, ap, lora_b, self.eps,
-                            fp8=self._settings.config.dtype == "fp8")
+        return family_of(self._settings.config.dtype).run_backend(self.backend, xp, wp, self.bias, self.n, self.m,
+                                                                   self.compensation, ap, lora_b, self.eps)
 
 
 __all__ = ["CHOICES", "MODES", "OVERRIDABLE", "SparseActLinear", "check_choice"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import schedule
+from .models.miniflux import ASSET_DIR, load_miniflux, to_uint8
 
 # Pipeline class -> how its __call__ takes guidance ("guidance_scale", or "true_cfg_scale" with a negative
 # prompt) and which tokenizer bounds max_sequence_length (None: the pipeline has no such argument).
@@ -113,8 +114,6 @@ class MiniFluxRunner(Runner):
     def sample(self, prompts, steps=None, guidance=None, height=None, width=None, seed=0, latent=False):
         from PIL import Image
 
-        from .models.miniflux import to_uint8
-
         size = self.model.config["image_size"]
         if (height or size) != size or (width or size) != size:
             raise ModelError(f"the mini-FLUX makes {size}x{size} images only")
@@ -129,8 +128,6 @@ def load_runner(spec: str | Path, device: str | None = None, dtype: torch.dtype 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     if kind == MINIFLUX:
-        from .models.miniflux import ASSET_DIR, load_miniflux
-
         path = ASSET_DIR if str(spec) == MINIFLUX else Path(spec)
         model = load_miniflux(path, device=device, dtype=dtype)
         runner = MiniFluxRunner(kind, str(path), model.transformer, device, dtype,

@@ -16,6 +16,12 @@ projections are never included.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
+import torch.nn as nn
+
 # Globs that name conditioning-only, embedding or output-head linears in diffusers transformers.
 # They are excluded by every preset, including user-written include rules that would catch them.
 CONDITIONING_EXCLUDES = (
@@ -183,3 +189,63 @@ TIME_ARGS = {
     "ZImageTransformer2DModel": ("t", 0.0),
 }
 DEFAULT_TIME_ARG = ("timestep", 1.0)
+
+
+# ------------------------------------------------------------------------------------------ preset files
+# A preset file (written by ``rtlynx select``, read by ``sparsify(preset="file.json")``) names exact layers.
+PRESET_FORMAT = "rtlynx-preset-1"
+
+
+# ------------------------------------------------------------------------------------------ preset files
+def write_preset_file(path, model_class: str, layers: list[str], info: dict | None = None,
+                      overwrite: bool = False) -> Path:
+    """A preset file naming exactly ``layers`` of a ``model_class`` model."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if not layers:
+        raise ValueError("no layer selected: nothing to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": PRESET_FORMAT, "model_class": model_class, "include": list(layers),
+                               **({"selection": info} if info else {})}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_json(path: Path, what: str):
+    """The JSON in ``path``; FileNotFoundError / ValueError naming ``what`` if it is missing or not JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def read_preset_file(path) -> dict:
+    path = Path(path)
+    d = read_json(path, "preset file")
+    if not isinstance(d, dict) or d.get("format") != PRESET_FORMAT or not isinstance(d.get("include"), list):
+        raise ValueError(f"{path} is not an rtlynx preset file (written by `rtlynx select`)")
+    return d
+
+
+def preset_file_config(config, module):
+    """``config`` with its preset file replaced by the file's exact layer names (preset None): what runs, and
+    what ``save`` writes, no longer depends on the file."""
+    d = read_preset_file(config.preset)
+    cls = type(module).__name__
+    if d.get("model_class") not in (None, cls):
+        raise ValueError(f"preset file {config.preset} was made for {d['model_class']}, the model is {cls}")
+    missing = [n for n in d["include"] if not _has_linear(module, n)]
+    if missing:
+        raise ValueError(f"preset file {config.preset} names {len(missing)} layers this model lacks, e.g. {missing[0]}")
+    return dataclasses.replace(config, preset=None, include=tuple(d["include"]) + tuple(config.include))
+
+
+def _has_linear(module, name: str) -> bool:
+    try:
+        return isinstance(module.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False

@@ -18,65 +18,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-PRESET_FORMAT = "rtlynx-preset-1"
-
-
-# ------------------------------------------------------------------------------------------ preset files
-def write_preset_file(path, model_class: str, layers: list[str], info: dict | None = None,
-                      overwrite: bool = False) -> Path:
-    """A preset file naming exactly ``layers`` of a ``model_class`` model."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    if not layers:
-        raise ValueError("no layer selected: nothing to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": PRESET_FORMAT, "model_class": model_class, "include": list(layers),
-                               **({"selection": info} if info else {})}, indent=1))
-    tmp.replace(path)
-    return path
-
-
-def _read_json(path: Path, what: str):
-    """The JSON in ``path``; FileNotFoundError / ValueError naming ``what`` if it is missing or not JSON."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def read_preset_file(path) -> dict:
-    path = Path(path)
-    d = _read_json(path, "preset file")
-    if not isinstance(d, dict) or d.get("format") != PRESET_FORMAT or not isinstance(d.get("include"), list):
-        raise ValueError(f"{path} is not an rtlynx preset file (written by `rtlynx select`)")
-    return d
-
-
-def preset_file_config(config, module):
-    """``config`` with its preset file replaced by the file's exact layer names (preset None): what runs, and
-    what ``save`` writes, no longer depends on the file."""
-    d = read_preset_file(config.preset)
-    cls = type(module).__name__
-    if d.get("model_class") not in (None, cls):
-        raise ValueError(f"preset file {config.preset} was made for {d['model_class']}, the model is {cls}")
-    missing = [n for n in d["include"] if not _has_linear(module, n)]
-    if missing:
-        raise ValueError(f"preset file {config.preset} names {len(missing)} layers this model lacks, e.g. {missing[0]}")
-    return dataclasses.replace(config, preset=None, include=tuple(d["include"]) + tuple(config.include))
-
-
-def _has_linear(module, name: str) -> bool:
-    import torch.nn as nn
-
-    try:
-        return isinstance(module.get_submodule(name), nn.Linear)
-    except AttributeError:
-        return False
-
+from . import api, distill
+from .api import dense_mode, sparse_layers
+from .benchtools import measure
+from .config import SparsityConfig
+from .distill import CalibStats, StatsFiles, residual_error, solve_lora, stat_groups
+from .nn import SparseActLinear
+from .presets import (PRESET_FORMAT, PRESETS, preset_file_config, read_json, read_preset_file,  # noqa: F401
+                      resolve_preset, write_preset_file)
 
 # ------------------------------------------------------------------------------------------ speed tables
 SPEED_KEYS = ("dense_ms", "lynx_linear_ms")  # the columns of benchmarks/linear.py's rows (and of measured tables)
@@ -103,7 +52,7 @@ def load_speed_table(path) -> dict:
     """A speed table: {"device": ..., "rows": [{"M", "K", "N", "dense_ms", "lynx_linear_ms"}, ...]} (the output
     of ``measure_speed_table`` or of benchmarks/linear.py)."""
     path = Path(path)
-    d = _read_json(path, "speed table")
+    d = read_json(path, "speed table")
     rows = d.get("rows") if isinstance(d, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"M", "K", "N", *SPEED_KEYS} <= set(r)
                                              for r in rows):
@@ -133,8 +82,6 @@ def measure_speed_table(shapes, dtype=None, reps: int = 20, warmup: int = 5, pro
     import torch
     import torch.nn as nn
     from tqdm.auto import tqdm
-
-    from .nn import SparseActLinear
 
     if not torch.cuda.is_available():
         raise RuntimeError("measuring a speed table needs a CUDA GPU")
@@ -216,8 +163,6 @@ def layer_costs(stats, rank: int = 0, ridge: float = 1e-3) -> dict[str, float]:
     """Squared relative output error of every layer in ``stats`` (rtlynx.distill.CalibStats, StatsFiles or a
     path: read one site at a time): norm-compensated pruning alone, or with the rank-``rank`` LoRA the
     statistics give."""
-    from .distill import CalibStats, StatsFiles, residual_error, solve_lora
-
     def cost(s) -> float:
         return residual_error(s, *solve_lora(s, rank, ridge)) ** 2 if rank else residual_error(s) ** 2
 
@@ -232,8 +177,6 @@ def candidates(transformer, rows_per_call: dict[str, tuple[int, int]], costs: di
                table: dict) -> list[Candidate]:
     """One candidate per activation site of the (sparsified) ``transformer``; ``rows_per_call`` maps a layer to
     (rows per call, calls per step), ``costs`` a layer to its quality cost."""
-    from .distill import stat_groups
-
     out = []
     for g in stat_groups(transformer):
         first = g.layers[0]
@@ -289,8 +232,6 @@ def confirm_end_to_end(chosen: list[Candidate], time_with, tolerance: float = 0.
 
 def calls_per_step(transformer, run_fn) -> dict[str, tuple[int, int]]:
     """(rows per call, calls per transformer forward) of every sparse layer over ``run_fn()`` (dense)."""
-    from .api import dense_mode, sparse_layers
-
     seen: dict[str, list[int]] = {}
     forwards = [0]
     hooks = [layer.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
@@ -311,8 +252,6 @@ def calls_per_step(transformer, run_fn) -> dict[str, tuple[int, int]]:
 
 def all_preset(model_class: str) -> str:
     """The widest hand-written preset of a model class (its candidates): "<auto preset>-all" where it exists."""
-    from .presets import PRESETS, resolve_preset
-
     base = resolve_preset("auto", model_class)
     return f"{base}-all" if f"{base}-all" in PRESETS else base
 
@@ -329,9 +268,6 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
     sampling of ``prompts`` (norm compensation only). On a GPU (``confirm``) the chosen set is then timed in the
     model against dense and trimmed until it is not slower (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates"
     (Candidate lists), "reference" (the default preset's layers), "budget" (absolute) and "table"."""
-    from . import api, distill
-    from .config import SparsityConfig
-
     transformer = runner.transformer
     reference = api.eligible_layers(transformer, SparsityConfig(preset="auto"))
     candidate_preset = candidate_preset or all_preset(type(transformer).__name__)
@@ -371,8 +307,6 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
 def _forward_timer(runner, one_step, reps: int = 5):
     """``time_with(layers)`` for :func:`confirm_end_to_end`: median ms of one transformer forward on the inputs the
     pipeline gives it (captured from one sampling step), with ``layers`` sparse (sparsified for the call)."""
-    from .benchtools import measure
-
     transformer = runner.transformer
     captured = {}
 
@@ -399,8 +333,6 @@ def _forward_timer(runner, one_step, reps: int = 5):
 def timer_with_layers(transformer, time_fn):
     """``time_with(layers)`` for :func:`confirm_end_to_end`: ``time_fn()`` with exactly ``layers`` of the dense
     ``transformer`` sparsified for the call (``[]``: dense)."""
-    from . import api
-
     def time_with(layers):
         if layers:
             api.sparsify(transformer, preset=None, include=list(layers))

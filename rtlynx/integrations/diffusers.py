@@ -1,12 +1,19 @@
-"""diffusers glue: tiny random-config transformers (offline tests, demos) and example forward inputs.
+"""diffusers glue: pipelines, the GELU FeedForward producer, the parallelism hook; tiny test transformers.
 
-The configs mirror the real models' structure (block types, RoPE axes, MLPs) at toy width, the way
+- :func:`as_module`: a model or a pipeline's ``.transformer``.
+- The GELU-tanh producer: a site whose producer is "gelu" runs a diffusers ``FeedForward``'s down-projection on the
+  pre-activation, so the lynx kernels fuse the GELU into the prune pass (:meth:`rtlynx.sites.Site.forward_gelu`).
+- ``enable_parallelism``: a sparsified model's own, routed through rtlynx (rtlynx.api.enable_parallelism).
+- Tiny random-config transformers (offline tests, demos) and example forward inputs: the configs mirror the real models' structure (block types, RoPE axes, MLPs) at toy width, the way
 diffusers' own tests build them, so the real block code is what runs.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn as nn
 
 TINY_CONFIGS = {
     "flux": ("FluxTransformer2DModel", dict(
@@ -86,3 +93,82 @@ def output_tensor(out) -> torch.Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
     return getattr(out, "sample", out)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+def as_module(model) -> nn.Module:
+    """Accept a module or a diffusers pipeline (whose denoiser is ``.transformer``)."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "transformer", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise TypeError(f"expected an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- GELU producer
+def _gelu_feedforward_forward(self, hidden_states, *args, **kwargs):
+    """diffusers FeedForward(GELU-tanh) forward with the down-projection read from the pre-activation."""
+    if self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.net):
+        for module in self.net:
+            hidden_states = module(hidden_states)
+        return hidden_states
+    up, down = self.net[0], self.net[2]
+    y = down._site.forward_gelu(down, up.proj(hidden_states), up.gelu)
+    for module in list(self.net)[3:]:
+        y = module(y)
+    return y
+
+
+def _gelu_feedforward(parent: nn.Module, layer) -> bool:
+    """Whether ``parent`` is a diffusers FeedForward [GELU(tanh) with .proj, Dropout*, layer, Dropout*]."""
+    net = getattr(parent, "net", None)
+    if type(parent).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) < 3:
+        return False
+    up = net[0]
+    return (type(up).__name__ == "GELU" and getattr(up, "approximate", None) == "tanh" and hasattr(up, "proj")
+            and net[2] is layer and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
+
+
+def install_producer(module: nn.Module, site) -> None:
+    """Wire the site's producer into the model (the GELU FeedForward forward); downgrade to "plain" if the
+    module is not what the rule expects."""
+    if site.producer != "gelu":
+        return
+    parent = module.get_submodule(site.name) if site.name else module
+    if len(site.layers) == 1 and _gelu_feedforward(parent, site.layers[0]):
+        parent.forward = types.MethodType(_gelu_feedforward_forward, parent)
+        parent._rtlynx_producer = site
+    else:
+        site.producer = "plain"
+
+
+def remove_producers(module: nn.Module) -> None:
+    for mod in module.modules():
+        if getattr(mod, "_rtlynx_producer", None) is not None:
+            del mod._rtlynx_producer
+            if "forward" in mod.__dict__:
+                del mod.forward
+
+
+# ---------------------------------------------------------------------------------------------- parallelism
+def install_parallelism(module: nn.Module, method) -> None:
+    """Route a diffusers model's ``enable_parallelism`` through ``method(self, *, config, cp_plan)`` (sparsify calls
+    this; diffusers 0.42 offers no hook around enable_parallelism, so it is an attribute of the instance)."""
+    if callable(getattr(type(module), "enable_parallelism", None)):
+        module.enable_parallelism = types.MethodType(method, module)
+
+
+def uninstall_parallelism(module: nn.Module) -> None:
+    if "enable_parallelism" in module.__dict__:
+        del module.enable_parallelism
+
+
+def tp_config(config):
+    """The TensorParallelConfig inside a diffusers parallel config (None: none, or no tensor parallelism)."""
+    try:
+        from diffusers import TensorParallelConfig  # lazy: diffusers is an optional dependency
+    except ImportError:  # a diffusers without tensor parallelism
+        return None
+
+    return config if isinstance(config, TensorParallelConfig) else getattr(config, "tensor_parallel_config", None)

@@ -50,12 +50,8 @@ import time
 from pathlib import Path
 
 from .._files import file_sha256
+from ._configs import CSRC
 
-# In a source checkout csrc/ sits at the repository root; wheels carry it as rtlynx/csrc (a symlink
-# to ../csrc in the checkout, whose files setuptools copies into the package).
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-if not CSRC.is_dir():
-    CSRC = Path(__file__).resolve().parents[2] / "csrc"
 LIB_NAME = "librtlynx_sm90.so"
 ARCH = "sm_90a"
 NVCC_FLAGS = [
@@ -365,12 +361,7 @@ def _last_error(stderr: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def main(argv=None) -> int:
-    """``python -m rtlynx.ops._build [--no-link] [--jobs N] [--verbose]``: the same as ``rtlynx build``."""
-    from ..commands.build import main as build_main
+if __name__ == "__main__":  # python -m rtlynx.ops._build: the `rtlynx build` command (a script, above the layers)
+    from rtlynx.commands.build import main
 
-    return build_main(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .nm import norm_scale, prune_nm
+from .nm import compress, decompress, norm_scale, prune_nm
+from .producers import gelu_tanh
+from .sm90 import ATOM_K, ATOM_M, padded_shape, round_up
 
 E4M3_MAX = 448.0
 FP8 = torch.float8_e4m3fn
@@ -82,8 +84,6 @@ def fp8_sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def rows_meta_to_sm90_8bit(meta_rows: torch.Tensor) -> torch.Tensor:
     """Rows-layout 2:4 metadata ``[Mp, Kp/8]`` uint8 -> the 8-bit sm90 layout ``[Mp*Kp/8]``."""
-    from .sm90 import ATOM_K, ATOM_M
-
     mp, nbytes = meta_rows.shape
     if meta_rows.dtype != torch.uint8 or mp % ATOM_M or (nbytes * 8) % ATOM_K:
         raise ValueError(f"need uint8 [Mp, Kp/8] with Mp % 64 == 0 and Kp % 128 == 0, got {tuple(meta_rows.shape)}")
@@ -92,8 +92,6 @@ def rows_meta_to_sm90_8bit(meta_rows: torch.Tensor) -> torch.Tensor:
 
 def sm90_8bit_meta_to_rows(meta: torch.Tensor, m: int, k: int) -> torch.Tensor:
     """Inverse of :func:`rows_meta_to_sm90_8bit` for an [m, k] activation: ``[Mp, Kp/8]`` bytes."""
-    from .sm90 import padded_shape
-
     mp, kp = padded_shape(m, k)
     if meta.dtype != torch.uint8 or meta.numel() != mp * kp // 8:
         raise ValueError(f"8-bit sm90 metadata for [{m}, {k}] must be uint8 with {mp * kp // 8} bytes, "
@@ -107,9 +105,6 @@ def compress_sm90_fp8(x: torch.Tensor, eps: float = 1e-8, norm: bool = True, act
     meta [Mp*Kp/8] uint8, rs [M], sx [M], s [M])`` (float32): 2:4 prune, per-token ``sx = absmax(kept) / 448``,
     ``values = e4m3(kept / sx)`` (:func:`quantize_rows_e4m3`), ``s`` the norm scale (1 without ``norm``) and
     ``rs = s * sx`` the GEMM's row scale."""
-    from .nm import compress
-    from .sm90 import padded_shape
-
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D [M, K] activation, got {tuple(x.shape)}")
     if x.element_size() != 2 or not x.is_floating_point():
@@ -117,8 +112,6 @@ def compress_sm90_fp8(x: torch.Tensor, eps: float = 1e-8, norm: bool = True, act
     if act not in (None, "gelu_tanh"):
         raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
     if act == "gelu_tanh":
-        from .producers import gelu_tanh
-
         x = gelu_tanh(x)
     rows, k = x.shape
     mp, kp = padded_shape(rows, k)
@@ -131,9 +124,6 @@ def compress_sm90_fp8(x: torch.Tensor, eps: float = 1e-8, norm: bool = True, act
 
 def decompress_sm90_fp8(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
     """Dense float32 ``[M, k]`` of the e4m3 kept values (unscaled) from sm90 ``values [M, >= Kp/2]`` and ``meta``."""
-    from .nm import decompress
-    from .sm90 import padded_shape
-
     rows = values.shape[0]
     _, kp = padded_shape(rows, k)
     meta_rows = sm90_8bit_meta_to_rows(meta, rows, k)[:rows]
@@ -143,8 +133,6 @@ def decompress_sm90_fp8(values: torch.Tensor, meta: torch.Tensor, k: int) -> tor
 def quantize_weight_e4m3(weight: torch.Tensor, k_padded: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel e4m3 weight for the FP8 sparse GEMM: ``(q [N, Kp] float8_e4m3fn, sw [N] float32)``, the
     columns K..Kp-1 zero (``Kp = k_padded`` or round_up(K, 128))."""
-    from .sm90 import round_up
-
     n, k = weight.shape
     kp = k_padded if k_padded is not None else round_up(k, 128)
     if kp < k:

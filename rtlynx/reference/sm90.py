@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .nm import compress, norm_scale
+from .nm import compress, decompress, norm_scale, prune_nm
+from .producers import gelu_tanh
 
 ATOM_M = 64
 ATOM_K = 128
@@ -89,8 +90,6 @@ def gelu_compress_sm90(h: torch.Tensor, eps: float = 1e-8, dense: bool = False):
     """Reference of ``rtlynx::gelu_prune_compress_sm90``: :func:`compress_sm90` of ``x = gelu_tanh(h)`` (GELU-tanh
     in float32, rounded once to h's dtype: :func:`rtlynx.reference.producers.gelu_tanh`), i.e.
     ``(values, meta, scale)``, plus the dense ``x [M, K]`` when ``dense``."""
-    from .producers import gelu_tanh
-
     x = gelu_tanh(h)
     out = compress_sm90(x, eps=eps)
     return (*out, x) if dense else out
@@ -98,8 +97,6 @@ def gelu_compress_sm90(h: torch.Tensor, eps: float = 1e-8, dense: bool = False):
 
 def decompress_sm90(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
     """Dense pruned ``[M, k]`` from sm90 ``values [M, >= Kp/2]`` and ``meta`` (inverse of the packing)."""
-    from .nm import decompress
-
     rows = values.shape[0]
     mp, kp = padded_shape(rows, k)
     meta_rows = sm90_meta_to_rows(meta, rows, k)[:rows]
@@ -158,8 +155,6 @@ def site_linear_sm90(x: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
     operands the kernels see: ``y = s * ([prune24(x) | 0 | tail(h / s)] @ wext^T) + bias`` with ``h = x lora_a^T``
     rounded to x's dtype (cuBLAS), the tail values as :func:`lora_tail` and laid out as :func:`tail_dense`, and the
     result rounded to x's dtype. ``wext [N, Kp + 2 rp]``, ``lora_a [rp, K]`` or None (then only ``wext[:, :Kp]``)."""
-    from .nm import prune_nm
-
     m, k = x.shape
     kp = round_up(k, ATOM_K)
     s = norm_scale(x, eps=eps) if norm else torch.ones(m, dtype=torch.float32, device=x.device)

@@ -183,8 +183,8 @@ def test_tiny_models_fp8_sites_match_fp8_spec(kind, lora, gen, monkeypatch):
     from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
 
     calls = []
-    real = sites.Site._gemm_fp8
-    monkeypatch.setattr(sites.Site, "_gemm_fp8", lambda self, *a, **kw: calls.append(self.name) or real(self, *a, **kw))
+    real = sites.Site._gemm  # every site GEMM, of any kernel family
+    monkeypatch.setattr(sites.Site, "_gemm", lambda self, *a, **kw: calls.append(self.name) or real(self, *a, **kw))
     model = tiny_transformer(kind).cuda().to(torch.bfloat16)
     inputs = example_inputs(model, batch=2)
     rtlynx.sparsify(model, lora_rank=lora, speed_rules=False, dtype="fp8")

@@ -1,0 +1,189 @@
+"""The site: which path a call takes (fused site kernels, dense by the speed rules, or layer by layer) and the
+sharing of one prune pass and GEMM between the members (see :mod:`rtlynx.sites`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends, ops
+from ..families import family_of
+from ..presets import SPEED_RULES
+from . import shard
+from .operand import Operand, _is_compiling, _version
+
+
+class Settings:
+    """The one :class:`~rtlynx.config.SparsityConfig` of a sparsified model (``.config``), shared by reference."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"Settings({self.config!r})"
+
+
+class Site(Operand):
+    """One producer and the sparse layers that read its output (see :mod:`rtlynx.sites`)."""
+
+    def __init__(self, layers, producer: str = "plain", name: str = ""):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a site needs at least one layer")
+        k = layers[0].in_features
+        if any(l.in_features != k for l in layers):
+            raise ValueError(f"site {name!r}: its layers read inputs of different widths "
+                             f"{[l.in_features for l in layers]}")
+        self.layers = layers
+        self.producer = producer
+        self.name = name
+        self.k = k
+        self.n = sum(l.out_features for l in layers)
+        for i, layer in enumerate(layers):
+            layer._site, layer._slot = self, i
+        self.tp = shard.site_shard(layers, name)  # tensor-parallel split (rtlynx.parallel), None on one GPU
+        self.row_parallel = self.tp is not None and self.tp.style == "rowwise"
+        self._misses = 0
+        self._split = False       # members read different inputs: one GEMM each
+        # Why the speed rules keep this site dense on the GPU kernels (its shape alone), None if they do not.
+        self.slow_reason = self._slow_reason()
+        self._uniform = not any(l._override for l in layers)
+        self.build()              # also sets the per-build state: _pending, _fast, _applied, _dirty, _weights
+
+    def refresh_overrides(self) -> None:
+        self._uniform = not any(l._override for l in self.layers)
+        self._fast = None
+        self._prepare()
+
+    def _slow_reason(self) -> str | None:
+        lim = SPEED_RULES["max_dense_features"]
+        if self.k <= lim:
+            return f"K={self.k} <= {lim}"
+        if self.n <= lim:
+            return f"N={self.n} <= {lim}"
+        return None
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _speed_dense(self, cfg, backend: str, x2: torch.Tensor) -> bool:
+        return (cfg.speed_rules and x2.is_cuda and backend != "reference"
+                and (self.slow_reason is not None or x2.shape[0] <= SPEED_RULES["max_dense_tokens"]))
+
+    def _fusable(self, cfg, backend: str, x2: torch.Tensor) -> bool:
+        return (family_of(cfg.dtype).operand_ok(self, x2) and x2.is_cuda
+                and self._kernels_ok(cfg, backend, backends._device_index(x2)))
+
+    def _kernels_ok(self, cfg, backend: str, device_index: int) -> bool:
+        """The site kernels' conditions that do not depend on the call: backend, pattern, no per-layer overrides,
+        K and N multiples of 8, the kernel library loaded for the device."""
+        return (backend in ("auto", "lynx") and self._uniform and (cfg.n, cfg.m) == (2, 4) and self.k % 8 == 0
+                and self.n % 8 == 0 and backends._lynx_ok(device_index))
+
+    def _fused_path(self, cfg, layer, x2) -> str:
+        """How this call runs: "fused" (lynx site kernels; "checked" the first time for this config / device /
+        dtype, after which every check but the row count is skipped), "dense" (the speed rules) or "layer" (each
+        layer on its own through rtlynx.backends)."""
+        fast = self._fast
+        if fast is not None and fast[0] is cfg and fast[1] == x2.device and fast[2] == x2.dtype:
+            if not (cfg.speed_rules and x2.shape[0] <= SPEED_RULES["max_dense_tokens"]):
+                return "fused"
+        backend = layer.backend
+        if self._speed_dense(cfg, backend, x2):
+            return "dense"
+        return "checked" if self._fusable(cfg, backend, x2) else "layer"
+
+    def _validated(self, cfg, x2) -> None:
+        if not _is_compiling():
+            self._fast = (cfg, x2.device, x2.dtype)
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.row_parallel:  # this rank holds a slice of K: partial outputs summed over the ranks
+            return shard.row_forward(self, layer, x)
+        cfg = layer._settings.config
+        mode = layer.mode
+        if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense):
+            return F.linear(x, layer.dense_weight(), layer.bias)
+        if mode == "weight":
+            return F.linear(x, layer._pruned_weight(), layer.bias)
+        k = self.k
+        if k % cfg.m:
+            return layer._forward_remainder(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        use_lora = layer.lora_enabled and layer.lora_A is not None
+        path = self._fused_path(cfg, layer, x2)
+        if path == "dense":
+            return F.linear(x, layer.dense_weight(), layer.bias)
+        norm = layer.compensation == "norm"
+        family = family_of(cfg.dtype)
+        if path == "fused":
+            return self._run_fused(family, layer, x, x2, use_lora, norm, cfg.eps).reshape(*lead, layer.out_features)
+        if path == "checked":
+            try:
+                y = self._run_fused(family, layer, x, x2, use_lora, norm, cfg.eps, check=True)
+            except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
+                if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
+                    backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
+                                                    f"running its layers one by one")
+            else:
+                self._validated(cfg, x2)
+                return y.reshape(*lead, layer.out_features)
+        lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
+        return family.run_layer(layer, x2, lora_a, lora_b, cfg).reshape(*lead, layer.out_features)
+
+    def _gemm(self, family, x2, sl, use_lora, splits, norm, eps, check, act=0):
+        """Every site GEMM goes through here (one call per prune pass): the family's kernels."""
+        return family.run_site(self, x2, sl, use_lora, splits, norm, eps, check, act)
+
+    def _run_fused(self, family, layer, x, x2, use_lora: bool, norm: bool, eps: float,
+                   check: bool = False) -> torch.Tensor:
+        compiling = _is_compiling()
+        slot = layer._slot
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
+            left = p[4] - 1  # another member already ran the site on this x: take this member's output
+            self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
+            return p[3][slot]
+        if not compiling:
+            self.ensure()
+
+        def gemm(sl, splits):
+            return self._gemm(family, x2, sl, use_lora, splits, norm, eps, check)
+
+        if len(self.layers) == 1:
+            return gemm(None, self.splits)[0]
+        if self._split:  # members read different inputs: this member's rows of the operand only
+            return gemm(self.slices[slot], (self.splits[slot],))[0]
+        if p is not None:  # outputs computed for another input went unused (a well-fed site never gets here)
+            self._misses += 1
+            if self._misses >= 3:
+                self._split = True
+                self._pending = None
+                backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
+                                   f"{self.name!r} are not called with one input; running one GEMM per layer")
+                return self._run_fused(family, layer, x, x2, use_lora, norm, eps, check)
+        outs = gemm(None, self.splits)
+        self._pending = (x, use_lora, 0 if compiling else _version(x), outs, len(self.layers) - 1)
+        return outs[slot]
+
+    def forward_gelu(self, layer, h: torch.Tensor, gelu) -> torch.Tensor:
+        """``layer(gelu(h))`` for a site whose producer is GELU-tanh: on the lynx kernels without a LoRA branch the
+        GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
+        cfg = layer._settings.config
+        if (layer.mode == "sparse" and not self.row_parallel
+                and not (layer._step_gate is not None and layer._step_gate.dense)
+                and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
+            h2 = h.reshape(-1, self.k)
+            path = self._fused_path(cfg, layer, h2)
+            if path in ("fused", "checked"):
+                if not _is_compiling():
+                    self.ensure()
+                norm, check = layer.compensation == "norm", path == "checked"
+                try:
+                    y = self._gemm(family_of(cfg.dtype), h2, None, False, self.splits, norm, cfg.eps, check, act=1)[0]
+                except ops.Unsupported as e:
+                    if not isinstance(e, ops.LibraryUnavailable):  # no kernels: the backend fallback warns
+                        backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")
+                else:
+                    self._validated(cfg, h2)
+                    return y.reshape(*h.shape[:-1], layer.out_features)
+        return layer(gelu(h))

@@ -1,0 +1,69 @@
+"""Checking a sparsified model's sites on the inputs they really see against the per-layer spec."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .. import reference
+from ..families import family_of
+from .grouping import model_sites
+
+
+def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **kwargs) -> dict[str, float]:
+    """Run ``model(*args, **kwargs)`` once and compare every site (optionally only those whose name starts with one
+    of ``prefixes``) on the inputs it really sees with the per-layer reference spec
+    (:func:`rtlynx.reference.sparse_act_linear` in float32 on the same operands; with ``dtype="fp8"`` the FP8 spec
+    :func:`rtlynx.reference.fp8.fp8_sparse_act_linear`): ``{site name: relative error}``.
+    Independent of the drift between whole forwards (a rounding difference that flips a near-tie top-2 choice
+    downstream makes two correct paths diverge)."""
+    # (row-parallel sites are left out: a layer's output there is the sum over ranks, not a function of its input)
+    picked = [s for s in model_sites(model) if (prefixes is None or s.name.startswith(prefixes)) and not s.row_parallel]
+    seen: dict = {}
+    hooks = []
+
+    def grab(key):
+        return lambda mod, a, out: seen.__setitem__(key, (a[0].detach(), out.detach()))
+
+    for site in picked:
+        if site.producer == "gelu":
+            parent = model.get_submodule(site.name)
+            # the FeedForward's up-projection gives what the site prunes (rtlynx.integrations.diffusers' producer)
+            hooks.append(parent.net[0].proj.register_forward_hook(grab((site.name, "h"))))
+            hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
+        else:
+            for i, layer in enumerate(site.layers):
+                hooks.append(layer.register_forward_hook(grab((site.name, i))))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def spec(layer, x):
+        use = layer.lora_enabled and layer.lora_A is not None
+        a, b = (layer.lora_A, layer.lora_B) if use else (None, None)
+        x2, w = x.reshape(-1, layer.in_features), layer.dense_weight()
+        if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
+            x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
+            a = None if a is None else reference.pad_to_multiple(a, layer.m)
+        return family_of(layer._settings.config.dtype).spec(layer, x2, w, a, b)
+
+    errs = {}
+    with torch.no_grad():
+        for site in picked:
+            if site.producer == "gelu":
+                if (site.name, "h") not in seen:
+                    continue
+                (_, h), (_, y) = seen[(site.name, "h")], seen[(site.name, "y")]
+                want = spec(site.layers[0], reference.gelu_tanh(h))
+                got = y.reshape(want.shape)
+            else:
+                if any((site.name, i) not in seen for i in range(len(site.layers))):
+                    continue
+                parts = [(spec(l, seen[(site.name, i)][0]), seen[(site.name, i)][1]) for i, l in enumerate(site.layers)]
+                want = torch.cat([w for w, _ in parts], 1)
+                got = torch.cat([g.reshape(w.shape) for w, g in parts], 1)
+            errs[site.name] = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+    return errs
