@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from . import schedule
+from . import io, schedule
 from .api import config_of, configure, dense_mode, sparse_layers
 
 STATE_FILE = "global_state.safetensors"
@@ -287,8 +287,6 @@ def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: G
     """The LoRA (rtlynx.save format, loadable on its own) + master weights and Adam moments; written to a temporary
     name and renamed, so an interrupted save leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
-
-    from . import io
 
     ckpt.mkdir(parents=True, exist_ok=True)
     tensors = {}

@@ -1,0 +1,168 @@
+"""Global distillation (rtlynx.distill_global) on a tiny FLUX, CPU reference path: the recorded calls are the
+sampler's, the teacher is the dense model, only the LoRA factors train and the model's output error falls; bad
+inputs and a non-finite loss end in one-line errors with the LoRA as it was."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import rtlynx
+from rtlynx import distill_global as G
+from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
+
+
+def _model(seed, rank=4):
+    dense = tiny_transformer("flux", seed=seed)
+    model = copy.deepcopy(dense)
+    rtlynx.sparsify(model, lora_rank=rank, backend="reference", speed_rules=False)
+    with torch.no_grad():  # a small non-zero start, as a closed-form LoRA would be
+        for layer in rtlynx.sparse_layers(model).values():
+            layer.lora_B.normal_(0, 1e-3)
+    return dense, model
+
+
+def _sampler(model, steps=3):
+    """A stand-in sampler: ``steps`` transformer calls per prompt batch, noise level falling from 1, each call's input
+    the last call's output mixed in (so the student's states differ from the dense model's)."""
+
+    def roll(prompts, seed):
+        inputs = example_inputs(model, batch=len(prompts), seed=seed)
+        x = inputs.pop("hidden_states")
+        for i in range(steps):
+            t = torch.full((len(prompts),), 1.0 - i / steps)
+            v = output_tensor(model(hidden_states=x, **{**inputs, "timestep": t}))
+            x = x - v / steps
+        return x
+
+    return roll
+
+
+def test_rows_and_concatenation_slice_only_batched_tensors(gen):
+    b = 5
+    x = torch.randn(b, 7, 3, generator=gen)
+    ids = torch.randn(7, 3, generator=gen)  # shared (position ids): not sliced
+    call = G.Call((x,), {"ids": ids, "t": torch.rand(b, generator=gen), "flag": True}, b, 0.4,
+                  target=torch.randn(b, 7, 3, generator=gen))
+    idx = torch.tensor([0, 3, 4])
+    args, kwargs, target, t = G.rows_of(call, idx)
+    assert torch.equal(args[0], x[[0, 3, 4]]) and torch.equal(kwargs["ids"], ids) and kwargs["flag"] is True
+    assert torch.equal(kwargs["t"], call.kwargs["t"][[0, 3, 4]]) and torch.equal(target, call.target[[0, 3, 4]])
+    assert torch.equal(t, torch.full((3,), 0.4))
+    other = G.rows_of(call, torch.tensor([1]))
+    a2, k2, tg2, t2 = G._cat_calls([(args, kwargs, target, t), other])
+    assert torch.equal(a2[0], x[[0, 3, 4, 1]]) and torch.equal(k2["ids"], ids) and tg2.shape[0] == 4
+
+
+def test_t_weights_closed_form():
+    t = torch.tensor([0.0, 0.5, 1.0, -1.0])
+    assert torch.equal(G.t_weights(t, "uniform"), torch.ones(4))
+    assert torch.allclose(G.t_weights(t, "late"), torch.tensor([4.0, 2.5, 1.0, 1.0]))
+    assert torch.allclose(G.t_weights(t, "early"), torch.tensor([1.0, 2.5, 4.0, 1.0]))
+
+
+def test_recorded_teacher_is_the_dense_model(seed):
+    dense, model = _model(seed)
+    roll = _sampler(model)
+    calls = G.record_round(model, roll, ["a", "b"], 7, "student")
+    assert len(calls) == 3 and all(c.rows == 2 for c in calls)
+    assert [round(c.t, 4) for c in calls] == [1.0, round(2 / 3, 4), round(1 / 3, 4)]
+    for c in calls:  # the target is the untouched dense model's output at the student's state
+        want = output_tensor(dense(*c.args, **c.kwargs))
+        torch.testing.assert_close(c.target, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("states", ["student", "dense"])
+def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, states, tmp_path):
+    torch.manual_seed(seed)
+    dense, model = _model(seed)
+    roll = _sampler(model)
+    val = G.record_round(model, roll, ["held", "out"], 99, "student")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    lora0 = {k: v.detach().clone() for k, v in G.lora_parameters(model).items()}
+    before = G.velocity_error(model, val)
+    cfg = G.GlobalConfig(steps=40, lr=3e-3, warmup=2, batch=8, calls_per_batch=3, rollout_prompts=4, refresh=20,
+                         states=states, eval_every=20, save_every=20, seed=seed)
+    rep = G.train_global(model, roll, [f"p{i}" for i in range(8)], cfg, val_calls=val, checkpoint=tmp_path / "ck",
+                         progress=False, log=lambda *a: None)
+    after = G.velocity_error(model, val)
+    assert after < 0.9 * before, (before, after)
+    for k, v in model.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k]), k
+    assert any(not torch.equal(p, lora0[k]) for k, p in G.lora_parameters(model).items())
+    assert all(p.grad is None and p.requires_grad for p in G.lora_parameters(model).values())
+    assert all(p.requires_grad for p in model.parameters())  # the flags as they were
+    assert [r["step"] for r in rep["history"] if "val_rel_err" in r] == [0, 20, 40]
+    # the checkpoint's LoRA loads on a fresh model and gives the trained outputs
+    fresh = copy.deepcopy(dense)
+    rtlynx.load(fresh, tmp_path / "ck" / "lora")
+    rtlynx.configure(fresh, backend="reference", speed_rules=False)
+    inp = example_inputs(model, batch=2, seed=seed)
+    torch.testing.assert_close(output_tensor(fresh(**inp)), output_tensor(model(**inp)), rtol=0, atol=0)
+
+
+def test_resume_continues_from_the_checkpoint(seed, tmp_path):
+    _, model = _model(seed)
+    roll = _sampler(model)
+    cfg = G.GlobalConfig(steps=4, batch=4, calls_per_batch=2, rollout_prompts=2, refresh=10, save_every=2,
+                         eval_every=10, seed=seed, warmup=0)
+    G.train_global(model, roll, ["a", "b"], cfg, checkpoint=tmp_path, progress=False, log=lambda *a: None)
+    trained = {k: p.detach().clone() for k, p in G.lora_parameters(model).items()}
+    meta = json.loads((tmp_path / G.STATE_META).read_text())
+    assert meta["step"] == 4
+    _, other = _model(seed + 1)  # another start: resuming must replace it with the checkpoint's state
+    logs = []
+    cfg6 = G.GlobalConfig(**{**cfg.__dict__, "steps": 6})
+    rep = G.train_global(other, _sampler(other), ["a", "b"], cfg6, checkpoint=tmp_path, resume=True,
+                         progress=False, log=logs.append)
+    assert any("resumed" in str(m) and "step 4" in str(m) for m in logs)
+    assert [r["step"] for r in rep["history"] if "train_rel_err" in r][-2:] == [5, 6]
+    moved = [float((p - trained[k]).abs().max()) for k, p in G.lora_parameters(other).items()]
+    assert max(moved) < 0.05  # two small steps from the checkpoint, not from the other start
+
+
+def test_non_finite_loss_restores_the_starting_lora(seed):
+    _, model = _model(seed)
+    roll = _sampler(model)
+    start = {k: p.detach().clone() for k, p in G.lora_parameters(model).items()}
+
+    def bad_roll(prompts, s):
+        out = roll(prompts, s)
+        return out
+
+    real = G.record_round
+
+    def poisoned(*a, **k):
+        calls = real(*a, **k)
+        for c in calls:
+            c.target = torch.full_like(c.target, float("nan"))
+        return calls
+
+    G.record_round = poisoned
+    try:
+        cfg = G.GlobalConfig(steps=3, batch=4, calls_per_batch=2, rollout_prompts=2, seed=seed, warmup=0)
+        with pytest.raises(G.DistillError, match="non-finite loss"):
+            G.train_global(model, bad_roll, ["a"], cfg, progress=False, log=lambda *a: None)
+    finally:
+        G.record_round = real
+    for k, p in G.lora_parameters(model).items():
+        assert torch.equal(p, start[k]), k
+
+
+def test_bad_inputs_are_one_line_errors(seed, tmp_path):
+    dense = tiny_transformer("flux", seed=seed)
+    rtlynx.sparsify(dense, backend="reference")  # no LoRA
+    with pytest.raises(G.DistillError, match="no compensation LoRA"):
+        G.train_global(dense, lambda p, s: None, ["a"], G.GlobalConfig(steps=1), progress=False)
+    _, model = _model(seed)
+    with pytest.raises(G.DistillError, match="no training prompts"):
+        G.train_global(model, lambda p, s: None, [], G.GlobalConfig(steps=1), progress=False)
+    with pytest.raises(G.DistillError, match="nothing to resume"):
+        G.train_global(model, lambda p, s: None, ["a"], G.GlobalConfig(steps=1), checkpoint=tmp_path, resume=True,
+                       progress=False)
+    for bad in (dict(steps=0), dict(lr=float("nan")), dict(lr=-1.0), dict(states="x"), dict(t_weight="x"),
+                dict(batch=1.5), dict(warmup=-1)):
+        with pytest.raises(ValueError):
+            G.GlobalConfig(**bad)
