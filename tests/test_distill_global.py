@@ -13,13 +13,13 @@ from rtlynx import distill_global as G
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
 
 
-def _model(seed, rank=4):
+def _model(seed, rank=4, start=1e-3):
     dense = tiny_transformer("flux", seed=seed)
     model = copy.deepcopy(dense)
     rtlynx.sparsify(model, lora_rank=rank, backend="reference", speed_rules=False)
-    with torch.no_grad():  # a small non-zero start, as a closed-form LoRA would be
+    with torch.no_grad():  # a small non-zero start, as a closed-form LoRA would be (0: the norm scale alone)
         for layer in rtlynx.sparse_layers(model).values():
-            layer.lora_B.normal_(0, 1e-3)
+            layer.lora_B.normal_(0, start) if start else layer.lora_B.zero_()
     return dense, model
 
 
@@ -73,28 +73,30 @@ def test_recorded_teacher_is_the_dense_model(seed):
         torch.testing.assert_close(c.target, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("states", ["student", "dense"])
-def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, states, tmp_path):
+@pytest.mark.slow
+def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_path):
     torch.manual_seed(seed)
-    dense, model = _model(seed)
+    dense, model = _model(seed, start=0)
     roll = _sampler(model)
-    val = G.record_round(model, roll, ["held", "out"], 99, "student")
+    prompts = ["a", "b", "c", "d"]
+    # the states the run trains on (dense sampler, its first rollout's seed): the optimisation must lower their error
+    val = G.record_round(model, roll, prompts, seed + 1000, "dense")
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
     lora0 = {k: v.detach().clone() for k, v in G.lora_parameters(model).items()}
     before = G.velocity_error(model, val)
-    cfg = G.GlobalConfig(steps=40, lr=3e-3, warmup=2, batch=8, calls_per_batch=3, rollout_prompts=4, refresh=20,
-                         states=states, eval_every=20, save_every=20, seed=seed)
-    rep = G.train_global(model, roll, [f"p{i}" for i in range(8)], cfg, val_calls=val, checkpoint=tmp_path / "ck",
-                         progress=False, log=lambda *a: None)
+    cfg = G.GlobalConfig(steps=20, lr=1e-2, warmup=0, batch=8, calls_per_batch=3, rollout_prompts=4, refresh=100,
+                         states="dense", eval_every=10, save_every=10, seed=seed)
+    rep = G.train_global(model, roll, prompts, cfg, val_calls=val, checkpoint=tmp_path / "ck", progress=False,
+                         log=lambda *a: None)
     after = G.velocity_error(model, val)
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.8 * before, (before, after)
     for k, v in model.state_dict().items():
         if "lora_" not in k:
             assert torch.equal(v, base[k]), k
     assert any(not torch.equal(p, lora0[k]) for k, p in G.lora_parameters(model).items())
     assert all(p.grad is None and p.requires_grad for p in G.lora_parameters(model).values())
     assert all(p.requires_grad for p in model.parameters())  # the flags as they were
-    assert [r["step"] for r in rep["history"] if "val_rel_err" in r] == [0, 20, 40]
+    assert [r["step"] for r in rep["history"] if "val_rel_err" in r] == [0, 10, 20]
     # the checkpoint's LoRA loads on a fresh model and gives the trained outputs
     fresh = copy.deepcopy(dense)
     rtlynx.load(fresh, tmp_path / "ck" / "lora")

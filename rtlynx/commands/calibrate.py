@@ -15,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from . import train_global
 from .generate import add_model_args, read_prompts, torch_dtype
 
 
@@ -118,6 +119,18 @@ def run_train_lora(args) -> int:
     from ..pipelines import ModelError, load_transformer
 
     out = Path(args.out)
+    if args.objective == "global":
+        if (out / io.CONFIG_FILE).exists() and not (args.overwrite or args.resume):
+            raise SystemExit(f"rtlynx train-lora: {out} already holds an rtlynx save; pass --overwrite to replace it")
+
+        def closed_form(transformer):
+            stats = distill.StatsFiles(args.calib)
+            api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
+            distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, device=next(transformer.parameters()).device)
+
+        return train_global.run(args, closed_form)
+    if not args.calib:
+        raise SystemExit("rtlynx train-lora: give --calib (statistics from `rtlynx calibrate`)")
     if (out / io.CONFIG_FILE).exists() and not args.overwrite:
         raise SystemExit(f"rtlynx train-lora: {out} already holds an rtlynx save; pass --overwrite to replace it")
     device, dtype = _model_args(args)
@@ -177,7 +190,8 @@ def register(sub) -> None:
     p = sub.add_parser("train-lora", help="solve every sparse layer's LoRA from calibration statistics")
     add_model_args(p)
     _model_option_aliases(p)
-    p.add_argument("--calib", required=True, help="statistics from `rtlynx calibrate` (file or pass directory)")
+    p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` (file or pass directory); "
+                                                 "needed unless --objective global starts from --init")
     p.add_argument("--val", default=None, help="held-out statistics to report generalisation (default: none)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean input power "
@@ -185,4 +199,5 @@ def register(sub) -> None:
     p.add_argument("--preset", default=None, help="layers to give a LoRA (default: the calibration's preset)")
     p.add_argument("--out", required=True, help="output directory (rtlynx.save format)")
     p.add_argument("--overwrite", action="store_true", help="replace an rtlynx save in --out (default: off)")
+    train_global.add_args(p)
     p.set_defaults(func=run_train_lora)

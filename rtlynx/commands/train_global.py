@@ -1,0 +1,75 @@
+"""`rtlynx train-lora --objective global`: train every compensation LoRA jointly against the dense model's output
+(rtlynx.distill_global), starting from a closed-form LoRA (``--init DIR``, or ``--calib`` to solve it first), on the
+states the sparse sampler reaches itself. Writes an rtlynx save to --out, its checkpoint to --out/checkpoint
+(``--resume`` continues from it) and the learning curve to --out/distill_report.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_args(p) -> None:
+    p.add_argument("--objective", choices=["closed-form", "global"], default="closed-form",
+                   help="closed-form: each layer's LoRA from its statistics; global: all LoRAs trained jointly "
+                        "against the dense model's output, from --init or the closed form (default: closed-form)")
+    p.add_argument("--init", default=None, help="global: the LoRA to start from (an rtlynx save directory)")
+    p.add_argument("--prompts", "--prompts-file", dest="prompts", default=None,
+                   help="global: training prompts, one a line")
+    p.add_argument("--train-steps", type=int, default=600, help="global: optimisation steps (default: 600)")
+    p.add_argument("--lr", type=float, default=1e-3, help="global: Adam learning rate (default: 1e-3)")
+    p.add_argument("--batch-rows", type=int, default=128,
+                   help="global: samples of recorded transformer calls per step (default: 128)")
+    p.add_argument("--rollout-prompts", type=int, default=64,
+                   help="global: prompts per rollout of the sparse sampler (default: 64)")
+    p.add_argument("--refresh", type=int, default=50, help="global: steps between rollouts (default: 50)")
+    p.add_argument("--states", choices=["student", "dense"], default="student",
+                   help="global: train on the sparse sampler's states or the dense sampler's (default: student)")
+    p.add_argument("--t-weight", choices=["uniform", "late", "early"], default="uniform",
+                   help="global: loss weight by noise level (default: uniform)")
+    p.add_argument("--store-device", default=None,
+                   help="global: where recorded calls are kept: cpu for large models (default: the model's device)")
+    p.add_argument("--resume", action="store_true", help="global: continue from --out/checkpoint (default: off)")
+
+
+def run(args, solve_closed_form) -> int:
+    """``solve_closed_form(transformer)``: the closed-form path of train-lora, used when there is no --init."""
+    from .. import api, io
+    from ..distill_global import DistillError, GlobalConfig, train_global
+    from ..pipelines import ModelError, load_runner
+    from .generate import read_prompts, torch_dtype
+
+    out = Path(args.out)
+    if not args.prompts:
+        raise SystemExit("rtlynx train-lora --objective global: give --prompts FILE (training prompts, one a line)")
+    if not args.init and not args.calib:
+        raise SystemExit("rtlynx train-lora --objective global: give --init DIR (a LoRA to start from) or --calib "
+                         "(solve the closed form first)")
+    device, dtype = (None if args.device == "auto" else args.device), torch_dtype(args.dtype)
+    try:
+        cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
+                           rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
+                           t_weight=args.t_weight, seed=args.seed)
+        prompts = read_prompts(args.prompts)
+        runner = load_runner(args.model, device=device, dtype=dtype)
+        if args.init:
+            io.load(runner.transformer, args.init, dense_below_t=None)
+        else:
+            solve_closed_form(runner.transformer)
+            api.configure(runner.transformer, dense_below_t=None)
+        saved_t = (io.read(args.init)[0]["config"].get("dense_below_t") if args.init else None)
+
+        def rollout(batch, seed):
+            return runner.sample(batch, steps=args.steps, guidance=args.guidance, height=args.height,
+                                 width=args.width, seed=seed, latent=True)
+
+        report = train_global(runner.transformer, rollout, prompts, cfg, checkpoint=out / "checkpoint",
+                              resume=args.resume, store_device=args.store_device)
+    except (ModelError, ValueError, FileNotFoundError, DistillError) as e:
+        raise SystemExit(f"rtlynx train-lora: {e}") from None
+    api.configure(runner.transformer, dense_below_t=saved_t)  # the start's step schedule goes with the LoRA
+    io.save(runner.transformer, out, overwrite=True)
+    (out / "distill_report.json").write_text(json.dumps({"objective": "global", "model": args.model,
+                                                          "init": args.init, **report}, indent=1))
+    print(f"wrote {out}")
+    return 0
