@@ -3,8 +3,9 @@
 # calls; it goes back 30 s after a call). The shipped weights (40 MB), the fp16 Inception (44 MB) and Emoji-64
 # (36 MB) do not fit one 64 MiB carry, so:
 #   1. prep       tree without the weights (mv rtlynx/assets/miniflux/*.safetensors .qw/ here first) + carry .whl
-#                 .cache/inception_fp16.pt .cache/inception_fp16.pt.sha256 .cache/prompts_all.txt: wheels installed
-#                 into .cache/site, Inception checked.
+#                 .cache/inception_fp16.pt .cache/inception_fp16.pt.sha256 .cache/prompts_all.txt
+#                 .cache/cutlass_inc.tar.xz: wheels installed into .cache/site, the kernels built (.cache/build, the
+#                 library's path in .cache/lib.txt), the GPU tests and compute-sanitizer, the Inception checked.
 #   2. reference  tree without the weights + carry .cache/emoji64.npz: Emoji-64 Inception features -> .cache/.
 #   3. train      the whole tree: global distillation of the mini-FLUX LoRA (benchmarks/distill_global.py train)
 #                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse).
@@ -14,15 +15,27 @@
 set -uo pipefail
 what=${1:?prep, reference, train or eval}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD/.cache/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export PYTHONPATH=$PWD/.cache/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg RTLYNX_BUILD_DIR=$PWD/.cache/build
+BACKEND=reference
+if [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ] && [ "${USE_LYNX:-1}" = 1 ]; then
+  export RTLYNX_LIB=$(cat .cache/lib.txt); BACKEND=lynx
+fi
 Q=(python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} --batch-size 500
-   --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend reference
+   --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend $BACKEND
    --lora-dir .cache/gl/lora)
 case $what in
   prep)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cache/site .whl/*.whl
-    python3 -c "import torch, diffusers; from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0), 'inception ok')" ;;
+    python3 -c "import torch, diffusers; from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0), 'inception ok')"
+    mkdir -p /tmp/cutlass && tar xJf .cache/cutlass_inc.tar.xz -C /tmp/cutlass && export CUTLASS_INCLUDE=/tmp/cutlass/include
+    t0=$(date +%s); MAX_JOBS=16 python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt"
+    echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
+    lib=$(grep '\.so$' "$OUT/build.txt" | tail -1); [ -f "$lib" ] && echo "$lib" > .cache/lib.txt && export RTLYNX_LIB=$lib
+    timeout ${GPU_TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING tests/gpu \
+      > "$OUT/gpu_tests_all.txt" 2>&1; tail -4 "$OUT/gpu_tests_all.txt"
+    timeout 90 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu/sanitize_checks.py \
+      > "$OUT/sanitizer.txt" 2>&1; echo "sanitizer rc $?" | tee -a "$OUT/sanitizer.txt"; tail -3 "$OUT/sanitizer.txt" ;;
   reference)
     python3 - <<'PY'
 import time, torch
@@ -35,7 +48,7 @@ PY
     rm -f .cache/emoji64.npz ;;
   train)
     timeout ${TRAIN_S:-330} python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt \
-      --out .cache/gl/lora --steps ${STEPS:-600} ${TRAIN_ARGS:-} 2>&1 | grep -v "it/s]\|s/it]" | tee "$OUT/train_log.txt"
+      --out .cache/gl/lora --steps ${STEPS:-600} --backend $BACKEND ${TRAIN_ARGS:-} 2>&1 | grep -v "it/s]\|s/it]" | tee "$OUT/train_log.txt"
     if [ ! -f .cache/gl/lora/rtlynx_config.json ] && [ -f .cache/gl/lora/checkpoint/lora/rtlynx_config.json ]; then
       echo "training timed out: the last checkpoint is evaluated" | tee -a "$OUT/train_log.txt"
       cp .cache/gl/lora/checkpoint/lora/* .cache/gl/lora/
