@@ -29,7 +29,7 @@ object that its layers and sites share by reference (never copied).
 from __future__ import annotations
 
 import fnmatch
-import types
+import functools
 
 import torch
 import torch.nn as nn
@@ -536,7 +536,8 @@ def install_producer(module: nn.Module, site: Site) -> None:
         return
     parent = module.get_submodule(site.name) if site.name else module
     if len(site.layers) == 1 and _gelu_feedforward(parent, site.layers[0]):
-        parent.forward = types.MethodType(_gelu_feedforward_forward, parent)
+        # a partial of a module-level function pickles (a bound MethodType is looked up by name on unpickling)
+        parent.forward = functools.partial(_gelu_feedforward_forward, parent)
         parent._rtlynx_producer = site
     else:
         site.producer = "plain"
