@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import EMOJI64_PATH
+
 FORMAT_VERSION = 1
 SIZE = 64
-DEFAULT_PATH = Path(os.environ.get("RTLYNX_CACHE", Path.home() / ".cache" / "rtlynx")) / "emoji64.npz"
+DEFAULT_PATH = EMOJI64_PATH
 
 # npm package, version, images folder inside the package, file extension, style word
 PACKAGES = {

