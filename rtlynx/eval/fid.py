@@ -116,15 +116,19 @@ def _join_parts(path: Path) -> Path:
     return path
 
 
-def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu"):
+def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu", allow_unrecorded: bool = False):
     """The TorchScript Inception in fp32 (joins PATH.part* first if only the parts are there), after checking it
-    against the sha256 recorded in ``PATH.sha256`` (a mismatch refuses; no record warns)."""
+    against the sha256 recorded in ``PATH.sha256``. A mismatch refuses; so does a missing record (TorchScript runs
+    code: nothing unverified is loaded) unless ``allow_unrecorded=True``, which warns."""
     path = Path(path)
     if not path.exists():
         _join_parts(path)
     side = _sidecar(path)
     if side.exists():
         _require_sha256(path, side.read_text().strip(), f"the digest recorded in {side.name}")
+    elif not allow_unrecorded:
+        raise ValueError(f"{path}: no {side.name} recorded at extraction, so it cannot be verified before loading: "
+                         "re-run `rtlynx data inception`, or carry the .sha256 file with it")
     else:
         warnings.warn(f"{path}: no {side.name} recorded at extraction, so it cannot be verified before loading "
                       "(re-run `rtlynx data inception`, or carry the .sha256 file with it)", RuntimeWarning,
