@@ -179,3 +179,19 @@ def test_train_lora_saves_a_step_schedule_that_generate_and_demo_use(tiny_dir, t
     assert "dense below (from the LoRA's saved schedule" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["dense_below_t"] == 0.2
+
+
+def test_select_says_why_nothing_was_selected():
+    from argparse import Namespace
+
+    from rtlynx.commands.select import why_none
+    from rtlynx.select import Candidate
+
+    args = Namespace(min_speedup=1.02, budget=1.0)
+    unknown = Candidate(["a"], 64, 64, 192, 1, 0.1)
+    slow = Candidate(["b"], 4096, 3072, 9216, 1, 0.1, dense_ms=1.0, sparse_ms=1.25)
+    fast = Candidate(["c"], 4096, 3072, 3072, 1, 9.0, dense_ms=1.0, sparse_ms=0.8)
+    line = why_none([unknown, slow, fast], args)
+    assert "1 of 3 sites have shapes the speed table does not hold" in line
+    assert "1 are below --min-speedup 1.02 (best 0.80x at M=4096, K=3072, N=9216)" in line
+    assert "1 fast enough but each over the quality budget 1.0" in line and "\n" not in line

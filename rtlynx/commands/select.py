@@ -33,7 +33,7 @@ def run(args) -> int:
         raise SystemExit(f"rtlynx select: {e}") from None
     print(select.report(sel))
     if not sel["selected"]:
-        raise SystemExit("rtlynx select: no site gains speed within the budget on this speed table; nothing written")
+        raise SystemExit(f"rtlynx select: nothing selected, nothing written: {why_none(sel['candidates'], args)}")
     info = {"budget": args.budget, "rank": args.rank, "calib": args.calib, "speed_table_device": sel["table_device"],
             "candidates": sel["candidate_preset"], "min_speedup": args.min_speedup, "end_to_end": sel["end_to_end"],
             "sites": [{"layers": c.layers, "M": c.m, "K": c.k, "N": c.n, "speedup": c.speedup,
@@ -43,6 +43,27 @@ def run(args) -> int:
     print(f"wrote {out}: use it with `rtlynx generate --preset {out}`, `rtlynx calibrate --preset {out}` "
           f"or rtlynx.sparsify(model, preset='{out}')")
     return 0
+
+
+def why_none(cands, args) -> str:
+    """Why no site was picked, in one line: unknown shapes, too little speed-up, or the budget."""
+    unknown = [c for c in cands if c.speedup is None]
+    known = [c for c in cands if c.speedup is not None]
+    slow = [c for c in known if c.speedup < args.min_speedup]
+    if not cands:
+        return "the model has no candidate sites (check --candidates)"
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} of {len(cands)} sites have shapes the speed table does not hold (small models: "
+                     "the table covers full-size shapes)")
+    if slow:
+        best = max(slow, key=lambda c: c.speedup)
+        parts.append(f"{len(slow)} are below --min-speedup {args.min_speedup} (best {best.speedup:.2f}x at "
+                     f"M={best.m}, K={best.k}, N={best.n})")
+    rest = len(known) - len(slow)
+    if rest:
+        parts.append(f"{rest} fast enough but each over the quality budget {args.budget} (raise --budget)")
+    return "; ".join(parts)
 
 
 def register(sub) -> None:
