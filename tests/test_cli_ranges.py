@@ -195,3 +195,11 @@ def test_select_says_why_nothing_was_selected():
     assert "1 of 3 sites have shapes the speed table does not hold" in line
     assert "1 are below --min-speedup 1.02 (best 0.80x at M=4096, K=3072, N=9216)" in line
     assert "1 fast enough but each over the quality budget 1.0" in line and "\n" not in line
+
+
+def test_demo_on_another_model_skips_the_shipped_lora(tiny_dir, tmp_path):
+    """The shipped LoRA fits the shipped mini-FLUX only: another model without --lynx runs without one."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_dir), "--device", "cpu", "--steps", "1", "--prompt", "fire, noto style",
+                 "--out", str(out)]) == 0
+    assert "rtlynx" not in json.loads((out / "metrics.json").read_text())["variants"]

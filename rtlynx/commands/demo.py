@@ -35,7 +35,9 @@ def run(args) -> int:
         raise SystemExit(f"rtlynx demo: --lynx {args.lynx} is not a folder (an rtlynx.save folder, e.g. from "
                          "`rtlynx train-lora`)")
     try:
-        has_lora = demo.prepare(model, Path(args.lynx) if args.lynx else demo.LORA_DIR,
+        # the shipped LoRA fits the shipped model only; another model gets its LoRA from --lynx
+        lora_dir = Path(args.lynx) if args.lynx else (demo.LORA_DIR if args.model == "miniflux" else None)
+        has_lora = demo.prepare(model, lora_dir,
                                 backend="auto" if dev != "cpu" else "reference", required=args.lynx is not None)
         if args.dense_below_t != "config":
             configure(model.transformer, dense_below_t=None if args.dense_below_t == "none" else args.dense_below_t)
