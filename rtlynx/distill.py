@@ -103,6 +103,15 @@ def _check_stats_file(path: Path, md: dict) -> None:
         raise ValueError(f"{path}: not an rtlynx calibration file (format {md.get('format')!r})")
 
 
+def _check_scalars(path: Path, name: str, sc: dict) -> None:
+    """A layer's row count and energies (rtlynx.validate: one-line ValueError naming the file and layer)."""
+    from . import validate
+
+    validate.integer(f"{path}: {name} rows", sc["rows"], 0)
+    for key in ("rr", "yy"):
+        validate.real(f"{path}: {name} {key}", sc[key], 0.0)
+
+
 @dataclass
 class CalibStats:
     layers: dict[str, LayerStats] = field(default_factory=dict)
@@ -184,6 +193,7 @@ class StatsFiles:
                     gram = sc.get("gram", name)  # format 1: every layer owns its Gram
                     if not {"rr", "yy", "rows"} <= sc.keys():
                         raise KeyError(f"the scalars of {name} are incomplete")
+                    _check_scalars(part, name, sc)
                     missing = {f"{gram}.xtx", f"{name}.xtr"} - keys
                     if missing:
                         raise KeyError(f"tensor {sorted(missing)[0]} is missing")

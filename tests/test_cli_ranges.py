@@ -203,3 +203,26 @@ def test_demo_on_another_model_skips_the_shipped_lora(tiny_dir, tmp_path):
     assert main(["demo", "--model", str(tiny_dir), "--device", "cpu", "--steps", "1", "--prompt", "fire, noto style",
                  "--out", str(out)]) == 0
     assert "rtlynx" not in json.loads((out / "metrics.json").read_text())["variants"]
+
+
+@pytest.mark.parametrize("key,value", [("rr", float("nan")), ("rows", -1), ("yy", float("inf"))])
+def test_train_lora_refuses_bad_statistics(tiny_dir, tmp_path, key, value):
+    """NaN / negative numbers in a statistics file end in one line naming the file, the layer and the field."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    calib = tmp_path / "calib.safetensors"
+    assert main(["calibrate", "--model", str(tiny_dir), "--device", "cpu", "--prompts-file",
+                 str(tiny_dir / "prompts.txt"), "--num-prompts", "1", "--steps", "2", "--out", str(calib)]) == 0
+    with safe_open(str(calib), "pt") as f:
+        md = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scalars = json.loads(md["scalars"])
+    first = next(iter(scalars))
+    scalars[first][key] = value
+    md["scalars"] = json.dumps(scalars)
+    save_file(tensors, str(calib), metadata=md)
+    with pytest.raises(SystemExit) as e:
+        main(["train-lora", "--model", str(tiny_dir), "--device", "cpu", "--calib", str(calib), "--out",
+              str(tmp_path / "lynx")])
+    assert f"{first} {key}" in _one_line(e) and not (tmp_path / "lynx").exists()
