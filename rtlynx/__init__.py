@@ -21,6 +21,12 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
+    if not name.startswith("__"):  # rtlynx.io, rtlynx.sites, ...: loaded eagerly before issue 22, on first use now
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'rtlynx' has no attribute {name!r}")
 
 
