@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
+
+# Default cache files, here (standard library only) so the CLI's help can show them without importing numpy / torch.
+CACHE_DIR = Path(os.environ.get("RTLYNX_CACHE", Path.home() / ".cache" / "rtlynx"))
+EMOJI64_PATH = CACHE_DIR / "emoji64.npz"
+INCEPTION_PATH = Path.home() / ".cache" / "rtlynx" / "inception_fp16.pt"
 
 
 def file_sha256(path: str | Path) -> str:

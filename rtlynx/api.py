@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.distributed as dist
 
 from . import schedule
+from ._txn import transaction
 from .config import SparsityConfig
 from .integrations import diffusers as hf
 from .integrations.diffusers import as_module as _as_module
@@ -91,8 +93,31 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
     if sparse_layers(module):
         raise ValueError(f"{type(module).__name__} is already sparsified; rtlynx.unsparsify it first "
                          "(or change settings with rtlynx.configure)")
-    _apply(module, names, config, config.lora_rank)
+    check_layers(module, names, config.lora_rank)
+    with transaction(module):  # all or nothing: an error in the 25th site leaves the model dense, as it was
+        _apply(module, names, config, config.lora_rank)
     return model
+
+
+def check_layers(module: nn.Module, names, lora_rank: int | dict) -> None:
+    """Before anything changes: a LoRA rank fits each layer (rank <= min(K, N); ``lora_rank`` an int or name ->
+    rank), the weights are real (not on the meta device), and a warning for layers outside the blocks."""
+    from .presets import outside_blocks
+
+    for name in names:
+        lin = module.get_submodule(name)
+        r = lora_rank if isinstance(lora_rank, int) else lora_rank[name]
+        if r > min(lin.in_features, lin.out_features):
+            raise ValueError(f"lora_rank {r} exceeds min(K, N) = {min(lin.in_features, lin.out_features)} of layer "
+                             f"{name!r} ({lin.in_features}->{lin.out_features}); a rank above it adds nothing")
+        if lin.weight.is_meta:
+            raise ValueError(f"layer {name!r} is on the meta device: assign the model's weights first "
+                             "(e.g. load_state_dict(..., assign=True)), then sparsify / load")
+    odd = outside_blocks(names)
+    if odd:
+        warnings.warn(f"rtlynx: sparsifying {len(odd)} layer(s) outside the transformer blocks ({odd[:3]}"
+                      f"{'...' if len(odd) > 3 else ''}): embedders, modulation and output heads gain no speed and "
+                      "lose the most quality", RuntimeWarning, stacklevel=3)
 
 
 def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_rank: int) -> None:
@@ -220,15 +245,16 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     if dense_below_t is not _UNSET:
         changes["dense_below_t"] = dense_below_t
     config = dataclasses.replace(settings.config, **changes)  # validates everything before anything changes
-    settings.config = config
-    if dense_below_t is not _UNSET:
-        schedule.install(module, layers.values(), dense_below_t)
-    dropped = {name for name, field in OVERRIDABLE.items() if field in changes}
-    for layer in layers.values():
-        for name in dropped:
-            layer._override.pop(name, None)
-    for site in model_sites(module):
-        site.refresh_overrides()
+    with transaction(module, extra=[settings, *model_sites(module)]):
+        settings.config = config
+        if dense_below_t is not _UNSET:
+            schedule.install(module, layers.values(), dense_below_t)
+        dropped = {name for name, field in OVERRIDABLE.items() if field in changes}
+        for layer in layers.values():
+            for name in dropped:
+                layer._override.pop(name, None)
+        for site in model_sites(module):
+            site.refresh_overrides()
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from . import validate
 from .reference import check_pattern
 
 BACKENDS = ("auto", "reference", "cusparselt", "lynx")
@@ -20,12 +21,8 @@ BENCH_ROTATE_BYTES = 150_000_000
 BENCH_FLUSH_BYTES = 256 * 2**20
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a rank
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_int = validate.is_int  # kept for the modules that import them from here
+_is_real = validate.is_real
 
 
 @dataclass
@@ -97,15 +94,13 @@ class SparsityConfig:
                                      ("dtype", self.dtype, DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not _is_int(self.lora_rank) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        validate.integer("lora_rank", self.lora_rank, 0)
         for name in ("lora", "speed_rules", "fuse_sites", "keep_dense_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if not (_is_real(self.eps) and self.eps > 0):
-            raise ValueError(f"eps must be a number > 0, got {self.eps!r}")
-        if self.dense_below_t is not None and not (_is_real(self.dense_below_t) and 0.0 < self.dense_below_t <= 1.0):
-            raise ValueError(f"dense_below_t must be None or in (0, 1], got {self.dense_below_t!r}")
+        validate.real("eps", self.eps, 0.0, low_open=True)  # finite too: eps=inf would zero every output
+        if self.dense_below_t is not None:
+            validate.real("dense_below_t (or None)", self.dense_below_t, 0.0, 1.0, low_open=True)
         if not _is_int(self.version) or self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this rtlynx reads {CONFIG_VERSION})")
         if self.preset is None and not self.include:

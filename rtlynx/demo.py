@@ -32,10 +32,10 @@ VARIANTS = {
 }
 
 
-def prepare(model, lora_dir: Path | None = LORA_DIR, backend: str = "auto") -> bool:
-    """Sparsify ``model.transformer`` for the comparison; load the distilled LoRA when there is one.
-    Returns whether a LoRA was loaded."""
-    if lora_dir is not None and (Path(lora_dir) / io.CONFIG_FILE).is_file():
+def prepare(model, lora_dir: Path | None = LORA_DIR, backend: str = "auto", required: bool = False) -> bool:
+    """Sparsify ``model.transformer`` for the comparison; load the distilled LoRA when there is one (``required``:
+    a folder the user named must hold one). Returns whether a LoRA was loaded."""
+    if required or (lora_dir is not None and (Path(lora_dir) / io.CONFIG_FILE).is_file()):
         io.load(model.transformer, lora_dir)
         api.configure(model.transformer, backend=backend, speed_rules=False)  # a quality demo: sparse everywhere
         return True

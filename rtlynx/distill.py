@@ -19,6 +19,7 @@ epochs, and the statistics can be accumulated over more prompts at any time (res
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,15 @@ def _check_stats_file(path: Path, md: dict) -> None:
         raise ValueError(f"{path}: not an rtlynx calibration file (format {md.get('format')!r})")
 
 
+def _check_scalars(path: Path, name: str, sc: dict) -> None:
+    """A layer's row count and energies (rtlynx.validate: one-line ValueError naming the file and layer)."""
+    from . import validate
+
+    validate.integer(f"{path}: {name} rows", sc["rows"], 0)
+    for key in ("rr", "yy"):
+        validate.real(f"{path}: {name} {key}", sc[key], 0.0)
+
+
 @dataclass
 class CalibStats:
     layers: dict[str, LayerStats] = field(default_factory=dict)
@@ -184,6 +194,7 @@ class StatsFiles:
                     gram = sc.get("gram", name)  # format 1: every layer owns its Gram
                     if not {"rr", "yy", "rows"} <= sc.keys():
                         raise KeyError(f"the scalars of {name} are incomplete")
+                    _check_scalars(part, name, sc)
                     missing = {f"{gram}.xtx", f"{name}.xtr"} - keys
                     if missing:
                         raise KeyError(f"tensor {sorted(missing)[0]} is missing")
@@ -357,10 +368,23 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
     return stats
 
 
+def _check_fit_args(rank, ridge) -> None:
+    from . import validate
+
+    validate.integer("LoRA rank", rank, 1)  # evecs[:, -0:] would select every column: a full-rank "LoRA"
+    validate.real("ridge", ridge, 0.0)  # a negative ridge makes the LoRA worse than none
+
+
 def solve_lora(s: LayerStats, rank: int, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form rank-``rank`` LoRA (A [r, K], B [N, r]) minimising the layer's residual MSE."""
     if s.rows == 0:
         raise ValueError("no calibration rows for this layer")
+    _check_fit_args(rank, ridge)
+    for what, t in (("xtx", s.xtx), ("xtr", s.xtr)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the calibration statistics ({what}) hold NaN or Inf; calibrate again")
+    if not (math.isfinite(s.rr) and math.isfinite(s.yy)):
+        raise ValueError("the calibration statistics (rr, yy) hold NaN or Inf; calibrate again")
     rank = min(rank, s.k, s.n)
     g = s.xtx.double() / s.rows
     c = s.xtr.double() / s.rows
@@ -396,6 +420,7 @@ def fit_lora(transformer, stats, rank: int, ridge: float = 1e-3, val=None, progr
     statistics only, so the result is the same either way."""
     from tqdm.auto import tqdm
 
+    _check_fit_args(rank, ridge)  # before any layer changes
     layers = sparse_layers(transformer)
     src = stats if isinstance(stats, (CalibStats, StatsFiles)) else StatsFiles(stats)
     vsrc = val if val is None or isinstance(val, (CalibStats, StatsFiles)) else StatsFiles(val)
@@ -421,7 +446,10 @@ def fit_lora(transformer, stats, rank: int, ridge: float = 1e-3, val=None, progr
 
 def _fit_layer(name: str, layer: SparseActLinear, s: LayerStats, rank: int, ridge: float,
                val: LayerStats | None) -> dict:
-    a, b = solve_lora(s, rank, ridge)
+    try:
+        a, b = solve_lora(s, rank, ridge)
+    except ValueError as e:
+        raise ValueError(f"layer {name}: {e}") from None
     layer.add_lora(a.shape[0])
     with torch.no_grad():
         layer.lora_A.copy_(a.to(layer.lora_A))

@@ -11,18 +11,18 @@ Directory layout::
                                 "lora_sha256": sha256 of rtlynx_lora.safetensors}
     rtlynx_lora.safetensors    "<layer name>.lora_A" [r, K], "<layer name>.lora_B" [N, r] (floating point, finite)
 
-Saving into a new (or empty) directory writes both files into a temporary sibling and renames it into place
-(atomic). Replacing an existing save (``overwrite=True``) swaps the two files one after the other, tensors
-first: an interrupted swap leaves new tensors under the old config, which ``load`` refuses by the checksum.
+A save is atomic, a new one and an overwrite alike: the tensors are written to a pending file named by their
+checksum, and renaming the config into place commits (``read`` takes the pending file its config names until it is
+renamed over the old tensors). An error rolls back to the old save; a killed process leaves the old save or the
+new one, never a mix. The folder itself is never replaced (see ``_commit``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,9 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from . import parallel, schedule, sites
-from .api import _apply, _as_module, config_of, settings_of, sparse_layers, unsparsify
-from .config import SparsityConfig, _is_int
+from . import parallel, schedule, sites, validate
+from ._txn import transaction
+from .api import _apply, _as_module, check_layers, config_of, settings_of, site_rules, sparse_layers
+from .config import SparsityConfig
 from .nn import SparseActLinear
 
 CONFIG_FILE = "rtlynx_config.json"
@@ -78,25 +79,64 @@ def save(model, path, overwrite: bool = False) -> Path:
                    for n, l in layers.items()},
         "lora_sha256": hashlib.sha256(data).hexdigest(),
     }
-    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh directory: build it as a sibling and rename it into place. An existing one: a temporary
-    # directory inside it (same file system), then one replace per file.
-    tmp = Path(tempfile.mkdtemp(dir=path.parent if fresh else path, prefix=f".{path.name}.rtlynx-tmp-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the saved directory's mode
-        (tmp / LORA_FILE).write_bytes(data)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        if fresh:
-            os.replace(tmp, path)  # an empty directory is replaced too
-        else:
-            for f in (LORA_FILE, CONFIG_FILE):  # config last: its checksum names the tensors it belongs to
-                os.replace(tmp / f, path / f)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _commit(path, data, json.dumps(meta, indent=1), meta["lora_sha256"])
     return path
+
+
+def _pending(path: Path, sha: str) -> Path:
+    return path / f".rtlynx_lora.{sha}.pending"
+
+
+def _commit(path: Path, data: bytes, config_text: str, sha: str) -> None:
+    """Write a save into ``path`` so that at every instant the folder holds one whole save, the old or the new.
+
+    The tensors go to a pending file named by their checksum, the config to a temporary file; renaming the config
+    into place is the commit (``read`` finds the tensors a config names in the pending file until they are renamed
+    over the old ones). An exception before the commit removes what was written; one after it restores the old
+    config. The folder itself is never replaced (a mount point, its mode and group, a symlink to it stay)."""
+    made = not path.exists()  # a folder this save creates is removed again on failure (its parents are kept)
+    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    pending, cfg_tmp, old_cfg = _pending(path, sha), path / f".{CONFIG_FILE}.tmp", path / f".{CONFIG_FILE}.old"
+    committed = False
+    old_cfg.unlink(missing_ok=True)  # left by a crashed save
+    try:
+        pending.write_bytes(data)
+        cfg_tmp.write_text(config_text)
+        for f in (pending, cfg_tmp):
+            _fsync(f)
+        had_old = (path / CONFIG_FILE).exists()
+        if had_old:
+            os.link(path / CONFIG_FILE, old_cfg)  # kept until the tensors are in place, for the rollback
+        os.replace(cfg_tmp, path / CONFIG_FILE)  # the commit
+        committed = True
+        os.replace(pending, path / LORA_FILE)
+        committed = False  # done: nothing left to roll back
+        for stale in path.glob(".rtlynx_lora.*.pending"):  # a crashed save's, superseded now
+            stale.unlink(missing_ok=True)
+    except BaseException:
+        if committed and had_old:
+            os.replace(old_cfg, path / CONFIG_FILE)  # the old config names the old tensors, still in place
+        elif committed:
+            (path / CONFIG_FILE).unlink(missing_ok=True)
+        for f in (pending, cfg_tmp):
+            f.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+    finally:
+        old_cfg.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """On disk before the rename that publishes it (a power cut must not leave a renamed empty file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -121,25 +161,32 @@ def _check_layers(meta: dict, cfg_file: Path) -> None:
         if not isinstance(info, dict) or set(info) != {"in_features", "out_features", "lora_rank"}:
             raise ValueError(f"{cfg_file}: layers[{name!r}] must hold exactly in_features, out_features, lora_rank")
         for key, low in (("in_features", 1), ("out_features", 1), ("lora_rank", 0)):
-            v = info[key]
-            if not _is_int(v) or v < low:
-                raise ValueError(f"{cfg_file}: layers[{name!r}].{key} must be an integer >= {low}, got {v!r}")
+            validate.integer(f"{cfg_file}: layers[{name!r}].{key}", info[key], low)
+        if info["lora_rank"] > min(info["in_features"], info["out_features"]):
+            raise ValueError(f"{cfg_file}: layers[{name!r}].lora_rank {info['lora_rank']} exceeds min(K, N) = "
+                             f"{min(info['in_features'], info['out_features'])}")
     digest = meta.get("lora_sha256")
-    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
         raise ValueError(f"{cfg_file}: lora_sha256 must be a sha256 hex digest, got {digest!r}")
+
+
+def _sha_matches(f: Path, sha: str) -> bool:
+    return f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == sha
 
 
 def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and validate a saved directory: (metadata, tensors). Raises clear errors on damage."""
     path = Path(path)
     cfg_file, lora_file = path / CONFIG_FILE, path / LORA_FILE
-    for f in (cfg_file, lora_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: not an rtlynx save directory (or an incomplete one)")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: not an rtlynx save directory (or an incomplete one)")
     try:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file} is corrupt: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{cfg_file} is corrupt: nested too deeply") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{cfg_file}: unsupported format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     for key in ("model_class", "config", "layers"):
@@ -150,8 +197,12 @@ def read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: bad config: {e}") from e
     _check_layers(meta, cfg_file)
-    data = lora_file.read_bytes()
     want = meta.get("lora_sha256")
+    if want is not None and _pending(path, want).is_file() and not _sha_matches(lora_file, want):
+        lora_file = _pending(path, want)  # a save interrupted after its commit: the tensors its config names
+    if not lora_file.is_file():
+        raise FileNotFoundError(f"{lora_file} is missing: not an rtlynx save directory (or an incomplete one)")
+    data = lora_file.read_bytes()
     if want is None:
         warnings.warn(f"{cfg_file} records no checksum of {LORA_FILE} (saved by an older rtlynx): not verified",
                       RuntimeWarning, stacklevel=3)
@@ -204,15 +255,22 @@ def load(model, path, strict_class: bool = True, **overrides):
     present = sparse_layers(module)
     if present and set(present) != set(layers):
         raise ValueError("model is already sparsified with a different layer set; load into a fresh model")
+    settings = settings_of(module)
+    if present and settings is not None and settings.config.fuse_sites != config.fuse_sites:
+        raise ValueError(f"the model's sites were grouped with fuse_sites={settings.config.fuse_sites}, the save has "
+                         f"{config.fuse_sites}; load into a fresh model")
+    check_layers(module, layers, {n: info["lora_rank"] for n, info in layers.items()})
+    site_rules(module, config)  # an unknown preset fails here, not in a later re-save's load
+    for name, info in layers.items():
+        mod = module.get_submodule(name)
+        dtype = mod.compute_dtype if isinstance(mod, SparseActLinear) else mod.weight.dtype
+        for key in (f"{name}.lora_A", f"{name}.lora_B") if info["lora_rank"] else ():
+            validate.finite_in_dtype(f"{LORA_FILE}: {key}", tensors[key], dtype)
 
-    # All checks passed: apply. (A failure past this point is a bug; a fresh model is put back as it was.)
-    if not present:
-        try:
-            _apply_loaded(module, layers, config, tensors, present)
-        except BaseException:
-            unsparsify(module)
-            raise
-    else:
+    # All checks passed: apply, all or nothing (a failure past this point is a bug or out of memory).
+    extra = [settings, *sites.model_sites(module)] if settings is not None else sites.model_sites(module)
+    old = [t for l in present.values() for t in (l.lora_A, l.lora_B)]
+    with transaction(module, extra=extra, tensors=old):
         _apply_loaded(module, layers, config, tensors, present)
     return model
 

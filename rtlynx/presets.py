@@ -30,6 +30,19 @@ CONDITIONING_EXCLUDES = (
     "*caption_projection*", "*pos_embed*",
 )
 
+# Layers outside the transformer blocks (input embedders, output heads) plus the conditioning ones: no preset
+# includes them; a hand-written layer table or preset file that does gets a warning (rtlynx.api.check_layers).
+OUTSIDE_BLOCK_GLOBS = CONDITIONING_EXCLUDES + ("*embed*", "proj_out", "*final_layer*", "img_in", "txt_in",
+                                               "norm_out*")
+
+
+def outside_blocks(names) -> list[str]:
+    """The names among ``names`` that are embedders, conditioning layers or output heads."""
+    import fnmatch
+
+    return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in OUTSIDE_BLOCK_GLOBS)]
+
+
 # Activation sites (rtlynx.sites): sparse layers that read the same input are one site, pruned once and run as one
 # sparse GEMM over their concatenated weights. A rule is (parent glob, producer, member names under the parent);
 # a layer joins the first rule that names it, layers no rule names are sites of their own. Producers: "plain"

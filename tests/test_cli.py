@@ -62,10 +62,11 @@ def test_every_option_has_help_and_shows_its_default():
 def test_abbreviated_option_is_rejected(capsys):
     import pytest
 
-    # `demo --model tiny-flux` used to be taken as --model-dir tiny-flux
+    # `demo --num 2` must not become --num-prompts 2 (before issue 22: `demo --model x` became --model-dir x;
+    # --model is demo's own option now, one dialect with the other commands)
     with pytest.raises(SystemExit) as e:
-        main(["demo", "--model", "tiny-flux"])
-    assert e.value.code == 2 and "--model" in capsys.readouterr().err
+        main(["demo", "--num", "2"])
+    assert e.value.code == 2 and "--num" in capsys.readouterr().err
 
 
 def test_calibrate_without_the_data_set_names_both_ways_out(tmp_path, monkeypatch):

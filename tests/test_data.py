@@ -127,3 +127,26 @@ def test_identity_balanced_sampler():
     assert np.allclose(frac, 1 / 3, atol=0.04)
     with pytest.raises(ValueError):
         emoji64.IdentityBalancedSampler(identity, 0)
+
+
+def test_npm_tarballs_are_checked_against_the_pinned_integrity(tmp_path):
+    """A cached or freshly packed tarball must be the published one (issue 22: npm pack had no pinned hash)."""
+    import base64
+    import hashlib
+
+    name, version = emoji64.KEYWORDS_PACKAGE
+    tgz = tmp_path / f"{name}-{version}.tgz"
+    tgz.write_bytes(b"not the published tarball")
+    with pytest.raises(ValueError, match="pinned integrity"):
+        emoji64.npm_fetch(name, version, tmp_path)  # cached: npm is not called
+    with pytest.raises(ValueError, match="no pinned integrity"):
+        emoji64.check_integrity(tgz, "left-pad", "1.3.0")
+    fake = "sha512-" + base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
+    emoji64.NPM_INTEGRITY[("left-pad", "1.3.0")] = fake  # the same hash the check computes: accepted
+    try:
+        emoji64.check_integrity(tgz, "left-pad", "1.3.0")
+    finally:
+        del emoji64.NPM_INTEGRITY[("left-pad", "1.3.0")]
+    for (pkg, ver), integrity in emoji64.NPM_INTEGRITY.items():
+        assert integrity.startswith("sha512-") and len(base64.b64decode(integrity[7:])) == 64, pkg
+    assert {(p[0], p[1]) for p in emoji64.PACKAGES.values()} | {emoji64.KEYWORDS_PACKAGE} == set(emoji64.NPM_INTEGRITY)

@@ -98,17 +98,9 @@ def test_stats_save_load_roundtrip_and_errors(tmp_path, gen):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from rtlynx.demo import DEMO_PROMPTS
-    from rtlynx.models.miniflux import MiniFlux, WordTokenizer
+    from rtlynx.testing import save_tiny_miniflux
 
-    torch.manual_seed(0)
-    cfg = {"width": 64, "head_dim": 32, "axes_dims_rope": [8, 12, 12], "num_layers": 1, "num_single_layers": 1,
-           "text_width": 32, "text_layers": 1, "text_heads": 2, "num_steps": 2}
-    model = MiniFlux(cfg, WordTokenizer.fit(DEMO_PROMPTS, max_len=8)).eval()
-    d = tmp_path_factory.mktemp("miniflux")
-    model.save_pretrained(d, dtype=None)
-    (d / "prompts.txt").write_text("\n".join(DEMO_PROMPTS))
-    return d
+    return save_tiny_miniflux(tmp_path_factory.mktemp("miniflux"))
 
 
 def test_calibrate_train_lora_demo_cli(tiny_model_dir, tmp_path):

@@ -77,6 +77,7 @@ def test_fid_pipeline_with_standin_network(tmp_path):
 
     net_path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.script(Net().half()), str(net_path))
+    F.record_sha256(net_path)  # what `rtlynx data inception` does: an unrecorded network is refused
     rng = np.random.default_rng(0)
     prompts = ["red heart, noto style", "dog face, 3d style"]
     arrays = {"images": rng.integers(0, 256, (20, 64, 64, 3), dtype=np.uint8),

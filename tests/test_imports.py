@@ -15,12 +15,12 @@ PKG = Path(__file__).resolve().parents[1] / "rtlynx"
 
 # Bottom to top. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
-    ("leaves", ["rtlynx._files", "rtlynx.reference", "rtlynx.data", "rtlynx.models"]),
+    ("leaves", ["rtlynx._files", "rtlynx.validate", "rtlynx.reference", "rtlynx.data", "rtlynx.models"]),
     ("config", ["rtlynx.config", "rtlynx.presets", "rtlynx._version"]),
     ("ops", ["rtlynx.ops"]),
     ("kernel families", ["rtlynx.backends", "rtlynx.families", "rtlynx.benchtools"]),
     ("sites", ["rtlynx.sites", "rtlynx.schedule"]),
-    ("nn", ["rtlynx.nn"]),
+    ("nn", ["rtlynx.nn", "rtlynx._txn"]),
     ("integrations", ["rtlynx.integrations"]),
     ("api", ["rtlynx.api"]),
     ("applications", ["rtlynx.distill", "rtlynx.distill_global", "rtlynx.select", "rtlynx.parallel", "rtlynx.io",

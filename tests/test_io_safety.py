@@ -92,29 +92,65 @@ def test_flipped_bytes_are_detected(tmp_path):
     _assert_untouched(fresh, before)
 
 
-def test_interrupted_overwrite_is_refused_on_load(tmp_path, monkeypatch):
-    _, path = _saved(tmp_path, seed=0)
+def _lora_of(model):
+    return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in rtlynx.sparse_layers(model).items()}
+
+
+def _assert_lora(model, want):
+    got = _lora_of(model)
+    assert got.keys() == want.keys() and all(torch.equal(got[n][i], want[n][i]) for n in got for i in (0, 1))
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_interrupted_overwrite_keeps_the_old_save(tmp_path, monkeypatch, crash_at):
+    """An exception at either rename (the commit or the tensors) rolls back: the folder holds the old save, byte for
+    byte, and loads the old LoRA."""
+    model_a, path = _saved(tmp_path, seed=0)
     model_b, _ = _saved(tmp_path / "b", seed=1)
-    with torch.no_grad():
-        for layer in rtlynx.sparse_layers(model_b).values():
-            layer.lora_B.add_(1.0)  # other tensors than the save being replaced
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
     real_replace = os.replace
     calls = []
 
-    def crash_after_first(src, dst):
+    def crash(src, dst):
         calls.append(dst)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies between the two files
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(os, "replace", crash_after_first)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         rtlynx.save(model_b, path, overwrite=True)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert str(calls[0]).endswith(io.LORA_FILE)  # new tensors, old config
-    assert not [p for p in path.iterdir() if "tmp" in p.name]
-    with pytest.raises(ValueError, match="interrupted save"):
-        rtlynx.load(tiny_transformer("flux"), path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    fresh = tiny_transformer("flux")
+    rtlynx.load(fresh, path)
+    _assert_lora(fresh, _lora_of(model_a))
+
+
+def test_killed_overwrite_after_the_commit_loads_the_new_save(tmp_path, monkeypatch):
+    """A process killed between the commit and the tensor rename (no rollback runs): the config names the pending
+    tensors, which load finds; the next save cleans them up."""
+    _, path = _saved(tmp_path, seed=0)
+    model_b, _ = _saved(tmp_path / "b", seed=1)
+    real_replace = os.replace
+    calls = []
+
+    def killed(src, dst):  # every rename after the commit fails, the rollback's too: what a kill leaves
+        calls.append(dst)
+        if len(calls) > 1:
+            raise SystemExit("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(SystemExit):
+        rtlynx.save(model_b, path, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in path.glob("*.pending")]
+    fresh = tiny_transformer("flux")
+    rtlynx.load(fresh, path)
+    _assert_lora(fresh, _lora_of(model_b))
+    rtlynx.save(model_b, path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == [io.CONFIG_FILE, io.LORA_FILE]
 
 
 def test_fresh_save_is_all_or_nothing(tmp_path, monkeypatch):

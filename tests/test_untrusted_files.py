@@ -122,10 +122,12 @@ def test_download_requires_the_pinned_hash_and_extracted_file_is_verified(tmp_pa
         F.load_inception(out)
 
 
-def test_unrecorded_network_warns(tmp_path, net_bytes):
+def test_unrecorded_network_is_refused_unless_allowed(tmp_path, net_bytes):
     p = tmp_path / "net.pt"
     p.write_bytes(net_bytes)
+    with pytest.raises(ValueError, match="cannot be verified"):
+        F.load_inception(p)  # TorchScript runs code: nothing unverified by default (issue 22)
     with pytest.warns(RuntimeWarning, match="cannot be verified"):
-        F.load_inception(p)
+        F.load_inception(p, allow_unrecorded=True)
     F.record_sha256(p)
     F.load_inception(p)  # recorded: no warning (pytest's filterwarnings would show one)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..validate import arg_int
+from . import help_of
+
+
 TINY = ("tiny-flux", "tiny-qwen-image", "tiny-z-image")
 
 
@@ -78,7 +82,12 @@ def miniflux_inputs(batches: int, seed: int, steps: int = 20, every: int = 4):
 
 def run(args) -> int:
     from .. import analysis
+    from ..reference import check_pattern
 
+    try:
+        check_pattern(args.n, args.m)  # before the model loads
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"rtlynx analyze: --n {args.n} --m {args.m}: {e}") from None
     model, inputs, label = load_model_and_inputs(args.model, args.batches, args.seed)
     rows = analysis.analyze(model, inputs, n=args.n, m=args.m, preset=args.preset, max_tokens=args.max_tokens)
     if not rows:
@@ -94,14 +103,14 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("analyze", help="per-layer weight vs activation N:M error (CSV + PNG)")
+    p = sub.add_parser("analyze", help=help_of("analyze"))
     p.add_argument("--model", default="tiny-flux",
                    help=f"{', '.join(TINY)}, miniflux (shipped model) or a local diffusers model dir")
     p.add_argument("--out", default="rtlynx-analysis", help="output directory")
-    p.add_argument("--n", type=int, default=2, help="N of the N:M pattern (kept per group)")
-    p.add_argument("--m", type=int, default=4, help="M of the N:M pattern (group size along K)")
+    p.add_argument("--n", type=arg_int(1), default=2, help="N of the N:M pattern (kept per group)")
+    p.add_argument("--m", type=arg_int(2), default=4, help="M of the N:M pattern (group size along K)")
     p.add_argument("--preset", default=None, help="which layers (none: every token linear)")
-    p.add_argument("--batches", type=int, default=2, help="forward passes to collect inputs from")
-    p.add_argument("--max-tokens", type=int, default=4096, help="input rows kept per layer")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model weights (tiny models) and inputs")
+    p.add_argument("--batches", type=arg_int(1), default=2, help="forward passes to collect inputs from")
+    p.add_argument("--max-tokens", type=arg_int(1), default=4096, help="input rows kept per layer")
+    p.add_argument("--seed", type=arg_int(0), default=0, help="seed of the model weights (tiny models) and inputs")
     p.set_defaults(func=run)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import help_of
+
+
 DEFAULT_OUT = "rtlynx-bench-linear.json"
 
 
 def register(subparsers):
-    p = subparsers.add_parser("bench", help="benchmark lynx kernels vs cuBLAS / cuSPARSELt (needs an sm_90 GPU)")
+    p = subparsers.add_parser("bench", help=help_of("bench"))
     p.add_argument("--csv", default=None, help="shapes CSV (none: benchmarks/shapes_1024.csv)")
     p.add_argument("--out", default=None,
                    help=f"JSON output (none: ./{DEFAULT_OUT}, or a fresh -N name if that file exists)")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from . import help_of
+
+
 DESCRIPTION = ("Compile csrc/*.cu with nvcc into the cached kernel library. Needs nvcc and the CUTLASS headers, "
                "not a GPU: with --no-link the objects can be built on any machine and carried to the GPU machine's "
                "build dir (see rtlynx/ops/_build.py).")
@@ -22,9 +25,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "build", help="compile the lynx sm_90 kernels now (cached; otherwise the first kernel call builds them)",
-        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("build", help=help_of("build"), description=DESCRIPTION)
     _add_arguments(p)
     p.set_defaults(func=run)
 

@@ -15,8 +15,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import train_global
-from .generate import add_model_args, read_prompts, torch_dtype
+from ..validate import arg_int, arg_real, arg_t
+from . import help_of, train_global
+from .generate import add_model_args, add_old_names, hidden_alias, read_prompts, torch_dtype
 
 
 def calibration_prompts(args) -> list[str]:
@@ -48,7 +49,41 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def _model_args(args):
     """(device or None for auto, dtype or None) from the shared options."""
-    return (None if args.device == "auto" else args.device), torch_dtype(args.dtype)
+    return _device(getattr(args, "command", None) or "calibrate", "--device", args.device), torch_dtype(args.dtype)
+
+
+def _device(command: str, flag: str, spec: str):
+    from .. import validate
+
+    try:
+        return validate.device(flag, spec)
+    except ValueError as e:
+        raise SystemExit(f"rtlynx {command}: {e}") from None
+
+
+# What a resumed calibration must share with the statistics it adds to (the prompts are checked by their digest).
+RESUME_KEYS = ("model", "steps", "guidance", "height", "width", "preset", "seed")
+
+
+def check_resume(out: Path, args, prompts: list[str]) -> None:
+    """``--resume`` adds to statistics made with the same settings and the same first prompts, or stops with one
+    line naming what differs."""
+    from .. import distill
+
+    parts = distill.stats_parts(out) if out.is_dir() else [out]
+    for part in parts:
+        try:
+            meta = distill.StatsFiles(part).meta
+        except (OSError, KeyError, ValueError) as e:
+            raise SystemExit(f"rtlynx calibrate: cannot resume {part}: {e}") from None
+        for key in RESUME_KEYS:
+            if key in meta and meta[key] != (str(args.model) if key == "model" else getattr(args, key)):
+                raise SystemExit(f"rtlynx calibrate: {part} was made with --{key} {meta[key]}, not "
+                                 f"{getattr(args, key)}; resume with the same settings (or --overwrite)")
+        done = meta.get("prompts_done", 0)
+        if meta.get("prompts_sha") != prompts_digest(prompts[:done]):
+            raise SystemExit(f"rtlynx calibrate: {part} was made from other prompts than the first {done} of "
+                             "this prompts file; use the same file (or --overwrite)")
 
 
 def _pass_paths(out: Path, passes: int) -> list[Path]:
@@ -71,6 +106,9 @@ def run_calibrate(args) -> int:
         raise SystemExit(f"rtlynx calibrate: {out} exists: pass --resume to add prompts to it or --overwrite to "
                          "start over")
     device, dtype = _model_args(args)
+    stats_device = _device("calibrate", "--stats-device", args.stats_device)
+    if args.resume and out.exists() and not args.plan_only:
+        check_resume(out, args, prompts)  # before the model loads, and before anything is written
     try:
         runner = load_runner(args.model, device=device, dtype=dtype)
         api.sparsify(runner.transformer, preset=args.preset)
@@ -83,7 +121,6 @@ def run_calibrate(args) -> int:
     paths = _pass_paths(out, len(plan.passes))
     if len(paths) > 1:
         out.mkdir(parents=True, exist_ok=True)
-    stats_device = None if args.stats_device == "auto" else args.stats_device
     meta = dict(model=str(args.model), kind=runner.kind, steps=args.steps, guidance=args.guidance, height=args.height,
                 width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size)
     nb = -(-len(prompts) // args.batch_size)
@@ -91,10 +128,7 @@ def run_calibrate(args) -> int:
         stats, done = None, 0
         if args.resume and path.exists():
             stats = distill.CalibStats.load(path, device=stats_device or runner.device)
-            done = stats.meta.get("prompts_done", 0)
-            if stats.meta.get("prompts_sha") != prompts_digest(prompts[:done]):
-                raise SystemExit(f"rtlynx calibrate: {path} was made from other prompts than the first {done} of "
-                                 "this prompts file; use the same file (or --overwrite)")
+            done = stats.meta.get("prompts_done", 0)  # settings and prompts checked by check_resume
             if done >= len(prompts):
                 print(f"pass {p + 1}: all {done} prompts already in {path}")
                 continue
@@ -144,6 +178,9 @@ def run_train_lora(args) -> int:
         # gives exactly the same LoRA for the layers it keeps.
         api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
         rows = distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
+        if args.dense_below_t == "config":
+            raise ValueError("--dense-below-t takes a noise level in (0, 1] or none")
+        api.configure(transformer, dense_below_t=None if args.dense_below_t == "none" else args.dense_below_t)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
     io.save(transformer, out, overwrite=args.overwrite)
@@ -152,33 +189,31 @@ def run_train_lora(args) -> int:
     keys = [k for k in ("err_norm", "err_lora", "val_err_norm", "val_err_lora") if k in rows[0]]
     print("mean relative layer-output error: " + ", ".join(
         f"{k} {sum(r[k] for r in rows) / len(rows):.4f}" for k in keys))
-    print(f"wrote {out}")
+    print(f"wrote {out} (step schedule: "
+          + (f"dense below t = {args.dense_below_t})" if args.dense_below_t != "none" else "every step sparse)"))
     return 0
 
 
-def _model_option_aliases(p) -> None:
-    p.add_argument("--model-dir", dest="model", help="same as --model (kept for old scripts)")
-
-
 def register(sub) -> None:
-    p = sub.add_parser("calibrate", help="stream dense-trajectory layer statistics for LoRA distillation")
+    p = sub.add_parser("calibrate", help=help_of("calibrate"))
     add_model_args(p)
-    _model_option_aliases(p)
-    p.add_argument("--prompts", "--prompts-file", dest="prompts", default=None,
+    add_old_names(p, lynx=False)
+    p.add_argument("--prompts-file", dest="prompts", default=None,
                    help="one prompt per line (default: Emoji-64 prompts, for the mini-FLUX only)")
+    hidden_alias(p, "--prompts", "prompts")
     p.add_argument("--data", default=None, help="Emoji-64 npz for the mini-FLUX (default: the cache path of "
                                                 "`rtlynx data emoji64`)")
-    p.add_argument("--num-prompts", type=int, default=None,
+    p.add_argument("--num-prompts", type=arg_int(1), default=None,
                    help="use the first N prompts (default: all of --prompts; 1024 from Emoji-64)")
-    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (default: 4)")
+    p.add_argument("--batch-size", type=arg_int(1), default=4, help="prompts sampled together (default: 4)")
     p.add_argument("--preset", default="auto",
                    help="layers to collect statistics for: preset name or preset file (default: auto)")
-    p.add_argument("--max-stats-gb", type=float, default=None,
+    p.add_argument("--max-stats-gb", type=arg_real(0, low_open=True), default=None,
                    help="most statistics memory per pass; more passes over the same prompts when exceeded "
                         "(default: no limit, one pass)")
     p.add_argument("--stats-device", default="auto",
                    help="where the statistics accumulate: cuda / cpu (default: auto = the model's device)")
-    p.add_argument("--save-every", type=int, default=1, help="save the statistics every N batches (default: 1)")
+    p.add_argument("--save-every", type=arg_int(1), default=1, help="save the statistics every N batches (default: 1)")
     p.add_argument("--plan-only", action="store_true", help="print the memory plan and exit (default: off)")
     p.add_argument("--out", required=True, help="statistics file (.safetensors); a directory when there are "
                                                 "several passes")
@@ -187,16 +222,19 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over (default: off)")
     p.set_defaults(func=run_calibrate)
 
-    p = sub.add_parser("train-lora", help="solve every sparse layer's LoRA from calibration statistics")
+    p = sub.add_parser("train-lora", help=help_of("train-lora"))
     add_model_args(p)
-    _model_option_aliases(p)
+    add_old_names(p, lynx=False)
     p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` (file or pass directory); "
                                                  "needed unless --objective global starts from --init")
     p.add_argument("--val", default=None, help="held-out statistics to report generalisation (default: none)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
-    p.add_argument("--ridge", type=float, default=1e-3, help="ridge, relative to the mean input power "
-                                                              "(default: 1e-3)")
+    p.add_argument("--rank", type=arg_int(1), default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--ridge", type=arg_real(0), default=1e-3, help="ridge, relative to the mean input power "
+                                                              "(default: 0.001)")
     p.add_argument("--preset", default=None, help="layers to give a LoRA (default: the calibration's preset)")
+    p.add_argument("--dense-below-t", type=arg_t, default=0.2, metavar="T|none",
+                   help="step schedule saved with the LoRA: generate / demo run the final steps (noise level t < T) "
+                        "dense, where pruning shows as grain (default: 0.2)")
     p.add_argument("--out", required=True, help="output directory (rtlynx.save format)")
     p.add_argument("--overwrite", action="store_true", help="replace an rtlynx save in --out (default: off)")
     train_global.add_args(p)

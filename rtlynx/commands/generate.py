@@ -4,8 +4,13 @@ generate.json (settings + timings) into --out."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+from ..validate import arg_int, arg_real, arg_t
+from . import help_of
+
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -16,9 +21,21 @@ def torch_dtype(name: str):
     return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
 
 
-def parse_t(value: str):
-    """--dense-below-t: a float, "none" (sparse at every step) or "config" (keep the loaded value)."""
-    return value if value in ("none", "config") else float(value)
+parse_t = arg_t  # --dense-below-t: a noise level in (0, 1], "none" or "config" (the old name)
+
+
+def schedule_line(dense_below_t, flag, source: str) -> str:
+    """The step schedule in use, where it came from and how to change it (one line)."""
+    origin = f"from {source}" if flag == "config" else "from --dense-below-t"
+    if dense_below_t:
+        return (f"step schedule: sparse while the noise level t >= {dense_below_t}, dense below ({origin}; "
+                "--dense-below-t none for every step sparse)")
+    return f"step schedule: every step sparse ({origin}; --dense-below-t 0.2 runs the final steps dense)"
+
+
+def hidden_alias(p, flag: str, dest: str, **kw) -> None:
+    """An old option name kept for a release: same destination, absent from --help."""
+    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
 
 def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool,
@@ -79,7 +96,7 @@ def psnr(a, b) -> float:
 
 
 def run(args) -> int:
-    from .. import api
+    from .. import api, validate
     from ..pipelines import ModelError, load_runner, model_kind
 
     prompts = list(args.prompt or [])
@@ -92,7 +109,7 @@ def run(args) -> int:
         raise SystemExit(f"rtlynx generate: {out} already holds a generation; pass --overwrite or another --out")
     try:
         model_kind(args.model)
-        device = None if args.device == "auto" else args.device
+        device = validate.device("--device", args.device)
         runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
         what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules,
                        args.sparse_dtype, keep_dense_weights=args.compare)
@@ -101,6 +118,7 @@ def run(args) -> int:
     config = api.config_of(runner.transformer)
     print(f"{runner.kind} from {runner.path} on {runner.device} ({str(runner.dtype).removeprefix('torch.')}), "
           f"{len(api.sparse_layers(runner.transformer))} sparse layers: {what}")
+    print(schedule_line(config.dense_below_t, args.dense_below_t, "the saved LoRA" if args.lynx else "the preset"))
     images, timer = timed_sample(runner, prompts, args, dense=False)
     result = {"lynx": {"total_s": timer.total, "steps_s": timer.steps}}
     dense_images = None
@@ -162,19 +180,19 @@ def add_model_args(p, steps_help="sampling steps (default: the pipeline's own)")
     p.add_argument("--model", default="miniflux",
                    help="local diffusers pipeline directory (FluxPipeline, QwenImagePipeline, ZImagePipeline) "
                         "or 'miniflux' for the shipped mini-FLUX (default: miniflux)")
-    p.add_argument("--steps", type=int, default=None, help=steps_help)
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--steps", type=arg_int(1), default=None, help=steps_help)
+    p.add_argument("--guidance", type=arg_real(0), default=None,
                    help="guidance scale (Qwen-Image: true CFG scale) (default: the pipeline's own)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's own)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's own)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the start noise (default: 0)")
+    p.add_argument("--height", type=arg_int(16), default=None, help="image height (default: the pipeline's own)")
+    p.add_argument("--width", type=arg_int(16), default=None, help="image width (default: the pipeline's own)")
+    p.add_argument("--seed", type=arg_int(0), default=0, help="seed of the start noise (default: 0)")
     p.add_argument("--device", default="auto", help="cuda / cpu (default: auto = cuda if present)")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="weights dtype (default: auto = bf16 on a GPU, fp32 on the CPU)")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate images with an RT-Lynx pipeline (optionally against dense)")
+    p = sub.add_parser("generate", help=help_of("generate"))
     add_model_args(p)
     p.add_argument("--prompt", action="append", help="prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line, added to --prompt (default: none)")
@@ -182,7 +200,7 @@ def register(sub) -> None:
     p.add_argument("--preset", default=None,
                    help="layers to sparsify without --lynx: a preset name or a preset file from `rtlynx select` "
                         "(default: auto, by model class)")
-    p.add_argument("--dense-below-t", type=parse_t, default="config", metavar="T|none|config",
+    p.add_argument("--dense-below-t", type=arg_t, default="config", metavar="T|none|config",
                    help="run the final steps (noise level t < T) dense (default: config = the loaded value)")
     p.add_argument("--backend", default="auto", help="auto / reference / cusparselt / lynx (default: auto)")
     p.add_argument("--sparse-dtype", default=None, choices=("native", "fp8"),
@@ -194,4 +212,12 @@ def register(sub) -> None:
                    help="also generate dense: per-step and total time, speed-up and PSNR (default: off)")
     p.add_argument("--out", default="rtlynx-generate", help="output directory (default: rtlynx-generate)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous generation in --out (default: off)")
+    add_old_names(p)
     p.set_defaults(func=run)
+
+
+def add_old_names(p, lynx: bool = True) -> None:
+    """The option names of `rtlynx demo` in rtlynx 0.1 (--model-dir, --lora-dir), kept hidden for a release."""
+    hidden_alias(p, "--model-dir", "model")
+    if lynx:
+        hidden_alias(p, "--lora-dir", "lynx")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from . import help_of
+
 
 def info_dict() -> dict:
     import platform
@@ -38,5 +40,5 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="versions, GPU and usable backends")
+    p = sub.add_parser("info", help=help_of("info"))
     p.set_defaults(func=run)

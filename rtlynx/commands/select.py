@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .generate import add_model_args, read_prompts, torch_dtype
+from ..validate import arg_int, arg_real
+from . import help_of
+from .generate import add_model_args, add_old_names, hidden_alias, read_prompts, torch_dtype
 
 
 def run(args) -> int:
-    from .. import select
+    from .. import select, validate
     from ..pipelines import ModelError, load_runner, model_kind
 
     out = Path(args.out)
@@ -20,7 +22,7 @@ def run(args) -> int:
         model_kind(args.model)
         if args.speed_table is None and select.device_name() is None:
             select.speed_table_for([], None)  # the one-line "no speed table on the CPU" error, before loading
-        runner = load_runner(args.model, device=None if args.device == "auto" else args.device,
+        runner = load_runner(args.model, device=validate.device("--device", args.device),
                              dtype=torch_dtype(args.dtype))
         sel = select.select_layers(runner, budget=args.budget, calib=args.calib, rank=args.rank,
                                    speed_table=args.speed_table, min_speedup=args.min_speedup,
@@ -31,7 +33,7 @@ def run(args) -> int:
         raise SystemExit(f"rtlynx select: {e}") from None
     print(select.report(sel))
     if not sel["selected"]:
-        raise SystemExit("rtlynx select: no site gains speed within the budget on this speed table; nothing written")
+        raise SystemExit(f"rtlynx select: nothing selected, nothing written: {why_none(sel['candidates'], args)}")
     info = {"budget": args.budget, "rank": args.rank, "calib": args.calib, "speed_table_device": sel["table_device"],
             "candidates": sel["candidate_preset"], "min_speedup": args.min_speedup, "end_to_end": sel["end_to_end"],
             "sites": [{"layers": c.layers, "M": c.m, "K": c.k, "N": c.n, "speedup": c.speedup,
@@ -43,24 +45,47 @@ def run(args) -> int:
     return 0
 
 
+def why_none(cands, args) -> str:
+    """Why no site was picked, in one line: unknown shapes, too little speed-up, or the budget."""
+    unknown = [c for c in cands if c.speedup is None]
+    known = [c for c in cands if c.speedup is not None]
+    slow = [c for c in known if c.speedup < args.min_speedup]
+    if not cands:
+        return "the model has no candidate sites (check --candidates)"
+    parts = []
+    if unknown:
+        parts.append(f"{len(unknown)} of {len(cands)} sites have shapes the speed table does not hold (small models: "
+                     "the table covers full-size shapes)")
+    if slow:
+        best = max(slow, key=lambda c: c.speedup)
+        parts.append(f"{len(slow)} are below --min-speedup {args.min_speedup} (best {best.speedup:.2f}x at "
+                     f"M={best.m}, K={best.k}, N={best.n})")
+    rest = len(known) - len(slow)
+    if rest:
+        parts.append(f"{rest} fast enough but each over the quality budget {args.budget} (raise --budget)")
+    return "; ".join(parts)
+
+
 def register(sub) -> None:
-    p = sub.add_parser("select", help="choose the sparse layers for speed within a quality budget (preset file)")
+    p = sub.add_parser("select", help=help_of("select"))
     add_model_args(p, steps_help="sampling steps of the quick quality measurement without --calib (default: 4)")
     p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` for the quality costs "
-                                                 "(default: a quick measurement on --prompts)")
-    p.add_argument("--rank", type=int, default=0, help="with --calib: cost with the LoRA of this rank "
+                                                 "(default: a quick measurement on --prompts-file)")
+    p.add_argument("--rank", type=arg_int(0), default=0, help="with --calib: cost with the LoRA of this rank "
                                                        "(default: 0 = norm compensation only)")
-    p.add_argument("--budget", type=float, default=1.0,
+    p.add_argument("--budget", type=arg_real(0, low_open=True), default=1.0,
                    help="allowed quality cost relative to the model's default preset (default: 1.0)")
     p.add_argument("--speed-table", default=None,
                    help="speed table JSON (default: this GPU's cached table, measuring missing shapes; "
                         "required on a CPU)")
-    p.add_argument("--min-speedup", type=float, default=1.02,
+    p.add_argument("--min-speedup", type=arg_real(0, low_open=True), default=1.02,
                    help="a site must be at least this much faster sparse (default: 1.02)")
     p.add_argument("--candidates", default=None, help="preset naming the candidate layers (default: the "
                                                       "model's '-all' preset)")
-    p.add_argument("--prompts", default=None, help="prompts file for the quick quality measurement "
-                                                   "(default: one prompt)")
+    p.add_argument("--prompts-file", dest="prompts", default=None,
+                   help="prompts file for the quick quality measurement (default: one prompt)")
+    hidden_alias(p, "--prompts", "prompts")
+    add_old_names(p, lynx=False)
     p.add_argument("--no-confirm", action="store_true",
                    help="skip the end-to-end check on the GPU (time the chosen set in the model against dense and "
                         "drop the sites of least speed-up until it is not slower; default: on)")

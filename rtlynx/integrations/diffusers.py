@@ -10,7 +10,7 @@ diffusers' own tests build them, so the real block code is what runs.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn as nn
@@ -137,7 +137,8 @@ def install_producer(module: nn.Module, site) -> None:
         return
     parent = module.get_submodule(site.name) if site.name else module
     if len(site.layers) == 1 and _gelu_feedforward(parent, site.layers[0]):
-        parent.forward = types.MethodType(_gelu_feedforward_forward, parent)
+        # a partial of a module-level function pickles (a bound MethodType is looked up by name on unpickling)
+        parent.forward = functools.partial(_gelu_feedforward_forward, parent)
         parent._rtlynx_producer = site
     else:
         site.producer = "plain"
@@ -156,7 +157,7 @@ def install_parallelism(module: nn.Module, method) -> None:
     """Route a diffusers model's ``enable_parallelism`` through ``method(self, *, config, cp_plan)`` (sparsify calls
     this; diffusers 0.42 offers no hook around enable_parallelism, so it is an attribute of the instance)."""
     if callable(getattr(type(module), "enable_parallelism", None)):
-        module.enable_parallelism = types.MethodType(method, module)
+        module.enable_parallelism = functools.partial(method, module)  # a partial pickles; a bound MethodType does not
 
 
 def uninstall_parallelism(module: nn.Module) -> None:

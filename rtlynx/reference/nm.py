@@ -82,10 +82,9 @@ def nm_mask(x: torch.Tensor, n: int = 2, m: int = 4, score: torch.Tensor | None 
     if key.shape != x.shape:
         raise ValueError(f"score shape {tuple(key.shape)} != x shape {tuple(x.shape)}")
     bits = _order_bits(key)
-    # CUDA's top-k over millions of 4-wide slices was 4x slower than m compare passes; float64 bits
-    # leave no room for the index in a unique key.
-    use_topk = bits.dtype != torch.int64 and not bits.is_cuda
-    return (_mask_topk if use_topk else _mask_compare)(bits, n, m).reshape(x.shape)
+    # CUDA's top-k over millions of 4-wide slices was 4x slower than m compare passes. On the CPU one comparison
+    # per pair of group members is 5-10x faster than top-k (2:4, 4096 x 3072: 14 vs 143 ms fp32, 13 vs 99 ms bf16).
+    return (_mask_compare if bits.is_cuda else _mask_pairs)(bits, n, m).reshape(x.shape)
 
 
 def _mask_topk(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -95,6 +94,19 @@ def _mask_topk(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
     g = bits.to(wide).reshape(*bits.shape[:-1], bits.shape[-1] // m, m) * m + (m - 1 - pos).to(wide)
     idx = g.topk(n, dim=-1, sorted=False).indices
     return torch.zeros(g.shape, dtype=torch.bool, device=bits.device).scatter_(-1, idx, True)
+
+
+def _mask_pairs(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The same ranks as _mask_compare from one comparison per pair i < j of a group's members (j beats i only
+    when strictly larger: a tie goes to the lower index), on [..., G] column views."""
+    g = bits.reshape(*bits.shape[:-1], bits.shape[-1] // m, m)
+    ranks: list[torch.Tensor | None] = [None] * m
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_wins = g[..., j] > g[..., i]
+            ranks[i] = j_wins.to(torch.uint8) if ranks[i] is None else ranks[i] + j_wins
+            ranks[j] = (~j_wins).to(torch.uint8) if ranks[j] is None else ranks[j] + ~j_wins
+    return torch.stack([r < n for r in ranks], dim=-1)
 
 
 def _mask_compare(bits: torch.Tensor, n: int, m: int) -> torch.Tensor:
