@@ -19,7 +19,8 @@ from .config import SparsityConfig
 from .integrations import diffusers as hf
 from .integrations.diffusers import as_module as _as_module
 from .nn import OVERRIDABLE, SparseActLinear
-from .presets import CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, SPEED_RULES, preset_file_config, resolve_preset
+from .presets import (CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, SPEED_RULES, outside_blocks, preset_file_config,
+                      resolve_preset)
 from .sites import Settings, build_sites, model_sites, shard
 
 
@@ -102,8 +103,6 @@ def sparsify(model, config: SparsityConfig | None = None, **overrides):
 def check_layers(module: nn.Module, names, lora_rank: int | dict) -> None:
     """Before anything changes: a LoRA rank fits each layer (rank <= min(K, N); ``lora_rank`` an int or name ->
     rank), the weights are real (not on the meta device), and a warning for layers outside the blocks."""
-    from .presets import outside_blocks
-
     for name in names:
         lin = module.get_submodule(name)
         r = lora_rank if isinstance(lora_rank, int) else lora_rank[name]

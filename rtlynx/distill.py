@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from . import reference, validate
 from .api import dense_mode, sparse_layers
 from .nn import SparseActLinear
 from .sites import model_sites
@@ -106,7 +106,6 @@ def _check_stats_file(path: Path, md: dict) -> None:
 
 def _check_scalars(path: Path, name: str, sc: dict) -> None:
     """A layer's row count and energies (rtlynx.validate: one-line ValueError naming the file and layer)."""
-    from . import validate
 
     validate.integer(f"{path}: {name} rows", sc["rows"], 0)
     for key in ("rr", "yy"):
@@ -369,7 +368,6 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
 
 
 def _check_fit_args(rank, ridge) -> None:
-    from . import validate
 
     validate.integer("LoRA rank", rank, 1)  # evecs[:, -0:] would select every column: a full-rank "LoRA"
     validate.real("ridge", ridge, 0.0)  # a negative ridge makes the LoRA worse than none

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .demo import DEMO_PROMPTS
+from .integrations.diffusers import tiny_transformer
+from .models.miniflux import MiniFlux, WordTokenizer
+
 WORDS = ("a an the red blue green cat dog house tree sky sun on in of with and photo painting small big "
          "user assistant system describe image").split()
 PROMPTS = ["a red cat", "a blue dog in the sky", "a photo of a small house", "a painting of a big tree"]
@@ -47,7 +51,6 @@ def flux_pipeline():
     import diffusers
     import transformers
 
-    from rtlynx.integrations.diffusers import tiny_transformer
 
     tok, v = word_tokenizer(["<pad>", "<unk>", "<s>", "</s>"], 16, pad_token="<pad>", unk_token="<unk>",
                             bos_token="<s>", eos_token="</s>")
@@ -66,7 +69,6 @@ def qwen_image_pipeline():
     import diffusers
     import transformers
 
-    from rtlynx.integrations.diffusers import tiny_transformer
 
     tok, v = word_tokenizer(QWEN_SPECIALS, 64, pad_token="<|endoftext|>", unk_token="<unk>")
     cfg = transformers.Qwen2_5_VLConfig(
@@ -87,7 +89,6 @@ def z_image_pipeline():
     import diffusers
     import transformers
 
-    from rtlynx.integrations.diffusers import tiny_transformer
 
     tok, v = word_tokenizer(QWEN_SPECIALS, 32, pad_token="<|endoftext|>", unk_token="<unk>")
     tok.chat_template = CHAT_TEMPLATE
@@ -115,8 +116,6 @@ def save_tiny_pipeline(kind: str, path: Path, seed: int = 0) -> Path:
 
 def save_tiny_miniflux(path: Path, seed: int = 0) -> Path:
     """Write a one-block mini-FLUX (width 64, random weights) and ``path/prompts.txt`` (the demo prompts)."""
-    from .demo import DEMO_PROMPTS
-    from .models.miniflux import MiniFlux, WordTokenizer
 
     torch.manual_seed(seed)
     cfg = {"width": 64, "head_dim": 32, "axes_dims_rope": [8, 12, 12], "num_layers": 1, "num_single_layers": 1,
