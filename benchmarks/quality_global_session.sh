@@ -38,15 +38,7 @@ case $what in
       > "$OUT/gpu_tests_sites.txt" 2>&1 || { echo "site tests failed: reference backend"; rm -f .cache/lib.txt; }
     tail -3 "$OUT/gpu_tests_sites.txt" ;;
   reference)
-    python3 - <<'PY'
-import time, torch
-from rtlynx.eval import fid as F
-t = time.time()
-net = F.load_inception(".cache/inception_fp16.pt", "cuda")
-f = F.reference_features(net, ".cache/emoji64.npz", cache=".cache/real_features.npz")
-print(f"reference features {f.shape} in {time.time() - t:.1f} s on {torch.cuda.get_device_name(0)}")
-PY
-    rm -f .cache/emoji64.npz ;;
+    bash benchmarks/fid_session.sh reference ;;
   train)
     timeout ${TRAIN_S:-330} python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt \
       --out .cache/gl/lora --steps ${STEPS:-600} --backend $BACKEND ${TRAIN_ARGS:-} 2>&1 | grep -v "it/s]\|s/it]" | tee "$OUT/train_log.txt"
