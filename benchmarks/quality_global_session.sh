@@ -29,6 +29,7 @@ case $what in
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cache/site .whl/*.whl
     python3 -c "import torch, diffusers; from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0), 'inception ok')"
+    [ "${BUILD:-1}" = 1 ] || { ls -la "$OUT"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 0; }  # no kernels: reference path
     mkdir -p /tmp/cutlass && tar xJf .cache/cutlass_inc.tar.xz -C /tmp/cutlass && export CUTLASS_INCLUDE=/tmp/cutlass/include
     t0=$(date +%s); MAX_JOBS=16 python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt"
     echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
