@@ -168,3 +168,33 @@ def test_bad_inputs_are_one_line_errors(seed, tmp_path):
                 dict(batch=1.5), dict(warmup=-1)):
         with pytest.raises(ValueError):
             G.GlobalConfig(**bad)
+
+
+def test_cli_global_objective_end_to_end(seed, tmp_path):
+    """`train-lora --objective global` on a tiny mini-FLUX: from --init, a checkpoint, a resumable run, a save that
+    loads; a wrong start is a one-line error."""
+    from rtlynx import cli, io
+    from rtlynx.models.miniflux import load_miniflux
+    from rtlynx.testing import save_tiny_miniflux
+
+    model_dir = save_tiny_miniflux(tmp_path / "mf", seed)
+    m = load_miniflux(model_dir)
+    rtlynx.sparsify(m.transformer, lora_rank=2)
+    rtlynx.save(m.transformer, tmp_path / "init")
+    out = tmp_path / "g"
+    args = ["train-lora", "--objective", "global", "--model", str(model_dir), "--init", str(tmp_path / "init"),
+            "--prompts-file", str(model_dir / "prompts.txt"), "--steps", "2", "--train-steps", "3",
+            "--rollout-prompts", "2", "--batch-rows", "4", "--device", "cpu", "--out", str(out)]
+    assert cli.main(args) == 0
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["objective"] == "global" and [r["step"] for r in report["history"] if "train_rel_err" in r] == [1, 2, 3]
+    meta, tensors = io.read(out)
+    assert meta["config"]["dense_below_t"] == 0.2 and all(torch.isfinite(t).all() for t in tensors.values())
+    assert (out / "checkpoint" / G.STATE_META).is_file()
+    # --resume with more steps continues from the checkpoint's step 3
+    more = [a if a != "3" else "5" for a in args] + ["--resume"]
+    assert cli.main(more) == 0
+    steps = [r["step"] for r in json.loads((out / "distill_report.json").read_text())["history"] if "train_rel_err" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    with pytest.raises(SystemExit, match="--init DIR"):
+        cli.main([a for a in args if a not in ("--init", str(tmp_path / "init"))] + ["--overwrite"])
