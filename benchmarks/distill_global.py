@@ -128,6 +128,10 @@ def cmd_summarize(args) -> int:
         s["fid_fp8_over_bf16"] = fp8["rtlynx_fp8"]["fid"] / v["rtlynx"]["fid"]
     if t02 is not None:
         s["fid_t0.2_over_dense"] = t02["variants"]["rtlynx"]["fid"] / t02["variants"]["dense"]["fid"]
+    elif "rtlynx_t0.2" in v:  # the schedule as a variant of the same run
+        s["fid_t0.2_over_dense"] = v["rtlynx_t0.2"]["fid"] / dense
+    if "rtlynx_fp8_t0.2" in v and "rtlynx_t0.2" in v:
+        s["fid_fp8_over_bf16_t0.2"] = v["rtlynx_fp8_t0.2"]["fid"] / v["rtlynx_t0.2"]["fid"]
     closed = json.loads(Path(args.closed_form).read_text()) if args.closed_form else None
     if closed is not None:
         s["closed_form_fid_every_step_over_dense"] = closed["summary"]["rtlynx_fid_over_dense"]

@@ -39,7 +39,13 @@ FP8_VARIANTS = {
     "dense_fp8": ("dense FP8", dict(mode="dense", dtype="native")),
     "rtlynx_fp8": ("RT-Lynx FP8", dict(mode="sparse", compensation="norm", lora=True, dtype="fp8")),
 }
-ALL_VARIANTS = {**demo.VARIANTS, **FP8_VARIANTS}
+# The step schedule as a variant, so one run (one set of dense images) measures both settings of a LoRA
+SCHEDULE_VARIANTS = {
+    "rtlynx_t0.2": ("RT-Lynx, t < 0.2 dense", dict(mode="sparse", compensation="norm", lora=True, dense_below_t=0.2)),
+    "rtlynx_fp8_t0.2": ("RT-Lynx FP8, t < 0.2 dense",
+                        dict(mode="sparse", compensation="norm", lora=True, dtype="fp8", dense_below_t=0.2)),
+}
+ALL_VARIANTS = {**demo.VARIANTS, **FP8_VARIANTS, **SCHEDULE_VARIANTS}
 
 
 class _DenseFP8:
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS), choices=list(ALL_VARIANTS),
-                    help="also: " + ", ".join(FP8_VARIANTS))
+                    help="also: " + ", ".join([*FP8_VARIANTS, *SCHEDULE_VARIANTS]))
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="sampling dtype (all variants)")
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
     has_lora = demo.prepare(model, Path(args.lora_dir), backend=args.backend)
     # keep_dense_weights: the FP8 variant must not replace the bf16 weights the other variants run on
     api.configure(model.transformer, dense_below_t=args.dense_below_t, keep_dense_weights=True)
-    variants = [v for v in args.variants if has_lora or v not in ("rtlynx", "rtlynx_fp8")]
+    variants = [v for v in args.variants if has_lora or not v.startswith("rtlynx")]
     t0 = time.time()
     if Path(args.data).is_file():
         data = emoji64.load(args.data)
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
 
     images, out = {}, {}
     for name in variants:
-        api.configure(model.transformer, **{"dtype": "native", **ALL_VARIANTS[name][1]})
+        api.configure(model.transformer, **{"dtype": "native", "dense_below_t": args.dense_below_t,
+                                            **ALL_VARIANTS[name][1]})
         t1 = time.time()
         if name == "dense_fp8":
             with _DenseFP8(model.transformer):
@@ -150,6 +157,9 @@ def main(argv=None) -> int:
             row.update(psnr=None, ssim=1.0)  # against itself: PSNR infinite (JSON has no inf), SSIM 1
         out[name] = row
         print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # row by row: a run cut short keeps what it did
+        Path(args.out).write_text(json.dumps({"partial": True, "device": torch.cuda.get_device_name(0) if dev == "cuda"
+                                              else "cpu", "n_generated": args.n, "variants": out}, indent=1))
 
     summary = {}
     if {"dense", "act24", "rtlynx"} <= set(out):

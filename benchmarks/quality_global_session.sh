@@ -50,6 +50,9 @@ case $what in
     tar czf "$OUT/lora.tgz" --exclude global_state.safetensors -C .cache/gl lora
     timeout ${EVAL_S:-240} "${Q[@]}" --variants dense rtlynx --out "$OUT/quality_global_every.json" 2>&1 \
       | grep -v "it/s]" | tee "$OUT/quality_every_log.txt" ;;
+  evalonly)  # a LoRA trained elsewhere, carried as .cache/gl/lora: every variant in one run (one set of dense images)
+    timeout ${EVAL_S:-540} "${Q[@]}" --variants ${VARIANTS:-dense rtlynx rtlynx_t0.2 rtlynx_fp8 act24} \
+      --out "$OUT/quality_global.json" 2>&1 | grep -v "it/s]" | tee "$OUT/quality_log.txt" ;;
   eval)
     # the whole GPU suite and the sanitizer run beside the FID runs (correctness only; no timings are taken there)
     ( timeout 300 python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING tests/gpu > "$OUT/gpu_tests_all.txt" 2>&1
