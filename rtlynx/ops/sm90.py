@@ -185,7 +185,7 @@ def _(h, norm, eps, dense=False):
 
 
 # ----------------------------------------------------------------------------------------------- GEMM
-PDL = _launch.PDL  # this module's copy: benchmarks/linear.py switches it off for an A/B of sparse_linear_sm90
+PDL = _launch.PDL  # this module's copy: benchmarks/linear.py turns it off for an A/B of sparse_linear_sm90
 
 
 def _gemm_impl(values, meta, weight, scale, bias, config=-1, sched=0):  # defaults: the dispatcher passes only given args
