@@ -24,7 +24,8 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
 
 Every op checks its operands (:mod:`rtlynx.ops._checks`: shapes, dtypes, devices, strides, alignment) before a raw
 address reaches a kernel, in its CUDA implementation and in its fake (so a traced call fails at trace time too);
-the internal calls (``_prune_impl``, ``_gemm_impl``, ``_site_impl``) take operands their callers checked.
+the internal calls (``_prune_impl``, ``_gelu_prune_impl``, ``_gemm_impl``, ``_site_impl``) take operands their callers
+checked. What the launches share with :mod:`rtlynx.ops.fp8` (stream, scratch, config cache) is in ``ops/_launch.py``.
 
 Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
 (no host syncs, no allocations outside the caching allocator, launches on the current stream).
