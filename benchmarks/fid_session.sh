@@ -31,9 +31,7 @@ print(f"reference features {f.shape} in {time.time() - t:.1f} s on {torch.cuda.g
 PY
     rm -f .cache/emoji64.npz ;;
 quality|ablation)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .qcarry/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
+    OUT=${OUT:-/tmp/out} WHEELS=.qcarry BUILD=0 source benchmarks/device_setup.sh  # no build: the newest prebuilt library, if any
     cp .qw/*.safetensors rtlynx/assets/miniflux/
     lib=$(ls -t .cache/build/librtlynx_sm90.*.so 2>/dev/null | head -1)  # the newest; the JSON records its sha256
     backend=reference

@@ -4,9 +4,9 @@
 # Carry: .qcarry (diffusers wheels + prompt lists made from Emoji-64; see benchmarks/NOTES_quality.md).
 #   run: bash benchmarks/quality_session.sh [RANK] [N]
 set -uo pipefail
+OUT=${OUT:-/tmp/out}
+WHEELS=.qcarry BUILD=0 source benchmarks/device_setup.sh  # the reference path: no kernel build
 if [ "${1:-}" = lynx ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .qcarry/*.whl
-    export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     python3 -m rtlynx info
     python3 -m pytest -q -p no:cacheprovider tests/test_lynx_integration.py tests/test_backends_cuda.py 2>&1 | tail -15
     N=${N:-500} python3 - <<'PY'
@@ -35,10 +35,7 @@ RANK=${1:-8}
 N=${2:-2000}
 C=.qcarry
 W=/tmp/rtlynx-quality
-OUT=${OUT:-/tmp/out}
-mkdir -p "$W" "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+mkdir -p "$W"
 log() { echo "== $(date +%T) $*"; }
 {
 log "core tests on this machine's torch (CUDA backends + reference math + diffusers integration)"

@@ -3,13 +3,14 @@
 A family says what it supports (:meth:`Family.operand_ok`, :attr:`Family.splits_k`), how it prepares a site's
 weights (:meth:`Family.prepare`), how it runs a site's GEMMs (:meth:`Family.run_site`) and adds their LoRA tail
 (:meth:`Family.add_lora`), how one layer runs where the site kernels cannot (:meth:`Family.run_layer`, through the
-per-layer backends of :mod:`rtlynx.backends`: lynx, cuSPARSELt, reference) and what the spec of a layer is
+per-layer backends it has, :attr:`Family.layer_backends`: bf16 the lynx, cuSPARSELt and reference ones of
+:mod:`rtlynx.backends`, FP8 its spec on the reference path) and what the spec of a layer is
 (:meth:`Family.spec`, for :func:`rtlynx.sites.verify`). ``SparsityConfig.dtype`` picks the family
 (:data:`FAMILIES`); a new dtype (FP4 on the next GPU) is one new family here.
 
 This file is where FP8 differs from bf16: the FP8 operand is quantised per output channel (``site.fp8_operand``),
 its LoRA tail is added after the GEMM in bf16, a row-parallel (K-split) site cannot scale its tokens, and where the
-kernels cannot run it is emulated on the FP8 spec (:mod:`rtlynx.reference.fp8`).
+kernels cannot run it is emulated on the FP8 spec (:mod:`rtlynx.reference.fp8`): its one per-layer backend.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Family:
 
     dtype = "native"
     splits_k = True  # a row-parallel site (this rank holds a slice of K) can run in this dtype
+    layer_backends: dict[str, backends.Backend] = backends.BACKENDS  # the per-layer kernels of this dtype, by name
 
     def prepare(self, site, cfg) -> None:
         """Put the site's weights in this family's storage format (sparsify / configure / build, not at a call that
@@ -65,8 +67,10 @@ class Family:
         return self.run_backend(layer.backend, x2, layer.dense_weight(), layer.bias, cfg.n, cfg.m,
                                 layer.compensation, lora_a, lora_b, cfg.eps)
 
-    def run_backend(self, backend, *args) -> torch.Tensor:
-        return backends.run(backend, *args, fp8=self.dtype == "fp8")
+    def run_backend(self, backend: str, *args) -> torch.Tensor:
+        """One layer on ``backend`` (a SparseActLinear backend name), falling back along the chain to one that this
+        family has and that can run the call."""
+        return backends.run(backend, *args, backends=self.layer_backends)
 
     def spec(self, layer, x2, w, lora_a, lora_b) -> torch.Tensor:
         """The layer's output by the spec, in float32 on the same operands."""
@@ -74,11 +78,22 @@ class Family:
                                            compute_dtype=torch.float32)
 
 
+class FP8Spec(backends.Backend):
+    """The FP8 family's per-layer backend: the FP8 spec, emulated on the reference path (its kernels run whole
+    activation sites only)."""
+
+    name, fallback = "reference", None
+
+    def run(self, x, weight, bias, n, m, compensation, lora_a, lora_b, eps):
+        return fp8_sparse_act_linear(x, weight, bias, n, m, compensation, lora_a, lora_b, eps)
+
+
 class FP8Family(Family):
     """FP8 e4m3 activations and weights (per-token / per-channel scales) on the FP8 site kernels."""
 
     dtype = "fp8"
     splits_k = False  # the per-token scale needs the token's whole K
+    layer_backends = {"reference": FP8Spec()}  # lynx / cuSPARSELt have no FP8 layer kernel: the chain ends here
 
     def prepare(self, site, cfg) -> None:
         """Quantise the FP8 operand now; without ``keep_dense_weights`` drop the bf16 one where the FP8 kernels run."""
@@ -141,4 +156,4 @@ def family_of(dtype: str) -> Family:
     return FAMILIES[dtype]
 
 
-__all__ = ["FAMILIES", "FP8Family", "Family", "family_of"]
+__all__ = ["FAMILIES", "FP8Family", "FP8Spec", "Family", "family_of"]

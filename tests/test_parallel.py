@@ -93,7 +93,7 @@ def test_sparsify_refuses_a_linear_with_diffusers_hooks():
 def test_cp_wrapper_is_installed_and_removed():
     model = tiny_transformer("flux")
     rtlynx.sparsify(model)
-    assert model.enable_parallelism.__func__ is parallel.enable_parallelism
+    assert model.enable_parallelism.func is parallel.enable_parallelism  # a functools.partial (it pickles)
     rtlynx.unsparsify(model)
     assert "enable_parallelism" not in model.__dict__
 

@@ -120,6 +120,9 @@ def _gelu_feedforward_forward(self, hidden_states, *args, **kwargs):
     return y
 
 
+GELU_INPUT = "net.0.proj"  # in a FeedForward: the up-projection, whose output the GELU site prunes from
+
+
 def _gelu_feedforward(parent: nn.Module, layer) -> bool:
     """Whether ``parent`` is a diffusers FeedForward [GELU(tanh) with .proj, Dropout*, layer, Dropout*]."""
     net = getattr(parent, "net", None)
@@ -140,6 +143,7 @@ def install_producer(module: nn.Module, site) -> None:
         # a partial of a module-level function pickles (a bound MethodType is looked up by name on unpickling)
         parent.forward = functools.partial(_gelu_feedforward_forward, parent)
         parent._rtlynx_producer = site
+        site.producer_input = GELU_INPUT
     else:
         site.producer = "plain"
 

@@ -27,7 +27,8 @@ import torch
 from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
 from . import fp8 as _fp8  # noqa: F401  the FP8 ops (rtlynx::prune_quant_fp8_sm90, ...), same rules
-from ._checks import LibraryUnavailable, Unsupported, check_activation, check_devices, check_fp8_site, check_site
+from ._checks import (LibraryUnavailable, Unsupported, check_activation, check_devices, check_fp8_site, check_linear,
+                      check_site)
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,9 +90,7 @@ def _check_x(x2d: torch.Tensor) -> None:
 def prune_compress(x2d: torch.Tensor, eps: float = 1e-8):
     """2:4 prune + compress of ``x2d [M, K]`` along K: ``(values [M, Kp/2], meta [Mp*Kp/8] uint8, scale [M] f32)``
     in the sm90 layout (see rtlynx.reference.sm90; K % 8 == 0 required here)."""
-    _check_x(x2d)
-    if x2d.shape[1] % 8:
-        raise Unsupported(f"prune_compress needs K % 8 == 0, got K={x2d.shape[1]}")
+    _check_x(x2d)  # the device; the op checks the operands
     return _sm90.prune_compress_sm90(x2d.contiguous(), None, True, eps)
 
 
@@ -108,9 +107,7 @@ def gelu_prune_compress(h2d: torch.Tensor, eps: float = 1e-8, dense: bool = Fals
     approximate="tanh")`` on CUDA) pruned + compressed in one pass over ``h2d [M, K]``:
     ``(values, meta, scale)`` in the sm90 layout, plus the dense ``x [M, K]`` when ``dense`` (for a LoRA branch).
     Reference: :func:`rtlynx.reference.sm90.gelu_compress_sm90`. K % 8 == 0 required."""
-    _check_x(h2d)
-    if h2d.shape[1] % 8:
-        raise Unsupported(f"gelu_prune_compress needs K % 8 == 0, got K={h2d.shape[1]}")
+    _check_x(h2d)  # the device; the op checks the operands
     values, meta, scale, y = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), True, eps, dense)
     return (values, meta, scale, y) if dense else (values, meta, scale)
 
@@ -125,14 +122,18 @@ def lynx_gelu_linear(h2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if k % 8 or weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] % 8:
         raise Unsupported(f"lynx_gelu_linear needs h [M, K], weight [N, K] with K, N % 8 == 0; got "
                           f"{tuple(h2d.shape)}, {tuple(weight.shape)}")
-    check_devices(h2d, weight=weight, bias=bias)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise Unsupported(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    check_devices(h2d, weight=weight)  # before the copy below (the GEMM op checks the rest of its operands)
     dt = h2d.dtype
     if h2d.shape[0] == 0:
         return h2d.new_empty(0, weight.shape[0])
     wext = weight.to(dt).contiguous() if k % 128 == 0 else _sm90.WEIGHT_CACHE.get(weight.to(dt), None, k)
-    values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d.contiguous(), bool(norm), float(eps), False)
+    h2d = h2d.contiguous()
+    if torch.compiler.is_compiling() or not h2d.is_cuda:
+        values, meta, scale, _ = _sm90.gelu_prune_compress_sm90(h2d, bool(norm), float(eps), False)
+    else:  # h2d checked above (the prune op's check_prune): the implementation directly
+        values, meta, scale, _ = _sm90._gelu_prune_impl(h2d, bool(norm), float(eps), False)
     return _sm90.sparse_gemm_sm90(values, meta, wext, scale if norm else None,
                                   None if bias is None else bias.to(dt).contiguous(), -1, 0)
 
@@ -150,20 +151,13 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise Unsupported(f"lynx kernels run 2:4 only, got {n}:{m}")
     _check_x(x2d)
     mm, k = x2d.shape
-    if weight.dim() != 2 or weight.shape[1] != k:
-        raise Unsupported(f"weight must be [N, {k}], got {tuple(weight.shape)}")
-    nn_ = weight.shape[0]
-    if nn_ % 8:
-        raise Unsupported(f"N must be a multiple of 8 (16-byte rows of Y), got N={nn_}")
-    if bias is not None and tuple(bias.shape) != (nn_,):
-        raise Unsupported(f"bias must be [{nn_}], got {tuple(bias.shape)}")
-    if (lora_a is None) != (lora_b is None):
-        raise Unsupported("lora_a and lora_b must be given together")
-    if lora_a is not None and (lora_a.dim() != 2 or lora_a.shape[1] != k or lora_b.shape != (nn_, lora_a.shape[0])):
-        raise Unsupported(f"LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit x {tuple(x2d.shape)}")
-    check_devices(x2d, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    # checked here, not left to the op: after the K padding below the op would take a weight up to 7 columns short
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != k:
+        raise Unsupported(f"weight must be [N, {k}], got {tuple(getattr(weight, 'shape', ()))}")
+    if lora_a is not None and (not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 2 or lora_a.shape[1] != k):
+        raise Unsupported(f"lora_a must be [r, {k}], got {tuple(getattr(lora_a, 'shape', ()))}")
     dt = x2d.dtype
-    weight = weight.to(dt)
+    weight = weight.to(dt).contiguous()
     bias = None if bias is None else bias.to(dt).contiguous()
     x2d = x2d.contiguous()
     if k % 8:
@@ -171,11 +165,12 @@ def lynx_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2d = torch.nn.functional.pad(x2d, (0, pad))
         if lora_a is not None:
             lora_a = torch.nn.functional.pad(lora_a, (0, pad))
-    if mm == 0:
-        return x2d.new_empty(0, nn_)
-    return _sm90.sparse_linear_sm90(x2d, weight.contiguous(), bias,
-                                   None if lora_a is None else lora_a.to(dt).contiguous(),
-                                   None if lora_b is None else lora_b.to(dt).contiguous(), bool(norm), float(eps))
+    lora_a = None if lora_a is None else lora_a.to(dt).contiguous()
+    lora_b = None if lora_b is None else lora_b.to(dt).contiguous()
+    if mm == 0:  # nothing to launch: the op's checks alone
+        check_linear(x2d, weight, bias, lora_a, lora_b)
+        return x2d.new_empty(0, weight.shape[0])
+    return _sm90.sparse_linear_sm90(x2d, weight, bias, lora_a, lora_b, bool(norm), float(eps))
 
 
 def _check_site(x2d, wext, bias, lora_a, splits):

@@ -27,10 +27,10 @@ import torch
 
 from ..reference.fp8 import quantize_weight_e4m3
 from ..reference.sm90 import padded_shape
-from . import _checks, _lib
+from . import _checks, _launch, _lib
 from ._checks import FP8
 from ._configs import FP8_CONFIG_NAMES
-from .sm90 import PDL, _align, _ptr, _scratch, _stream
+from ._launch import align as _align, ptr as _ptr, rows16 as _rows16, scratch as _scratch, stream as _stream
 
 _DT = {torch.bfloat16: 0}  # the FP8 GEMM writes bf16, so its producer reads bf16
 
@@ -93,17 +93,7 @@ def choose_config(m: int, n: int, kg: int) -> tuple[int, int]:
     return CONFIG_NAMES.index("f8_t128x128x128_coop_c2x1"), 0
 
 
-@functools.lru_cache(maxsize=4096)
-def _config(m: int, n: int, kg: int) -> tuple[int, int]:
-    config, sched = choose_config(m, n, kg)
-    return config, sched | (1 << 16) if PDL else sched
-
-
-def _rows16(x: torch.Tensor) -> torch.Tensor:
-    """x, or a row-major copy where the prune could not read it in 16-byte runs of rows."""
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    return x
+_config = _launch.config_cache(choose_config)  # RTLYNX_FP8_CONFIG is read at a shape's first call
 
 
 def _prune_impl(x, norm, eps, act=0):

@@ -24,7 +24,8 @@ rp = round_up(r, 64) (0 without LoRA), Kg = Kp + 2 rp (the GEMM's logical K).
 
 Every op checks its operands (:mod:`rtlynx.ops._checks`: shapes, dtypes, devices, strides, alignment) before a raw
 address reaches a kernel, in its CUDA implementation and in its fake (so a traced call fails at trace time too);
-the internal calls (``_prune_impl``, ``_gemm_impl``, ``_site_impl``) take operands their callers checked.
+the internal calls (``_prune_impl``, ``_gelu_prune_impl``, ``_gemm_impl``, ``_site_impl``) take operands their callers
+checked. What the launches share with :mod:`rtlynx.ops.fp8` (stream, scratch, config cache) is in ``ops/_launch.py``.
 
 Inference only (no autograd formulas). The ops are opaque to torch.compile and capture in CUDA graphs
 (no host syncs, no allocations outside the caching allocator, launches on the current stream).
@@ -32,7 +33,6 @@ Inference only (no autograd formulas). The ops are opaque to torch.compile and c
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
@@ -40,8 +40,9 @@ import weakref
 import torch
 
 from ..reference.sm90 import expand_lora_b, padded_shape, round_up
-from . import _checks, _lib
+from . import _checks, _launch, _lib
 from ._configs import BF16_CONFIG_NAMES
+from ._launch import align as _align, ptr as _ptr, rows16 as _rows16, scratch as _scratch, stream as _stream
 
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
@@ -59,14 +60,6 @@ _LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? l
 _LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, int[] splits, bool norm, float eps) "
             "-> Tensor[]")
 _LIB.define("gelu_site_sm90(Tensor h, Tensor wext, Tensor? bias, bool norm, float eps) -> Tensor")
-
-
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -155,10 +148,8 @@ def _(x, h, norm, eps):
             x.new_empty(m, dtype=torch.float32))
 
 
-def _gelu_prune_impl(h, norm, eps, dense=False):  # default: the dispatcher passes only given args
-    _checks.check_prune(h, rows=False)  # (any strides: copied below if the kernel cannot read them)
-    if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
-        h = h.clone(memory_format=torch.contiguous_format)
+def _gelu_prune_impl(h, norm, eps, dense=False):
+    h = _rows16(h)
     m, k = h.shape
     mp, kp = padded_shape(m, k)
     values = torch.empty(m, kp // 2, dtype=h.dtype, device=h.device)
@@ -176,7 +167,12 @@ def _gelu_prune_impl(h, norm, eps, dense=False):  # default: the dispatcher pass
     return values, meta, scale, y
 
 
-_LIB.impl("gelu_prune_compress_sm90", _gelu_prune_impl, "CUDA")
+def _gelu_prune_op(h, norm, eps, dense=False):  # default: the dispatcher passes only given args
+    _checks.check_prune(h, rows=False)  # (any strides: _gelu_prune_impl copies what the kernel cannot read)
+    return _gelu_prune_impl(h, norm, eps, dense)
+
+
+_LIB.impl("gelu_prune_compress_sm90", _gelu_prune_op, "CUDA")
 gelu_prune_compress_sm90 = torch.ops.rtlynx.gelu_prune_compress_sm90.default
 
 
@@ -190,8 +186,7 @@ def _(h, norm, eps, dense=False):
 
 
 # ----------------------------------------------------------------------------------------------- GEMM
-# Launch the GEMM with programmatic dependent launch (overlaps its prologue with the prune kernel's tail).
-PDL = os.environ.get("RTLYNX_PDL", "1") != "0"
+PDL = _launch.PDL  # this module's copy: benchmarks/linear.py turns it off for an A/B of sparse_linear_sm90
 
 
 def _gemm_impl(values, meta, weight, scale, bias, config=-1, sched=0):  # defaults: the dispatcher passes only given args
@@ -201,7 +196,7 @@ def _gemm_impl(values, meta, weight, scale, bias, config=-1, sched=0):  # defaul
     if config < 0:
         config, sched = choose_config(m, n, kg)
     if PDL:
-        sched |= 1 << 16
+        sched |= _launch.PDL_FLAG
     rc = _lib.lib().rtlynx_sparse_gemm_sm90(
         config, _DTYPES[values.dtype], values.data_ptr(), values.stride(0), meta.data_ptr(), weight.data_ptr(),
         weight.stride(0), y.data_ptr(), y.stride(0), _ptr(scale), _ptr(bias), m, n, kg, sched, _stream())
@@ -324,35 +319,7 @@ def _(x, weight, bias, lora_a, lora_b, norm, eps):
 
 
 # ----------------------------------------------------------------------------------------------- sites
-_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) -> bytes for the compressed activation
-
-
-def _scratch(device: torch.device, stream: int, nbytes: int, persistent: bool) -> torch.Tensor:
-    """``nbytes`` of scratch for one prune -> GEMM hand-off on ``stream`` (keep the returned tensor alive until the
-    kernels are launched). Eager calls (``persistent``): kernels on one stream run in order, so one buffer per stream
-    serves every site and saves an allocation per call. Traced calls (the op under torch.compile) and CUDA-graph
-    capture take a fresh allocation, freed when the op returns: torch.compile's CUDA-graph trees refuse memory of
-    their pool held past the op (also when allocated during their warm-up run), and a buffer that grows must never
-    free memory a captured graph replays."""
-    if not persistent or torch.cuda.is_current_stream_capturing():
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(), stream)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1 << 20) * 5 // 4, dtype=torch.uint8, device=device)
-        _SCRATCH[key] = buf
-    return buf
-
-
-def _align(v: int) -> int:
-    return (v + 255) // 256 * 256
-
-
-@functools.lru_cache(maxsize=4096)
-def _config(m: int, n: int, kg: int) -> tuple[int, int]:
-    """choose_config + the PDL flag, once per shape (RTLYNX_SM90_CONFIG is read at a shape's first site call)."""
-    config, sched = choose_config(m, n, kg)
-    return config, sched | (1 << 16) if PDL else sched
+_config = _launch.config_cache(choose_config)  # RTLYNX_SM90_CONFIG is read at a shape's first site call
 
 
 def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False):
@@ -413,9 +380,7 @@ def _(x, wext, bias, lora_a, splits, norm, eps):
 
 
 def _gelu_site_op_impl(h, wext, bias, norm, eps, persistent=False):
-    if h.stride(1) != 1 or h.stride(0) % 8 or h.data_ptr() % 16:  # the kernel reads 16-byte runs of rows
-        h = h.clone(memory_format=torch.contiguous_format)
-    return _site_impl(h, wext, bias, None, [wext.shape[0]], norm, eps, act=1, persistent=persistent)[0]
+    return _site_impl(_rows16(h), wext, bias, None, [wext.shape[0]], norm, eps, act=1, persistent=persistent)[0]
 
 
 def _gelu_site_op(h, wext, bias, norm, eps):

@@ -36,6 +36,9 @@ class Site(Operand):
                              f"{[l.in_features for l in layers]}")
         self.layers = layers
         self.producer = producer
+        # the submodule (of the site's module) whose output the producer reads: set by the integration that wires
+        # the producer in (rtlynx.integrations.diffusers.install_producer), for sites.verify
+        self.producer_input: str | None = None
         self.name = name
         self.k = k
         self.n = sum(l.out_features for l in layers)

@@ -28,8 +28,8 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     for site in picked:
         if site.producer == "gelu":
             parent = model.get_submodule(site.name)
-            # the FeedForward's up-projection gives what the site prunes (rtlynx.integrations.diffusers' producer)
-            hooks.append(parent.net[0].proj.register_forward_hook(grab((site.name, "h"))))
+            # the module whose output the site prunes from, as the integration that wired the producer named it
+            hooks.append(parent.get_submodule(site.producer_input).register_forward_hook(grab((site.name, "h"))))
             hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
         else:
             for i, layer in enumerate(site.layers):

@@ -1,7 +1,8 @@
 #!/bin/bash
-# One device call for issue 10 (~4 minutes on an H200; carry .whl with the diffusers wheel, and .cache as for
-# benchmarks/e2e_session.sh so the lynx kernels need no rebuild):
-#   bash benchmarks/issue10_session.sh
+# One device call measuring calibration memory and `rtlynx select`'s speed table (issue 10; ~4 minutes on an H200;
+# carry .whl with the diffusers wheel, and .cache as for benchmarks/e2e_session.sh so the lynx kernels need no
+# rebuild):
+#   bash benchmarks/calibrate_select_session.sh
 # 1. full-size FLUX.1-dev calibration: peak memory and s/prompt per pass, one pass and --max-stats-gb 40
 #    (benchmarks/calibrate_memory.py -> benchmarks/results/calibrate_memory_h200.json)
 # 2. the speed table of `rtlynx select` for this GPU at the site shapes of FLUX / Qwen-Image / Z-Image /

@@ -1,34 +1,23 @@
 #!/bin/bash
-# Device calls for issue 9 (FP8 + 2:4). Ignored files stay on the machine between calls while it is warm (it goes
+# Device calls of the FP8 + 2:4 study (issue 9): the prune A/B and the FP8 linear table, the FLUX.1-dev FP8 forwards,
+# the FID / KID of the FP8 variants. Ignored files stay on the machine between calls while it is warm (it goes
 # back 30 s after a call): reference and quality follow e2e at once, on the same machine.
-#   bash benchmarks/issue9_session.sh kernels   carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz. Build; the
-#        prune / FP8 kernel tests; the prune passes against another build of the prune unit
+#   bash benchmarks/fp8_quality_session.sh kernels   carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz. Build;
+#        the prune / FP8 kernel tests; the prune passes against another build of the prune unit
 #        (benchmarks/.old_prune_compress_sm90.cu if present: git show <commit>:csrc/prune_compress_sm90.cu > it),
 #        timed and under Nsight Compute; the FP8 linear table.
-#   bash benchmarks/issue9_session.sh e2e       carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz
+#   bash benchmarks/fp8_quality_session.sh e2e       carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz
 #        .cache/inception_fp16.pt{,.sha256} (tree without the mini-FLUX weights: 64 MiB). The GPU tests,
 #        compute-sanitizer, the FLUX.1-dev compiled forwards with a profile of each variant.
-#   bash benchmarks/issue9_session.sh reference carry .cache/emoji64.npz (tree without the weights): Emoji-64
-#        Inception features, kept in .cache/ for the next call.
-#   bash benchmarks/issue9_session.sh quality   carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz
+#   bash benchmarks/fp8_quality_session.sh reference carry .cache/emoji64.npz (tree without the weights): Emoji-64
+#        Inception features, kept in .cache/ for the next call (benchmarks/fid_session.sh reference).
+#   bash benchmarks/fp8_quality_session.sh quality   carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz
 #        .cache/prompts_all.txt (the whole tree). FID / KID / PSNR / SSIM of dense, RT-Lynx, RT-Lynx FP8, dense FP8
 #        on the mini-FLUX (5000 images, every step sparse), then RT-Lynx and RT-Lynx FP8 with the shipped step
 #        schedule.
 what=${1:?kernels, e2e, reference or quality}
-if [ "$what" = reference ]; then
-  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-  python3 - <<'PY'
-import time, torch
-from rtlynx.eval import fid as F
-t = time.time()
-net = F.load_inception(".cache/inception_fp16.pt", "cuda")
-f = F.reference_features(net, ".cache/emoji64.npz", cache=".cache/real_features.npz")
-print(f"reference features {f.shape} in {time.time() - t:.1f} s on {torch.cuda.get_device_name(0)}")
-PY
-  rm -f .cache/emoji64.npz; ls -la .cache; exit
-fi
+[ "$what" = reference ] && exec bash benchmarks/fid_session.sh reference
 source benchmarks/device_setup.sh
-export MPLBACKEND=Agg
 T=(python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING)
 case $what in
   kernels)
