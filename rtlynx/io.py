@@ -233,7 +233,7 @@ def load(model, path, strict_class: bool = True, **overrides):
     expected = set()
     for name, info in layers.items():
         try:
-            mod = module.get_submodule(name)
+            mod = sites.layer_at(module, name)
         except AttributeError:
             raise ValueError(f"saved layer {name!r} does not exist in this model") from None
         if not isinstance(mod, (nn.Linear, SparseActLinear)):
@@ -262,7 +262,7 @@ def load(model, path, strict_class: bool = True, **overrides):
     check_layers(module, layers, {n: info["lora_rank"] for n, info in layers.items()})
     site_rules(module, config)  # an unknown preset fails here, not in a later re-save's load
     for name, info in layers.items():
-        mod = module.get_submodule(name)
+        mod = sites.layer_at(module, name)
         dtype = mod.compute_dtype if isinstance(mod, SparseActLinear) else mod.weight.dtype
         for key in (f"{name}.lora_A", f"{name}.lora_B") if info["lora_rank"] else ():
             validate.finite_in_dtype(f"{LORA_FILE}: {key}", tensors[key], dtype)
