@@ -36,6 +36,7 @@ from . import parallel, schedule, sites, validate
 from ._txn import transaction
 from .api import _apply, _as_module, check_layers, config_of, settings_of, site_rules, sparse_layers
 from .config import SparsityConfig
+from .integrations.peft import has_adapters
 from .nn import SparseActLinear
 
 CONFIG_FILE = "rtlynx_config.json"
@@ -55,6 +56,10 @@ def save(model, path, overwrite: bool = False) -> Path:
     if not layers:
         raise ValueError("model has no SparseActLinear layers; nothing to save")
     parallel.refuse_sharded(module, "rtlynx.save")
+    if has_adapters(module):
+        warnings.warn("rtlynx.save writes the sparsity config and the compensation LoRA, not your adapters (save "
+                      "those as diffusers does: pipe.save_lora_weights / get_peft_model_state_dict)", UserWarning,
+                      stacklevel=2)
     config = config_of(module) or SparsityConfig()
     overridden = sorted(n for n, l in layers.items() if l._override)
     if overridden:

@@ -162,7 +162,7 @@ def _unwrap_empty(done) -> None:
             setattr(parent, attr, layer)
 
 
-def _injecting(self, method: str, adapter_name: str, *args, **kwargs):
+def _injecting(self, method: str, adapter_name: str, /, *args, **kwargs):
     done = _wrap_bare(self, adapter_name)
     try:
         return getattr(type(self), method)(self, *args, **kwargs)
