@@ -254,3 +254,45 @@ def test_fuse_into_fp8_stored_weights_requantises(gen):
     # back within two FP8 roundings (of before + delta, then of the result minus delta) and bf16's of the dequantised
     back = 2 ** -4 * ((before + delta).abs() + before.abs()) + 2 * step + 2 ** -8 * before.abs()
     assert ((deq() - before).abs() <= back).all()
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_hotswap_and_new_adapter_weights_do_not_recompile(tmp_path, gen):
+    """diffusers' LoRA hotswap (enable_lora_hotswap, then load_lora_weights(hotswap=True) of an adapter of at most
+    the declared rank) and adapter weights changed in place run the compiled sparsified transformer without a new
+    graph. Counted with a backend that counts its compilations; the backend is dynamo's "eager" (recompiles are
+    decided by dynamo's guards, whatever the backend; inductor would only add C++ build time on this CPU)."""
+    from rtlynx.testing import BUILDERS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe, ref_pipe = BUILDERS["flux"](), BUILDERS["flux"]()
+    inputs = example_inputs(pipe.transformer)
+    file_a = lora_file(type(pipe), pipe.transformer, tmp_path / "a", gen, r=4)
+    file_b = lora_file(type(pipe), pipe.transformer, tmp_path / "b", gen, r=2)
+    rtlynx.sparsify(pipe)
+    rtlynx.sparsify(ref_pipe)
+    pipe.enable_lora_hotswap(target_rank=8)
+    pipe.load_lora_weights(file_a, adapter_name="style")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pipe.transformer, backend=counting)
+    first = forward(compiled, inputs)
+    assert len(graphs) == 1
+    pipe.load_lora_weights(file_b, adapter_name="style", hotswap=True)
+    swapped = forward(compiled, inputs)
+    ref_pipe.load_lora_weights(file_b, adapter_name="style")
+    assert torch.equal(swapped, forward(ref_pipe.transformer, inputs))  # adapter b, loaded the plain way, eager
+    assert not torch.equal(swapped, first)
+    wrapper = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
+    with torch.no_grad():
+        wrapper.lora_B["style"].weight.mul_(2)
+    forward(compiled, inputs)
+    assert len(graphs) == 1, f"{len(graphs) - 1} recompiles"
+    torch._dynamo.reset()
