@@ -76,13 +76,20 @@ def plain_sparse(model, inputs):
     return set(rtlynx.sparse_layers(s)), rel(forward(s, inputs), forward(model, inputs))
 
 
-def test_adapter_added_before_sparsify_is_kept_on_the_sparse_layers(flux, gen):
+def with_adapter(flux, gen, fuse=False):
+    """(inputs, sparse layer names and error without an adapter, dense + a random PEFT adapter, its output)."""
     inputs = example_inputs(flux)
     names, sparse_err = plain_sparse(flux, inputs)
     dense = copy.deepcopy(flux)
     dense.add_adapter(lora_config(dense))
     randomize_adapter(dense, gen)
-    ref = forward(dense, inputs)
+    if fuse:
+        dense.fuse_lora()
+    return inputs, names, sparse_err, dense, forward(dense, inputs)
+
+
+def test_adapter_added_before_sparsify_is_kept_on_the_sparse_layers(flux, gen):
+    inputs, names, sparse_err, dense, ref = with_adapter(flux, gen)
     model = rtlynx.sparsify(copy.deepcopy(dense))
     assert set(rtlynx.sparse_layers(model)) == names  # every layer, under its own name
     assert all(type(model.get_submodule(n)) is SparseLoraLinear for n in names)
@@ -99,13 +106,7 @@ def test_adapter_added_before_sparsify_is_kept_on_the_sparse_layers(flux, gen):
 
 
 def test_merged_adapter_then_sparsify_covers_every_layer(flux, gen):
-    inputs = example_inputs(flux)
-    names, _ = plain_sparse(flux, inputs)
-    dense = copy.deepcopy(flux)
-    dense.add_adapter(lora_config(dense))
-    randomize_adapter(dense, gen)
-    dense.fuse_lora()
-    ref = forward(dense, inputs)
+    inputs, names, _, dense, ref = with_adapter(flux, gen, fuse=True)
     model = rtlynx.sparsify(copy.deepcopy(dense))
     assert set(rtlynx.sparse_layers(model)) == names
     with rtlynx.dense_mode(model):
@@ -113,12 +114,7 @@ def test_merged_adapter_then_sparsify_covers_every_layer(flux, gen):
 
 
 def test_add_adapter_after_sparsify(flux, gen):
-    inputs = example_inputs(flux)
-    names, sparse_err = plain_sparse(flux, inputs)
-    dense = copy.deepcopy(flux)
-    dense.add_adapter(lora_config(dense))
-    randomize_adapter(dense, gen)
-    ref = forward(dense, inputs)
+    inputs, names, sparse_err, dense, ref = with_adapter(flux, gen)
     model = rtlynx.sparsify(copy.deepcopy(flux))
     model.add_adapter(lora_config(flux))  # the dense model's names: the sparse layers keep them
     peft.set_peft_model_state_dict(model, get_peft_model_state_dict(dense))
