@@ -17,11 +17,13 @@ from . import schedule
 from ._txn import transaction
 from .config import SparsityConfig
 from .integrations import diffusers as hf
+from .integrations import peft as adapters
 from .integrations.diffusers import as_module as _as_module
 from .nn import OVERRIDABLE, SparseActLinear
 from .presets import (CONDITIONING_EXCLUDES, DEFAULT_SITES, PRESETS, SPEED_RULES, outside_blocks, preset_file_config,
                       resolve_preset)
-from .sites import Settings, build_sites, model_sites, shard
+from .sites import Settings, build_sites, layer_at, model_sites, shard
+from .sites.grouping import adapter_wrapper
 
 
 def layer_rules(model: nn.Module, config: SparsityConfig) -> tuple[list[str], list[str]]:
@@ -56,18 +58,39 @@ def _matches(name: str, globs) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _layers_of(model: nn.Module, cls) -> list[tuple[str, nn.Module]]:
+    """``[(name, module)]`` of the ``cls`` layers of ``model`` by the names they have without adapters: a layer a
+    user's PEFT adapter wraps under its wrapper's name, the adapters' own Linears left out."""
+    wrapped = {n for n, m in model.named_modules() if adapter_wrapper(m)}
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, cls):
+            continue
+        parent = name.rpartition(".")[0]
+        while name.endswith(".base_layer") and parent in wrapped:
+            name, parent = parent, parent.rpartition(".")[0]
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
+            out.append((name, mod))
+    return out
+
+
 def eligible_layers(model, config: SparsityConfig | None = None) -> list[str]:
-    """Qualified names of the nn.Linear layers ``sparsify`` would replace, in module order."""
+    """Qualified names of the nn.Linear layers ``sparsify`` would replace, in module order (a layer wrapped by a
+    user's adapter counts, under its own name)."""
     model = _as_module(model)
     config = config or SparsityConfig()
     include, exclude = layer_rules(model, config)
-    return [name for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and _matches(name, include) and not _matches(name, exclude)]
+    return [name for name, mod in _layers_of(model, nn.Linear)
+            if _matches(name, include) and not _matches(name, exclude)]
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` (inside the adapter wrapper there, if any)."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    while adapter_wrapper(getattr(parent, child)):
+        parent, child = getattr(parent, child), "base_layer"
     setattr(parent, child, new)
 
 
@@ -104,7 +127,7 @@ def check_layers(module: nn.Module, names, lora_rank: int | dict) -> None:
     """Before anything changes: a LoRA rank fits each layer (rank <= min(K, N); ``lora_rank`` an int or name ->
     rank), the weights are real (not on the meta device), and a warning for layers outside the blocks."""
     for name in names:
-        lin = module.get_submodule(name)
+        lin = layer_at(module, name)
         r = lora_rank if isinstance(lora_rank, int) else lora_rank[name]
         if r > min(lin.in_features, lin.out_features):
             raise ValueError(f"lora_rank {r} exceeds min(K, N) = {min(lin.in_features, lin.out_features)} of layer "
@@ -125,12 +148,12 @@ def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_ran
     settings = Settings(config)
     shards = shard.layer_shards(module, names, config)  # tensor parallelism: checked before anything changes
     for name in names:
-        hooks = getattr(module.get_submodule(name), "_diffusers_hook", None)
+        hooks = getattr(layer_at(module, name), "_diffusers_hook", None)
         if hooks is not None and hooks.hooks:
             raise ValueError(f"{name} carries diffusers hooks ({sorted(hooks.hooks)}) that replacing it would drop: "
                              "rtlynx.sparsify before model.enable_parallelism / other diffusers hooks")
     for name in names:
-        lin = module.get_submodule(name)
+        lin = layer_at(module, name)
         if name in shards:
             lin = shard.localize(lin)
         layer = SparseActLinear(lin, lora_rank=lora_rank, settings=settings)
@@ -139,6 +162,9 @@ def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_ran
     for site in build_sites(module, names, site_rules(module, config)):
         hf.install_producer(module, site)
     module._rtlynx_settings = settings
+    adapters.adopt(module)  # adapters added before sparsify: kept, on the sparse layers
+    adapters.install(module)  # adapters added after: see rtlynx.integrations.peft
+    hf.install_save_refusal(module)
     hf.install_parallelism(module, enable_parallelism)
     schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
 
@@ -197,8 +223,9 @@ def enable_parallelism(self, *, config, cp_plan=None):
 
 
 def sparse_layers(model) -> dict[str, SparseActLinear]:
-    """name -> SparseActLinear for every sparsified layer of ``model``."""
-    return {n: m for n, m in _as_module(model).named_modules() if isinstance(m, SparseActLinear)}
+    """name -> SparseActLinear for every sparsified layer of ``model`` (a layer wrapped by a user's adapter under its
+    own name, the same with and without the adapter)."""
+    return dict(_layers_of(_as_module(model), SparseActLinear))
 
 
 def unsparsify(model):
@@ -207,6 +234,9 @@ def unsparsify(model):
     if any(l._tp is not None for l in sparse_layers(module).values()):
         shard.refuse_sharded(module, "rtlynx.unsparsify")
     hf.uninstall_parallelism(module)
+    adapters.uninstall(module)
+    hf.uninstall_save_refusal(module)
+    adapters.release(module)
     schedule.remove(module, sparse_layers(module).values())
     hf.remove_producers(module)
     for site in model_sites(module):

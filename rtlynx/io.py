@@ -36,6 +36,7 @@ from . import parallel, schedule, sites, validate
 from ._txn import transaction
 from .api import _apply, _as_module, check_layers, config_of, settings_of, site_rules, sparse_layers
 from .config import SparsityConfig
+from .integrations.peft import has_adapters
 from .nn import SparseActLinear
 
 CONFIG_FILE = "rtlynx_config.json"
@@ -55,6 +56,10 @@ def save(model, path, overwrite: bool = False) -> Path:
     if not layers:
         raise ValueError("model has no SparseActLinear layers; nothing to save")
     parallel.refuse_sharded(module, "rtlynx.save")
+    if has_adapters(module):
+        warnings.warn("rtlynx.save writes the sparsity config and the compensation LoRA, not your adapters (save "
+                      "those as diffusers does: pipe.save_lora_weights / get_peft_model_state_dict)", UserWarning,
+                      stacklevel=2)
     config = config_of(module) or SparsityConfig()
     overridden = sorted(n for n, l in layers.items() if l._override)
     if overridden:
@@ -233,7 +238,7 @@ def load(model, path, strict_class: bool = True, **overrides):
     expected = set()
     for name, info in layers.items():
         try:
-            mod = module.get_submodule(name)
+            mod = sites.layer_at(module, name)
         except AttributeError:
             raise ValueError(f"saved layer {name!r} does not exist in this model") from None
         if not isinstance(mod, (nn.Linear, SparseActLinear)):
@@ -262,7 +267,7 @@ def load(model, path, strict_class: bool = True, **overrides):
     check_layers(module, layers, {n: info["lora_rank"] for n, info in layers.items()})
     site_rules(module, config)  # an unknown preset fails here, not in a later re-save's load
     for name, info in layers.items():
-        mod = module.get_submodule(name)
+        mod = sites.layer_at(module, name)
         dtype = mod.compute_dtype if isinstance(mod, SparseActLinear) else mod.weight.dtype
         for key in (f"{name}.lora_A", f"{name}.lora_B") if info["lora_rank"] else ():
             validate.finite_in_dtype(f"{LORA_FILE}: {key}", tensors[key], dtype)

@@ -109,7 +109,8 @@ def as_module(model) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- GELU producer
 def _gelu_feedforward_forward(self, hidden_states, *args, **kwargs):
     """diffusers FeedForward(GELU-tanh) forward with the down-projection read from the pre-activation."""
-    if self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.net):
+    wrapped = "_site" not in vars(self.net[2])  # a user's adapter wraps the down-projection: it needs GELU's output
+    if wrapped or (self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.net)):
         for module in self.net:
             hidden_states = module(hidden_states)
         return hidden_states
@@ -177,3 +178,22 @@ def tp_config(config):
         return None
 
     return config if isinstance(config, TensorParallelConfig) else getattr(config, "tensor_parallel_config", None)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _refuse_save_pretrained(self, *args, **kwargs):
+    raise ValueError(f"rtlynx: a sparsified {type(self).__name__} has no diffusers checkpoint format; "
+                     "rtlynx.unsparsify(pipe) first to save_pretrained a plain diffusers folder (dense weights, your "
+                     "adapters as diffusers writes them), then sparsify again, or rtlynx.save(pipe, folder) for the "
+                     "sparsity config and compensation LoRA")
+
+
+def install_save_refusal(module: nn.Module) -> None:
+    """A sparsified model's ``save_pretrained`` (the pipeline's calls it for its transformer) refuses in one line
+    that names the two ways to save, instead of diffusers' error about shared weight storage."""
+    if callable(getattr(type(module), "save_pretrained", None)):
+        module.save_pretrained = functools.partial(_refuse_save_pretrained, module)
+
+
+def uninstall_save_refusal(module: nn.Module) -> None:
+    module.__dict__.pop("save_pretrained", None)

@@ -32,7 +32,7 @@ object that its layers and sites share by reference (never copied).
 from __future__ import annotations
 
 from .core import Settings, Site
-from .grouping import build_sites, group_sites, model_sites
+from .grouping import build_sites, group_sites, layer_at, model_sites
 from .verify import verify
 
-__all__ = ["Settings", "Site", "build_sites", "group_sites", "model_sites", "verify"]
+__all__ = ["Settings", "Site", "build_sites", "group_sites", "layer_at", "model_sites", "verify"]

@@ -40,12 +40,26 @@ def group_sites(names: list[str], rules) -> list[tuple[list[str], str, str]]:
     return groups
 
 
+def adapter_wrapper(mod: nn.Module) -> bool:
+    """Whether ``mod`` is an adapter's wrapper: a PEFT layer (the user's own LoRA) keeps the layer it wraps as
+    ``base_layer``, at the layer's own name."""
+    return callable(getattr(mod, "get_base_layer", None)) and "base_layer" in mod._modules
+
+
+def layer_at(module: nn.Module, name: str) -> nn.Module:
+    """The module at ``name``, through adapter wrappers."""
+    mod = module.get_submodule(name)
+    while adapter_wrapper(mod):
+        mod = mod._modules["base_layer"]
+    return mod
+
+
 def build_sites(module: nn.Module, names: list[str], rules) -> list[Site]:
     """Group the (already replaced) sparse layers ``names`` of ``module`` into sites (the caller wires their
     producers into the model: rtlynx.integrations.diffusers.install_producer)."""
     sites = []
     for members, producer, parent in group_sites(names, rules):
-        layers = [module.get_submodule(n) for n in members]
+        layers = [layer_at(module, n) for n in members]
         if len({l.in_features for l in layers}) > 1:  # a rule matched layers of different K: one site each
             for n, l in zip(members, layers):
                 sites.append(Site([l], "plain", n))
