@@ -2,7 +2,6 @@
 m-pass algorithms bit for bit, ties, NaN, Inf and signed zeros included; and the brute-force definition on small
 inputs (tests/test_reference.py's brute_mask: sort by (-|x| with NaN = inf, index), keep the first n)."""
 
-import time
 
 import pytest
 import torch
@@ -46,19 +45,3 @@ def test_pairs_equal_the_other_algorithms_on_many_inputs(n, m, dtype, gen):
         if dtype != torch.float64:  # top-k needs room for the index beside the bits
             assert torch.equal(nm._mask_topk(bits, n, m), want)
         assert torch.equal(nm.nm_mask(x, n, m), want.reshape(x.shape))  # the CPU path takes the pairs
-
-
-def test_pairs_faster_than_topk_on_the_cpu(gen):
-    """The point of the change: 2:4 on a 4096 x 3072 fp32 activation, best of 3 (about 10x on a 2-core CPU)."""
-    x = torch.randn(4096, 3072, generator=gen)
-    bits = nm._order_bits(x)
-
-    def best(fn):
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn(bits, 2, 4)
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    assert best(nm._mask_pairs) * 2 < best(nm._mask_topk)
