@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from rtlynx import api, io  # noqa: E402
 from rtlynx.benchtools import run_metadata  # noqa: E402
 from rtlynx.demo import LORA_DIR  # noqa: E402
-from rtlynx.distill_global import GlobalConfig, record_round, train_global  # noqa: E402
+from rtlynx.distill_global import GlobalConfig, train_global  # noqa: E402
 from rtlynx.eval import fid as F  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux, to_uint8  # noqa: E402
+from rtlynx.recording import record_round, velocity_error  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,8 +64,6 @@ def cmd_train(args) -> int:
     print(f"held-out sets in {time.time() - t0:.1f} s")
 
     def eval_fn(step):
-        from rtlynx.distill_global import velocity_error
-
         img = to_uint8(model.sample(val_p, num_steps=steps, seed=0))
         return {"val_student_rel_err": velocity_error(model.transformer, val_student),
                 "psnr_vs_dense": float(F.psnr(img, ref).mean())}
@@ -187,7 +186,6 @@ def cmd_flux_step(args) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from e2e import MODELS, build
 
-    from rtlynx.distill_global import Call  # noqa: F401  (documents what the rollout records)
     from rtlynx.integrations.diffusers import example_inputs
 
     dev = "cuda"

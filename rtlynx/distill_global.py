@@ -19,18 +19,21 @@ gradient checkpointing per block where diffusers offers it. Resumable from its c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-from . import io, schedule
-from .api import config_of, configure, dense_mode, sparse_layers
+from . import io
+from .api import config_of, configure, sparse_layers
+from .recording import Call, cat_rows, record_round, row_error, rows_of, run, velocity_error
 
 STATE_FILE = "global_state.safetensors"
 STATE_META = "global_state.json"
@@ -81,115 +84,6 @@ class GlobalConfig:
             raise ValueError(f"t_weight must be one of {T_WEIGHTS}, got {self.t_weight!r}")
 
 
-# ---------------------------------------------------------------------------------------------- recorded calls
-@dataclass
-class Call:
-    """One transformer call: its arguments (tensors detached, on the store device), batch size, noise level,
-    and the teacher's output once known."""
-
-    args: tuple
-    kwargs: dict
-    rows: int
-    t: float | None
-    target: torch.Tensor | None = None
-
-
-def _first_tensor(args, kwargs) -> torch.Tensor | None:
-    for v in (*args, *kwargs.values()):
-        if torch.is_tensor(v) and v.dim() >= 2:
-            return v
-    return None
-
-
-def _map(obj, fn):
-    if torch.is_tensor(obj):
-        return fn(obj)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _map(v, fn) for k, v in obj.items()}
-    return obj
-
-
-class Recorder:
-    """Records every call of ``module`` inside the block (a forward pre-hook); tensors go to ``device``."""
-
-    def __init__(self, module: torch.nn.Module, device=None):
-        self.module, self.device, self.calls, self._h = module, device, [], None
-
-    def _hook(self, mod, args, kwargs):
-        first = _first_tensor(args, kwargs)
-        if first is None:
-            return
-        move = (lambda x: x.detach().to(self.device)) if self.device is not None else (lambda x: x.detach())
-        self.calls.append(Call(_map(args, move), _map(kwargs, move), first.shape[0],
-                               schedule.noise_level(mod, args, kwargs)))
-
-    def __enter__(self):
-        self._h = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self._h.remove()
-
-
-def _output(out) -> torch.Tensor:
-    if torch.is_tensor(out):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if torch.is_tensor(sample):
-        return sample
-    raise DistillError(f"the transformer returned {type(out).__name__}; expected a tensor, a tuple or .sample")
-
-
-def _to(obj, device):
-    return _map(obj, lambda x: x.to(device, non_blocking=True))
-
-
-def rows_of(call: Call, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
-    """(args, kwargs, target, per-row t) of the rows ``idx`` of a call: every tensor whose first dimension is the
-    batch is sliced; the rest (position ids, masks of shape [N, ...]) is shared."""
-    b = call.rows
-
-    def pick(x):
-        return x[idx.to(x.device)] if x.dim() >= 1 and x.shape[0] == b else x
-
-    t = torch.full((len(idx),), -1.0 if call.t is None else call.t)
-    return _map(call.args, pick), _map(call.kwargs, pick), call.target[idx.to(call.target.device)], t
-
-
-def _cat_calls(parts):
-    """Concatenate the row selections of several calls along the batch (shared tensors taken from the first)."""
-    if len(parts) == 1:
-        return parts[0]
-    sizes = [p[2].shape[0] for p in parts]
-
-    def merge(items):
-        x0 = items[0]
-        if torch.is_tensor(x0):
-            if x0.dim() >= 1 and all(torch.is_tensor(x) and x.dim() == x0.dim() and x.shape[0] == s
-                                     for x, s in zip(items, sizes)) and x0.shape[0] == sizes[0]:
-                return torch.cat(items)
-            return x0
-        if isinstance(x0, (list, tuple)):
-            return type(x0)(merge([it[i] for it in items]) for i in range(len(x0)))
-        if isinstance(x0, dict):
-            return {k: merge([it[k] for it in items]) for k in x0}
-        return x0
-
-    args = merge([p[0] for p in parts])
-    kwargs = merge([p[1] for p in parts])
-    return args, kwargs, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
-
-
-def _row_error(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dims = tuple(range(1, out.dim()))
-    d = (out.float() - target.float()).pow(2).sum(dims)
-    return d, target.float().pow(2).sum(dims)
-
-
 def t_weights(t: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-row loss weights from noise levels t (1 = noise; rows of unknown t weigh 1)."""
     if kind == "uniform":
@@ -237,10 +131,8 @@ def memory_plan(transformer, params, sample_call: Call | None = None, calls_per_
     n = sum(p.numel() for p in params.values())
     call_bytes = 0
     if sample_call is not None:
-        seen = []
-        _map((sample_call.args, sample_call.kwargs), lambda x: seen.append(x.numel() * x.element_size()))
-        out = _first_tensor(sample_call.args, sample_call.kwargs)
-        call_bytes = sum(seen) + (out.numel() * out.element_size() if out is not None else 0)
+        leaves = tree_flatten((sample_call.args, sample_call.kwargs, sample_call.target))[0]
+        call_bytes = sum(x.numel() * x.element_size() for x in leaves if torch.is_tensor(x))
     return MemoryPlan(n, model_bytes, 16 * n, call_bytes, calls_per_round, store, checkpointing)
 
 
@@ -273,17 +165,8 @@ def _frozen_except(transformer, keep: dict[str, torch.nn.Parameter]):
     return saved
 
 
-@dataclass
-class History:
-    rows: list = field(default_factory=list)
-
-    def add(self, **row):
-        self.rows.append(row)
-        return row
-
-
 def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: GlobalConfig,
-                history: History) -> None:
+                history: list) -> None:
     """The LoRA (rtlynx.save format, loadable on its own) + master weights and Adam moments; written to a temporary
     name and renamed, so an interrupted save leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
@@ -298,7 +181,7 @@ def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: G
                 tensors[f"{name}.{k}"] = st[name].detach().cpu().contiguous()
     tmp = ckpt / (STATE_FILE + ".tmp")
     save_file(tensors, str(tmp))
-    meta = {"step": step, "config": asdict(cfg), "history": history.rows}
+    meta = {"step": step, "config": asdict(cfg), "history": history}
     (ckpt / (STATE_META + ".tmp")).write_text(json.dumps(meta))
     io.save(transformer, ckpt / "lora", overwrite=True)
     tmp.replace(ckpt / STATE_FILE)
@@ -334,57 +217,18 @@ def _lr_at(step: int, cfg: GlobalConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))  # cosine to zero
 
 
-class _Backend:
+@contextlib.contextmanager
+def _on_backend(transformer, backend: str):
     """Run the block on another backend (the training forward needs autograd: the reference path; rollouts and
     evaluations, no gradients: the user's, e.g. the fused kernels)."""
-
-    def __init__(self, transformer, backend: str | None):
-        self.transformer, self.backend = transformer, backend
-
-    def __enter__(self):
-        self.saved = config_of(self.transformer).backend
-        if self.backend is not None and self.backend != self.saved:
-            configure(self.transformer, backend=self.backend)
-
-    def __exit__(self, *exc):
-        if config_of(self.transformer).backend != self.saved:
-            configure(self.transformer, backend=self.saved)
-
-
-def record_round(transformer, rollout: Callable[[list[str], int], object], prompts: list[str], seed: int,
-                 states: str, store_device=None) -> list[Call]:
-    """Run ``rollout(prompts, seed)`` (a sampler) with the student (``states="student"``) or the dense model,
-    record its transformer calls, then the teacher's output at each."""
-    with torch.no_grad():
-        rec = Recorder(transformer, store_device)
-        if states == "dense":
-            with dense_mode(transformer), rec:
-                rollout(prompts, seed)
-        else:
-            with rec:
-                rollout(prompts, seed)
-        dev = next(transformer.parameters()).device
-        with dense_mode(transformer):
-            for c in rec.calls:
-                out = _output(transformer(*_to(c.args, dev), **_to(c.kwargs, dev)))
-                c.target = out.detach().to(store_device) if store_device is not None else out.detach()
-    return rec.calls
-
-
-@torch.no_grad()
-def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float:
-    """Relative error of the student's outputs against the recorded teacher's: sum |v_s - v_t|^2 / sum |v_t|^2."""
-    dev = next(transformer.parameters()).device
-    num = den = 0.0
-    for c in calls:
-        for i in range(0, c.rows, max_rows):
-            idx = torch.arange(i, min(c.rows, i + max_rows))
-            args, kwargs, target, _ = rows_of(c, idx)
-            out = _output(transformer(*_to(args, dev), **_to(kwargs, dev)))
-            d, e = _row_error(out, target.to(dev))
-            num += float(d.sum())
-            den += float(e.sum())
-    return num / den if den else float("nan")
+    saved = config_of(transformer).backend
+    if backend != saved:
+        configure(transformer, backend=backend)
+    try:
+        yield
+    finally:
+        if config_of(transformer).backend != saved:
+            configure(transformer, backend=saved)
 
 
 def train_global(transformer, rollout: Callable[[list[str], int], object], prompts: list[str],
@@ -412,14 +256,14 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
     dev = next(transformer.parameters()).device
     master = _Master(params)
     opt = torch.optim.Adam(list(master.master.values()), lr=cfg.lr)
-    history = History()
+    history: list[dict] = []
     step0 = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if resume:
         if ckpt is None or not (ckpt / STATE_META).is_file():
             raise DistillError(f"nothing to resume: no {STATE_META} in {ckpt}")
         meta = _load_state(ckpt, master, opt)
-        step0, history.rows = meta["step"], meta["history"]
+        step0, history = meta["step"], meta["history"]
         log(f"resumed {ckpt} at step {step0}")
     start = {k: m.detach().clone() for k, m in master.master.items()}  # restored on a non-finite loss
 
@@ -427,8 +271,8 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
     order = list(prompts)
     random.Random(cfg.seed).shuffle(order)
     user_backend = config_of(transformer).backend
-    train_backend = _Backend(transformer, "reference")  # autograd through the pruned product
-    train_backend.__enter__()
+    stack = contextlib.ExitStack()
+    stack.enter_context(_on_backend(transformer, "reference"))  # autograd through the pruned product
     saved_grad = _frozen_except(transformer, params)
     had_ckpt = bool(getattr(transformer, "gradient_checkpointing", False))
     if cfg.checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
@@ -447,7 +291,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 t0 = time.perf_counter()
                 lo = (round_i * cfg.rollout_prompts) % len(order)
                 batch_prompts = [order[(lo + i) % len(order)] for i in range(cfg.rollout_prompts)]
-                with _Backend(transformer, user_backend):
+                with _on_backend(transformer, user_backend):
                     buffer.append(record_round(transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i,
                                                cfg.states, store_device))
                 buffer = buffer[-cfg.buffer_rounds:]
@@ -455,11 +299,10 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 timings["rollout_s"] += time.perf_counter() - t0
                 if step == step0:
                     log(memory_plan(transformer, params, buffer[0][0] if buffer[0] else None, len(buffer[0]),
-                                    "cpu" if store_device is not None and str(store_device) == "cpu"
-                                    else "the model's device",
+                                    "the model's device" if store_device is None else str(store_device),
                                     bool(getattr(transformer, "gradient_checkpointing", False))).report())
             if step == step0 or step % cfg.eval_every == 0:
-                with _Backend(transformer, user_backend):
+                with _on_backend(transformer, user_backend):
                     _evaluate(transformer, step, val_calls, eval_fn, history, timings, log)
             t0 = time.perf_counter()
             calls = [c for r in buffer for c in r]
@@ -470,11 +313,11 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 c = calls[j]
                 idx = torch.tensor(sorted(rng.sample(range(c.rows), min(per, c.rows))))
                 parts.append(rows_of(c, idx))
-            args, kwargs, target, t = _cat_calls(parts)
+            args, kwargs, target, t = cat_rows(parts)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            out = _output(transformer(*_to(args, dev), **_to(kwargs, dev)))
-            d, e = _row_error(out, target.to(dev))
+            out = run(transformer, args, kwargs)
+            d, e = row_error(out, target.to(dev))
             w = t_weights(t, cfg.t_weight).to(dev)
             loss = (w * d).sum() / e.sum().clamp_min(1e-30)
             if not torch.isfinite(loss):
@@ -497,11 +340,11 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
             rel = float((d.sum() / e.sum().clamp_min(1e-30)).detach())
             bar.set_postfix(loss=f"{rel:.4f}")
             bar.update(1)
-            history.add(step=step + 1, train_rel_err=rel, lr=_lr_at(step, cfg), step_s=step_s)
+            history.append(dict(step=step + 1, train_rel_err=rel, lr=_lr_at(step, cfg), step_s=step_s))
             if ckpt is not None and (step + 1) % cfg.save_every == 0:
                 _save_state(ckpt, transformer, master, opt, step + 1, cfg, history)
                 start = {k: m.detach().clone() for k, m in master.master.items()}
-        with _Backend(transformer, user_backend):
+        with _on_backend(transformer, user_backend):
             _evaluate(transformer, cfg.steps, val_calls, eval_fn, history, timings, log)
         if ckpt is not None:
             _save_state(ckpt, transformer, master, opt, cfg.steps, cfg, history)
@@ -513,7 +356,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
         raise
     finally:
         bar.close()
-        train_backend.__exit__()
+        stack.close()
         for p, rg in saved_grad:
             p.requires_grad_(rg)
         if not had_ckpt and hasattr(transformer, "disable_gradient_checkpointing"):
@@ -523,7 +366,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 pass
         for p in params.values():
             p.grad = None
-    return {"history": history.rows, "timings": timings, "peak_gib": peak, "config": asdict(cfg),
+    return {"history": history, "timings": timings, "peak_gib": peak, "config": asdict(cfg),
             "lora_params": sum(p.numel() for p in params.values())}
 
 
@@ -535,9 +378,8 @@ def _evaluate(transformer, step, val_calls, eval_fn, history, timings, log):
     if eval_fn is not None:
         row.update(eval_fn(step))
     timings["eval_s"] += time.perf_counter() - t0
-    history.add(**row)
+    history.append(row)
     log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
-__all__ = ["Call", "DistillError", "GlobalConfig", "MemoryPlan", "Recorder", "lora_parameters", "memory_plan",
-           "record_round", "rows_of", "t_weights", "train_global", "velocity_error"]
+__all__ = ["DistillError", "GlobalConfig", "MemoryPlan", "lora_parameters", "memory_plan", "t_weights", "train_global"]

@@ -1,4 +1,4 @@
-"""Global distillation (rtlynx.distill_global) on a tiny FLUX, CPU reference path: the recorded calls are the
+"""Global distillation (rtlynx.distill_global, rtlynx.recording) on a tiny FLUX, CPU reference path: the recorded calls are the
 sampler's, the teacher is the dense model, only the LoRA factors train and the model's output error falls; bad
 inputs and a non-finite loss end in one-line errors with the LoRA as it was."""
 
@@ -10,6 +10,7 @@ import torch
 
 import rtlynx
 from rtlynx import distill_global as G
+from rtlynx import recording as R
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
 
 
@@ -43,15 +44,15 @@ def test_rows_and_concatenation_slice_only_batched_tensors(gen):
     b = 5
     x = torch.randn(b, 7, 3, generator=gen)
     ids = torch.randn(7, 3, generator=gen)  # shared (position ids): not sliced
-    call = G.Call((x,), {"ids": ids, "t": torch.rand(b, generator=gen), "flag": True}, b, 0.4,
+    call = R.Call((x,), {"ids": ids, "t": torch.rand(b, generator=gen), "flag": True}, b, 0.4,
                   target=torch.randn(b, 7, 3, generator=gen))
     idx = torch.tensor([0, 3, 4])
-    args, kwargs, target, t = G.rows_of(call, idx)
+    args, kwargs, target, t = R.rows_of(call, idx)
     assert torch.equal(args[0], x[[0, 3, 4]]) and torch.equal(kwargs["ids"], ids) and kwargs["flag"] is True
     assert torch.equal(kwargs["t"], call.kwargs["t"][[0, 3, 4]]) and torch.equal(target, call.target[[0, 3, 4]])
     assert torch.equal(t, torch.full((3,), 0.4))
-    other = G.rows_of(call, torch.tensor([1]))
-    a2, k2, tg2, t2 = G._cat_calls([(args, kwargs, target, t), other])
+    other = R.rows_of(call, torch.tensor([1]))
+    a2, k2, tg2, t2 = R.cat_rows([(args, kwargs, target, t), other])
     assert torch.equal(a2[0], x[[0, 3, 4, 1]]) and torch.equal(k2["ids"], ids) and tg2.shape[0] == 4
 
 
@@ -65,7 +66,7 @@ def test_t_weights_closed_form():
 def test_recorded_teacher_is_the_dense_model(seed):
     dense, model = _model(seed)
     roll = _sampler(model)
-    calls = G.record_round(model, roll, ["a", "b"], 7, "student")
+    calls = R.record_round(model, roll, ["a", "b"], 7, "student")
     assert len(calls) == 3 and all(c.rows == 2 for c in calls)
     assert [round(c.t, 4) for c in calls] == [1.0, round(2 / 3, 4), round(1 / 3, 4)]
     for c in calls:  # the target is the untouched dense model's output at the student's state
@@ -80,15 +81,15 @@ def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_pa
     roll = _sampler(model)
     prompts = ["a", "b", "c", "d"]
     # the states the run trains on (dense sampler, its first rollout's seed): the optimisation must lower their error
-    val = G.record_round(model, roll, prompts, seed + 1000, "dense")
+    val = R.record_round(model, roll, prompts, seed + 1000, "dense")
     base = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
     lora0 = {k: v.detach().clone() for k, v in G.lora_parameters(model).items()}
-    before = G.velocity_error(model, val)
+    before = R.velocity_error(model, val)
     cfg = G.GlobalConfig(steps=20, lr=1e-2, warmup=0, batch=8, calls_per_batch=3, rollout_prompts=4, refresh=100,
                          states="dense", eval_every=10, save_every=10, seed=seed)
     rep = G.train_global(model, roll, prompts, cfg, val_calls=val, checkpoint=tmp_path / "ck", progress=False,
                          log=lambda *a: None)
-    after = G.velocity_error(model, val)
+    after = R.velocity_error(model, val)
     assert after < 0.8 * before, (before, after)
     for k, v in model.state_dict().items():
         if "lora_" not in k:
@@ -125,30 +126,20 @@ def test_resume_continues_from_the_checkpoint(seed, tmp_path):
     assert max(moved) < 0.05  # two small steps from the checkpoint, not from the other start
 
 
-def test_non_finite_loss_restores_the_starting_lora(seed):
+def test_non_finite_loss_restores_the_starting_lora(seed, monkeypatch):
     _, model = _model(seed)
-    roll = _sampler(model)
     start = {k: p.detach().clone() for k, p in G.lora_parameters(model).items()}
 
-    def bad_roll(prompts, s):
-        out = roll(prompts, s)
-        return out
-
-    real = G.record_round
-
-    def poisoned(*a, **k):
-        calls = real(*a, **k)
+    def poisoned(*a, **k):  # the teacher's outputs turned NaN: the first loss is not finite
+        calls = R.record_round(*a, **k)
         for c in calls:
             c.target = torch.full_like(c.target, float("nan"))
         return calls
 
-    G.record_round = poisoned
-    try:
-        cfg = G.GlobalConfig(steps=3, batch=4, calls_per_batch=2, rollout_prompts=2, seed=seed, warmup=0)
-        with pytest.raises(G.DistillError, match="non-finite loss"):
-            G.train_global(model, bad_roll, ["a"], cfg, progress=False, log=lambda *a: None)
-    finally:
-        G.record_round = real
+    monkeypatch.setattr(G, "record_round", poisoned)
+    cfg = G.GlobalConfig(steps=3, batch=4, calls_per_batch=2, rollout_prompts=2, seed=seed, warmup=0)
+    with pytest.raises(G.DistillError, match="non-finite loss"):
+        G.train_global(model, _sampler(model), ["a"], cfg, progress=False, log=lambda *a: None)
     for k, p in G.lora_parameters(model).items():
         assert torch.equal(p, start[k]), k
 

@@ -1,0 +1,138 @@
+"""Recorded transformer calls: the training states of global distillation (rtlynx.distill_global).
+
+A forward pre-hook keeps every call of the transformer while a sampler runs (all its arguments, so any diffusers
+pipeline works), the teacher's output at each is added by running the same call dense, and the rows of recorded calls
+are sliced and concatenated into training batches: a tensor whose first dimension is the call's batch is per-row, the
+rest (position ids, masks of shape [N, ...]) is shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+
+from . import schedule
+from .api import dense_mode
+from .integrations.diffusers import output_tensor
+
+
+@dataclass
+class Call:
+    """One transformer call: its arguments (tensors detached, on the store device), batch size, noise level,
+    and the teacher's output once known."""
+
+    args: tuple
+    kwargs: dict
+    rows: int
+    t: float | None
+    target: torch.Tensor | None = None
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for v in (*args, *kwargs.values()):
+        if torch.is_tensor(v) and v.dim() >= 2:
+            return v.shape[0]
+    return None
+
+
+class Recorder:
+    """Records every call of ``module`` inside the block (a forward pre-hook); tensors go to ``device``."""
+
+    def __init__(self, module: torch.nn.Module, device=None):
+        self.module, self.device, self.calls, self._h = module, device, [], None
+
+    def _hook(self, mod, args, kwargs):
+        rows = _batch_size(args, kwargs)
+        if rows is None:
+            return
+        keep = (args, kwargs)
+        keep = tree_map_only(torch.Tensor, lambda x: x.detach() if self.device is None else x.detach().to(self.device),
+                             keep)
+        self.calls.append(Call(keep[0], keep[1], rows, schedule.noise_level(mod, args, kwargs)))
+
+    def __enter__(self):
+        self._h = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+def to_device(obj, device):
+    return tree_map_only(torch.Tensor, lambda x: x.to(device, non_blocking=True), obj)
+
+
+def run(transformer, args, kwargs) -> torch.Tensor:
+    """The transformer's main output for recorded arguments (moved to its device)."""
+    dev = next(transformer.parameters()).device
+    return output_tensor(transformer(*to_device(args, dev), **to_device(kwargs, dev)))
+
+
+def rows_of(call: Call, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+    """(args, kwargs, target, per-row t) of the rows ``idx`` of a call; t is -1 where the call had none."""
+    def pick(x):
+        return x[idx.to(x.device)] if x.dim() >= 1 and x.shape[0] == call.rows else x
+
+    args, kwargs = tree_map_only(torch.Tensor, pick, (call.args, call.kwargs))
+    t = torch.full((len(idx),), -1.0 if call.t is None else call.t)
+    return args, kwargs, call.target[idx.to(call.target.device)], t
+
+
+def cat_rows(parts):
+    """Concatenate row selections (:func:`rows_of`) of several calls along the batch; shared tensors from the first."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [p[2].shape[0] for p in parts]
+    flat = [tree_flatten((p[0], p[1])) for p in parts]
+    merged = []
+    for col in zip(*(leaves for leaves, _ in flat)):
+        per_row = all(torch.is_tensor(x) and x.dim() >= 1 and x.shape[0] == s for x, s in zip(col, sizes))
+        merged.append(torch.cat(col) if per_row else col[0])
+    args, kwargs = tree_unflatten(merged, flat[0][1])
+    return args, kwargs, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+
+
+def row_error(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row squared error and target energy."""
+    dims = tuple(range(1, out.dim()))
+    return (out.float() - target.float()).pow(2).sum(dims), target.float().pow(2).sum(dims)
+
+
+def record_round(transformer, rollout: Callable[[list[str], int], object], prompts: list[str], seed: int,
+                 states: str, store_device=None) -> list[Call]:
+    """Run ``rollout(prompts, seed)`` (a sampler) with the student (``states="student"``) or the dense model,
+    record its transformer calls, then the teacher's output at each."""
+    with torch.no_grad():
+        rec = Recorder(transformer, store_device)
+        if states == "dense":
+            with dense_mode(transformer), rec:
+                rollout(prompts, seed)
+        else:
+            with rec:
+                rollout(prompts, seed)
+        with dense_mode(transformer):
+            for c in rec.calls:
+                out = run(transformer, c.args, c.kwargs).detach()
+                c.target = out if store_device is None else out.to(store_device)
+    return rec.calls
+
+
+@torch.no_grad()
+def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float:
+    """Relative error of the model's outputs against the recorded teacher's: sum |v_s - v_t|^2 / sum |v_t|^2."""
+    num = den = 0.0
+    for c in calls:
+        for i in range(0, c.rows, max_rows):
+            args, kwargs, target, _ = rows_of(c, torch.arange(i, min(c.rows, i + max_rows)))
+            out = run(transformer, args, kwargs)
+            d, e = row_error(out, target.to(out.device))
+            num += float(d.sum())
+            den += float(e.sum())
+    return num / den if den else float("nan")
+
+
+__all__ = ["Call", "Recorder", "cat_rows", "record_round", "row_error", "rows_of", "run", "to_device",
+           "velocity_error"]
