@@ -153,31 +153,27 @@ def run_train_lora(args) -> int:
     from ..pipelines import ModelError, load_transformer
 
     out = Path(args.out)
-    if args.objective == "global":
-        if (out / io.CONFIG_FILE).exists() and not (args.overwrite or args.resume):
-            raise SystemExit(f"rtlynx train-lora: {out} already holds an rtlynx save; pass --overwrite to replace it")
-
-        def closed_form(transformer):
-            stats = distill.StatsFiles(args.calib)
-            api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
-            distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, device=next(transformer.parameters()).device)
-
-        return train_global.run(args, closed_form)
-    if not args.calib:
-        raise SystemExit("rtlynx train-lora: give --calib (statistics from `rtlynx calibrate`)")
-    if (out / io.CONFIG_FILE).exists() and not args.overwrite:
+    if (out / io.CONFIG_FILE).exists() and not (args.overwrite or (args.objective == "global" and args.resume)):
         raise SystemExit(f"rtlynx train-lora: {out} already holds an rtlynx save; pass --overwrite to replace it")
-    device, dtype = _model_args(args)
-    try:
-        transformer = load_transformer(args.model, device=device, dtype=dtype)
-        dev = next(transformer.parameters()).device
+
+    def closed_form(transformer, val=None):
         # Only the headers now; fit_lora reads one site's statistics at a time (peak: the largest site)
         stats = distill.StatsFiles(args.calib)
-        val = distill.StatsFiles(args.val) if args.val else None
         # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
         # gives exactly the same LoRA for the layers it keeps.
         api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
-        rows = distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
+        dev = next(transformer.parameters()).device
+        return stats, distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
+
+    if args.objective == "global":
+        return train_global.run(args, *_model_args(args), closed_form)
+    if not args.calib:
+        raise SystemExit("rtlynx train-lora: give --calib (statistics from `rtlynx calibrate`)")
+    device, dtype = _model_args(args)
+    try:
+        transformer = load_transformer(args.model, device=device, dtype=dtype)
+        val = distill.StatsFiles(args.val) if args.val else None
+        stats, rows = closed_form(transformer, val)
         if args.dense_below_t == "config":
             raise ValueError("--dense-below-t takes a noise level in (0, 1] or none")
         api.configure(transformer, dense_below_t=None if args.dense_below_t == "none" else args.dense_below_t)

@@ -34,12 +34,13 @@ def add_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="global: continue from --out/checkpoint (default: off)")
 
 
-def run(args, solve_closed_form) -> int:
-    """``solve_closed_form(transformer)``: the closed-form path of train-lora, used when there is no --init."""
+def run(args, device, dtype, solve_closed_form) -> int:
+    """``device`` / ``dtype``: the checked model options; ``solve_closed_form(transformer)``: the closed-form path of
+    train-lora, used when there is no --init."""
     from .. import api, io
     from ..distill_global import DistillError, GlobalConfig, train_global
     from ..pipelines import ModelError, load_runner
-    from .generate import read_prompts, torch_dtype
+    from .generate import read_prompts
 
     out = Path(args.out)
     if not args.prompts:
@@ -47,7 +48,6 @@ def run(args, solve_closed_form) -> int:
     if not args.init and not args.calib:
         raise SystemExit("rtlynx train-lora --objective global: give --init DIR (a LoRA to start from) or --calib "
                          "(solve the closed form first)")
-    device, dtype = (None if args.device == "auto" else args.device), torch_dtype(args.dtype)
     try:
         cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
                            rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
