@@ -130,9 +130,11 @@ __device__ __forceinline__ uint32_t select24_fast(const uint16_t e[4], uint16_t&
   return i0 | (i1 << 2);
 }
 
-// One 16-element run: 8 kept values (packed 16-bit), meta word, and sum of squares (all, kept).
+// One 16-element run: 8 kept values (packed 16-bit), meta word, and sum of squares (all, kept) of the values times
+// inv_p (1 on the main pass, an exact power of two on the overflow pass below).
 template <class T, bool kFast>
-__device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint16_t& word, float& sx, float& sp) {
+__device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint16_t& word, float& sx, float& sp,
+                                            float inv_p = 1.0f) {
   const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
   uint16_t* o = reinterpret_cast<uint16_t*>(&out);
   uint32_t w = 0;
@@ -145,14 +147,98 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
     o[2 * g + 1] = v1;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      float f = Traits<T>::to_float(e[4 * g + i]);
+      float f = Traits<T>::to_float(e[4 * g + i]) * inv_p;
       sx = fmaf(f, f, sx);
     }
-    float f0 = Traits<T>::to_float(v0), f1 = Traits<T>::to_float(v1);
+    float f0 = Traits<T>::to_float(v0) * inv_p, f1 = Traits<T>::to_float(v1) * inv_p;
     sp = fmaf(f0, f0, sp);
     sp = fmaf(f1, f1, sp);
   }
   word = uint16_t(w);
+}
+
+// Reduce a row's two fp32 sums (and with kMax the max of 16-bit magnitude bits) over the kRow threads that own it:
+// shuffles inside a warp, shared memory across the warps of a row; every thread of the block calls it. Each kSlot
+// has its own shared array, so calls with different slots need no barrier between them.
+template <int kRow, bool kMax, int kSlot>
+__device__ __forceinline__ void row_reduce(float& a, float& b, uint32_t& mx) {
+#pragma unroll
+  for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+    if constexpr (kMax) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  }
+  if constexpr (kRow > 32) {
+    constexpr int kWarpsPerRow = kRow / 32;
+    __shared__ float red[kThreads / 32][kMax ? 3 : 2];
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) == 0) {
+      red[warp][0] = a;
+      red[warp][1] = b;
+      if constexpr (kMax) red[warp][2] = __uint_as_float(mx);
+    }
+    __syncthreads();
+    const int first = (warp / kWarpsPerRow) * kWarpsPerRow;
+    a = 0.f;
+    b = 0.f;
+    if constexpr (kMax) mx = 0;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerRow; ++w) {
+      a += red[first + w][0];
+      b += red[first + w][1];
+      if constexpr (kMax) mx = max(mx, __float_as_uint(red[first + w][2]));
+    }
+  }
+}
+
+// The runs c = sub, sub + kRow, ... of a row as the main passes load them (zero padded, GELU applied for kAct = 1),
+// one at a time.
+template <class T, int kRow, int kAct, class F>
+__device__ void for_each_run(const uint16_t* xr, int K, int runs, int sub, bool row_ok, F f) {
+  for (int c = sub; c < runs; c += kRow) {
+    uint4 in[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+    const int k = c * 16;
+    if (row_ok && k < K) {
+      in[0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      if (k + 16 <= K) in[1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+    }
+    if constexpr (kAct == 1) {
+      uint16_t* e = reinterpret_cast<uint16_t*>(in);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
+    }
+    f(in);
+  }
+}
+
+// The norm scale of rows whose |x|^2 or |x~|^2 overflowed float32 (|x| above ~1.8e19): the sums again with the row
+// divided by a power of two p near its max |x|, exact, as rtlynx.reference.nm.norm_scale; other rows keep s. Reads
+// the row twice more, so it runs only when a row of the block overflowed; every thread of the block calls it.
+template <class T, int kRow, int kAct>
+__device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int sub, bool row_ok,
+                                         float eps, float sx, float sp, float s) {
+  const bool redo = row_ok && (isinf(sx) || isinf(sp));
+  uint32_t amax = 0;
+  float z0 = 0.f, z1 = 0.f;
+  for_each_run<T, kRow, kAct>(xr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
+    const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = max(amax, uint32_t(e[i] & 0x7FFFu));
+  });
+  row_reduce<kRow, true, 1>(z0, z1, amax);
+  const float a = Traits<T>::to_float(uint16_t(amax));  // NaN bits if the row holds a NaN
+  const bool ok = redo && isfinite(a) && a > 0.f;         // an inf in the row: s stays inf / NaN, as the reference
+  int e2 = 0;
+  frexpf(ok ? a : 1.0f, &e2);  // a = mant * 2^e2, mant in [0.5, 1): p = 2^(e2 - 1)
+  const float inv_p = ldexpf(1.0f, 1 - e2);
+  float sx2 = 0.f, sp2 = 0.f;
+  for_each_run<T, kRow, kAct>(xr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
+    uint4 out;
+    uint16_t word;
+    process_run<T, true>(in, out, word, sx2, sp2, inv_p);
+  });
+  row_reduce<kRow, false, 2>(sx2, sp2, amax);
+  return ok ? sqrtf(sx2 / (sp2 + eps * inv_p * inv_p)) : s;
 }
 
 // kRow threads own one row (kRow in {8, ..., 128}); a 128-thread block owns 128 / kRow rows. Few rows (small M)
@@ -235,31 +321,11 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
       store(in, base);
     }
   }
-  // Row reduction over the kRow threads of this row: shuffles inside a warp, shared memory across warps.
-#pragma unroll
-  for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
-    sx += __shfl_xor_sync(0xffffffffu, sx, off);
-    sp += __shfl_xor_sync(0xffffffffu, sp, off);
-  }
-  if constexpr (kRow > 32) {
-    constexpr int kWarpsPerRow = kRow / 32;
-    __shared__ float red[kThreads / 32][2];
-    const int warp = threadIdx.x / 32;
-    if ((threadIdx.x & 31) == 0) {
-      red[warp][0] = sx;
-      red[warp][1] = sp;
-    }
-    __syncthreads();
-    const int first = (warp / kWarpsPerRow) * kWarpsPerRow;
-    sx = 0.f;
-    sp = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerRow; ++w) {
-      sx += red[first + w][0];
-      sp += red[first + w][1];
-    }
-  }
+  uint32_t unused = 0;
+  row_reduce<kRow, false, 0>(sx, sp, unused);
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
+  if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s);
   if (row_ok && sub == 0 && scale != nullptr) scale[m] = s;
 
   // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, -, h1/s, -], nibble 0b1000 (slots 0 and 2, so that
@@ -347,35 +413,10 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
       for (int i = 0; i < 8; ++i) amax = max(amax, uint32_t(kv[i] & 0x7FFFu));
     }
   }
-  // Row reduction (sums and the max) over the kRow threads of the row.
-#pragma unroll
-  for (int off = (kRow < 32 ? kRow : 32) / 2; off > 0; off >>= 1) {
-    sx += __shfl_xor_sync(0xffffffffu, sx, off);
-    sp += __shfl_xor_sync(0xffffffffu, sp, off);
-    amax = max(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  }
-  if constexpr (kRow > 32) {
-    constexpr int kWarpsPerRow = kRow / 32;
-    __shared__ float red[kThreads / 32][3];
-    const int warp = threadIdx.x / 32;
-    if ((threadIdx.x & 31) == 0) {
-      red[warp][0] = sx;
-      red[warp][1] = sp;
-      red[warp][2] = __uint_as_float(amax);
-    }
-    __syncthreads();
-    const int first = (warp / kWarpsPerRow) * kWarpsPerRow;
-    sx = 0.f;
-    sp = 0.f;
-    amax = 0;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerRow; ++w) {
-      sx += red[first + w][0];
-      sp += red[first + w][1];
-      amax = max(amax, __float_as_uint(red[first + w][2]));
-    }
-  }
-  const float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
+  row_reduce<kRow, true, 0>(sx, sp, amax);
+  float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
+  if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s);
   const float qs = __fdiv_rn(Traits<T>::to_float(uint16_t(amax)), 448.0f);
   const float safe = qs > 0.f ? qs : 1.0f;  // NaN > 0 is false: a NaN row divides by 1, as the reference
   if (row_ok && sub == 0) {

@@ -26,7 +26,8 @@ enum {
 };
 
 // Prune X [M, K] (row stride ldx elements) to 2:4 along K, write values/meta in the sm90 layout and the
-// per-token norm scale s [M] (fp32, s = sqrt(|x|^2 / (|x~|^2 + eps))). Rows M..Mp-1 and columns K..Kp-1 are
+// per-token norm scale s [M] (fp32, s = sqrt(|x|^2 / (|x~|^2 + eps)); a row whose squares overflow fp32 is summed
+// again divided by a power of two near its max |x|, as rtlynx.reference.nm.norm_scale). Rows M..Mp-1 and columns K..Kp-1 are
 // written as zeros (values) and "keep 0,1" nibbles (meta). If h != nullptr ([M, r], row stride ldh, same dtype),
 // the LoRA tail is appended: logical columns Kp .. Kp+2r-1 hold groups [h[2g]/s, -, h[2g+1]/s, -] (slots 0, 2)
 // (divided by s only when with_norm), so that the sparse GEMM against [W | B-expanded] adds h B^T after the

@@ -86,7 +86,7 @@ def test_prune_quant_special_rows(gen):
     x[0] = 0  # zero row: sx = 0, q = 0, s = 0
     x[1, 3] = float("nan")  # NaN row: sx and rs NaN
     x[2, 7] = float("inf")
-    x[3] *= 1e30  # far beyond e4m3 (and fp32 squares overflow: s is inf/nan like the reference)
+    x[3] *= 1e30  # far beyond e4m3, and fp32 squares overflow: s is summed again scaled, as the reference
     x[4] = 1e-30  # subnormal e4m3 after scaling? (all equal: q = 448)
     x[5, :8] = torch.tensor([1, -1, 1, -1, 0.5, 2, -2, 2], dtype=x.dtype)  # ties
     # the scale's extremes: a NaN scale beside an inf value (inf / 1 -> 448), tiny and huge scales, bf16 subnormals
@@ -101,6 +101,8 @@ def test_prune_quant_special_rows(gen):
     assert torch.equal(got[1].cpu(), ref[1])
     torch.testing.assert_close(got[3].cpu(), ref[3], rtol=0, atol=0, equal_nan=True)
     assert got[3][0] == 0 and got[3][1].isnan() and got[2][1].isnan()
+    torch.testing.assert_close(got[4].cpu(), ref[4], rtol=3e-5, atol=0, equal_nan=True)  # s, rows 3 and 9 included
+    assert torch.isfinite(got[4][[3, 9]]).all()
 
 
 @pytest.mark.parametrize("m,n,kg", [(1, 8, 128), (77, 136, 384), (256, 256, 256), (1000, 3072, 3072),

@@ -53,11 +53,8 @@ def test_gelu_prune_compress_bitwise(m, k, dtype, dense, gen, prune_impl):
     rv, rmeta, rscale, rx = ref90.gelu_compress_sm90(h, dense=True)
     assert same_bits(values, rv), "values differ"
     assert torch.equal(meta, rmeta), "metadata differs"
-    # fp32 sums, other order; rows whose squares overflow float32 in the kernel (the 1e30 row of special()) are the
-    # known gap of test_edge_cases_gpu.py::test_kernel_norm_scale_of_large_activations (strict xfail)
-    rows = rx.float()  # the reference runs on the same GPU
-    ok = (rows.abs().amax(1) < 1e18) | rows.isnan().any(1)
-    torch.testing.assert_close(scale[ok], rscale[ok], rtol=3e-5, atol=0, equal_nan=True)
+    # fp32 sums in another order; the 1e30 row of special() overflows float32 and is summed again scaled
+    torch.testing.assert_close(scale, rscale, rtol=3e-5, atol=0, equal_nan=True)
     if dense:
         assert same_bits(y, rx), "dense GELU output differs"
     else:
