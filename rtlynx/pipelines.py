@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import schedule
+from . import cudagraphs, schedule
 from .models.miniflux import ASSET_DIR, load_miniflux, to_uint8
 
 # Pipeline class -> how its __call__ takes guidance ("guidance_scale", or "true_cfg_scale" with a negative
@@ -72,7 +72,8 @@ def default_dtype(device: str) -> torch.dtype:
 
 @dataclass
 class Runner:
-    """A loaded text-to-image model: ``transformer`` (what rtlynx sparsifies) and ``sample``."""
+    """A loaded text-to-image model: ``transformer`` (what rtlynx sparsifies) and ``sample``; ``compile`` makes the
+    sampler call a compiled transformer (``called``), with CUDA graphs across its steps (rtlynx.cudagraphs)."""
 
     kind: str
     path: str
@@ -80,6 +81,24 @@ class Runner:
     device: str
     dtype: torch.dtype
     defaults: dict = field(default_factory=dict)
+    called: torch.nn.Module | None = None  # what the sampler calls once compiled (None: ``transformer``)
+
+    @property
+    def _owner(self):
+        """The object whose ``.transformer`` the sampler calls (the pipeline, the mini-FLUX)."""
+        raise NotImplementedError
+
+    def compile(self, regional: bool = False, mode: str | None = "reduce-overhead", **compile_kw) -> None:
+        """Compile the transformer the sampler calls (whole, or block by block), one CUDA-graph step mark per
+        sampling step (rtlynx.cudagraphs.compile). Compile after sparsify / load / configure."""
+        owner = self._owner
+        owner.transformer = cudagraphs.compile(owner.transformer, mode=mode, regional=regional, **compile_kw)
+        self.called = owner.transformer
+
+    def uncompile(self) -> None:
+        owner = self._owner
+        owner.transformer = cudagraphs.uncompile(owner.transformer)
+        self.called = None
 
     def sample(self, prompts: list[str], steps: int | None = None, guidance: float | None = None,
                height: int | None = None, width: int | None = None, seed: int = 0, latent: bool = False):
@@ -89,6 +108,10 @@ class Runner:
 
 class DiffusersRunner(Runner):
     pipe = None
+
+    @property
+    def _owner(self):
+        return self.pipe
 
     def sample(self, prompts, steps=None, guidance=None, height=None, width=None, seed=0, latent=False):
         info = PIPELINES[self.kind]
@@ -110,6 +133,10 @@ class DiffusersRunner(Runner):
 
 class MiniFluxRunner(Runner):
     model = None
+
+    @property
+    def _owner(self):
+        return self.model
 
     def sample(self, prompts, steps=None, guidance=None, height=None, width=None, seed=0, latent=False):
         from PIL import Image

@@ -4,7 +4,9 @@ The last, low-noise steps of a sampler write the fine detail of the image; an ac
 made there is not denoised away by later steps and shows as grain (on the mini-FLUX it is most of the FID
 loss: benchmarks/results/fid_ablation.json). ``dense_below_t = a`` runs every sparse layer dense while the
 noise level t of the transformer call (1 = pure noise, 0 = clean) is below a. The level is read on the host
-from the call's time argument once per forward (one device sync), by a forward pre-hook on the model.
+from the call's time argument once per forward (one device sync), by a forward pre-hook on the model; under
+``torch.compile`` a step marker outside the compiled region reads it instead (rtlynx.cudagraphs: ``gate.external``),
+so the compiled forward holds no host read (no graph break) and switches between two graphs, sparse and dense.
 """
 
 from __future__ import annotations
@@ -18,15 +20,34 @@ from .backends import warn_once
 from .presets import DEFAULT_TIME_ARG, TIME_ARGS
 
 _HOOK = "_rtlynx_step_hook"
+GATE = "_rtlynx_step_gate"
 
 
 class StepGate:
-    """Shared by the sparse layers of one model; ``dense`` is set before each forward of the model."""
+    """Shared by the sparse layers of one model; ``dense`` is set before each forward of the model: by the model's
+    own pre-hook, or (``external``) by a caller outside a compiled region (rtlynx.cudagraphs.StepMarker)."""
 
     def __init__(self, below: float):
         self.below = below
         self.dense = False
         self.last_t = None
+        self.external = False
+
+    def set_level(self, module: nn.Module, t: float | None) -> None:
+        """This forward's noise level ``t`` (None: the call had no time argument: sparse, with a warning)."""
+        self.last_t = t
+        if t is None:
+            warn_once(f"notime:{type(module).__name__}",
+                      f"rtlynx: dense_below_t is set but {type(module).__name__} was called without a "
+                      f"{time_arg(module)[0]!r} argument; running sparse at every step")
+            self.dense = False
+        else:
+            self.dense = t < self.below
+
+
+def gate_of(module: nn.Module) -> StepGate | None:
+    """The step gate of a model with a schedule installed, else None."""
+    return getattr(module, GATE, None)
 
 
 def time_arg(module: nn.Module) -> tuple[str, float]:
@@ -65,16 +86,11 @@ def install(module: nn.Module, layers, below: float | None) -> None:
         layer._step_gate = gate
 
     def pre_hook(mod, args, kwargs):
-        t = noise_level(mod, args, kwargs)
-        gate.last_t = t
-        if t is None:
-            warn_once(f"notime:{type(mod).__name__}",
-                      f"rtlynx: dense_below_t is set but {type(mod).__name__} was called without a "
-                      f"{time_arg(mod)[0]!r} argument; running sparse at every step")
-            gate.dense = False
-        else:
-            gate.dense = t < gate.below
+        if gate.external:  # set for this call by a step marker outside the compiled region
+            return
+        gate.set_level(mod, noise_level(mod, args, kwargs))
 
+    setattr(module, GATE, gate)
     setattr(module, _HOOK, module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
 
@@ -83,5 +99,7 @@ def remove(module: nn.Module, layers) -> None:
     if handle is not None:
         handle.remove()
         delattr(module, _HOOK)
+    if GATE in vars(module):
+        delattr(module, GATE)
     for layer in layers:
         layer._step_gate = None

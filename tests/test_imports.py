@@ -15,13 +15,13 @@ PKG = Path(__file__).resolve().parents[1] / "rtlynx"
 
 # Bottom to top. A module belongs to the layer of its longest listed prefix.
 LAYERS = [
-    ("leaves", ["rtlynx._files", "rtlynx.validate", "rtlynx.reference", "rtlynx.data", "rtlynx.models"]),
+    ("leaves", ["rtlynx._files", "rtlynx._compile", "rtlynx.validate", "rtlynx.reference", "rtlynx.data", "rtlynx.models"]),
     ("config", ["rtlynx.config", "rtlynx.presets", "rtlynx._version"]),
     ("ops", ["rtlynx.ops"]),
     ("kernel families", ["rtlynx.backends", "rtlynx.families", "rtlynx.benchtools"]),
     ("sites", ["rtlynx.sites", "rtlynx.schedule"]),
     ("nn", ["rtlynx.nn", "rtlynx._txn"]),
-    ("integrations", ["rtlynx.integrations"]),
+    ("integrations", ["rtlynx.integrations", "rtlynx.cudagraphs"]),
     ("api", ["rtlynx.api"]),
     ("applications", ["rtlynx.distill", "rtlynx.calib_plan", "rtlynx.distill_global", "rtlynx.recording",
                       "rtlynx.select", "rtlynx.parallel", "rtlynx.io", "rtlynx.pipelines", "rtlynx.analysis", "rtlynx.demo", "rtlynx.eval", "rtlynx.train",

@@ -1,6 +1,7 @@
 """`rtlynx generate`: images from a local FLUX / Qwen-Image / Z-Image pipeline (or the shipped mini-FLUX) with
-RT-Lynx, optionally against dense (--compare: per-step and total times, paired PSNR). Writes PNGs and
-generate.json (settings + timings) into --out."""
+RT-Lynx, optionally against dense (--compare: a table of seconds per image, median step time, speed-up and paired
+PSNR; --compile: the transformer under torch.compile with CUDA graphs across the steps, both sides alike). Writes
+PNGs and generate.json (settings + timings) into --out."""
 
 from __future__ import annotations
 
@@ -63,17 +64,30 @@ def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend
 
 
 def timed_sample(runner, prompts, args, dense: bool):
+    """Images of ``prompts`` and one StepTimer per timed repetition (``--reps``, with --compare or --compile after an
+    untimed warm-up: kernel selection, and with --compile the compiles and CUDA-graph recordings of every step)."""
     from .. import api
     from ..pipelines import StepTimer
 
     kw = dict(steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed)
     ctx = api.dense_mode(runner.transformer) if dense else _null()
+    compiled = args.compile != "none"
+    timers = []
     with ctx:
-        if args.compare:  # warm-up (kernel selection, caches): one untimed 1-step run
-            runner.sample(prompts[:1], **{**kw, "steps": 1}, latent=True)
-        with StepTimer(runner.transformer) as timer:
-            images = runner.sample(prompts, **kw)
-    return images, timer
+        if args.compare or compiled:  # compiled: every step, so both graphs of a step schedule are built here
+            runner.sample(prompts[:1], **(kw if compiled else {**kw, "steps": 1}), latent=True)
+        for _ in range(args.reps if args.compare else 1):
+            with StepTimer(runner.called or runner.transformer) as timer:
+                images = runner.sample(prompts, **kw)
+            timers.append(timer)
+    return images, timers
+
+
+def timing(timers, images: int) -> dict:
+    """Seconds per image (median over the repetitions) and the per-step times of the median repetition."""
+    mid = sorted(timers, key=lambda t: t.total)[len(timers) // 2]
+    return {"total_s": mid.total, "s_per_image": mid.total / images, "steps_s": mid.steps,
+            "step_ms_median": 1e3 * _median(mid.steps), "reps": [t.total for t in timers]}
 
 
 def _null():
@@ -119,14 +133,17 @@ def run(args) -> int:
     print(f"{runner.kind} from {runner.path} on {runner.device} ({str(runner.dtype).removeprefix('torch.')}), "
           f"{len(api.sparse_layers(runner.transformer))} sparse layers: {what}")
     print(schedule_line(config.dense_below_t, args.dense_below_t, "the saved LoRA" if args.lynx else "the preset"))
-    images, timer = timed_sample(runner, prompts, args, dense=False)
-    result = {"lynx": {"total_s": timer.total, "steps_s": timer.steps}}
+    if args.compile != "none":
+        runner.compile(regional=args.compile == "regional")
+        print(f"compiled ({args.compile}, mode reduce-overhead: CUDA graphs on a GPU, one step mark per step)")
+    images, timers = timed_sample(runner, prompts, args, dense=False)
+    result = {"lynx": timing(timers, len(prompts)), "compile": args.compile}
     dense_images = None
     if args.compare:
-        dense_images, dtimer = timed_sample(runner, prompts, args, dense=True)
-        result["dense"] = {"total_s": dtimer.total, "steps_s": dtimer.steps}
-        result["speedup_median_step"] = _median(dtimer.steps) / _median(timer.steps)
-        result["speedup_total"] = dtimer.total / timer.total
+        dense_images, dtimers = timed_sample(runner, prompts, args, dense=True)
+        result["dense"] = timing(dtimers, len(prompts))
+        result["speedup_median_step"] = result["dense"]["step_ms_median"] / result["lynx"]["step_ms_median"]
+        result["speedup_total"] = result["dense"]["total_s"] / result["lynx"]["total_s"]
         result["psnr_vs_dense"] = [psnr(a, b) for a, b in zip(images, dense_images)]
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -137,7 +154,7 @@ def run(args) -> int:
             dense_images[i].save(out / f"dense_{i}.png")
             files.append(f"dense_{i}.png")
     settings = {k: getattr(args, k) for k in ("model", "lynx", "preset", "steps", "guidance", "seed", "height",
-                                              "width", "backend", "dtype", "compare")}
+                                              "width", "backend", "dtype", "compare", "compile", "reps")}
     settings.update(prompts=prompts, kind=runner.kind, device=str(runner.device),
                     torch_dtype=str(runner.dtype).removeprefix("torch."), sparsity=config.to_dict(),
                     sparse_layers=len(api.sparse_layers(runner.transformer)))
@@ -148,16 +165,21 @@ def run(args) -> int:
 
 
 def report(result: dict) -> str:
-    lines = []
-    for name in ("lynx", "dense"):
-        if name in result:
-            r = result[name]
-            steps = " ".join(f"{s * 1e3:.0f}" for s in r["steps_s"])
-            lines.append(f"{name:6s} total {r['total_s']:.2f} s, per step (ms): {steps}")
+    """The table of --compare (seconds per image, median step, ratio to dense, paired PSNR), or the times alone."""
+    rows = [("dense", result.get("dense")), ("rtlynx", result["lynx"])]
+    dense = result.get("dense")
+    lines = [f"{'variant':8s} {'s/image':>8s} {'step ms':>8s} {'vs dense':>9s}  PSNR vs dense (paired)"]
+    for name, r in rows:
+        if r is None:
+            continue
+        ratio = "" if dense is None else f"{dense['s_per_image'] / r['s_per_image']:8.3f}x"
+        psnrs = "-" if name == "dense" or "psnr_vs_dense" not in result else \
+            ", ".join(f"{p:.2f} dB" for p in result["psnr_vs_dense"])
+        lines.append(f"{name:8s} {r['s_per_image']:8.3f} {r['step_ms_median']:8.1f} {ratio:>9s}  {psnrs}")
     if "speedup_total" in result:
         lines.append(f"speed-up vs dense: {result['speedup_median_step']:.3f}x per step (median), "
-                     f"{result['speedup_total']:.3f}x total; PSNR vs dense "
-                     + ", ".join(f"{p:.2f} dB" for p in result["psnr_vs_dense"]))
+                     f"{result['speedup_total']:.3f}x per image (text encoders and decoding included; "
+                     f"median of {len(result['lynx']['reps'])} run(s))")
     return "\n".join(lines)
 
 
@@ -209,7 +231,13 @@ def register(sub) -> None:
     p.add_argument("--no-speed-rules", action="store_true",
                    help="sparse even where the kernels lose to dense (default: speed rules on)")
     p.add_argument("--compare", action="store_true",
-                   help="also generate dense: per-step and total time, speed-up and PSNR (default: off)")
+                   help="also generate dense: a table of seconds per image, median step time, speed-up and paired "
+                        "PSNR, after an untimed warm-up of each (default: off)")
+    p.add_argument("--reps", type=arg_int(1), default=1,
+                   help="with --compare: timed generations of each side, the median counts (default: 1)")
+    p.add_argument("--compile", default="none", choices=("none", "full", "regional"),
+                   help="torch.compile the transformer (mode reduce-overhead: CUDA graphs on a GPU, one step mark per "
+                        "sampling step), whole or block by block (regional: faster to compile) (default: none)")
     p.add_argument("--out", default="rtlynx-generate", help="output directory (default: rtlynx-generate)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous generation in --out (default: off)")
     add_old_names(p)

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _compile
+
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "miniflux"
 
 DEFAULT_CONFIG = {
@@ -209,9 +211,12 @@ class MiniFlux(nn.Module):
         else:
             text = cond
         dtype = next(self.transformer.parameters()).dtype
+        compiled = _compile.is_compiled(self.transformer)  # CUDA graphs: one mark per step (rtlynx.cudagraphs)
         for tstep in tqdm(sched.timesteps, desc=progress if isinstance(progress, str) else "sample",
                           disable=not progress, leave=False, unit="step"):
             t = (tstep / 1000).expand(b).to(dev)
+            if compiled:
+                _compile.mark_step()
             if gs != 1.0:
                 v = self(torch.cat([x, x]).to(dtype), torch.cat([t, t]).to(dtype),
                          (text[0].to(dtype), text[1].to(dtype))).float()
