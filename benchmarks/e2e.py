@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import rtlynx
+from rtlynx._compile import mark_step
 from rtlynx.benchtools import kernel_library, measure, run_metadata
 from rtlynx.integrations.diffusers import example_inputs
 
@@ -73,9 +74,15 @@ def build_model(cls_name: str, cfg: dict, device: str = "cuda"):
 
 
 def time_forward(model, inputs, reps: int) -> float:
-    """Median ms of one forward (rtlynx.benchtools.measure; synchronised after each, so host time counts)."""
+    """Median ms of one forward (rtlynx.benchtools.measure; synchronised after each, so host time counts). Each
+    forward begins a CUDA-graph step (under mode="reduce-overhead", regional compile included, the blocks of one
+    forward must not overwrite each other's outputs: rtlynx.cudagraphs); elsewhere the mark does nothing."""
+    def forward():
+        mark_step()
+        return model(**inputs)
+
     with torch.no_grad():
-        return measure(lambda: model(**inputs), reps=reps, warmup=3, flush_l2=False, sync_each=True).median_ms
+        return measure(forward, reps=reps, warmup=3, flush_l2=False, sync_each=True).median_ms
 
 
 def kernel_class(name: str) -> str:
