@@ -52,6 +52,7 @@ import rtlynx
 from rtlynx import cudagraphs
 from rtlynx.benchtools import fmt, measure, run_metadata
 from rtlynx.pipelines import StepTimer
+from rtlynx.testing import flux_pipeline, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  the real-config transformer builder
@@ -96,8 +97,6 @@ def flux_dev_pipeline(device: str = "cuda"):
     """FluxPipeline with FLUX.1-dev's configurations, random weights, word-level tokenizers (no download)."""
     import diffusers
     import transformers
-
-    from rtlynx.testing import word_tokenizer
 
     specials = dict(pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     tok_clip, _ = word_tokenizer(["<pad>", "<unk>", "<s>", "</s>"], 77, **specials)
@@ -278,8 +277,6 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(doc, indent=1))
 
     if args.smoke:
-        from rtlynx.testing import flux_pipeline
-
         torch.manual_seed(0)
         pipe = flux_pipeline()
         pipe.set_progress_bar_config(disable=True)

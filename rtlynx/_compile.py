@@ -3,8 +3,8 @@ and rtlynx.cudagraphs both use it).
 
 - :func:`is_compiled`: the module is the wrapper ``torch.compile(module)`` returns, or it or a submodule was compiled
   in place (``Module.compile()``, diffusers' ``compile_repeated_blocks``).
-- :func:`mark_step`: ``torch.compiler.cudagraph_mark_step_begin()``, the one call that tells CUDA-graph trees (inductor's
-  ``mode="reduce-overhead"``) that a new denoising step begins, so a replay may reuse the memory of the last step's
+- :func:`mark_step`: ``torch.compiler.cudagraph_mark_step_begin()``, the one call that tells CUDA-graph trees
+  (inductor's ``mode="reduce-overhead"``) that a new denoising step begins, so a replay may reuse the memory of the last step's
   outputs but not of this step's (the blocks of a regionally compiled model, CFG's two calls of one step).
 - :func:`uncompile`: undo either kind of compile (the wrapper's module, in-place compiles cleared).
 """

@@ -74,6 +74,7 @@ def test_marker_drives_the_step_schedule_with_one_read_per_call(marks, monkeypat
     assert not gate.dense and len(reads) == 5
 
 
+@pytest.mark.slow
 def test_compiled_forward_has_no_graph_break_and_matches_eager(marks):
     from torch._dynamo.utils import counters
 
