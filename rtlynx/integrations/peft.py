@@ -28,6 +28,7 @@ peft is optional: only a model that carries adapters needs it (a model without p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -103,6 +104,8 @@ if _PeftLoraLinear is not None:
                     sc, tuple(_stamp(p) for p in ps))
 
         def _tail_changed(self) -> None:
+            if _deferred[0]:  # inside a diffusers call that refreshes the whole model once at its end
+                return
             base = self.get_base_layer()
             if self.lora_A:
                 tail.attach(base, self)
@@ -178,6 +181,19 @@ if _PeftLoraLinear is not None:
         setattr(SparseLoraLinear, _name, _refilling(_name))
 else:
     SparseLoraLinear = None
+
+
+_deferred = [0]  # > 0 while a diffusers call runs whose end refreshes every site once (one rebuild, not one per layer)
+
+
+@contextlib.contextmanager
+def _refreshed(module):
+    _deferred[0] += 1
+    try:
+        yield
+    finally:
+        _deferred[0] -= 1
+        refresh(module)
 
 
 def _stamp(t: torch.Tensor) -> tuple[int, int, bool]:
@@ -263,12 +279,12 @@ def _unwrap_empty(done) -> None:
 
 
 def _injecting(self, method: str, adapter_name: str, /, *args, **kwargs):
-    done = _wrap_bare(self, adapter_name)
-    try:
-        return getattr(type(self), method)(self, *args, **kwargs)
-    finally:
-        _unwrap_empty(done)
-        refresh(self)
+    with _refreshed(self):
+        done = _wrap_bare(self, adapter_name)
+        try:
+            return getattr(type(self), method)(self, *args, **kwargs)
+        finally:
+            _unwrap_empty(done)
 
 
 def _add_adapter(self, adapter_config, adapter_name: str = "default"):
@@ -280,10 +296,8 @@ def _load_lora_adapter(self, pretrained_model_name_or_path_or_dict, *args, **kwa
     """diffusers' ``load_lora_adapter`` for a sparsified model (see the module docstring); a hotswap replaces the
     weights of wrappers that exist already."""
     if kwargs.get("hotswap"):  # PEFT writes the new factors through .data (no version counter moves): refill
-        try:
+        with _refreshed(self):
             return type(self).load_lora_adapter(self, pretrained_model_name_or_path_or_dict, *args, **kwargs)
-        finally:
-            refresh(self)
     if kwargs.get("adapter_name") is None:
         from diffusers.utils.peft_utils import get_adapter_name  # diffusers is loaded: self is its model
 
@@ -295,10 +309,8 @@ def _load_lora_adapter(self, pretrained_model_name_or_path_or_dict, *args, **kwa
 def _unload_lora(self):
     """diffusers' ``unload_lora`` (``pipe.unload_lora_weights``): the sparse layers are bare again, their tail
     rows go."""
-    try:
+    with _refreshed(self):
         return type(self).unload_lora(self)
-    finally:
-        refresh(self)
 
 
 _METHODS = {"add_adapter": _add_adapter, "load_lora_adapter": _load_lora_adapter, "unload_lora": _unload_lora}
