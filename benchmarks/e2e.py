@@ -73,6 +73,17 @@ def build_model(cls_name: str, cfg: dict, device: str = "cuda"):
     return model
 
 
+def device_and_results(out: str | None, default) -> tuple[str, Path, dict]:
+    """(this device's name, the results file: ``out`` or ``default(device name)``, its document so far); a file
+    holding rows of another device is refused (rows merge, one file per device)."""
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    path = Path(out or default(dev))
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    if doc.get("device") not in (None, dev):
+        raise SystemExit(f"{path} holds rows of {doc['device']}, this is {dev}: pass another --out")
+    return dev, path, doc
+
+
 def time_forward(model, inputs, reps: int) -> float:
     """Median ms of one forward (rtlynx.benchtools.measure; synchronised after each, so host time counts). Each
     forward begins a CUDA-graph step (under mode="reduce-overhead", regional compile included, the blocks of one
@@ -179,11 +190,7 @@ def main(argv=None) -> int:
         args.backend, args.text_len = "reference", 8
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (--smoke checks the script on a CPU)")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    out = Path(args.out or RESULTS / f"e2e_{gpu.replace(' ', '_')}.json")
-    doc = json.loads(out.read_text()) if out.exists() else {}
-    if doc.get("device") not in (None, gpu):
-        raise SystemExit(f"{out} holds rows of {doc['device']}, this is {gpu}: pass another --out")
+    gpu, out, doc = device_and_results(args.out, lambda name: RESULTS / f"e2e_{name.replace(' ', '_')}.json")
     rows = doc.get("rows", [])
     mode = "compiled" if args.compile else "eager"
     if "dense" not in args.variants:

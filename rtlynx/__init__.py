@@ -7,8 +7,8 @@
 Map, bottom layer first (tests/test_imports.py enforces it): reference/ the pure-torch spec; config, presets;
 ops/ the CUDA ops (csrc/ sources); families.py one kernel family per dtype: where FP8 differs from bf16;
 backends.py per-layer kernels (lynx, cuSPARSELt, reference); sites/ grouping, shared outputs (core), the operand
-and its storage formats (operand.py: where the LoRA tail is built, layout in reference/sm90.expand_lora_b),
-tensor-parallel shards; nn.py SparseActLinear; integrations/diffusers.py the diffusers glue; api.py the verbs;
+and its storage formats (operand.py: where the LoRA tail is built, layout in reference/sm90.expand_lora_b), the
+user's PEFT adapters in that tail (adapters.py), tensor-parallel shards; nn.py SparseActLinear; integrations/diffusers.py the diffusers glue; api.py the verbs;
 then distill, select, parallel, io, pipelines; commands/ the CLI.
 """
 

@@ -253,12 +253,15 @@ _UNSET = object()
 
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
               backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None,
-              dtype: str | None = None, keep_dense_weights: bool | None = None):
+              dtype: str | None = None, keep_dense_weights: bool | None = None,
+              adapter_rank: int | str | None = None):
     """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
     "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
     ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``,
     ``dtype`` "native" / "fp8", ``keep_dense_weights`` (with "fp8": keep the bf16 weights next to the FP8 ones;
-    set it before switching to "fp8" when exact dense runs must follow, e.g. an A/B against dense).
+    set it before switching to "fp8" when exact dense runs must follow, e.g. an A/B against dense),
+    ``adapter_rank`` the room for your own adapters in the LoRA tail ("auto", R, 0: see SparsityConfig; the sites
+    whose room changes are rebuilt).
 
     The model's one SparsityConfig is replaced (so ``save`` writes what runs), and per-layer overrides of the
     changed settings are dropped."""
@@ -269,7 +272,7 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
         raise ValueError("model has no SparseActLinear layers; call rtlynx.sparsify first")
     changes = {k: v for k, v in (("mode", mode), ("compensation", compensation), ("lora", lora),
                                  ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype),
-                                 ("keep_dense_weights", keep_dense_weights))
+                                 ("keep_dense_weights", keep_dense_weights), ("adapter_rank", adapter_rank))
                if v is not None}
     if dense_below_t is not _UNSET:
         changes["dense_below_t"] = dense_below_t
@@ -284,6 +287,8 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
                 layer._override.pop(name, None)
         for site in model_sites(module):
             site.refresh_overrides()
+        if "adapter_rank" in changes:
+            adapters.refresh(module)  # sites whose room for the user's adapters changes are rebuilt
     return model
 
 

@@ -53,6 +53,11 @@ class SparsityConfig:
         dequantises it, which is not the original weight (a one-time warning says so).
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
+    adapter_rank: room for the user's own PEFT adapters in the lynx kernels' LoRA tail, per layer (the summed rank
+        of the adapters active on it; rtlynx.sites.adapters). "auto": sized to the adapters when they are first
+        active, grown (one reallocation, one recompile under torch.compile) when a larger set is activated; an int
+        R > 0: R from the first adapter on (hotswaps and weight changes of adapters summing to <= R never
+        reallocate), adapters summing to more run as PEFT's own GEMMs, with a warning; 0: always PEFT's GEMMs.
 
     A sparsified model holds exactly one SparsityConfig (``rtlynx.sites.Settings``), shared by reference by all
     its sparse layers and sites: configure / save / load / summary / dense_mode read and write that one object.
@@ -75,6 +80,7 @@ class SparsityConfig:
     fuse_sites: bool = True
     dtype: str = "native"
     keep_dense_weights: bool = False
+    adapter_rank: int | str = "auto"
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -95,6 +101,8 @@ class SparsityConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         validate.integer("lora_rank", self.lora_rank, 0)
+        if self.adapter_rank != "auto":
+            validate.integer('adapter_rank (or "auto")', self.adapter_rank, 0)
         for name in ("lora", "speed_rules", "fuse_sites", "keep_dense_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -9,8 +9,9 @@ per-layer backends it has, :attr:`Family.layer_backends`: bf16 the lynx, cuSPARS
 (:data:`FAMILIES`); a new dtype (FP4 on the next GPU) is one new family here.
 
 This file is where FP8 differs from bf16: the FP8 operand is quantised per output channel (``site.fp8_operand``),
-its LoRA tail is added after the GEMM in bf16, a row-parallel (K-split) site cannot scale its tokens, and where the
-kernels cannot run it is emulated on the FP8 spec (:mod:`rtlynx.reference.fp8`): its one per-layer backend.
+its LoRA tail (the compensation LoRA and the user's adapters: one ``h = x A^T``) is added after the GEMM in bf16, a
+row-parallel (K-split) site cannot scale its tokens, and where the kernels cannot run it is emulated on the FP8 spec
+(:mod:`rtlynx.reference.fp8`): its one per-layer backend.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ class Family:
         """Whether the site holds an operand that this family's site kernels read for inputs like ``x2``."""
         return not site._fp8_stored and site.wext is not None and x2.dtype == site.wext.dtype
 
-    def run_site(self, site, x2, sl, use_lora: bool, splits, norm: bool, eps: float, check: bool,
+    def run_site(self, site, x2, sl, tail: int, splits, norm: bool, eps: float, check: bool,
                  act: int = 0) -> list[torch.Tensor]:
-        """The site GEMMs of the members in ``sl`` (a row slice, or None for all): one output per member. ``act`` 1:
-        the producer's GELU-tanh runs in the prune pass (one member, no LoRA). ``check``: validate the operands
-        (the first call per config / device / dtype), after which the unchecked op runs."""
-        wext, lora_a = site._operand(use_lora)
+        """The site GEMMs of the members in ``sl`` (a row slice, or None for all): one output per member. ``tail``:
+        what of the LoRA tail the call reads (rtlynx.sites.operand.TAIL_*: none, the compensation LoRA, with the
+        user's adapters too). ``act`` 1: the producer's GELU-tanh runs in the prune pass (one member, no LoRA).
+        ``check``: validate the operands (the first call per config / device / dtype), after which the unchecked op
+        runs."""
+        wext, lora_a = site._operand(tail)
         bias = site.bias
         if sl is not None:
             wext, bias = wext[sl], None if bias is None else bias[sl]
@@ -59,7 +62,7 @@ class Family:
             return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps)
         return ops.sparse_site(_contiguous(x2), wext, bias, lora_a, splits, norm, eps)
 
-    def add_lora(self, site, xc, outs, sl) -> None:
+    def add_lora(self, site, xc, outs, sl, tail) -> None:
         """bf16: nothing to add, the GEMM's epilogue added the LoRA through the operand's tail columns."""
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
@@ -109,25 +112,28 @@ class FP8Family(Family):
             return x2.dtype == site.layers[0].compute_dtype
         return super().operand_ok(site, x2)
 
-    def run_site(self, site, x2, sl, use_lora, splits, norm, eps, check, act=0):
+    def run_site(self, site, x2, sl, tail, splits, norm, eps, check, act=0):
         wq, sw = site.fp8_operand()
         bias = site.bias
         if sl is not None:
             wq, sw, bias = wq[sl], sw[sl], None if bias is None else bias[sl]
         xc = _contiguous(x2)
         outs = ops.fp8_site(xc, wq, sw, bias, splits, norm, eps, act, check=check)
-        if use_lora and site.lora_a is not None:
-            self.add_lora(site, xc, outs, sl)
+        if tail:
+            self.add_lora(site, xc, outs, sl, tail)
         return outs
 
-    def add_lora(self, site, xc, outs, sl) -> None:
-        """``y_i += (x A_i^T) B_i^T`` in bf16 after the FP8 GEMM (cuBLAS, in place)."""
-        h = F.linear(xc, site.lora_a)
+    def add_lora(self, site, xc, outs, sl, tail) -> None:
+        """``y_i += (x A_i^T) B_i^T`` in bf16 after the FP8 GEMM (cuBLAS, in place): one ``h = x A^T`` for the whole
+        tail (compensation LoRA and user adapters), then each member's B."""
+        a = site.tail_a(tail)
+        if a is None:
+            return
+        h = F.linear(xc, a)
         members = range(len(site.layers)) if sl is None else [site.slices.index(sl)]
         for i, y in zip(members, outs):
-            a, r = site._lora_offs[i], site._ranks[i]
-            if r:
-                y.addmm_(h[:, a: a + r], site.layers[i].lora_B.t())
+            for cols, b in site.lora_terms(i, tail):
+                y.addmm_(h[:, cols], b.t())
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
         """Where the FP8 site kernels cannot run: the FP8 spec on the reference path, one layer at a time."""

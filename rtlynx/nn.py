@@ -222,7 +222,9 @@ class SparseActLinear(nn.Module):
             self._weight_cache = (key, wp[:, : self.in_features])
         return self._weight_cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, user_tail: bool = False) -> torch.Tensor:
+        """``user_tail``: for the PEFT layer wrapping this one (rtlynx.integrations.peft), whose adapters then ride
+        in the site kernels' LoRA tail (rtlynx.sites.adapters) instead of running as its own GEMMs."""
         if not x.is_floating_point():
             raise TypeError(f"SparseActLinear needs a floating-point input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
@@ -231,7 +233,7 @@ class SparseActLinear(nn.Module):
             # nn.Linear refuses this too; the backends would otherwise cast x or W silently
             raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got {x.dtype} and {self.compute_dtype} "
                                "(SparseActLinear, like nn.Linear: cast the input or the layer)")
-        return self._site.forward(self, x)
+        return self._site.forward(self, x, user_tail)
 
     def _forward_remainder(self, x: torch.Tensor) -> torch.Tensor:
         k, m = self.in_features, self.m

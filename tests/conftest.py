@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from rtlynx import backends
+from rtlynx.reference import fp8 as ref_fp8
+from rtlynx.reference import sm90 as ref90
 
 def load_benchmark(name: str):
     """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
@@ -110,3 +112,52 @@ def brute_sparse_act_linear(layer, x: torch.Tensor) -> torch.Tensor:
     if layer.lora_rank and layer.lora_enabled:
         y = y + (x64 @ layer.lora_A.detach().double().T) @ layer.lora_B.detach().double().T
     return y.reshape(*x.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------ the site kernels' reference twins, on the CPU
+class SiteTwin:
+    """Stands in for the site kernels on the CPU (rtlynx.ops.lynx_site_linear / sparse_site / fp8_site): their
+    reference twins (rtlynx.reference.sm90.site_linear_sm90, the FP8 producer + GEMM of rtlynx.reference.fp8),
+    recording each eager call's ``(x shape, operand shape)`` (not traced: a list growing inside a compiled graph would
+    be a guard that fails at every call)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, x2, w):
+        if not torch.compiler.is_compiling():
+            self.calls.append((tuple(x2.shape), tuple(w.shape)))
+
+    def __call__(self, x2, wext, bias, lora_a, splits, norm=True, eps=1e-8):
+        self.record(x2, wext)
+        y = ref90.site_linear_sm90(x2, wext, bias, lora_a, norm, eps)
+        return list(y.split(list(splits), dim=1))
+
+    def fp8(self, x2, wq, sw, bias, splits, norm=True, eps=1e-8, act=0, check=True):
+        self.record(x2, wq)
+        if x2.shape[0] == 0:
+            return [x2.new_empty(0, n) for n in splits]
+        values, meta, rs, _, _ = ref_fp8.compress_sm90_fp8(x2, eps, norm, "gelu_tanh" if act else None)
+        outs, off = [], 0
+        for n in splits:
+            b = None if bias is None else bias[off: off + n]
+            outs.append(ref_fp8.sparse_gemm_fp8(values, meta, wq[off: off + n], rs, sw[off: off + n], b, x2.dtype))
+            off += n
+        return outs
+
+
+@pytest.fixture
+def fused_cpu(monkeypatch):
+    """Sites take their fused path on the CPU, the kernels replaced by their reference twins (:class:`SiteTwin`)."""
+    import rtlynx.ops as ops
+    from rtlynx import sites
+    from rtlynx.families import family_of
+
+    twin = SiteTwin()
+    monkeypatch.setattr(ops, "lynx_site_linear", twin)  # the first, checked call of a site
+    monkeypatch.setattr(ops, "sparse_site", twin)       # the calls after it
+    monkeypatch.setattr(ops, "fp8_site", twin.fp8)
+    monkeypatch.setattr(sites.Site, "_fusable", lambda self, cfg, backend, x2: backend in ("auto", "lynx")
+                        and self._uniform and family_of(cfg.dtype).operand_ok(self, x2))
+    monkeypatch.setattr(sites.Site, "_speed_dense", lambda self, cfg, backend, x2: False)
+    return twin

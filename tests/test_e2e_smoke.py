@@ -52,3 +52,19 @@ def test_fp8_results_summary(tmp_path):
     assert "fid_fp8_over_bf16_rtlynx_dense_below_t0.2" not in got["summary"]  # no such file
     assert got["summary"]["e2e_flux_compiled_vs_bf16"] == 2.0 and got["summary"]["e2e_flux_compiled_vs_fp8_recipe"] == 1.6
     assert got["summary_pending"] == {"other": "x"}
+
+
+@pytest.mark.slow
+def test_user_lora_smoke_writes_the_summary(tmp_path):
+    """benchmarks/user_lora.py --smoke (tiny FLUX, CPU, dynamo's eager backend): rows, identity and summary keys."""
+    bench = load_benchmark("user_lora")
+    out = tmp_path / "user_lora.json"
+    assert bench.main(["--smoke", "--reps", "1", "--variants", "rtlynx bf16 + LoRA r16", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["commit"] and "kernel_library" in doc
+    (row,) = doc["rows"]
+    assert row["variant"] == "rtlynx bf16 + LoRA r16" and row["ms"] > 0 and row["adapter_layers_in_tail"] > 0
+    s = doc["summary"]
+    assert set(s) >= {"adapter_cost_bf16", "adapter_cost_fp8", "recompiles_on_hotswap"}
+    assert s["adapter_cost_bf16"] is None and s["recompiles_on_hotswap"] == 0  # no row without the adapter yet
+    assert bench.device_tag("NVIDIA H100 80GB HBM3") == "h100" and bench.device_tag("NVIDIA H200") == "h200"

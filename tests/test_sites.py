@@ -194,31 +194,7 @@ def test_speed_rules_reported_in_summary():
 
 
 # ------------------------------------------------------------------ fused dispatch, driven by the reference twin
-class _Recorder:
-    """Stands in for the site kernel on the CPU: the reference twin, counting calls."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, x2, wext, bias, lora_a, splits, norm=True, eps=1e-8):
-        self.calls.append((tuple(x2.shape), tuple(wext.shape)))
-        y = ref90.site_linear_sm90(x2, wext, bias, lora_a, norm, eps)
-        return list(y.split(list(splits), dim=1))
-
-
-@pytest.fixture
-def fused_cpu(monkeypatch):
-    import rtlynx.ops as ops
-
-    rec = _Recorder()
-    monkeypatch.setattr(ops, "lynx_site_linear", rec)  # the first, checked call of a site
-    monkeypatch.setattr(ops, "sparse_site", rec)       # the calls after it
-    monkeypatch.setattr(sites.Site, "_fusable", lambda self, cfg, backend, x2: self.wext is not None
-                        and self._uniform and x2.dtype == self.wext.dtype)
-    monkeypatch.setattr(sites.Site, "_speed_dense", lambda self, cfg, backend, x2: False)
-    return rec
-
-
+# (the fused_cpu fixture: tests/conftest.py)
 def _qkv_module(gen, k=256, n=(128, 128, 64), rank=8, bias=True):
     class Attn(nn.Module):
         def __init__(self):

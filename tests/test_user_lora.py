@@ -148,10 +148,14 @@ def test_tail_factors_are_the_active_adapters_scaled(flux, gen):
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-def lora_file(pipe_cls, dense_transformer, path, gen, r=4):
-    """A LoRA in diffusers' format: PEFT adapter on a dense copy, written by the pipeline's save_lora_weights."""
+def lora_file(pipe_cls, dense_transformer, path, gen, r=4, sparse_only=False):
+    """A LoRA in diffusers' format: PEFT adapter on a dense copy, written by the pipeline's save_lora_weights
+    (``sparse_only``: on the layers rtlynx sparsifies only, not also on one it leaves dense)."""
     t = copy.deepcopy(dense_transformer)
-    t.add_adapter(lora_config(t, r=r))
+    config = lora_config(t, r=r)
+    if sparse_only:
+        config.target_modules = rtlynx.eligible_layers(t)
+    t.add_adapter(config)
     randomize_adapter(t, gen)
     pipe_cls.save_lora_weights(str(path), transformer_lora_layers=get_peft_model_state_dict(t))
     return str(path)

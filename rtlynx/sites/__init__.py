@@ -23,8 +23,9 @@ with different inputs (the shared result goes unused) is split, with a warning, 
 slices of the same operand. Every other backend (reference, cuSPARSELt, fallbacks) runs member by member, exactly
 as a lone :class:`rtlynx.nn.SparseActLinear`.
 
-Modules: ``core`` (Site, Settings: the path of a call and the shared outputs), ``operand`` (storage), ``grouping``
-(sites from the presets' rules), ``shard`` (tensor-parallel splits, the row-parallel forward), ``verify``.
+Modules: ``core`` (Site, Settings: the path of a call and the shared outputs), ``operand`` (storage), ``adapters``
+(the user's PEFT adapters in the LoRA tail, after the compensation LoRA's rows), ``grouping`` (sites from the
+presets' rules), ``shard`` (tensor-parallel splits, the row-parallel forward), ``verify``.
 
 Settings: a sparsified model holds exactly one :class:`rtlynx.config.SparsityConfig`, in one :class:`Settings`
 object that its layers and sites share by reference (never copied).

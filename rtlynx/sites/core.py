@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from .. import backends, ops
 from ..families import family_of
 from ..presets import SPEED_RULES
-from . import shard
-from .operand import Operand, _is_compiling, _version
+from . import adapters, shard
+from .operand import TAIL_COMP, TAIL_FULL, TAIL_NONE, Operand, _is_compiling, _version
 
 
 class Settings:
@@ -98,7 +98,9 @@ class Site(Operand):
         if not _is_compiling():
             self._fast = (cfg, x2.device, x2.dtype)
 
-    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor, user_tail: bool = False) -> torch.Tensor:
+        """``layer(x)``; ``user_tail``: the layer's own adapters ride in the tail (its PEFT wrapper asked
+        :func:`rtlynx.sites.adapters.carries` first and adds nothing)."""
         if self.row_parallel:  # this rank holds a slice of K: partial outputs summed over the ranks
             return shard.row_forward(self, layer, x)
         cfg = layer._settings.config
@@ -113,16 +115,17 @@ class Site(Operand):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         use_lora = layer.lora_enabled and layer.lora_A is not None
+        tail = TAIL_FULL if user_tail else TAIL_COMP if use_lora else TAIL_NONE
         path = self._fused_path(cfg, layer, x2)
         if path == "dense":
             return F.linear(x, layer.dense_weight(), layer.bias)
         norm = layer.compensation == "norm"
         family = family_of(cfg.dtype)
         if path == "fused":
-            return self._run_fused(family, layer, x, x2, use_lora, norm, cfg.eps).reshape(*lead, layer.out_features)
+            return self._run_fused(family, layer, x, x2, tail, norm, cfg.eps).reshape(*lead, layer.out_features)
         if path == "checked":
             try:
-                y = self._run_fused(family, layer, x, x2, use_lora, norm, cfg.eps, check=True)
+                y = self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, check=True)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
                     backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
@@ -130,27 +133,36 @@ class Site(Operand):
             else:
                 self._validated(cfg, x2)
                 return y.reshape(*lead, layer.out_features)
-        lora_a, lora_b = (layer.lora_A, layer.lora_B) if use_lora else (None, None)
+        lora_a, lora_b = adapters.member_factors(self, layer, user_tail)  # user_tail: the wrapper adds nothing
         return family.run_layer(layer, x2, lora_a, lora_b, cfg).reshape(*lead, layer.out_features)
 
-    def _gemm(self, family, x2, sl, use_lora, splits, norm, eps, check, act=0):
+    def _gemm(self, family, x2, sl, tail, splits, norm, eps, check, act=0):
         """Every site GEMM goes through here (one call per prune pass): the family's kernels."""
-        return family.run_site(self, x2, sl, use_lora, splits, norm, eps, check, act)
+        return family.run_site(self, x2, sl, tail, splits, norm, eps, check, act)
 
-    def _run_fused(self, family, layer, x, x2, use_lora: bool, norm: bool, eps: float,
+    def _same_tail(self, done: int, tail: int, slot: int) -> bool:
+        """Whether outputs computed with ``done`` serve a call of member ``slot`` that wants ``tail``: the user rows
+        add nothing to a member whose adapters do not ride in the tail (its B columns there are zero)."""
+        if done == TAIL_FULL and not self._carry[slot]:
+            done = TAIL_COMP
+        return done == tail or (not self._rcp and done != TAIL_FULL and tail != TAIL_FULL)
+
+    def _run_fused(self, family, layer, x, x2, tail: int, norm: bool, eps: float,
                    check: bool = False) -> torch.Tensor:
         compiling = _is_compiling()
         slot = layer._slot
         p = self._pending
-        if p is not None and p[0] is x and p[1] == use_lora and (compiling or p[2] == _version(x)):
+        if p is not None and p[0] is x and self._same_tail(p[1], tail, slot) and (compiling or p[2] == _version(x)):
             left = p[4] - 1  # another member already ran the site on this x: take this member's output
             self._pending = None if left <= 0 else (p[0], p[1], p[2], p[3], left)
             return p[3][slot]
         if not compiling:
             self.ensure()
+            adapters.sync(self)  # every member's adapter rows, before the GEMM that computes all their outputs
+            p = self._pending
 
         def gemm(sl, splits):
-            return self._gemm(family, x2, sl, use_lora, splits, norm, eps, check)
+            return self._gemm(family, x2, sl, tail, splits, norm, eps, check)
 
         if len(self.layers) == 1:
             return gemm(None, self.splits)[0]
@@ -163,9 +175,9 @@ class Site(Operand):
                 self._pending = None
                 backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
                                    f"{self.name!r} are not called with one input; running one GEMM per layer")
-                return self._run_fused(family, layer, x, x2, use_lora, norm, eps, check)
+                return self._run_fused(family, layer, x, x2, tail, norm, eps, check)
         outs = gemm(None, self.splits)
-        self._pending = (x, use_lora, 0 if compiling else _version(x), outs, len(self.layers) - 1)
+        self._pending = (x, tail, 0 if compiling else _version(x), outs, len(self.layers) - 1)
         return outs[slot]
 
     def forward_gelu(self, layer, h: torch.Tensor, gelu) -> torch.Tensor:
@@ -182,7 +194,8 @@ class Site(Operand):
                     self.ensure()
                 norm, check = layer.compensation == "norm", path == "checked"
                 try:
-                    y = self._gemm(family_of(cfg.dtype), h2, None, False, self.splits, norm, cfg.eps, check, act=1)[0]
+                    y = self._gemm(family_of(cfg.dtype), h2, None, TAIL_NONE, self.splits, norm, cfg.eps, check,
+                                   act=1)[0]
                 except ops.Unsupported as e:
                     if not isinstance(e, ops.LibraryUnavailable):  # no kernels: the backend fallback warns
                         backends.warn_once(f"gelu:{e}", f"rtlynx: GELU site {self.name!r} cannot run fused ({e})")

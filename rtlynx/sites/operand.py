@@ -2,7 +2,9 @@
 
 bf16: one ``wext [N_1 + ... + N_k, Kp + 2 rp] = [W_cat | 0 | B-expanded]`` (the LoRA tail: B's column t at
 Kp + 2t, the layout of :func:`rtlynx.reference.sm90.expand_lora_b`), a bias and a LoRA-A buffer; the layers'
-``weight``, ``bias``, ``lora_A`` and ``lora_B`` parameters are re-pointed at views of them (no second copy).
+``weight``, ``bias``, ``lora_A`` and ``lora_B`` parameters are re-pointed at views of them (no second copy). The
+tail is the compensation LoRA's segment, then the rows reserved for the user's adapters (:mod:`.adapters`); a call
+reads none of it, the first segment or both (:data:`TAIL_NONE`, :data:`TAIL_COMP`, :data:`TAIL_FULL`).
 FP8: ``(wq [N, Kp] e4m3, sw [N])`` quantised from it, next to it or, without ``keep_dense_weights``, instead of it
 (the layers' ``weight`` / ``weight_scale`` then view ``wq`` / ``sw``). Which format a site keeps is its dtype's
 family's choice (:meth:`rtlynx.families.Family.prepare`).
@@ -16,6 +18,10 @@ from .. import backends
 from ..families import family_of
 from ..reference.fp8 import quantize_rows_e4m3
 from ..reference.sm90 import round_up
+from . import adapters
+
+TAIL_NONE, TAIL_COMP, TAIL_FULL = 0, 1, 2  # what of the LoRA tail a call reads (True / False: with / without LoRA)
+
 
 def _repoint(param: torch.Tensor | None, view: torch.Tensor) -> None:
     """Make ``param`` (same object) an alias of ``view``: its storage becomes the site's buffer."""
@@ -65,8 +71,16 @@ class Operand:
         ranks = [l.lora_rank if l.lora_A is not None else 0 for l in ls]
         self._ranks = tuple(ranks)
         self._lora_offs = tuple(sum(ranks[:i]) for i in range(len(ranks)))  # member i's rows of lora_a
-        self.rank = sum(ranks)
-        self.rp = rp = round_up(self.rank, 64) if self.rank else 0
+        self._rcp = rcp = round_up(sum(ranks), 64)  # the compensation segment
+        uranks = adapters.room(self, getattr(self, "_uranks", ()))
+        self._uranks = tuple(uranks)  # rows reserved for each member's own adapters, after the segment
+        self._uoffs = tuple(rcp + sum(uranks[:i]) for i in range(len(uranks)))
+        self.rank = sum(ranks) + sum(uranks)
+        self.rp = rp = rcp + round_up(sum(uranks), 64)
+        n = len(ls)
+        # per member: its adapters ride in the tail, their parameters want gradients, what they were filled from
+        self._carry, self._user_grad, self._user_sig = [False] * n, [False] * n, [None] * n
+        self._user_b = None  # the user adapters' B where no bf16 operand holds it (weights stored in FP8)
         kg = kp + 2 * rp
         offs, o = [], 0
         for l in ls:
@@ -84,7 +98,7 @@ class Operand:
         self._wptrs = tuple(w.data_ptr() for w in self._weights)
         if any(t.device != dev or t.dtype != dt for t in tensors) or dev.type == "meta":
             # mixed devices / dtypes: no shared operand, every member runs on its own
-            self.wext = self.bias = self.lora_a = self._wext_nolora = None
+            self.wext = self.bias = self.lora_a = self._wext_nolora = self._wext_comp = self._lora_a_comp = None
             return
         if self._fp8_stored:
             self._build_fp8_stored(dev)
@@ -105,7 +119,9 @@ class Operand:
                     _repoint(l.lora_B, tail)
         self.wext, self.bias, self.lora_a = wext, bias, lora_a
         self._wext_nolora = wext[:, :kp] if rp else wext  # the operand without its LoRA tail (row stride Kg)
+        self._wext_comp = wext[:, : kp + 2 * rcp] if rp != rcp else wext  # ... without the user adapters' rows
         self._wptrs = tuple(w.data_ptr() for w in self._weights)  # re-pointed at the operand
+        adapters.fill(self)
         self._prepare()
 
     def _build_lora_a_bias(self, dev, dt):
@@ -113,12 +129,13 @@ class Operand:
         the layers' parameters re-pointed at them."""
         ls = self.layers
         lora_a = None
-        if self.rank:
+        if self.rp:
             lora_a = torch.zeros(self.rp, self.k, device=dev, dtype=dt)
             for l, r, roff in zip(ls, self._ranks, self._lora_offs):
                 if r:
                     lora_a[roff: roff + r].copy_(l.lora_A)
                     _repoint(l.lora_A, lora_a[roff: roff + r])
+        self._lora_a_comp = lora_a if self.rp == self._rcp else lora_a[: self._rcp]
         bias = None
         if any(l.bias is not None for l in ls):
             if len(ls) == 1:
@@ -134,7 +151,8 @@ class Operand:
     def _build_fp8_stored(self, dev) -> None:
         """build() for members whose weights are stored in FP8: one ``wq [N, Kp]`` / ``sw [N]`` for the site (the
         FP8 kernels' operand), the layers' ``weight`` / ``weight_scale`` re-pointed at views of it; LoRA B stays
-        in the layers' own tensors (the FP8 path adds h B^T after the GEMM)."""
+        in the layers' own tensors and the user adapters' in one compact buffer (the FP8 path adds h B^T after the
+        GEMM)."""
         ls = self.layers
         with torch.no_grad():
             wq = torch.zeros(self.n, self.kp, device=dev, dtype=torch.uint8).view(torch.float8_e4m3fn)
@@ -145,9 +163,12 @@ class Operand:
                 _repoint(l.weight, wq[sl, : self.k])
                 _repoint(l.weight_scale, sw[sl])
             self.lora_a, self.bias = self._build_lora_a_bias(dev, ls[0].compute_dtype)
-        self.wext = self._wext_nolora = None
+            if sum(self._uranks):
+                self._user_b = torch.zeros(self.n, sum(self._uranks), device=dev, dtype=ls[0].compute_dtype)
+        self.wext = self._wext_nolora = self._wext_comp = None
         self._fp8 = (wq, sw)
         self._wptrs = tuple(w.data_ptr() for w in self._weights)
+        adapters.fill(self)
 
     def _fp8_storable(self, cfg) -> bool:
         """Whether this site's calls run on the FP8 kernels (what storing its weights in FP8 only is for)."""
@@ -169,7 +190,11 @@ class Operand:
                 _repoint(l.weight, wq[sl, : self.k])
                 l.weight.requires_grad_(False)
                 l.weight_scale = sw[sl]
-        self.wext = self._wext_nolora = None
+            ru = sum(self._uranks)
+            if ru:  # the user adapters' B, off the tail too
+                c = self.kp + 2 * self._rcp
+                self._user_b = self.wext[:, c: c + 2 * ru: 2].clone()
+        self.wext = self._wext_nolora = self._wext_comp = None
         self._fp8_stored = True
         self._wptrs = tuple(w.data_ptr() for w in self._weights)
 
@@ -195,8 +220,9 @@ class Operand:
                     p = getattr(l, name)
                     if p is not None and p.untyped_storage().nbytes() != p.numel() * p.element_size():
                         _repoint(p, p.detach().clone(memory_format=torch.contiguous_format))
-        self.wext = self.bias = self.lora_a = self._wext_nolora = None
+        self.wext = self.bias = self.lora_a = self._wext_nolora = self._wext_comp = self._user_b = None
         self._pending = self._fp8 = None
+        self._carry = [False] * len(self.layers)
 
     def member_applied(self, layer) -> None:
         """A member went through ``Module._apply`` (.to / .half / .cuda): rebuild once all of them have."""
@@ -231,8 +257,29 @@ class Operand:
                 self._fp8 = quantize_rows_e4m3(self._wext_nolora)  # zero padding columns: scales unchanged
         return self._fp8
 
-    def _operand(self, use_lora: bool):
-        """(wext, lora_a) for this call: without the LoRA the tail columns are skipped (row stride stays Kg)."""
-        if use_lora:
+    def _operand(self, tail: int):
+        """(wext, lora_a) for this call (``tail``: TAIL_*): the tail columns a call does not read are skipped (the
+        row stride stays Kg)."""
+        if tail == TAIL_FULL or (tail and self.rp == self._rcp):
             return self.wext, self.lora_a
+        if tail and self._rcp:
+            return self._wext_comp, self._lora_a_comp
         return self._wext_nolora, None
+
+    def tail_a(self, tail: int) -> torch.Tensor | None:
+        """The rows of ``lora_a`` a call with ``tail`` reads (None: no LoRA term)."""
+        if tail == TAIL_FULL or (tail and self.rp == self._rcp):
+            return self.lora_a
+        return self._lora_a_comp if tail and self._rcp else None
+
+    def lora_terms(self, i: int, tail: int) -> list:
+        """Member ``i``'s ``(columns of h = x tail_a^T, B [N_i, r])`` for a call with ``tail`` (the FP8 path adds
+        ``h B^T`` after its GEMM): the compensation LoRA, then the user adapters' reserved rows."""
+        out = []
+        if tail and self._ranks[i]:
+            a = self._lora_offs[i]
+            out.append((slice(a, a + self._ranks[i]), self.layers[i].lora_B))
+        if tail == TAIL_FULL and self._carry[i]:
+            u = self._uoffs[i]
+            out.append((slice(u, u + self._uranks[i]), adapters.user_b(self, i)))
+        return out

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from .. import reference
 from ..families import family_of
+from . import adapters
 from .grouping import model_sites
 
 
@@ -23,17 +24,20 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     hooks = []
 
     def grab(key):
-        return lambda mod, a, out: seen.__setitem__(key, (a[0].detach(), out.detach()))
+        def hook(mod, args, *rest):  # rest: (out,) or (kwargs, out); user_tail: the user's adapters rode along
+            seen[key] = (args[0].detach(), rest[-1].detach(), len(rest) == 2 and bool(rest[0].get("user_tail")))
+        return hook
 
     for site in picked:
-        if site.producer == "gelu":
+        # (a user's adapter on the GELU site's layer: the FeedForward runs GELU on its own, the layer sees its input)
+        if site.producer == "gelu" and adapters.source(site.layers[0]) is None:
             parent = model.get_submodule(site.name)
             # the module whose output the site prunes from, as the integration that wired the producer named it
             hooks.append(parent.get_submodule(site.producer_input).register_forward_hook(grab((site.name, "h"))))
             hooks.append(parent.register_forward_hook(grab((site.name, "y"))))
         else:
             for i, layer in enumerate(site.layers):
-                hooks.append(layer.register_forward_hook(grab((site.name, i))))
+                hooks.append(layer.register_forward_hook(grab((site.name, i)), with_kwargs=True))
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -41,9 +45,8 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
         for h in hooks:
             h.remove()
 
-    def spec(layer, x):
-        use = layer.lora_enabled and layer.lora_A is not None
-        a, b = (layer.lora_A, layer.lora_B) if use else (None, None)
+    def spec(layer, x, user_tail=False):
+        a, b = adapters.member_factors(layer._site, layer, user_tail)
         x2, w = x.reshape(-1, layer.in_features), layer.dense_weight()
         if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
             x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
@@ -53,16 +56,15 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     errs = {}
     with torch.no_grad():
         for site in picked:
-            if site.producer == "gelu":
-                if (site.name, "h") not in seen:
-                    continue
-                (_, h), (_, y) = seen[(site.name, "h")], seen[(site.name, "y")]
+            if (site.name, "h") in seen:
+                (_, h, _), (_, y, _) = seen[(site.name, "h")], seen[(site.name, "y")]
                 want = spec(site.layers[0], reference.gelu_tanh(h))
                 got = y.reshape(want.shape)
             else:
                 if any((site.name, i) not in seen for i in range(len(site.layers))):
                     continue
-                parts = [(spec(l, seen[(site.name, i)][0]), seen[(site.name, i)][1]) for i, l in enumerate(site.layers)]
+                parts = [(spec(l, seen[(site.name, i)][0], seen[(site.name, i)][2]), seen[(site.name, i)][1])
+                         for i, l in enumerate(site.layers)]
                 want = torch.cat([w for w, _ in parts], 1)
                 got = torch.cat([g.reshape(w.shape) for w, g in parts], 1)
             errs[site.name] = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
