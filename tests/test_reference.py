@@ -164,3 +164,46 @@ def test_inf_bits_table_matches_the_dtypes():
 
     for dt, bits in _INF_BITS.items():
         assert torch.tensor(float("inf"), dtype=dt).view(_INT_VIEW[dt]).item() == bits
+
+
+# ---------------------------------------------------------------- centred pruning (issue 18 item 3, reference only)
+@pytest.mark.parametrize("shape", [(1, 8), (7, 24), (2, 5, 64), (3, 0, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_centred_linear_matches_bruteforce(shape, dtype):
+    """prune(x - c) with x - c rounded to the dtype, its own norm scale, c W^T added: against a float64 brute force."""
+    x = (torch.randn(shape) * 3 + torch.randn(shape[-1]) * 5).to(dtype)  # a shared offset, as AdaLN / GELU give
+    w, b = torch.randn(11, shape[-1]), torch.randn(11)
+    c = R.token_mean(x) if x.shape[-2] else torch.zeros(*shape[:-2], 1, shape[-1])
+    got = R.sparse_act_linear(x, w.to(dtype), b.to(dtype), centre=c, compute_dtype=torch.float32)
+    xs = (x.double() - c.double()).to(dtype).double().reshape(-1, shape[-1])  # rounded once to the dtype
+    kept = xs * brute_mask(xs, 2, 4)
+    s = torch.sqrt((xs ** 2).sum(-1) / ((kept ** 2).sum(-1) + 1e-8))
+    cw = (c.double() @ w.to(dtype).double().T).expand(*shape[:-1], 11).reshape(-1, 11)
+    want = (kept @ w.to(dtype).double().T) * s[:, None] + cw + b.to(dtype).double()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert got.shape == (*shape[:-1], 11)
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got.double().reshape(-1, 11), want, rtol=tol, atol=tol * scale)
+
+
+def test_centred_linear_is_exact_where_x_minus_c_is_sparse():
+    """x = c + (a 2:4 sparse part), all values small dyadic numbers: the centred layer gives the dense product."""
+    g = torch.Generator().manual_seed(7)
+    sp = torch.randint(-8, 9, (6, 32), generator=g).float() / 4
+    sp = sp * R.nm_mask(torch.rand(6, 32, generator=g), 2, 4)  # exactly 2 of every 4 non-zero at most
+    c = torch.randint(-8, 9, (1, 32), generator=g).float() / 2
+    x, w = sp + c, torch.randint(-4, 5, (5, 32), generator=g).float() / 4
+    got = R.sparse_act_linear(x, w, compensation="none", centre=c)
+    torch.testing.assert_close(got, x @ w.T, rtol=0, atol=0)
+    plain = R.sparse_act_linear(x, w, compensation="none")  # uncentred: the offset is pruned away
+    assert (plain - x @ w.T).abs().max() > 1
+
+
+def test_centre_zero_is_the_plain_layer_and_bad_centre_raises():
+    x, w = torch.randn(5, 16).bfloat16(), torch.randn(3, 16).bfloat16()
+    a, bb = torch.randn(2, 16).bfloat16(), torch.randn(3, 2).bfloat16()
+    plain = R.sparse_act_linear(x, w, None, lora_a=a, lora_b=bb)
+    assert torch.equal(R.sparse_act_linear(x, w, None, lora_a=a, lora_b=bb, centre=torch.zeros(16)), plain)
+    with pytest.raises(ValueError, match="centre has 8 features"):
+        R.sparse_act_linear(x, w, centre=torch.zeros(8))
+    assert R.token_mean(x).shape == (1, 16) and R.token_mean(x.reshape(1, 5, 16)).shape == (1, 1, 16)

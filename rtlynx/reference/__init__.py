@@ -11,6 +11,7 @@ within bf16 tolerance (GEMMs) against these functions. Math lives here and nowhe
 
 from .nm import (
     SUPPORTED_M,
+    centred,
     channel_norm,
     check_pattern,
     compress,
@@ -25,6 +26,7 @@ from .nm import (
     prune_weight_wanda,
     ranking_key,
     sparse_act_linear,
+    token_mean,
     wanda_score,
 )
 

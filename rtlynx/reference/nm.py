@@ -246,25 +246,48 @@ def channel_norm(x: torch.Tensor) -> torch.Tensor:
     return x.float().reshape(-1, x.shape[-1]).pow(2).sum(0).sqrt()
 
 
+def centred(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """``x - centre`` computed in float32 and rounded once to x's dtype (what a prune kernel that subtracts a float32
+    centre before its selection writes). ``centre`` broadcasts against x: ``[K]`` or ``[..., 1, K]``."""
+    if centre.shape[-1] != x.shape[-1]:
+        raise ValueError(f"centre has {centre.shape[-1]} features, x has {x.shape[-1]}")
+    return (x.float() - centre.float()).to(x.dtype)
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """The centre that pays most on the mini-FLUX (benchmarks/centering_probe.py): the mean over the tokens of each
+    sample, float32 ``[..., 1, K]`` (a 2-D x is one sample: ``[1, K]``)."""
+    return x.float().mean(-2, keepdim=True)
+
+
 def sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       n: int = 2, m: int = 4, compensation: str = "norm",
                       lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
-                      eps: float = 1e-8, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                      eps: float = 1e-8, compute_dtype: torch.dtype | None = None,
+                      centre: torch.Tensor | None = None) -> torch.Tensor:
     """The RT-Lynx layer: ``y = s * (prune(x) @ W^T) + b + (x @ A^T) @ B^T``.
 
     ``s`` is the per-token norm scale (``compensation="norm"``) or 1 (``"none"``); the LoRA branch
     runs on the dense x. ``compute_dtype=torch.float32`` gives the fp32 product kernels are checked
     against; by default the math runs in x's dtype like the layer would. Output has x's dtype.
+
+    ``centre`` (float32, broadcast against x, e.g. :func:`token_mean`): prune ``x - c`` instead of x and add
+    ``c @ W^T`` back, ``y = s * (prune(x - c) @ W^T) + c @ W^T + b + (x @ A^T) @ B^T`` with s the norm scale of
+    ``x - c``. Exact for any c wherever ``x - c`` is already N:M sparse; a c that removes the offset the tokens share
+    leaves less for the pruning to throw away.
     """
     if compensation not in ("none", "norm"):
         raise ValueError(f"compensation must be 'none' or 'norm', got {compensation!r}")
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"x last dim {x.shape[-1]} != weight in_features {weight.shape[-1]}")
     cd = compute_dtype or x.dtype
-    xp = prune_nm(x, n, m)
+    xs = x if centre is None else centred(x, centre)
+    xp = prune_nm(xs, n, m)
     y = torch.nn.functional.linear(xp.to(cd), weight.to(cd))
     if compensation == "norm":
-        y = y * norm_scale(x, xp, eps=eps).to(cd).unsqueeze(-1)
+        y = y * norm_scale(xs, xp, eps=eps).to(cd).unsqueeze(-1)
+    if centre is not None:
+        y = y + torch.nn.functional.linear(centre.to(cd), weight.to(cd))
     if bias is not None:
         y = y + bias.to(cd)
     if lora_a is not None and lora_b is not None:
