@@ -1,0 +1,161 @@
+"""Does a user's style adapter survive sparsification? (issue 20 item 5; CPU is enough for paired metrics)
+
+Trains a small PEFT LoRA on the shipped mini-FLUX (dense, frozen base) that turns "noto style" prompts into the 3d
+style: Emoji-64's 3d images with their prompts rewritten to "..., noto style". Then, on held-out emoji names (never in
+the adapter's training set), the same noise for every variant:
+
+- D dense, DA dense + adapter (``rtlynx.dense_mode``), S RT-Lynx (shipped LoRA, every step sparse), SA RT-Lynx + adapter,
+  and S / SA with the step schedule (``dense_below_t=0.2``);
+- paired PSNR / SSIM of SA vs DA against S vs D (the issue's goal: sparse + adapter as close to dense + adapter as sparse
+  is to dense), the adapter's effect size (DA vs D), and how much of the adapter's change survives: the cosine between
+  the pixel changes SA - S and DA - D, and |SA - S| / |DA - D|;
+- SA again with the compensation LoRA refitted (closed form, rtlynx.distill) on the user's prompts, once without and
+  once with the adapter active: does compensation calibrated under the adapter close the gap?
+
+    python benchmarks/user_lora_quality.py [--steps-train 150 --n 16 --steps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rtlynx
+
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+
+from rtlynx import api, io  # noqa: E402
+from rtlynx.benchtools import run_metadata  # noqa: E402
+from rtlynx.data import emoji64  # noqa: E402
+from rtlynx.demo import LORA_DIR  # noqa: E402
+from rtlynx.distill import collect, fit_lora  # noqa: E402
+from rtlynx.eval import fid as F  # noqa: E402
+from rtlynx.models.miniflux import load_miniflux, to_uint8  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def style_data(path, held_out: int, seed: int = 0):
+    """3d-style images with "noto style" prompts; the last ``held_out`` names (shuffled) are kept for evaluation."""
+    d = emoji64.load(path)
+    three_d = list(d["style_names"]).index("3d")
+    idx = np.flatnonzero(d["style"] == three_d)
+    rng = np.random.default_rng(seed)
+    names = sorted({str(d["names"][i]) for i in idx})
+    rng.shuffle(names)
+    held = set(names[-held_out:])
+    train = [i for i in idx if str(d["names"][i]) not in held]
+    prompts = [str(d["prompts"][i]).replace("3d style", "noto style") for i in train]
+    return d["images"][train], prompts, [f"{n}, noto style" for n in sorted(held)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=".cache/emoji64.npz")
+    ap.add_argument("--steps-train", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--n", type=int, default=16, help="held-out prompts")
+    ap.add_argument("--steps", type=int, default=15, help="sampling steps")
+    ap.add_argument("--refit", type=int, default=16, help="user prompts to refit the compensation LoRA on (0: skip)")
+    ap.add_argument("--out", default=str(RESULTS / "user_lora_quality_cpu.json"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    images, prompts, held = style_data(args.data, args.n)
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights=True)
+
+    # 1. the adapter, trained on the dense model
+    model = load_miniflux()
+    model.transformer.add_adapter(cfg, adapter_name="style")
+    ids = model.tokenizer.encode(prompts)
+    params = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    t0, losses = time.time(), []
+    for step in range(args.steps_train):
+        i = torch.randint(0, len(images), (args.batch,))
+        x = torch.as_tensor(images[i.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> NCHW
+        loss = model.loss(x, ids[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == args.steps_train - 1:
+            print(f"adapter step {step}: loss {np.mean(losses[-25:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.transformer, adapter_name="style").items()}
+    train_s = time.time() - t0
+
+    # 2. the shipped RT-Lynx model, then the same adapter added to it (sparsify first, then add_adapter)
+    model = load_miniflux()
+    io.load(model.transformer, LORA_DIR, dense_below_t=None)
+    api.configure(model.transformer, backend="reference", speed_rules=False)
+    t = model.transformer
+
+    def sample():
+        return to_uint8(model.sample(held, num_steps=args.steps, seed=0))
+
+    def pm(a, b):
+        return F.paired_metrics(a.numpy(), b.numpy())
+
+    with torch.no_grad():
+        with api.dense_mode(t):
+            dense = sample()
+        sparse = sample()
+        api.configure(t, dense_below_t=0.2)
+        sparse_t = sample()
+        api.configure(t, dense_below_t=None)
+        t.add_adapter(cfg, adapter_name="style")
+        set_peft_model_state_dict(t, state, adapter_name="style")
+        with api.dense_mode(t):
+            dense_a = sample()
+        sparse_a = sample()
+        api.configure(t, dense_below_t=0.2)
+        sparse_a_t = sample()
+        api.configure(t, dense_below_t=None)
+    refit = {}
+    if args.refit:  # the compensation LoRA refitted on the user's prompts, without and with the adapter active
+        cal = prompts[:: max(1, len(prompts) // args.refit)][: args.refit]
+        for name, active in (("without adapter", False), ("with adapter", True)):
+            (t.enable_adapters if active else t.disable_adapters)()
+            stats = collect(t, lambda: model.sample(cal, num_steps=args.steps, seed=1))
+            t.enable_adapters()
+            fit_lora(t, stats, rank=8, progress=False)
+            with torch.no_grad():
+                refit[name] = pm(sample(), dense_a)
+            print(f"compensation refitted on {len(cal)} user prompts {name}: sparse + adapter vs dense + adapter "
+                  f"PSNR {refit[name]['psnr']:.2f} dB  SSIM {refit[name]['ssim']:.3f}", flush=True)
+
+    da, sa = dense_a.double() - dense.double(), sparse_a.double() - sparse.double()
+    out = {**run_metadata(), "model": "shipped mini-FLUX + shipped RT-Lynx LoRA, reference path",
+           "adapter": {"task": "3d style for 'noto style' prompts", "rank": args.rank, "targets": TARGETS,
+                       "train_steps": args.steps_train, "batch": args.batch, "lr": args.lr,
+                       "train_images": len(images), "train_s": round(train_s, 1), "final_loss": float(np.mean(losses[-25:]))},
+           "n_held_out": len(held), "sampling_steps": args.steps,
+           "sparse_vs_dense": pm(sparse, dense), "sparse_adapter_vs_dense_adapter": pm(sparse_a, dense_a),
+           "sparse_t0.2_vs_dense": pm(sparse_t, dense), "sparse_adapter_t0.2_vs_dense_adapter": pm(sparse_a_t, dense_a),
+           "adapter_effect_dense": pm(dense_a, dense), "adapter_effect_sparse": pm(sparse_a, sparse),
+           "adapter_change_cosine": float((da * sa).sum() / (da.norm() * sa.norm())),
+           "adapter_change_ratio": float(sa.norm() / da.norm()),
+           "refit_compensation_sparse_adapter_vs_dense_adapter": refit}
+    for k in ("sparse_vs_dense", "sparse_adapter_vs_dense_adapter", "sparse_t0.2_vs_dense",
+              "sparse_adapter_t0.2_vs_dense_adapter", "adapter_effect_dense", "adapter_effect_sparse"):
+        print(f"{k:34s} PSNR {out[k]['psnr']:.2f} dB  SSIM {out[k]['ssim']:.3f}")
+    print(f"adapter change kept under sparsity: cosine {out['adapter_change_cosine']:.3f}, "
+          f"norm ratio {out['adapter_change_ratio']:.3f}")
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
