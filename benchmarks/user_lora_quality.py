@@ -107,21 +107,21 @@ def main(argv=None) -> int:
     def pm(a, b):
         return F.paired_metrics(a.numpy(), b.numpy())
 
-    with torch.no_grad():
+    def three():
+        """dense, sparse every step, sparse with t < 0.2 dense: the same noise"""
         with api.dense_mode(t):
-            dense = sample()
-        sparse = sample()
+            d = sample()
+        s_ = sample()
         api.configure(t, dense_below_t=0.2)
-        sparse_t = sample()
+        st = sample()
         api.configure(t, dense_below_t=None)
+        return d, s_, st
+
+    with torch.no_grad():
+        dense, sparse, sparse_t = three()
         t.add_adapter(cfg, adapter_name="style")
         set_peft_model_state_dict(t, state, adapter_name="style")
-        with api.dense_mode(t):
-            dense_a = sample()
-        sparse_a = sample()
-        api.configure(t, dense_below_t=0.2)
-        sparse_a_t = sample()
-        api.configure(t, dense_below_t=None)
+        dense_a, sparse_a, sparse_a_t = three()
     refit = {}
     if args.refit:  # the compensation LoRA refitted on the user's prompts, without and with the adapter active
         cal = prompts[:: max(1, len(prompts) // args.refit)][: args.refit]
