@@ -157,6 +157,26 @@ __device__ __forceinline__ void process_run(const uint4 in[2], uint4& out, uint1
   word = uint16_t(w);
 }
 
+// Run c (16 logical elements at k = 16 c) of row xr, zero padded past K (K % 8 == 0: a tail run may be half valid);
+// nothing is read unless ok (the row exists and c is below the padded run count).
+__device__ __forceinline__ void load_run(const uint16_t* xr, int K, int c, bool ok, uint4 (&in)[2]) {
+  const int k = c * 16;
+  in[0] = make_uint4(0, 0, 0, 0);
+  in[1] = make_uint4(0, 0, 0, 0);
+  if (ok && k < K) {
+    in[0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+    if (k + 16 <= K) in[1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
+  }
+}
+
+// The producer fusion: GELU-tanh on every element of a loaded run, in place (padding: GELU(0) = +0, a zero group).
+template <class T>
+__device__ __forceinline__ void gelu_run(uint4 (&in)[2]) {
+  uint16_t* e = reinterpret_cast<uint16_t*>(in);
+#pragma unroll
+  for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
+}
+
 // Reduce a row's two fp32 sums (and with kMax the max of 16-bit magnitude bits) over the kRow threads that own it:
 // shuffles inside a warp, shared memory across the warps of a row; every thread of the block calls it. Each kSlot
 // has its own shared array, so calls with different slots need no barrier between them.
@@ -196,28 +216,17 @@ __device__ __forceinline__ void row_reduce(float& a, float& b, uint32_t& mx) {
 template <class T, int kRow, int kAct, class F>
 __device__ void for_each_run(const uint16_t* xr, int K, int runs, int sub, bool row_ok, F f) {
   for (int c = sub; c < runs; c += kRow) {
-    uint4 in[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-    const int k = c * 16;
-    if (row_ok && k < K) {
-      in[0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-      if (k + 16 <= K) in[1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
-    }
-    if constexpr (kAct == 1) {
-      uint16_t* e = reinterpret_cast<uint16_t*>(in);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
-    }
+    uint4 in[2];
+    load_run(xr, K, c, row_ok, in);
+    if constexpr (kAct == 1) gelu_run<T>(in);
     f(in);
   }
 }
 
-// The norm scale of rows whose |x|^2 or |x~|^2 overflowed float32 (|x| above ~1.8e19): the sums again with the row
-// divided by a power of two p near its max |x|, exact, as rtlynx.reference.nm.norm_scale; other rows keep s. Reads
-// the row twice more, so it runs only when a row of the block overflowed; every thread of the block calls it.
+// The row's max |x| as 16-bit magnitude bits (NaN above +inf), one more read of the row; every thread of the block
+// calls it. (The FP8 prune has it already: each group's largest value is kept.)
 template <class T, int kRow, int kAct>
-__device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int sub, bool row_ok,
-                                         float eps, float sx, float sp, float s) {
-  const bool redo = row_ok && (isinf(sx) || isinf(sp));
+__device__ uint32_t row_max_bits(const uint16_t* xr, int K, int runs, int sub, bool row_ok) {
   uint32_t amax = 0;
   float z0 = 0.f, z1 = 0.f;
   for_each_run<T, kRow, kAct>(xr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
@@ -226,6 +235,17 @@ __device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int su
     for (int i = 0; i < 16; ++i) amax = max(amax, uint32_t(e[i] & 0x7FFFu));
   });
   row_reduce<kRow, true, 1>(z0, z1, amax);
+  return amax;
+}
+
+// The norm scale of rows whose |x|^2 or |x~|^2 overflowed float32 (|x| above ~1.8e19): the sums again with the row
+// divided by a power of two p near its max |x| (amax, magnitude bits), exact, as rtlynx.reference.nm.norm_scale; other
+// rows keep s. Reads the row once more, so it runs only when a row of the block overflowed; every thread of the block
+// calls it.
+template <class T, int kRow, int kAct>
+__device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int sub, bool row_ok,
+                                     float eps, float sx, float sp, float s, uint32_t amax) {
+  const bool redo = row_ok && (isinf(sx) || isinf(sp));
   const float a = Traits<T>::to_float(uint16_t(amax));  // NaN bits if the row holds a NaN
   const bool ok = redo && isfinite(a) && a > 0.f;         // an inf in the row: s stays inf / NaN, as the reference
   int e2 = 0;
@@ -265,15 +285,8 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   auto load = [&](uint4 (&in)[kUnroll][2], int base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      int c = base + kRow * u;
-      int k = c * 16;
-      in[u][0] = make_uint4(0, 0, 0, 0);
-      in[u][1] = make_uint4(0, 0, 0, 0);
-      if (row_ok && c < runs && k < K) {
-        in[u][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-        if (full || k + 16 <= K) in[u][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
-        // else: K % 8 == 0 (required), the tail run is half valid
-      }
+      const int c = base + kRow * u;
+      load_run(xr, K, c, row_ok && c < runs, in[u]);
     }
   };
   auto store = [&](uint4 (&in)[kUnroll][2], int base) {
@@ -282,9 +295,7 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
       int c = base + kRow * u;
       if (c < runs) {
         if constexpr (kAct == 1) {
-          uint16_t* e = reinterpret_cast<uint16_t*>(in[u]);
-#pragma unroll
-          for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);  // padding: GELU(0) = +0, still a zero group
+          gelu_run<T>(in[u]);
           const int k = c * 16;
           if (y != nullptr && row_ok && k < K) {
             uint16_t* yr = y + long(m) * ldy + k;
@@ -325,7 +336,8 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   row_reduce<kRow, false, 0>(sx, sp, unused);
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
-    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s);
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s,
+                                           row_max_bits<T, kRow, kAct>(xr, K, runs, sub, row_ok));
   if (row_ok && sub == 0 && scale != nullptr) scale[m] = s;
 
   // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, -, h1/s, -], nibble 0b1000 (slots 0 and 2, so that
@@ -388,23 +400,13 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
 #pragma unroll
   for (int j = 0; j < kMaxRuns; ++j) {
     const int c = sub + kRow * j;
-    const int k = c * 16;
-    in[j][0] = make_uint4(0, 0, 0, 0);
-    in[j][1] = make_uint4(0, 0, 0, 0);
-    if (row_ok && c < runs && k < K) {
-      in[j][0] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-      if (k + 16 <= K) in[j][1] = __ldg(reinterpret_cast<const uint4*>(xr + k + 8));
-    }
+    load_run(xr, K, c, row_ok && c < runs, in[j]);
   }
 #pragma unroll
   for (int j = 0; j < kMaxRuns; ++j) {
     const int c = sub + kRow * j;
     if (c < runs) {
-      if constexpr (kAct == 1) {
-        uint16_t* e = reinterpret_cast<uint16_t*>(in[j]);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
-      }
+      if constexpr (kAct == 1) gelu_run<T>(in[j]);
       uint16_t word;
       process_run<T, true>(in[j], kept[j], word, sx, sp);
       meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
@@ -416,7 +418,7 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
   row_reduce<kRow, true, 0>(sx, sp, amax);
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
-    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s);
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s, amax);
   const float qs = __fdiv_rn(Traits<T>::to_float(uint16_t(amax)), 448.0f);
   const float safe = qs > 0.f ? qs : 1.0f;  // NaN > 0 is false: a NaN row divides by 1, as the reference
   if (row_ok && sub == 0) {
