@@ -3,7 +3,7 @@
 A forward pre-hook keeps every call of the transformer while a sampler runs (all its arguments, so any diffusers
 pipeline works), the teacher's output at each is added by running the same call dense, and the rows of recorded calls
 are sliced and concatenated into training batches: a tensor whose first dimension is the call's batch is per-row, the
-rest (position ids, masks of shape [N, ...]) is shared.
+rest, and the arguments named in BATCH_SHARED_ARGS (position ids), is shared.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from . import schedule
 from .api import dense_mode
-from .integrations.diffusers import output_tensor
+from .integrations.diffusers import BATCH_SHARED_ARGS, output_tensor
 
 
 @dataclass
@@ -71,14 +71,20 @@ def run(transformer, args, kwargs) -> torch.Tensor:
     return output_tensor(transformer(*to_device(args, dev), **to_device(kwargs, dev)))
 
 
+def _split_shared(kwargs: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in kwargs.items() if k not in BATCH_SHARED_ARGS},
+            {k: v for k, v in kwargs.items() if k in BATCH_SHARED_ARGS})
+
+
 def rows_of(call: Call, idx: torch.Tensor) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
     """(args, kwargs, target, per-row t) of the rows ``idx`` of a call; t is -1 where the call had none."""
     def pick(x):
         return x[idx.to(x.device)] if x.dim() >= 1 and x.shape[0] == call.rows else x
 
-    args, kwargs = tree_map_only(torch.Tensor, pick, (call.args, call.kwargs))
+    batched, shared = _split_shared(call.kwargs)
+    args, kwargs = tree_map_only(torch.Tensor, pick, (call.args, batched))
     t = torch.full((len(idx),), -1.0 if call.t is None else call.t)
-    return args, kwargs, call.target[idx.to(call.target.device)], t
+    return args, {**kwargs, **shared}, call.target[idx.to(call.target.device)], t
 
 
 def cat_rows(parts):
@@ -86,13 +92,14 @@ def cat_rows(parts):
     if len(parts) == 1:
         return parts[0]
     sizes = [p[2].shape[0] for p in parts]
-    flat = [tree_flatten((p[0], p[1])) for p in parts]
+    flat = [tree_flatten((p[0], _split_shared(p[1])[0])) for p in parts]
     merged = []
     for col in zip(*(leaves for leaves, _ in flat)):
         per_row = all(torch.is_tensor(x) and x.dim() >= 1 and x.shape[0] == s for x, s in zip(col, sizes))
         merged.append(torch.cat(col) if per_row else col[0])
     args, kwargs = tree_unflatten(merged, flat[0][1])
-    return args, kwargs, torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
+    return (args, {**kwargs, **_split_shared(parts[0][1])[1]}, torch.cat([p[2] for p in parts]),
+            torch.cat([p[3] for p in parts]))
 
 
 def row_error(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

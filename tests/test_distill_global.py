@@ -56,6 +56,23 @@ def test_rows_and_concatenation_slice_only_batched_tensors(gen):
     assert torch.equal(a2[0], x[[0, 3, 4, 1]]) and torch.equal(k2["ids"], ids) and tg2.shape[0] == 4
 
 
+def test_position_ids_stay_whole_when_the_batch_equals_the_token_count(gen):
+    # FLUX's img_ids are [tokens, 3]: with a batch as large as the token count (128 prompts x CFG on the
+    # mini-FLUX's 256 tokens) they must still not be sliced (the device run of 2026-12-07 crashed on this)
+    b = n = 6
+    x = torch.randn(b, n, 4, generator=gen)
+    img_ids, txt_ids = torch.randn(n, 3, generator=gen), torch.randn(b, 3, generator=gen)
+    call = R.Call((), {"hidden_states": x, "img_ids": img_ids, "txt_ids": txt_ids,
+                       "timestep": torch.rand(b, generator=gen)}, b, 0.3, target=torch.randn(b, n, 4, generator=gen))
+    one = R.rows_of(call, torch.tensor([1, 4]))
+    assert torch.equal(one[1]["img_ids"], img_ids) and torch.equal(one[1]["txt_ids"], txt_ids)
+    assert torch.equal(one[1]["hidden_states"], x[[1, 4]])
+    two = R.rows_of(call, torch.tensor([0, 2, 3, 5]))  # 2 + 4 rows: 6, the token count again
+    _, kw, tg, _ = R.cat_rows([one, two])
+    assert torch.equal(kw["img_ids"], img_ids) and torch.equal(kw["txt_ids"], txt_ids)
+    assert torch.equal(kw["hidden_states"], x[[1, 4, 0, 2, 3, 5]]) and torch.equal(tg, call.target[[1, 4, 0, 2, 3, 5]])
+
+
 def test_t_weights_closed_form():
     t = torch.tensor([0.0, 0.5, 1.0, -1.0])
     assert torch.equal(G.t_weights(t, "uniform"), torch.ones(4))

@@ -88,6 +88,11 @@ def example_inputs(model, batch: int = 1, height: int = 8, width: int = 8, text_
     raise ValueError(f"no example inputs for {name}; pass your own forward kwargs")
 
 
+# Transformer arguments shared by every row of a call even when their first dimension happens to equal the batch
+# (FLUX's position ids are [tokens, 3]: 256 image tokens and a batch of 256 look alike).
+BATCH_SHARED_ARGS = frozenset({"img_ids", "txt_ids"})
+
+
 def output_tensor(out) -> torch.Tensor:
     """The main tensor of a transformer forward (tuple / list / output object)."""
     while isinstance(out, (tuple, list)):
