@@ -73,8 +73,9 @@ def cmd_train(args) -> int:
                        states=args.states, t_weight=args.t_weight, eval_every=args.eval_every,
                        save_every=args.eval_every, seed=args.seed, checkpointing=args.checkpointing)
     t0 = time.time()
-    rep = train_global(model.transformer, roll, train, cfg, val_calls=val_dense, eval_fn=eval_fn,
-                       checkpoint=Path(args.out) / "checkpoint", resume=args.resume)
+    with _sdpa(args.sdpa):
+        rep = train_global(model.transformer, roll, train, cfg, val_calls=val_dense, eval_fn=eval_fn,
+                           checkpoint=Path(args.out) / "checkpoint", resume=args.resume)
     gpu_min = (time.time() - t0) / 60
     api.configure(model.transformer, dense_below_t=args.save_dense_below_t)
     io.save(model.transformer, args.out, overwrite=True)
@@ -86,6 +87,16 @@ def cmd_train(args) -> int:
     plot_curves(report["history"], Path(args.out) / "curves.png")
     print(f"wrote {args.out} ({gpu_min:.1f} min)")
     return 0
+
+
+def _sdpa(name: str):
+    """One SDPA backend for the whole run (``auto``: torch's own choice), to tell a backend's bug from ours."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]])
 
 
 def plot_curves(history, path: Path) -> None:
@@ -240,6 +251,8 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="gradient checkpointing per block (not needed on the mini-FLUX)")
+    t.add_argument("--sdpa", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
+                   help="the attention backend of the whole run (auto: torch's choice)")
     t.add_argument("--save-dense-below-t", type=float, default=0.2, help="the step schedule saved with the LoRA")
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)
