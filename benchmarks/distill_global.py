@@ -126,8 +126,22 @@ def plot_curves(history, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _merge_runs(runs: list[dict]) -> dict:
+    """quality.py outputs of one protocol (same card, images, steps, seed; e.g. the dense row of one call and the
+    RT-Lynx row of the next on the same warm machine) as one run; anything else is refused."""
+    keys = ("device", "n_generated", "steps", "seed", "guidance_scale")
+    for r in runs[1:]:
+        diff = [k for k in keys if k in r and k in runs[0] and r[k] != runs[0][k]]
+        if diff:
+            raise SystemExit(f"summarize: the runs differ in {', '.join(diff)}: not one protocol")
+    out = dict(runs[-1] if "commit" in runs[-1] else runs[0])
+    out["variants"] = {k: v for r in runs for k, v in r["variants"].items()}
+    out["parts"] = [{k: r.get(k) for k in ("commit", "backend", "lora", "seconds_total", "partial")} | {"variants": list(r["variants"])} for r in runs]
+    return out
+
+
 def cmd_summarize(args) -> int:
-    every = json.loads(Path(args.every).read_text())
+    every = _merge_runs([json.loads(Path(f).read_text()) for f in args.every])
     t02 = json.loads(Path(args.t02).read_text()) if args.t02 else None
     v = every["variants"]
     dense = v["dense"]["fid"]
@@ -257,7 +271,7 @@ def main(argv=None) -> int:
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("summarize")
-    s.add_argument("--every", required=True)
+    s.add_argument("--every", required=True, nargs="+", help="quality.py outputs of one protocol, merged")
     s.add_argument("--t02", default=None)
     s.add_argument("--fp8", default=None, help="a quality.py run of rtlynx_fp8 alone (else --every's)")
     s.add_argument("--closed-form", default=str(RESULTS / "quality.json"))

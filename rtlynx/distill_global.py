@@ -231,6 +231,21 @@ def _on_backend(transformer, backend: str):
             configure(transformer, backend=saved)
 
 
+@contextlib.contextmanager
+def _no_cudnn_attention():
+    """The training forward and backward without cuDNN attention: its backward failed on an H100 (torch 2.11 cu130,
+    mini-FLUX, batch 256 x 272 tokens: ``mha_graph.execute(...).is_good()``, an illegal memory access without
+    CUDA_LAUNCH_BLOCKING) where the memory-efficient kernel trains. The other backends the caller enabled stay."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = torch.backends.cuda
+    keep = [k for k, on in ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled()),
+                            (SDPBackend.EFFICIENT_ATTENTION, b.mem_efficient_sdp_enabled()),
+                            (SDPBackend.MATH, b.math_sdp_enabled())) if on]
+    with sdpa_kernel(keep or [SDPBackend.MATH]):
+        yield
+
+
 def train_global(transformer, rollout: Callable[[list[str], int], object], prompts: list[str],
                  config: GlobalConfig | None = None, val_calls: list[Call] | None = None,
                  eval_fn: Callable[[int], dict] | None = None, checkpoint: str | Path | None = None,
@@ -316,15 +331,16 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
             args, kwargs, target, t = cat_rows(parts)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
-            out = run(transformer, args, kwargs)
-            d, e = row_error(out, target.to(dev))
-            w = t_weights(t, cfg.t_weight).to(dev)
-            loss = (w * d).sum() / e.sum().clamp_min(1e-30)
-            if not torch.isfinite(loss):
-                raise DistillError(f"non-finite loss at step {step}: the LoRA is back at the last good state "
-                                   f"({'checkpoint ' + str(ckpt) if ckpt is not None and (ckpt / STATE_META).is_file() else 'the start'}); "
-                                   "try a lower lr")
-            loss.backward()
+            with _no_cudnn_attention():  # the backward's recompute (checkpointing) runs inside it too
+                out = run(transformer, args, kwargs)
+                d, e = row_error(out, target.to(dev))
+                w = t_weights(t, cfg.t_weight).to(dev)
+                loss = (w * d).sum() / e.sum().clamp_min(1e-30)
+                if not torch.isfinite(loss):
+                    raise DistillError(f"non-finite loss at step {step}: the LoRA is back at the last good state "
+                                       f"({'checkpoint ' + str(ckpt) if ckpt is not None and (ckpt / STATE_META).is_file() else 'the start'}); "
+                                       "try a lower lr")
+                loss.backward()
             master.grads_in()
             torch.nn.utils.clip_grad_norm_(list(master.master.values()), cfg.grad_clip)
             opt.step()

@@ -206,3 +206,24 @@ def test_cli_global_objective_end_to_end(seed, tmp_path):
     assert steps == [1, 2, 3, 4, 5]
     with pytest.raises(SystemExit, match="--init DIR"):
         cli.main([a for a in args if a not in ("--init", str(tmp_path / "init"))] + ["--overwrite"])
+
+
+def test_training_steps_run_without_cudnn_attention(seed):
+    # cuDNN attention's backward failed on an H100 (2026-12-07) where the memory-efficient kernel trains: the
+    # training forward and backward exclude it; rollouts and the caller's flags afterwards are untouched
+    _, model = _model(seed)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+                                  torch.backends.cuda.flash_sdp_enabled())))
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        G.train_global(model, _sampler(model), ["a", "b"], G.GlobalConfig(steps=2, batch=2, calls_per_batch=2,
+                       rollout_prompts=2, eval_every=100, save_every=100), progress=False, log=lambda *a: None)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    train = [s for s in seen if s[0]]
+    assert len(train) == 2 and all(not cudnn and flash for _, cudnn, flash in train)
+    assert any(cudnn for grad, cudnn, _ in seen if not grad)  # the rollouts keep the caller's choice
