@@ -160,6 +160,9 @@ def cmd_summarize(args) -> int:
     closed = json.loads(Path(args.closed_form).read_text()) if args.closed_form else None
     if closed is not None:
         s["closed_form_fid_every_step_over_dense"] = closed["summary"]["rtlynx_fid_over_dense"]
+        if "act24" not in v and "act24" in closed["variants"]:  # naive 2:4 of another run: said so in the key
+            naive = closed["variants"]["act24"]["fid"]
+            s["gap_closed_every_step_cross_run"] = (naive - v["rtlynx"]["fid"]) / (naive - dense)
     curves = json.loads(Path(args.curves).read_text()) if args.curves else None
     out = {**run_metadata(), "device": every["device"], "every_step": every, "t0.2": t02,
            "fp8": json.loads(Path(args.fp8).read_text()) if args.fp8 else None,
