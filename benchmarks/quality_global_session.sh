@@ -12,6 +12,7 @@
 #                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse).
 #   4. eval       the whole tree: RT-Lynx FP8 every step, dense + RT-Lynx with dense_below_t 0.2, one FLUX.1-dev
 #                 optimisation step.
+# The carried files: benchmarks/device_files.sh makes them on a fresh checkout.
 #   run: bash benchmarks/quality_global_session.sh {prep|reference|train|eval}
 set -uo pipefail
 what=${1:?prep, reference, train or eval}

