@@ -9,7 +9,8 @@
 #   2. reference  tree without the weights + carry .cache/emoji64.npz: Emoji-64 Inception features -> .cache/;
 #                 compute-sanitizer on the kernels.
 #   3. train      the whole tree: global distillation of the mini-FLUX LoRA (benchmarks/distill_global.py train)
-#                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse).
+#                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse);
+#                 RESUME=1 goes on from the last checkpoint (600 steps take ~9 min: two calls), FID=0 skips the FID.
 #   4. eval       the whole tree: RT-Lynx FP8 every step, dense + RT-Lynx with dense_below_t 0.2, one FLUX.1-dev
 #                 optimisation step.
 # The carried files: benchmarks/device_files.sh makes them on a fresh checkout.
@@ -53,27 +54,35 @@ case $what in
       tests/gpu/sanitize_checks.py > "$OUT/sanitizer.txt" 2>&1; echo "sanitizer rc $?" | tee -a "$OUT/sanitizer.txt"; } ;;
   train)
     # Two optimisation steps per candidate setting first (CUDA_LAUNCH_BLOCKING=1 names the failing kernel): the
-    # first run of 2026-12-07 hit an illegal memory access in the first backward (reference path, batch 256);
-    # the first setting that passes trains.
+    # first run of 2026-12-07 hit an illegal memory access in the first backward (cuDNN attention, batch 256);
+    # the first setting that passes trains. RESUME=1: no probes, the setting chosen before, on from the last
+    # checkpoint (a run longer than one call). FID=0: no FID at the end.
     T=(python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt --backend $BACKEND)
-    chosen=
-    while IFS= read -r cand; do
-      [ -n "$cand" ] || continue
-      rm -rf .cache/gl/probe
-      if CUDA_LAUNCH_BLOCKING=1 timeout 90 "${T[@]}" --out .cache/gl/probe --steps 2 --val-prompts 8 --eval-every 1000 \
-           $cand > "$OUT/probe.txt" 2>&1; then echo "probe ok: $cand" | tee -a "$OUT/probes.txt"; chosen=$cand; break; fi
-      { echo "probe FAILED: $cand"; grep -v "it/s]\|s/it]" "$OUT/probe.txt" | grep -B2 -A12 "Error\|error" | tail -40; } \
-        | tee -a "$OUT/probes.txt"
-    done <<< "${PROBES:-$'--checkpointing\n--no-checkpointing\n--checkpointing --sdpa efficient\n--checkpointing --sdpa math\n--checkpointing --batch 64 --calls-per-batch 8'}"
-    [ -n "$chosen" ] || { echo "every probe failed"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 1; }
+    bars() { tr '\r' '\n' | grep --line-buffered -av "it/s]\|s/it]\|step/s]\|s/step]"; }
+    if [ "${RESUME:-0}" = 1 ]; then
+      chosen="$(cat .cache/gl/chosen) --resume"
+    else
+      chosen=
+      while IFS= read -r cand; do
+        [ -n "$cand" ] || continue
+        rm -rf .cache/gl/probe
+        if CUDA_LAUNCH_BLOCKING=1 timeout ${PROBE_S:-90} "${T[@]}" --out .cache/gl/probe --steps 2 --val-prompts 8 --eval-every 1000 \
+             $cand > "$OUT/probe.txt" 2>&1; then echo "probe ok: $cand" | tee -a "$OUT/probes.txt"; chosen=$cand; break; fi
+        { echo "probe FAILED: $cand"; bars < "$OUT/probe.txt" | grep -B2 -A12 "Error\|error" | tail -40; } \
+          | tee -a "$OUT/probes.txt"
+      done <<< "${PROBES:-$'--checkpointing\n--checkpointing --sdpa efficient\n--checkpointing --sdpa math\n--checkpointing --batch 64 --calls-per-batch 8'}"
+      [ -n "$chosen" ] || { echo "every probe failed"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 1; }
+      mkdir -p .cache/gl && echo "$chosen" > .cache/gl/chosen
+    fi
     timeout ${TRAIN_S:-330} "${T[@]}" --out .cache/gl/lora --steps ${STEPS:-600} $chosen ${TRAIN_ARGS:-} 2>&1 \
-      | grep -v "it/s]\|s/it]" | tee "$OUT/train_log.txt"
-    if [ ! -f .cache/gl/lora/rtlynx_config.json ] && [ -f .cache/gl/lora/checkpoint/lora/rtlynx_config.json ]; then
-      echo "training timed out: the last checkpoint is evaluated" | tee -a "$OUT/train_log.txt"
+      | bars | tee "$OUT/train_log.txt"
+    if [ "${PIPESTATUS[0]}" != 0 ] && [ -f .cache/gl/lora/checkpoint/lora/rtlynx_config.json ]; then
+      echo "training stopped before its last step: the last checkpoint is evaluated" | tee -a "$OUT/train_log.txt"
       cp .cache/gl/lora/checkpoint/lora/* .cache/gl/lora/
     fi
+    cp .cache/gl/lora/checkpoint/global_state.json "$OUT/" 2>/dev/null
     tar czf "$OUT/lora.tgz" --exclude global_state.safetensors -C .cache/gl lora
-    timeout ${EVAL_S:-240} "${Q[@]}" --variants dense rtlynx --out "$OUT/quality_global_every.json" 2>&1 \
+    [ "${FID:-1}" = 1 ] && timeout ${EVAL_S:-240} "${Q[@]}" --variants dense rtlynx --out "$OUT/quality_global_every.json" 2>&1 \
       | grep -v "it/s]" | tee "$OUT/quality_every_log.txt" ;;
   evalonly)  # a LoRA trained elsewhere, carried as .cache/gl/lora: every variant in one run (one set of dense images)
     timeout ${EVAL_S:-540} "${Q[@]}" --variants ${VARIANTS:-dense rtlynx rtlynx_t0.2 rtlynx_fp8 act24} \

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
-from rtlynx import api, io  # noqa: E402
+from rtlynx import api, io, schedule  # noqa: E402
 from rtlynx.benchtools import run_metadata  # noqa: E402
 from rtlynx.data import emoji64  # noqa: E402
 from rtlynx.demo import LORA_DIR  # noqa: E402
@@ -101,8 +101,32 @@ def main(argv=None) -> int:
     api.configure(model.transformer, backend="reference", speed_rules=False)
     t = model.transformer
 
-    def sample():
-        return to_uint8(model.sample(held, num_steps=args.steps, seed=0))
+    def sample(noise=None):
+        return to_uint8(model.sample(held, num_steps=args.steps, seed=0, noise=noise))
+
+    # the seed-0 start noise (as model.sample draws it) and a copy nudged by 1e-3 of its scale: how chaotic is
+    # each sampler on its own?
+    n_tok, d_tok = model.grid ** 2, model.config["patch_size"] ** 2 * model.config["channels"]
+    g = torch.Generator().manual_seed(0)
+    noise0 = torch.randn(len(held), n_tok, d_tok, generator=g)
+    nudged = noise0 + 1e-3 * torch.randn(noise0.shape, generator=torch.Generator().manual_seed(1))
+
+    def first_steps_dense(above: float):
+        """the steps with noise level t > ``above`` dense (the composition-deciding ones), the rest sparse"""
+        api.configure(t, dense_below_t=1.0)  # installs the step gate; its rule is replaced for this sample
+        gate = schedule.gate_of(t)
+        gate.set_level = lambda module, level: setattr(gate, "dense", level is not None and level > above)
+        try:
+            return sample()
+        finally:
+            api.configure(t, dense_below_t=None)
+
+    def controls(d):
+        """(dense with the nudged noise vs dense, sparse vs dense with the first steps dense)"""
+        with api.dense_mode(t):
+            dn = sample(nudged)
+        return {"nudged_noise_dense": pm(dn, d), "first_dense_t0.8": pm(first_steps_dense(0.8), d),
+                "first_dense_t0.6": pm(first_steps_dense(0.6), d)}
 
     def pm(a, b):
         return F.paired_metrics(a.numpy(), b.numpy())
@@ -119,9 +143,13 @@ def main(argv=None) -> int:
 
     with torch.no_grad():
         dense, sparse, sparse_t = three()
+        ctl = controls(dense)
         t.add_adapter(cfg, adapter_name="style")
         set_peft_model_state_dict(t, state, adapter_name="style")
         dense_a, sparse_a, sparse_a_t = three()
+        ctl_a = controls(dense_a)
+    for name, c in (("without adapter", ctl), ("with adapter", ctl_a)):
+        print(name, " | ".join(f"{k} PSNR {v['psnr']:.2f} dB SSIM {v['ssim']:.3f}" for k, v in c.items()), flush=True)
     refit = {}
     if args.refit:  # the compensation LoRA refitted on the user's prompts, without and with the adapter active
         cal = prompts[:: max(1, len(prompts) // args.refit)][: args.refit]
@@ -146,7 +174,11 @@ def main(argv=None) -> int:
            "adapter_effect_dense": pm(dense_a, dense), "adapter_effect_sparse": pm(sparse_a, sparse),
            "adapter_change_cosine": float((da * sa).sum() / (da.norm() * sa.norm())),
            "adapter_change_ratio": float(sa.norm() / da.norm()),
-           "refit_compensation_sparse_adapter_vs_dense_adapter": refit}
+           "refit_compensation_sparse_adapter_vs_dense_adapter": refit,
+           # controls: the dense sampler's own sensitivity (start noise nudged by 1e-3 of its scale, vs the same
+           # model's un-nudged images) and RT-Lynx with the first, composition-deciding steps dense (vs dense),
+           # without and with the adapter
+           "controls_without_adapter": ctl, "controls_with_adapter": ctl_a}
     for k in ("sparse_vs_dense", "sparse_adapter_vs_dense_adapter", "sparse_t0.2_vs_dense",
               "sparse_adapter_t0.2_vs_dense_adapter", "adapter_effect_dense", "adapter_effect_sparse"):
         print(f"{k:34s} PSNR {out[k]['psnr']:.2f} dB  SSIM {out[k]['ssim']:.3f}")
