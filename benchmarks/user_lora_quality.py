@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
-from rtlynx import api, io, schedule  # noqa: E402
+from rtlynx import api, io  # noqa: E402
 from rtlynx.benchtools import run_metadata  # noqa: E402
 from rtlynx.data import emoji64  # noqa: E402
 from rtlynx.demo import LORA_DIR  # noqa: E402
@@ -113,13 +113,11 @@ def main(argv=None) -> int:
 
     def first_steps_dense(above: float):
         """the steps with noise level t > ``above`` dense (the composition-deciding ones), the rest sparse"""
-        api.configure(t, dense_below_t=1.0)  # installs the step gate; its rule is replaced for this sample
-        gate = schedule.gate_of(t)
-        gate.set_level = lambda module, level: setattr(gate, "dense", level is not None and level > above)
+        api.configure(t, dense_above_t=above)
         try:
             return sample()
         finally:
-            api.configure(t, dense_below_t=None)
+            api.configure(t, dense_above_t=None)
 
     def controls(d):
         """(dense with the nudged noise vs dense, sparse vs dense with the first steps dense)"""

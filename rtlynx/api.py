@@ -166,7 +166,7 @@ def _apply(module: nn.Module, names: list[str], config: SparsityConfig, lora_ran
     adapters.install(module)  # adapters added after: see rtlynx.integrations.peft
     hf.install_save_refusal(module)
     hf.install_parallelism(module, enable_parallelism)
-    schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
+    schedule.install(module, sparse_layers(module).values(), config.dense_below_t, config.dense_above_t)
 
 
 def enable_parallelism(self, *, config, cp_plan=None):
@@ -252,12 +252,13 @@ _UNSET = object()
 
 
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
-              backend: str | None = None, dense_below_t=_UNSET, speed_rules: bool | None = None,
+              backend: str | None = None, dense_below_t=_UNSET, dense_above_t=_UNSET, speed_rules: bool | None = None,
               dtype: str | None = None, keep_dense_weights: bool | None = None,
               adapter_rank: int | str | None = None):
     """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
     "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
-    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``speed_rules``,
+    ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``dense_above_t`` the
+    first-steps one (the same), ``speed_rules``,
     ``dtype`` "native" / "fp8", ``keep_dense_weights`` (with "fp8": keep the bf16 weights next to the FP8 ones;
     set it before switching to "fp8" when exact dense runs must follow, e.g. an A/B against dense),
     ``adapter_rank`` the room for your own adapters in the LoRA tail ("auto", R, 0: see SparsityConfig; the sites
@@ -274,13 +275,14 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
                                  ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype),
                                  ("keep_dense_weights", keep_dense_weights), ("adapter_rank", adapter_rank))
                if v is not None}
-    if dense_below_t is not _UNSET:
-        changes["dense_below_t"] = dense_below_t
+    for name, value in (("dense_below_t", dense_below_t), ("dense_above_t", dense_above_t)):
+        if value is not _UNSET:
+            changes[name] = value
     config = dataclasses.replace(settings.config, **changes)  # validates everything before anything changes
     with transaction(module, extra=[settings, *model_sites(module)]):
         settings.config = config
-        if dense_below_t is not _UNSET:
-            schedule.install(module, layers.values(), dense_below_t)
+        if "dense_below_t" in changes or "dense_above_t" in changes:
+            schedule.install(module, layers.values(), config.dense_below_t, config.dense_above_t)
         dropped = {name for name, field in OVERRIDABLE.items() if field in changes}
         for layer in layers.values():
             for name in dropped:
@@ -341,6 +343,7 @@ class Summary:
     flops_measured: bool
     dense_below_t: float | None = None
     dtype: str = "native"
+    dense_above_t: float | None = None
     fp8_stored: int = 0      # sparse layers whose weights are held in FP8 only (dtype="fp8", keep_dense_weights off)
 
     @property
@@ -360,6 +363,8 @@ class Summary:
                      f"{100 * self.sparse_flop_share:.1f}% of linear FLOPs ({basis})")
         if self.dense_below_t is not None:
             lines.append(f"sparse layers run dense on the final steps (noise level t < {self.dense_below_t})")
+        if self.dense_above_t is not None:
+            lines.append(f"sparse layers run dense on the first steps (noise level t > {self.dense_above_t})")
         if self.dtype == "fp8":
             lines.append("kept activations and weights in FP8 e4m3 (per-token / per-channel scales): FP8 sparse "
                          "kernels on sm_90 for bf16 sites, emulated on the reference path elsewhere")
@@ -409,4 +414,5 @@ def summary(model, *args, **kwargs) -> Summary:
         infos.append(LayerInfo(n, m.in_features, m.out_features, r, isinstance(m, SparseActLinear), flops, site, note))
     stored = sum(isinstance(m, SparseActLinear) and m.weight_scale is not None for m in linears.values())
     return Summary(infos, flops_measured=bool(rows), dense_below_t=config.dense_below_t if config else None,
+                   dense_above_t=config.dense_above_t if config else None,
                    dtype=config.dtype if config else "native", fp8_stored=stored)

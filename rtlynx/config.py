@@ -38,6 +38,8 @@ class SparsityConfig:
     k_remainder: K not a multiple of m: "pad" with zeros (exact for the kept set) or run "dense".
     dense_below_t: run the sparse layers dense while the call's noise level t (1 = noise, 0 = clean) is
         below this, i.e. the final sampling steps (see rtlynx.schedule); None = sparse at every step.
+    dense_above_t: run them dense while t is above this, i.e. the first, composition-deciding steps (they matter
+        with a strong style adapter: benchmarks/NOTES.md v14); None = off. Both may be set.
     mode: "sparse", "dense" (the original linears, for A/B runs) or "weight" (magnitude N:M on W, a baseline).
     lora: whether the LoRA branches (if any) are on.
     speed_rules: on the GPU kernels, run dense the sites whose shape loses to cuBLAS on the measured kernel
@@ -74,6 +76,7 @@ class SparsityConfig:
     k_remainder: str = "pad"
     eps: float = 1e-8
     dense_below_t: float | None = None
+    dense_above_t: float | None = None
     mode: str = "sparse"
     lora: bool = True
     speed_rules: bool = True
@@ -109,6 +112,11 @@ class SparsityConfig:
         validate.real("eps", self.eps, 0.0, low_open=True)  # finite too: eps=inf would zero every output
         if self.dense_below_t is not None:
             validate.real("dense_below_t (or None)", self.dense_below_t, 0.0, 1.0, low_open=True)
+        if self.dense_above_t is not None:
+            validate.real("dense_above_t (or None)", self.dense_above_t, 0.0, 1.0, high_open=True)
+            if self.dense_below_t is not None and self.dense_above_t <= self.dense_below_t:
+                raise ValueError(f"dense_above_t ({self.dense_above_t}) must be above dense_below_t "
+                                 f"({self.dense_below_t}): otherwise every step runs dense (mode='dense' does that)")
         if not _is_int(self.version) or self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this rtlynx reads {CONFIG_VERSION})")
         if self.preset is None and not self.include:

@@ -303,4 +303,4 @@ def _apply_loaded(module, layers: dict, config: SparsityConfig, tensors: dict, p
     for site in sites.model_sites(module):
         site.refresh_overrides()
         site.build()  # the operands take the loaded LoRA tails
-    schedule.install(module, sparse_layers(module).values(), config.dense_below_t)
+    schedule.install(module, sparse_layers(module).values(), config.dense_below_t, config.dense_above_t)

@@ -1,4 +1,4 @@
-"""Which sampling steps run sparse: ``SparsityConfig.dense_below_t``.
+"""Which sampling steps run sparse: ``SparsityConfig.dense_below_t`` and ``dense_above_t``.
 
 The last, low-noise steps of a sampler write the fine detail of the image; an activation-sparsity error
 made there is not denoised away by later steps and shows as grain (on the mini-FLUX it is most of the FID
@@ -7,6 +7,8 @@ noise level t of the transformer call (1 = pure noise, 0 = clean) is below a. Th
 from the call's time argument once per forward (one device sync), by a forward pre-hook on the model; under
 ``torch.compile`` a step marker outside the compiled region reads it instead (rtlynx.cudagraphs: ``gate.external``),
 so the compiled forward holds no host read (no graph break) and switches between two graphs, sparse and dense.
+``dense_above_t = b`` does the same for the first steps (t > b): with a strong style adapter they decide the
+composition, and their sparsity error sends the sample elsewhere (benchmarks/NOTES.md v14).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ class StepGate:
     """Shared by the sparse layers of one model; ``dense`` is set before each forward of the model: by the model's
     own pre-hook, or (``external``) by a caller outside a compiled region (rtlynx.cudagraphs.StepMarker)."""
 
-    def __init__(self, below: float):
-        self.below = below
+    def __init__(self, below: float | None, above: float | None = None):
+        self.below, self.above = below, above
         self.dense = False
         self.last_t = None
         self.external = False
@@ -38,11 +40,11 @@ class StepGate:
         self.last_t = t
         if t is None:
             warn_once(f"notime:{type(module).__name__}",
-                      f"rtlynx: dense_below_t is set but {type(module).__name__} was called without a "
+                      f"rtlynx: a step schedule is set but {type(module).__name__} was called without a "
                       f"{time_arg(module)[0]!r} argument; running sparse at every step")
             self.dense = False
         else:
-            self.dense = t < self.below
+            self.dense = (self.below is not None and t < self.below) or (self.above is not None and t > self.above)
 
 
 def gate_of(module: nn.Module) -> StepGate | None:
@@ -76,12 +78,12 @@ def noise_level(module: nn.Module, args, kwargs) -> float | None:
     return t if noise_at == 1.0 else 1.0 - t
 
 
-def install(module: nn.Module, layers, below: float | None) -> None:
-    """(Re)install the step schedule on ``module`` for ``layers``; ``below=None`` removes it."""
+def install(module: nn.Module, layers, below: float | None, above: float | None = None) -> None:
+    """(Re)install the step schedule on ``module`` for ``layers``; both None removes it."""
     remove(module, layers)
-    if below is None:
+    if below is None and above is None:
         return
-    gate = StepGate(below)
+    gate = StepGate(below, above)
     for layer in layers:
         layer._step_gate = gate
 

@@ -116,3 +116,42 @@ def test_model_without_time_argument_warns_and_stays_sparse():
     expect = brute_sparse_act_linear(net.blocks[0], x).float()  # sparse, by the independent reference
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(expect, dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,late,mid,early", [("flux", 0.1, 0.5, 0.9), ("z-image", 0.9, 0.5, 0.1)])
+@torch.no_grad()
+def test_first_and_final_steps_dense_together(kind, late, mid, early, tmp_path):
+    # dense_above_t: the first (noisiest) steps dense, with or without dense_below_t; the middle stays sparse
+    model = _pair(kind)
+    dense = {t: _run(model, kind, t) for t in (late, mid, early)}
+    rtlynx.sparsify(model, backend="reference", dense_above_t=0.7, lora_rank=4)
+    assert torch.equal(_run(model, kind, early), dense[early])  # noise level 0.9 > 0.7: dense, bit for bit
+    for t in (mid, late):
+        assert not torch.allclose(_run(model, kind, t), dense[t], atol=1e-4)
+    api.configure(model, dense_below_t=0.3)  # both ends dense now
+    assert torch.equal(_run(model, kind, late), dense[late]) and torch.equal(_run(model, kind, early), dense[early])
+    sparse_mid = _run(model, kind, mid)
+    assert not torch.allclose(sparse_mid, dense[mid], atol=1e-4)
+    assert "t > 0.7" in str(api.summary(model)) and "t < 0.3" in str(api.summary(model))
+    io.save(model, tmp_path / "s")  # the schedule travels with the save
+    fresh = _pair(kind)
+    io.load(fresh, tmp_path / "s")
+    assert (rtlynx.config_of(fresh).dense_above_t, rtlynx.config_of(fresh).dense_below_t) == (0.7, 0.3)
+    assert torch.equal(_run(fresh, kind, mid), sparse_mid) and torch.equal(_run(fresh, kind, early), dense[early])
+    api.configure(model, dense_above_t=None)
+    assert not torch.allclose(_run(model, kind, early), dense[early], atol=1e-4)
+    api.configure(model, dense_below_t=None)
+    assert not hasattr(model, "_rtlynx_step_hook")  # no schedule left: no hook
+
+
+def test_first_steps_schedule_is_validated():
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="dense_above_t"):
+            SparsityConfig(dense_above_t=bad)
+    with pytest.raises(ValueError, match="must be above dense_below_t"):
+        SparsityConfig(dense_below_t=0.5, dense_above_t=0.4)
+    model = _pair("flux")
+    rtlynx.sparsify(model, backend="reference", dense_below_t=0.5)
+    with pytest.raises(ValueError, match="must be above"):
+        api.configure(model, dense_above_t=0.2)
+    assert rtlynx.config_of(model).dense_above_t is None  # nothing half-applied

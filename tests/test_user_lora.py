@@ -305,7 +305,9 @@ def test_hotswap_and_new_adapter_weights_do_not_recompile(tmp_path, gen):
     pipe.load_lora_weights(file_b, adapter_name="style", hotswap=True)
     swapped = forward(compiled, inputs)
     ref_pipe.load_lora_weights(file_b, adapter_name="style")
-    assert torch.equal(swapped, forward(ref_pipe.transformer, inputs))  # adapter b, loaded the plain way, eager
+    # adapter b loaded the plain way, eager: equal up to fp32 rounding (the hotswapped factors are zero-padded to
+    # the target rank, so the products are summed over more terms; peft 0.21 differs from it by ~4e-7)
+    torch.testing.assert_close(swapped, forward(ref_pipe.transformer, inputs), rtol=1e-5, atol=1e-5)
     assert not torch.equal(swapped, first)
     wrapper = pipe.transformer.get_submodule("transformer_blocks.0.attn.to_q")
     with torch.no_grad():

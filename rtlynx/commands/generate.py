@@ -40,7 +40,7 @@ def hidden_alias(p, flag: str, dest: str, **kw) -> None:
 
 
 def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend: str, speed_rules: bool,
-            sparse_dtype: str | None = None, keep_dense_weights: bool = False) -> str:
+            sparse_dtype: str | None = None, keep_dense_weights: bool = False, dense_above_t="config") -> str:
     """Sparsify ``runner.transformer``: from a saved rtlynx directory (with its LoRA) or a preset (norm
     compensation only). Returns a short description. Raises ValueError / FileNotFoundError on bad input."""
     from .. import api, io
@@ -57,8 +57,9 @@ def prepare(runner, lynx: str | None, preset: str | None, dense_below_t, backend
     changes = {"backend": backend, "speed_rules": speed_rules, "keep_dense_weights": keep_dense_weights}
     if sparse_dtype is not None:
         changes["dtype"] = sparse_dtype
-    if dense_below_t != "config":
-        changes["dense_below_t"] = None if dense_below_t == "none" else dense_below_t
+    for name, flag in (("dense_below_t", dense_below_t), ("dense_above_t", dense_above_t)):
+        if flag != "config":
+            changes[name] = None if flag == "none" else flag
     api.configure(runner.transformer, **changes)
     return what
 
@@ -126,13 +127,15 @@ def run(args) -> int:
         device = validate.device("--device", args.device)
         runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
         what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules,
-                       args.sparse_dtype, keep_dense_weights=args.compare)
+                       args.sparse_dtype, keep_dense_weights=args.compare, dense_above_t=args.dense_above_t)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx generate: {e}") from None
     config = api.config_of(runner.transformer)
     print(f"{runner.kind} from {runner.path} on {runner.device} ({str(runner.dtype).removeprefix('torch.')}), "
           f"{len(api.sparse_layers(runner.transformer))} sparse layers: {what}")
     print(schedule_line(config.dense_below_t, args.dense_below_t, "the saved LoRA" if args.lynx else "the preset"))
+    if config.dense_above_t is not None:
+        print(f"the first steps (noise level t > {config.dense_above_t}) run dense too (--dense-above-t none: off)")
     if args.compile != "none":
         runner.compile(regional=args.compile == "regional")
         print(f"compiled ({args.compile}, mode reduce-overhead: CUDA graphs on a GPU, one step mark per step)")
@@ -224,6 +227,9 @@ def register(sub) -> None:
                         "(default: auto, by model class)")
     p.add_argument("--dense-below-t", type=arg_t, default="config", metavar="T|none|config",
                    help="run the final steps (noise level t < T) dense (default: config = the loaded value)")
+    p.add_argument("--dense-above-t", type=arg_t, default="config", metavar="T|none|config",
+                   help="run the first steps (noise level t > T) dense: with a strong style adapter they decide "
+                        "the composition (default: config = the loaded value)")
     p.add_argument("--backend", default="auto", help="auto / reference / cusparselt / lynx (default: auto)")
     p.add_argument("--sparse-dtype", default=None, choices=("native", "fp8"),
                    help="operands of the sparse layers: fp8 = float8 e4m3 (FP8 sparse kernels on sm_90, else "

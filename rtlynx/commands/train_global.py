@@ -55,10 +55,10 @@ def run(args, device, dtype, solve_closed_form) -> int:
         prompts = read_prompts(args.prompts)
         runner = load_runner(args.model, device=device, dtype=dtype)
         if args.init:
-            io.load(runner.transformer, args.init, dense_below_t=None)
+            io.load(runner.transformer, args.init, dense_below_t=None, dense_above_t=None)
         else:
             solve_closed_form(runner.transformer)
-            api.configure(runner.transformer, dense_below_t=None)
+            api.configure(runner.transformer, dense_below_t=None, dense_above_t=None)
 
         def rollout(batch, seed):
             return runner.sample(batch, steps=args.steps, guidance=args.guidance, height=args.height,
