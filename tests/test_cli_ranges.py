@@ -26,6 +26,8 @@ OUT_OF_RANGE = [
     (["generate", "--prompt", "a", "--width", "-64"], "--width"),
     (["generate", "--prompt", "a", "--dense-below-t", "abc"], "--dense-below-t"),
     (["generate", "--prompt", "a", "--dense-below-t", "inf"], "--dense-below-t"),
+    (["generate", "--prompt", "a", "--dense-above-t", "abc"], "--dense-above-t"),
+    (["generate", "--prompt", "a", "--dense-above-t", "-0.5"], "--dense-above-t"),
     (["demo", "--steps", "0"], "--steps"),
     (["demo", "--num-prompts", "0"], "--num-prompts"),
     (["demo", "--dense-below-t", "abc"], "--dense-below-t"),

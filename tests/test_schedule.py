@@ -155,3 +155,19 @@ def test_first_steps_schedule_is_validated():
     with pytest.raises(ValueError, match="must be above"):
         api.configure(model, dense_above_t=0.2)
     assert rtlynx.config_of(model).dense_above_t is None  # nothing half-applied
+
+
+def test_generate_options_set_both_schedules():
+    from types import SimpleNamespace
+
+    from rtlynx.commands.generate import prepare
+
+    runner = SimpleNamespace(transformer=_pair("flux"))
+    prepare(runner, None, None, 0.2, "reference", False, dense_above_t=0.6)
+    cfg = rtlynx.config_of(runner.transformer)
+    assert (cfg.dense_below_t, cfg.dense_above_t) == (0.2, 0.6)
+    runner = SimpleNamespace(transformer=_pair("flux"))
+    prepare(runner, None, None, "config", "reference", False)  # the defaults: what the preset says (no schedule)
+    assert rtlynx.config_of(runner.transformer).dense_above_t is None
+    with pytest.raises(ValueError, match="must be above"):
+        prepare(SimpleNamespace(transformer=_pair("flux")), None, None, 0.5, "reference", False, dense_above_t=0.4)
