@@ -70,7 +70,7 @@ case $what in
              $cand > "$OUT/probe.txt" 2>&1; then echo "probe ok: $cand" | tee -a "$OUT/probes.txt"; chosen=$cand; break; fi
         { echo "probe FAILED: $cand"; bars < "$OUT/probe.txt" | grep -B2 -A12 "Error\|error" | tail -40; } \
           | tee -a "$OUT/probes.txt"
-      done <<< "${PROBES:-$'--checkpointing\n--checkpointing --sdpa efficient\n--checkpointing --sdpa math\n--checkpointing --batch 64 --calls-per-batch 8'}"
+      done <<< "${PROBES:-$'--no-checkpointing\n--checkpointing\n--checkpointing --sdpa efficient\n--checkpointing --sdpa math\n--checkpointing --batch 64 --calls-per-batch 8'}"
       [ -n "$chosen" ] || { echo "every probe failed"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 1; }
       mkdir -p .cache/gl && echo "$chosen" > .cache/gl/chosen
     fi
