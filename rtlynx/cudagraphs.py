@@ -12,8 +12,8 @@ next step begins.
 :class:`StepMarker` (``mark_steps(model)``) does that from a forward pre-hook that runs outside the compiled region:
 a call with a new noise level begins a step (CFG's second call of the same step joins it). The same host read of the
 noise level (one device sync per call, as the step schedule has always done) drives rtlynx's step schedule
-(``dense_below_t``, ``dense_above_t``), so the compiled forward holds no host read: no graph break, and the model compiles to two
-graphs (sparse and dense) that both replay.
+(``dense_below_t``, ``dense_above_t``), so the compiled forward holds no host read: no graph break, and the model
+compiles to two graphs (sparse and dense) that both replay.
 
 :func:`compile` compiles a pipeline's (or a model's) transformer, whole or block by block (``regional=True``:
 diffusers' ``compile_repeated_blocks``, minutes less compile), with a marker; :func:`uncompile` undoes it::
