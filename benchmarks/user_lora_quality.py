@@ -111,20 +111,23 @@ def main(argv=None) -> int:
     noise0 = torch.randn(len(held), n_tok, d_tok, generator=g)
     nudged = noise0 + 1e-3 * torch.randn(noise0.shape, generator=torch.Generator().manual_seed(1))
 
-    def first_steps_dense(above: float):
-        """the steps with noise level t > ``above`` dense (the composition-deciding ones), the rest sparse"""
-        api.configure(t, dense_above_t=above)
+    def first_steps_dense(above: float, below: float | None = None):
+        """the steps with noise level t > ``above`` dense (the composition-deciding ones), and those below
+        ``below`` if given; the rest sparse"""
+        api.configure(t, dense_above_t=above, dense_below_t=below)
         try:
             return sample()
         finally:
-            api.configure(t, dense_above_t=None)
+            api.configure(t, dense_above_t=None, dense_below_t=None)
 
     def controls(d):
         """(dense with the nudged noise vs dense, sparse vs dense with the first steps dense)"""
         with api.dense_mode(t):
             dn = sample(nudged)
         return {"nudged_noise_dense": pm(dn, d), "first_dense_t0.8": pm(first_steps_dense(0.8), d),
-                "first_dense_t0.6": pm(first_steps_dense(0.6), d)}
+                "first_dense_t0.6": pm(first_steps_dense(0.6), d),
+                "first_dense_t0.8_final_t0.2": pm(first_steps_dense(0.8, 0.2), d),
+                "first_dense_t0.6_final_t0.2": pm(first_steps_dense(0.6, 0.2), d)}
 
     def pm(a, b):
         return F.paired_metrics(a.numpy(), b.numpy())
