@@ -71,6 +71,7 @@ def cmd_train(args) -> int:
     cfg = GlobalConfig(steps=args.steps, lr=args.lr, batch=args.batch, calls_per_batch=args.calls_per_batch,
                        rollout_prompts=args.rollout_prompts, refresh=args.refresh, buffer_rounds=args.buffer_rounds,
                        states=args.states, t_weight=args.t_weight, eval_every=args.eval_every,
+                       target=args.target, endpoint_weight=args.endpoint_weight,
                        save_every=args.eval_every, seed=args.seed, checkpointing=args.checkpointing)
     t0 = time.time()
     with _sdpa(args.sdpa):
@@ -262,6 +263,8 @@ def main(argv=None) -> int:
     t.add_argument("--buffer-rounds", type=int, default=3)
     t.add_argument("--states", choices=["student", "dense"], default="student")
     t.add_argument("--t-weight", choices=["uniform", "late", "early"], default="uniform")
+    t.add_argument("--target", choices=["velocity", "endpoint"], default="velocity")
+    t.add_argument("--endpoint-weight", type=float, default=1.0)
     t.add_argument("--eval-every", type=int, default=100)
     t.add_argument("--val-prompts", type=int, default=64)
     t.add_argument("--sample-steps", type=int, default=30)

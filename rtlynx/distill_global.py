@@ -33,7 +33,8 @@ from torch.utils._pytree import tree_flatten
 
 from . import io
 from .api import config_of, configure, sparse_layers
-from .recording import Call, cat_rows, record_round, row_error, rows_of, run, velocity_error
+from .presets import FLOW_STATE_ARGS
+from .recording import Call, cat_rows, endpoint_targets, record_round, row_error, rows_of, run, velocity_error
 
 STATE_FILE = "global_state.safetensors"
 STATE_META = "global_state.json"
@@ -60,6 +61,8 @@ class GlobalConfig:
     buffer_rounds: int = 3
     states: str = "student"       # "student": the sparse sampler's own states; "dense": the dense sampler's
     t_weight: str = "uniform"     # "late": weight 1 + 3 (1 - t) on low-noise rows; "early": 1 + 3 t
+    target: str = "velocity"      # "endpoint": pulled toward the dense sample of the same noise (recording.endpoint_targets)
+    endpoint_weight: float = 1.0  # 0: the velocity target; 1: the full pull
     grad_clip: float = 1.0
     checkpointing: bool = True    # gradient checkpointing per transformer block, where the model offers it
     seed: int = 0
@@ -82,6 +85,13 @@ class GlobalConfig:
             raise ValueError(f"states must be 'student' or 'dense', got {self.states!r}")
         if self.t_weight not in T_WEIGHTS:
             raise ValueError(f"t_weight must be one of {T_WEIGHTS}, got {self.t_weight!r}")
+        if self.target not in ("velocity", "endpoint"):
+            raise ValueError(f"target must be 'velocity' or 'endpoint', got {self.target!r}")
+        if self.target == "endpoint" and self.states != "student":
+            raise ValueError("target='endpoint' needs states='student' (on dense states it is the velocity target)")
+        if not (isinstance(self.endpoint_weight, (int, float)) and math.isfinite(self.endpoint_weight)
+                and self.endpoint_weight >= 0):
+            raise ValueError(f"endpoint_weight must be a finite number >= 0, got {self.endpoint_weight!r}")
 
 
 def t_weights(t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -268,6 +278,9 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                            "(`rtlynx train-lora`, or rtlynx.load of a saved LoRA) or sparsify with lora_rank > 0")
     if not prompts:
         raise DistillError("no training prompts")
+    if cfg.target == "endpoint" and type(transformer).__name__ not in FLOW_STATE_ARGS:
+        raise DistillError(f"the endpoint target needs a flow-matching model whose state argument is known "
+                           f"({', '.join(sorted(FLOW_STATE_ARGS))}); {type(transformer).__name__} is not one")
     dev = next(transformer.parameters()).device
     master = _Master(params)
     opt = torch.optim.Adam(list(master.master.values()), lr=cfg.lr)
@@ -307,8 +320,13 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 lo = (round_i * cfg.rollout_prompts) % len(order)
                 batch_prompts = [order[(lo + i) % len(order)] for i in range(cfg.rollout_prompts)]
                 with _on_backend(transformer, user_backend):
-                    buffer.append(record_round(transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i,
-                                               cfg.states, store_device))
+                    fresh = record_round(transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i, cfg.states,
+                                         store_device)
+                    if cfg.target == "endpoint":  # the dense sampler from the same prompts and noise
+                        endpoint_targets(transformer, fresh, record_round(
+                            transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i, "dense", store_device),
+                            cfg.endpoint_weight)
+                    buffer.append(fresh)
                 buffer = buffer[-cfg.buffer_rounds:]
                 round_i += 1
                 timings["rollout_s"] += time.perf_counter() - t0

@@ -203,6 +203,14 @@ TIME_ARGS = {
 }
 DEFAULT_TIME_ARG = ("timestep", 1.0)
 
+# The argument holding the sampler's state x_t, for global distillation's endpoint target, in the models whose
+# sampler is flow matching with x_0 = x_t - t * output (t the noise level). Z-Image is not listed: its pipeline
+# negates the output and runs t the other way.
+FLOW_STATE_ARGS = {
+    "FluxTransformer2DModel": "hidden_states",
+    "QwenImageTransformer2DModel": "hidden_states",
+}
+
 
 # ------------------------------------------------------------------------------------------ preset files
 # A preset file (written by ``rtlynx select``, read by ``sparsify(preset="file.json")``) names exact layers.

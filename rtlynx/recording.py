@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 from . import schedule
 from .api import dense_mode
 from .integrations.diffusers import BATCH_SHARED_ARGS, output_tensor
+from .presets import FLOW_STATE_ARGS
 
 
 @dataclass
@@ -128,6 +129,34 @@ def record_round(transformer, rollout: Callable[[list[str], int], object], promp
 
 
 @torch.no_grad()
+def endpoint_targets(transformer, student: list[Call], dense: list[Call], weight: float = 1.0,
+                     t_floor: float = 0.1) -> None:
+    """Turn the teacher targets of a student rollout into endpoint targets, in place.
+
+    ``dense`` is the dense sampler's rollout from the same prompts and noise (call i of each is the same step). A
+    flow-matching sampler at state x with noise level t lands on x - t v; the dense sampler at its own state x_d lands
+    on x_d - t v_d. The velocity that takes the student's state x_s there is v* = v_d + (x_s - x_d) / t, so the target
+    becomes ``v_T(x_s) + weight * (v* - v_T(x_s))``: the teacher's velocity where the student is (weight 0) pulled
+    toward the dense sample of the same noise (weight 1). t is floored at ``t_floor``: on the last steps the distance
+    left cannot be made up, and (x_s - x_d) / t would explode."""
+    arg = FLOW_STATE_ARGS.get(type(transformer).__name__)
+    if arg is None:
+        raise ValueError(f"the endpoint target needs a flow-matching model whose state argument is known; "
+                         f"{type(transformer).__name__} is not one of {sorted(FLOW_STATE_ARGS)}")
+    if len(student) != len(dense):
+        raise ValueError(f"the student and dense rollouts made {len(student)} and {len(dense)} transformer calls: "
+                         "not the same sampler")
+    for i, (s, d) in enumerate(zip(student, dense)):
+        xs, xd = s.kwargs.get(arg), d.kwargs.get(arg)
+        if xs is None or xd is None or xs.shape != xd.shape or s.t is None or s.t != d.t:
+            raise ValueError(f"call {i} of the two rollouts differs (state {arg!r} or noise level): "
+                             "not the same sampler, prompts or noise")
+        t = max(s.t, t_floor)
+        pull = d.target.float() + (xs.float() - xd.float()).to(d.target.device) / t
+        s.target = (s.target.float() + weight * (pull - s.target.float())).to(s.target.dtype)
+
+
+@torch.no_grad()
 def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float:
     """Relative error of the model's outputs against the recorded teacher's: sum |v_s - v_t|^2 / sum |v_t|^2."""
     num = den = 0.0
@@ -141,5 +170,5 @@ def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float
     return num / den if den else float("nan")
 
 
-__all__ = ["Call", "Recorder", "cat_rows", "record_round", "row_error", "rows_of", "run", "to_device",
-           "velocity_error"]
+__all__ = ["Call", "Recorder", "cat_rows", "endpoint_targets", "record_round", "row_error", "rows_of", "run",
+           "to_device", "velocity_error"]

@@ -4,6 +4,7 @@ inputs and a non-finite loss end in one-line errors with the LoRA as it was."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -227,3 +228,54 @@ def test_training_steps_run_without_cudnn_attention(seed):
     train = [s for s in seen if s[0]]
     assert len(train) == 2 and all(not cudnn and flash for _, cudnn, flash in train)
     assert any(cudnn for grad, cudnn, _ in seen if not grad)  # the rollouts keep the caller's choice
+
+
+def test_endpoint_target_closed_form(gen):
+    # target = v_s + w ((v_d + (x_s - x_d) / max(t, floor)) - v_s), recomputed here from the definitions
+    model = tiny_transformer("flux", seed=0)
+    ts = [0.9, 0.5, 0.05]  # the last below the floor (0.1)
+    def calls(x):
+        return [R.Call((), {"hidden_states": x[i], "timestep": torch.full((2,), t)}, 2, t,
+                       target=torch.randn(2, 5, 3, generator=gen)) for i, t in enumerate(ts)]
+    xs, xd = torch.randn(3, 2, 5, 3, generator=gen), torch.randn(3, 2, 5, 3, generator=gen)
+    student, dense = calls(xs), calls(xd)
+    v_s = [c.target.clone() for c in student]
+    R.endpoint_targets(model, student, dense, weight=0.5)
+    for i, t in enumerate(ts):
+        want = v_s[i] + 0.5 * (dense[i].target + (xs[i] - xd[i]) / max(t, 0.1) - v_s[i])
+        torch.testing.assert_close(student[i].target, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="calls"):
+        R.endpoint_targets(model, calls(xs), calls(xd)[:2])
+    other = calls(xd)
+    other[1].t = 0.4
+    with pytest.raises(ValueError, match="call 1"):
+        R.endpoint_targets(model, calls(xs), other)
+    with pytest.raises(ValueError, match="flow-matching"):
+        R.endpoint_targets(tiny_transformer("z-image", seed=0), calls(xs), calls(xd))
+
+
+def test_endpoint_target_of_a_dense_student_is_the_velocity_target(seed):
+    # a student that runs dense reaches the dense states: nothing to pull back, the targets stay bit for bit
+    _, model = _model(seed)
+    roll = _sampler(model)
+    rtlynx.configure(model, mode="dense")
+    student = R.record_round(model, roll, ["a", "b"], 3, "student")
+    want = [c.target.clone() for c in student]
+    R.endpoint_targets(model, student, R.record_round(model, roll, ["a", "b"], 3, "dense"))
+    assert all(torch.equal(c.target, w) for c, w in zip(student, want))
+
+
+def test_endpoint_training_runs_and_is_validated(seed):
+    _, model = _model(seed)
+    cfg = G.GlobalConfig(steps=2, batch=2, calls_per_batch=2, rollout_prompts=2, eval_every=100, save_every=100,
+                         target="endpoint", endpoint_weight=0.5)
+    rep = G.train_global(model, _sampler(model), ["a", "b"], cfg, progress=False, log=lambda *a: None)
+    assert all(math.isfinite(r["train_rel_err"]) for r in rep["history"] if "train_rel_err" in r)
+    with pytest.raises(ValueError, match="states='student'"):
+        G.GlobalConfig(target="endpoint", states="dense")
+    with pytest.raises(ValueError, match="endpoint_weight"):
+        G.GlobalConfig(target="endpoint", endpoint_weight=-1)
+    z = tiny_transformer("z-image", seed=seed)
+    rtlynx.sparsify(z, lora_rank=2, backend="reference", speed_rules=False)
+    with pytest.raises(G.DistillError, match="flow-matching"):
+        G.train_global(z, lambda p, s: None, ["a"], cfg, progress=False, log=lambda *a: None)

@@ -29,6 +29,11 @@ def add_args(p) -> None:
                    help="global: train on the sparse sampler's states or the dense sampler's (default: student)")
     p.add_argument("--t-weight", choices=["uniform", "late", "early"], default="uniform",
                    help="global: loss weight by noise level (default: uniform)")
+    p.add_argument("--target", choices=["velocity", "endpoint"], default="velocity",
+                   help="global: the teacher's velocity at the student's states, or that velocity pulled toward the "
+                        "dense sample of the same noise (flow-matching models: FLUX, Qwen-Image) (default: velocity)")
+    p.add_argument("--endpoint-weight", type=arg_real(0), default=1.0,
+                   help="global: with --target endpoint, how far the target is pulled (0-1) (default: 1.0)")
     p.add_argument("--store-device", default=None,
                    help="global: where recorded calls are kept: cpu for large models (default: the model's device)")
     p.add_argument("--resume", action="store_true", help="global: continue from --out/checkpoint (default: off)")
@@ -51,7 +56,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
     try:
         cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
                            rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
-                           t_weight=args.t_weight, seed=args.seed)
+                           t_weight=args.t_weight, seed=args.seed, target=args.target,
+                           endpoint_weight=args.endpoint_weight)
         prompts = read_prompts(args.prompts)
         runner = load_runner(args.model, device=device, dtype=dtype)
         if args.init:
