@@ -33,8 +33,8 @@ from torch.utils._pytree import tree_flatten
 
 from . import io
 from .api import config_of, configure, sparse_layers
-from .presets import FLOW_STATE_ARGS
-from .recording import Call, cat_rows, endpoint_targets, record_round, row_error, rows_of, run, velocity_error
+from .recording import (Call, cat_rows, endpoint_targets, flow_state_arg, record_round, row_error, rows_of, run,
+                        velocity_error)
 
 STATE_FILE = "global_state.safetensors"
 STATE_META = "global_state.json"
@@ -278,9 +278,11 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                            "(`rtlynx train-lora`, or rtlynx.load of a saved LoRA) or sparsify with lora_rank > 0")
     if not prompts:
         raise DistillError("no training prompts")
-    if cfg.target == "endpoint" and type(transformer).__name__ not in FLOW_STATE_ARGS:
-        raise DistillError(f"the endpoint target needs a flow-matching model whose state argument is known "
-                           f"({', '.join(sorted(FLOW_STATE_ARGS))}); {type(transformer).__name__} is not one")
+    if cfg.target == "endpoint":
+        try:
+            flow_state_arg(transformer)  # refused before any rollout, not after the first
+        except ValueError as e:
+            raise DistillError(str(e)) from None
     dev = next(transformer.parameters()).device
     master = _Master(params)
     opt = torch.optim.Adam(list(master.master.values()), lr=cfg.lr)

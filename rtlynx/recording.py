@@ -128,6 +128,15 @@ def record_round(transformer, rollout: Callable[[list[str], int], object], promp
     return rec.calls
 
 
+def flow_state_arg(transformer) -> str:
+    """The argument holding a flow-matching sampler's state x_t for this model; ValueError where it is not known."""
+    arg = FLOW_STATE_ARGS.get(type(transformer).__name__)
+    if arg is None:
+        raise ValueError(f"the endpoint target needs a flow-matching model whose state argument is known; "
+                         f"{type(transformer).__name__} is not one of {sorted(FLOW_STATE_ARGS)}")
+    return arg
+
+
 @torch.no_grad()
 def endpoint_targets(transformer, student: list[Call], dense: list[Call], weight: float = 1.0,
                      t_floor: float = 0.1) -> None:
@@ -139,10 +148,7 @@ def endpoint_targets(transformer, student: list[Call], dense: list[Call], weight
     becomes ``v_T(x_s) + weight * (v* - v_T(x_s))``: the teacher's velocity where the student is (weight 0) pulled
     toward the dense sample of the same noise (weight 1). t is floored at ``t_floor``: on the last steps the distance
     left cannot be made up, and (x_s - x_d) / t would explode."""
-    arg = FLOW_STATE_ARGS.get(type(transformer).__name__)
-    if arg is None:
-        raise ValueError(f"the endpoint target needs a flow-matching model whose state argument is known; "
-                         f"{type(transformer).__name__} is not one of {sorted(FLOW_STATE_ARGS)}")
+    arg = flow_state_arg(transformer)
     if len(student) != len(dense):
         raise ValueError(f"the student and dense rollouts made {len(student)} and {len(dense)} transformer calls: "
                          "not the same sampler")
@@ -170,5 +176,5 @@ def velocity_error(transformer, calls: list[Call], max_rows: int = 256) -> float
     return num / den if den else float("nan")
 
 
-__all__ = ["Call", "Recorder", "cat_rows", "endpoint_targets", "record_round", "row_error", "rows_of", "run",
-           "to_device", "velocity_error"]
+__all__ = ["Call", "Recorder", "cat_rows", "endpoint_targets", "flow_state_arg", "record_round", "row_error",
+           "rows_of", "run", "to_device", "velocity_error"]
