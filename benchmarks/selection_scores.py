@@ -37,28 +37,36 @@ from rtlynx.reference import nm as R  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def record(model, prompts: list[str], steps: int, every: int) -> dict[str, list[torch.Tensor]]:
-    """Per layer, one [rows, K] tensor per prompt (every ``every``-th token row of each call), dense sampler."""
-    layers = api.sparse_layers(model.transformer)
-    got: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in prompts] for n in layers}
-    current = [0]
+def record(model, prompts: list[str], steps: int, every: int, label=None, labels: int = 1):
+    """rows[layer][prompt][l]: a list of [rows, K] tensors (every ``every``-th token row of each call, dense
+    sampler, one prompt per sample); ``label(transformer, args, kwargs)`` puts each transformer call in one of
+    ``labels`` groups (default: all in group 0)."""
+    tr = model.transformer
+    layers = api.sparse_layers(tr)
+    rows = {n: [[[] for _ in range(labels)] for _ in prompts] for n in layers}
+    state = {"p": 0, "l": 0}
+
+    def on_call(mod, args, kwargs):
+        state["l"] = label(mod, args, kwargs) if label else 0
 
     def hook(name):
         def f(mod, args):
             x = args[0].detach().float()  # [B, T, K] (B: the prompt and its CFG null) or [rows, K]
-            got[name][current[0]].append(x[:, ::every].reshape(-1, x.shape[-1]) if x.dim() == 3 else x[::every])
+            rows[name][state["p"]][state["l"]].append(x[:, ::every].reshape(-1, x.shape[-1]) if x.dim() == 3
+                                                      else x[::every])
         return f
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    handles = [tr.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        with torch.no_grad(), api.dense_mode(model.transformer):
-            for i, p in enumerate(prompts):  # one prompt per sample: its rows stay its own
-                current[0] = i
+        with torch.no_grad(), api.dense_mode(tr):
+            for i, p in enumerate(prompts):
+                state["p"] = i
                 model.sample([p], num_steps=steps, seed=i)
     finally:
         for h in handles:
             h.remove()
-    return {n: [torch.cat(v) for v in per] for n, per in got.items()}
+    return rows
 
 
 def layer_error(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor | None, centre: bool = False) -> float:
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
     model = load_miniflux()
     api.sparsify(model.transformer, backend="reference", speed_rules=False)
     prompts = (DEMO_PROMPTS * ((args.prompts + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.prompts]
-    data = record(model, prompts, args.steps, args.every)
+    data = {n: [torch.cat(p[0]) for p in per] for n, per in record(model, prompts, args.steps, args.every).items()}
     layers = api.sparse_layers(model.transformer)
     scores = ["abs", "wanda", "smooth 0.25", "smooth 0.5", "smooth 0.75", "centred"]
     per_layer = {s: {} for s in scores}

@@ -34,42 +34,15 @@ from rtlynx.distill import LayerStats, solve_lora  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux  # noqa: E402
 from rtlynx.reference import nm as R  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selection_scores import record  # noqa: E402  the recorder of the layer inputs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BUCKETS = ((0.0, 0.2), (0.2, 0.5), (0.5, 1.01))  # noise level t: final steps, middle, first steps
 
 
 def bucket_of(t: float) -> int:
     return next(i for i, (lo, hi) in enumerate(BUCKETS) if lo <= t < hi)
-
-
-def record(model, prompts, steps, every):
-    """rows[layer][prompt][bucket] -> list of [rows, K] tensors."""
-    tr = model.transformer
-    layers = api.sparse_layers(tr)
-    rows = {n: [[[] for _ in BUCKETS] for _ in prompts] for n in layers}
-    state = {"p": 0, "b": 0}
-
-    def on_call(mod, args, kwargs):
-        state["b"] = bucket_of(schedule.noise_level(mod, args, kwargs))
-
-    def hook(name):
-        def f(mod, args):
-            x = args[0].detach().float()
-            rows[name][state["p"]][state["b"]].append(x[:, ::every].reshape(-1, x.shape[-1]) if x.dim() == 3
-                                                      else x[::every])
-        return f
-
-    handles = [tr.register_forward_pre_hook(on_call, with_kwargs=True)]
-    handles += [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), api.dense_mode(tr):
-            for i, p in enumerate(prompts):
-                state["p"] = i
-                model.sample([p], num_steps=steps, seed=i)
-    finally:
-        for h in handles:
-            h.remove()
-    return rows
 
 
 def main(argv=None) -> int:
@@ -86,7 +59,8 @@ def main(argv=None) -> int:
     api.sparsify(model.transformer, backend="reference", speed_rules=False)
     layers = api.sparse_layers(model.transformer)
     prompts = (DEMO_PROMPTS * ((args.prompts + len(DEMO_PROMPTS) - 1) // len(DEMO_PROMPTS)))[: args.prompts]
-    rows = record(model, prompts, args.steps, args.every)
+    rows = record(model, prompts, args.steps, args.every,
+                  label=lambda mod, a, kw: bucket_of(schedule.noise_level(mod, a, kw)), labels=len(BUCKETS))
     kinds = ("norm", "shared", "shared+gain", "per-bucket")
     err = {k: [[] for _ in BUCKETS] for k in kinds}
     for name, per in rows.items():
