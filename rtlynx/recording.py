@@ -40,26 +40,40 @@ def _batch_size(args, kwargs) -> int | None:
 
 
 class Recorder:
-    """Records every call of ``module`` inside the block (a forward pre-hook); tensors go to ``device``."""
+    """Records every call of ``module`` inside the block (a forward pre-hook); tensors go to ``device``.
+    ``outputs=True`` also keeps each call's main output as its target (a forward hook): for a rollout that runs the
+    teacher itself, so its calls need not be run again."""
 
-    def __init__(self, module: torch.nn.Module, device=None):
-        self.module, self.device, self.calls, self._h = module, device, [], None
+    def __init__(self, module: torch.nn.Module, device=None, outputs: bool = False):
+        self.module, self.device, self.outputs, self.calls, self._h = module, device, outputs, [], []
+        self._open: Call | None = None
+
+    def _store(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() if self.device is None else x.detach().to(self.device)
 
     def _hook(self, mod, args, kwargs):
+        self._open = None
         rows = _batch_size(args, kwargs)
         if rows is None:
             return
-        keep = (args, kwargs)
-        keep = tree_map_only(torch.Tensor, lambda x: x.detach() if self.device is None else x.detach().to(self.device),
-                             keep)
-        self.calls.append(Call(keep[0], keep[1], rows, schedule.noise_level(mod, args, kwargs)))
+        keep = tree_map_only(torch.Tensor, self._store, (args, kwargs))
+        self._open = Call(keep[0], keep[1], rows, schedule.noise_level(mod, args, kwargs))
+        self.calls.append(self._open)
+
+    def _out_hook(self, mod, args, kwargs, out):
+        if self._open is not None:
+            self._open.target = self._store(output_tensor(out))
+            self._open = None
 
     def __enter__(self):
-        self._h = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._h = [self.module.register_forward_pre_hook(self._hook, with_kwargs=True)]
+        if self.outputs:
+            self._h.append(self.module.register_forward_hook(self._out_hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
-        self._h.remove()
+        for h in self._h:
+            h.remove()
 
 
 def to_device(obj, device):
@@ -112,9 +126,10 @@ def row_error(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, to
 def record_round(transformer, rollout: Callable[[list[str], int], object], prompts: list[str], seed: int,
                  states: str, store_device=None) -> list[Call]:
     """Run ``rollout(prompts, seed)`` (a sampler) with the student (``states="student"``) or the dense model,
-    record its transformer calls, then the teacher's output at each."""
+    record its transformer calls, then the teacher's output at each (a dense rollout's own outputs: its calls are
+    the teacher's already)."""
     with torch.no_grad():
-        rec = Recorder(transformer, store_device)
+        rec = Recorder(transformer, store_device, outputs=states == "dense")
         if states == "dense":
             with dense_mode(transformer), rec:
                 rollout(prompts, seed)
@@ -123,8 +138,9 @@ def record_round(transformer, rollout: Callable[[list[str], int], object], promp
                 rollout(prompts, seed)
         with dense_mode(transformer):
             for c in rec.calls:
-                out = run(transformer, c.args, c.kwargs).detach()
-                c.target = out if store_device is None else out.to(store_device)
+                if c.target is None:
+                    out = run(transformer, c.args, c.kwargs).detach()
+                    c.target = out if store_device is None else out.to(store_device)
     return rec.calls
 
 

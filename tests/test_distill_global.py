@@ -92,6 +92,19 @@ def test_recorded_teacher_is_the_dense_model(seed):
         torch.testing.assert_close(c.target, want, rtol=1e-5, atol=1e-5)
 
 
+def test_dense_rollout_keeps_its_own_outputs_as_targets(seed):
+    dense, model = _model(seed)
+    roll = _sampler(model)
+    n = {"calls": 0}
+    h = model.register_forward_pre_hook(lambda *a: n.__setitem__("calls", n["calls"] + 1))
+    calls = R.record_round(model, roll, ["a", "b"], 7, "dense")
+    h.remove()
+    assert len(calls) == 3 and n["calls"] == 3  # the sampler's calls only: none run again for the targets
+    for c in calls:  # the kept output is the untouched dense model's output at the dense sampler's state
+        want = output_tensor(dense(*c.args, **c.kwargs))
+        torch.testing.assert_close(c.target, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_path):
     torch.manual_seed(seed)
