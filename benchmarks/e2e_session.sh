@@ -4,6 +4,9 @@
 #   bash benchmarks/e2e_session.sh eager      build, site tests, eager rows of the three models (+ split, check)
 #   bash benchmarks/e2e_session.sh compiled MODEL...   torch.compile rows, one model per call
 #   bash benchmarks/e2e_session.sh tests      the whole GPU suite
+#   bash benchmarks/e2e_session.sh ab         one e2e row (FLUX.1-dev, regional compile, FP8 sites) on an older
+#        build and on this one, alternating, in one call: carry .cache/old_src.tgz (`git archive OLD`) and
+#        optionally .cache/obj_old.tgz (its kernel objects); set OLD_COMMIT=OLD and RTLYNX_COMMIT=this commit
 # Rows merge into benchmarks/results/e2e_h200.json, copied to $OUT at the end of every step.
 what=${1:-eager}; shift || true
 source benchmarks/device_setup.sh
@@ -32,6 +35,20 @@ case $what in
       timeout 280 python3 benchmarks/e2e.py --models $m --out $RES --compile --reps 20 \
         --variants dense rtlynx 2>&1 | tee -a "$OUT/e2e_compiled.txt"
       save
+    done ;;
+  ab)
+    mkdir -p /tmp/old/.cache/build && tar xzf .cache/old_src.tgz -C /tmp/old
+    [ -f .cache/obj_old.tgz ] && tar xzf .cache/obj_old.tgz -C /tmp/old/.cache/build
+    old_env=(env RTLYNX_BUILD_DIR=/tmp/old/.cache/build PYTHONPATH=/tmp/site:/tmp/old RTLYNX_COMMIT=${OLD_COMMIT:-old})
+    (cd /tmp/old && "${old_env[@]}" python3 -m rtlynx.ops._build 2>&1 | tail -3) | tee "$OUT/build_old.txt"
+    old_lib=$(grep '\.so$' "$OUT/build_old.txt" | tail -1)
+    [ -f "$old_lib" ] || { echo "old build failed"; exit 1; }
+    A=(--variants dense "rtlynx fp8" --compile regional --mode default --reps ${REPS:-20})
+    for i in $(seq ${ROUNDS:-2}); do  # old, new, old, new: drift of the machine shows as a difference between rounds
+      (cd /tmp/old && "${old_env[@]}" RTLYNX_LIB=$old_lib timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e \
+        --out "$OUT/ab_old.json" "${A[@]}") 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/ab.txt"
+      timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e --out "$OUT/ab_new.json" "${A[@]}" 2>&1 | grep -v "^DEBUG" \
+        | tee -a "$OUT/ab.txt"
     done ;;
   tests)
     timeout 500 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_lynx_integration.py \

@@ -14,11 +14,15 @@
 #   4. eval       the whole tree: RT-Lynx FP8 every step, dense + RT-Lynx with dense_below_t 0.2, one FLUX.1-dev
 #                 optimisation step.
 # The carried files: benchmarks/device_files.sh makes them on a fresh checkout.
-#   run: bash benchmarks/quality_global_session.sh {prep|reference|train|eval}
+# Prebuilt kernel objects (.cache/obj.tgz, e.g. from `rtlynx build --no-link` on a CPU machine with the same nvcc)
+# are used when carried: the build then only links. GL=DIR (default .cache/gl) and TAG=NAME let two trainings share
+# one call (their own LoRA folder and output tarball), e.g. a second target beside the first on the same GPU.
+#   run: bash benchmarks/quality_global_session.sh {prep|reference|train|evalonly|eval}
 set -uo pipefail
 what=${1:?prep, reference, train or eval}
 FINAL=${OUT:-/tmp/out}; mkdir -p "$FINAL"
-OUT=$PWD/.cache/out_$what; rm -rf "$OUT"; mkdir -p "$OUT"  # everything a stage writes, tarred into $FINAL at the end
+GL=${GL:-.cache/gl}; NAME=$what${TAG:+_$TAG}
+OUT=$PWD/.cache/out_$NAME; rm -rf "$OUT"; mkdir -p "$OUT"  # everything a stage writes, tarred into $FINAL at the end
 export PYTHONPATH=$PWD/.cache/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg RTLYNX_BUILD_DIR=$PWD/.cache/build
 BACKEND=reference
 if [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ] && [ "${USE_LYNX:-1}" = 1 ]; then
@@ -26,14 +30,15 @@ if [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ] && [ "${USE_LYNX:-1}"
 fi
 Q=(python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} --batch-size 500
    --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend $BACKEND
-   --lora-dir .cache/gl/lora)
+   --lora-dir $GL/lora)
 case $what in
   prep)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cache/site .whl/*.whl
     python3 -c "import torch, diffusers; from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name(0), 'inception ok')"
-    [ "${BUILD:-1}" = 1 ] || { ls -la "$OUT"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 0; }  # no kernels: reference path
+    [ "${BUILD:-1}" = 1 ] || { ls -la "$OUT"; tar czf "$FINAL/$NAME.tgz" -C "$OUT" .; exit 0; }  # no kernels: reference path
     mkdir -p /tmp/cutlass && tar xJf .cache/cutlass_inc.tar.xz -C /tmp/cutlass && export CUTLASS_INCLUDE=/tmp/cutlass/include
+    [ -f .cache/obj.tgz ] && mkdir -p .cache/build && tar xzf .cache/obj.tgz -C .cache/build  # prebuilt: link only
     t0=$(date +%s); MAX_JOBS=16 python3 -m rtlynx.ops._build 2>&1 | tail -3 | tee "$OUT/build.txt"
     echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
     lib=$(grep '\.so$' "$OUT/build.txt" | tail -1); [ -f "$lib" ] && echo "$lib" > .cache/lib.txt && export RTLYNX_LIB=$lib
@@ -60,31 +65,33 @@ case $what in
     T=(python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt --backend $BACKEND)
     bars() { tr '\r' '\n' | grep --line-buffered -av "it/s]\|s/it]\|step/s]\|s/step]"; }
     if [ "${RESUME:-0}" = 1 ]; then
-      chosen="$(cat .cache/gl/chosen) --resume"
+      chosen="$(cat $GL/chosen) --resume"
+    elif [ -n "${CHOSEN:-}" ]; then  # a setting known to train on this device: no probes
+      chosen=$CHOSEN; mkdir -p $GL && echo "$chosen" > $GL/chosen
     else
       chosen=
       while IFS= read -r cand; do
         [ -n "$cand" ] || continue
-        rm -rf .cache/gl/probe
-        if CUDA_LAUNCH_BLOCKING=1 timeout ${PROBE_S:-90} "${T[@]}" --out .cache/gl/probe --steps 2 --val-prompts 8 --eval-every 1000 \
+        rm -rf $GL/probe
+        if CUDA_LAUNCH_BLOCKING=1 timeout ${PROBE_S:-90} "${T[@]}" --out $GL/probe --steps 2 --val-prompts 8 --eval-every 1000 \
              $cand > "$OUT/probe.txt" 2>&1; then echo "probe ok: $cand" | tee -a "$OUT/probes.txt"; chosen=$cand; break; fi
         { echo "probe FAILED: $cand"; bars < "$OUT/probe.txt" | grep -B2 -A12 "Error\|error" | tail -40; } \
           | tee -a "$OUT/probes.txt"
       done <<< "${PROBES:-$'--no-checkpointing\n--checkpointing\n--checkpointing --sdpa efficient\n--checkpointing --sdpa math\n--checkpointing --batch 64 --calls-per-batch 8'}"
-      [ -n "$chosen" ] || { echo "every probe failed"; tar czf "$FINAL/$what.tgz" -C "$OUT" .; exit 1; }
-      mkdir -p .cache/gl && echo "$chosen" > .cache/gl/chosen
+      [ -n "$chosen" ] || { echo "every probe failed"; tar czf "$FINAL/$NAME.tgz" -C "$OUT" .; exit 1; }
+      mkdir -p $GL && echo "$chosen" > $GL/chosen
     fi
-    timeout ${TRAIN_S:-330} "${T[@]}" --out .cache/gl/lora --steps ${STEPS:-600} $chosen ${TRAIN_ARGS:-} 2>&1 \
+    timeout ${TRAIN_S:-330} "${T[@]}" --out $GL/lora --steps ${STEPS:-600} $chosen ${TRAIN_ARGS:-} 2>&1 \
       | bars | tee "$OUT/train_log.txt"
-    if [ "${PIPESTATUS[0]}" != 0 ] && [ -f .cache/gl/lora/checkpoint/lora/rtlynx_config.json ]; then
+    if [ "${PIPESTATUS[0]}" != 0 ] && [ -f $GL/lora/checkpoint/lora/rtlynx_config.json ]; then
       echo "training stopped before its last step: the last checkpoint is evaluated" | tee -a "$OUT/train_log.txt"
-      cp .cache/gl/lora/checkpoint/lora/* .cache/gl/lora/
+      cp $GL/lora/checkpoint/lora/* $GL/lora/
     fi
-    cp .cache/gl/lora/checkpoint/global_state.json "$OUT/" 2>/dev/null
-    tar czf "$OUT/lora.tgz" --exclude global_state.safetensors -C .cache/gl lora
+    cp $GL/lora/checkpoint/global_state.json "$OUT/" 2>/dev/null
+    tar czf "$OUT/lora.tgz" --exclude global_state.safetensors -C $GL lora
     [ "${FID:-1}" = 1 ] && timeout ${EVAL_S:-240} "${Q[@]}" --variants dense rtlynx --out "$OUT/quality_global_every.json" 2>&1 \
       | grep -v "it/s]" | tee "$OUT/quality_every_log.txt" ;;
-  evalonly)  # a LoRA trained elsewhere, carried as .cache/gl/lora: every variant in one run (one set of dense images)
+  evalonly)  # the LoRA in $GL/lora (trained in an earlier call, or carried): every variant in one run (one set of dense images)
     timeout ${EVAL_S:-540} "${Q[@]}" --variants ${VARIANTS:-dense rtlynx rtlynx_t0.2 rtlynx_fp8 act24} \
       --out "$OUT/quality_global.json" 2>&1 | grep -v "it/s]" | tee "$OUT/quality_log.txt" ;;
   eval)
@@ -95,4 +102,4 @@ case $what in
       | grep -v "it/s]" | tail -20 | tee "$OUT/flux_step_log.txt" ;;
   *) echo "unknown stage $what"; exit 2 ;;
 esac
-ls -la "$OUT"; tar czf "$FINAL/$what.tgz" -C "$OUT" . && ls -la "$FINAL"
+ls -la "$OUT"; tar czf "$FINAL/$NAME.tgz" -C "$OUT" . && ls -la "$FINAL"
