@@ -39,13 +39,12 @@ case $what in
   ab)
     mkdir -p /tmp/old/.cache/build && tar xzf .cache/old_src.tgz -C /tmp/old
     [ -f .cache/obj_old.tgz ] && tar xzf .cache/obj_old.tgz -C /tmp/old/.cache/build
-    old_env=(env RTLYNX_BUILD_DIR=/tmp/old/.cache/build PYTHONPATH=/tmp/site:/tmp/old RTLYNX_COMMIT=${OLD_COMMIT:-old})
-    (cd /tmp/old && "${old_env[@]}" python3 -m rtlynx.ops._build 2>&1 | tail -3) | tee "$OUT/build_old.txt"
-    old_lib=$(grep '\.so$' "$OUT/build_old.txt" | tail -1)
-    [ -f "$old_lib" ] || { echo "old build failed"; exit 1; }
+    # the old tree links (or builds) its own library at its first kernel call, in its own build folder
+    old_env=(env -u RTLYNX_LIB RTLYNX_BUILD_DIR=/tmp/old/.cache/build PYTHONPATH=/tmp/site:/tmp/old
+             RTLYNX_COMMIT=${OLD_COMMIT:-old})
     A=(--variants dense "rtlynx fp8" --compile regional --mode default --reps ${REPS:-20})
     for i in $(seq ${ROUNDS:-2}); do  # old, new, old, new: drift of the machine shows as a difference between rounds
-      (cd /tmp/old && "${old_env[@]}" RTLYNX_LIB=$old_lib timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e \
+      (cd /tmp/old && "${old_env[@]}" timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e \
         --out "$OUT/ab_old.json" "${A[@]}") 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/ab.txt"
       timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e --out "$OUT/ab_new.json" "${A[@]}" 2>&1 | grep -v "^DEBUG" \
         | tee -a "$OUT/ab.txt"
