@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rtlynx
+
+from rtlynx.benchtools import run_metadata  # noqa: E402
 
 
 def runs(path: Path) -> list[dict]:
@@ -52,7 +57,7 @@ def merge(old: list[dict], new: list[dict]) -> dict:
             d = summary.get(f"dense {side} ms")
             if v != "dense" and d and med[side]:
                 summary[f"{v} {side} vs_dense"] = d / med[side]
-    return {"device": devices.pop(), "identity": ident, "rounds": rounds, "summary": summary,
+    return {"device": devices.pop(), "identity": ident, "merged_by": run_metadata(), "rounds": rounds, "summary": summary,
             "protocol": {k: new[0].get(k) for k in ("model", "mode", "compile", "compile_mode", "reps", "resolution",
                                                     "text_len")}}
 
