@@ -42,7 +42,8 @@ case $what in
     # the old tree links (or builds) its own library at its first kernel call, in its own build folder
     old_env=(env -u RTLYNX_LIB RTLYNX_BUILD_DIR=/tmp/old/.cache/build PYTHONPATH=/tmp/site:/tmp/old
              RTLYNX_COMMIT=${OLD_COMMIT:-old})
-    A=(--variants dense "rtlynx fp8" --compile regional --mode default --reps ${REPS:-20})
+    # inductor defaults: the recipe's coordinate-descent tuning compiles for minutes on a cold machine (2026-12-07)
+    A=(--variants dense "rtlynx fp8" --compile regional --mode default --inductor ${INDUCTOR:-default} --reps ${REPS:-20} ${PROFILE:+--profile})
     for i in $(seq ${ROUNDS:-2}); do  # old, new, old, new: drift of the machine shows as a difference between rounds
       (cd /tmp/old && "${old_env[@]}" timeout ${AB_S:-200} python3 benchmarks/fp8.py e2e \
         --out "$OUT/ab_old.json" "${A[@]}") 2>&1 | grep -v "^DEBUG" | tee -a "$OUT/ab.txt"

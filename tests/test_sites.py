@@ -171,12 +171,11 @@ def test_unsparsify_gives_back_independent_contiguous_weights(tmp_path):
 
     model = tiny_transformer("flux")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ff_forward = type(model.transformer_blocks[0].ff).forward
+    ff_class = type(model.transformer_blocks[0].ff)
     rtlynx.sparsify(model, lora_rank=4)
-    assert "forward" in model.transformer_blocks[0].ff.__dict__  # the GELU producer is wired in
+    assert type(model.transformer_blocks[0].ff) is not ff_class  # the GELU producer is wired in
     rtlynx.unsparsify(model)
-    assert "forward" not in model.transformer_blocks[0].ff.__dict__
-    assert type(model.transformer_blocks[0].ff).forward is ff_forward
+    assert type(model.transformer_blocks[0].ff) is ff_class and "forward" not in model.transformer_blocks[0].ff.__dict__
     sd = model.state_dict()
     for k, v in before.items():
         assert torch.equal(sd[k], v)
@@ -343,8 +342,9 @@ def test_gelu_feedforward_override_matches_the_original(gen):
     ff = model.transformer_blocks[0].ff
     h = torch.randn(2, 5, ff.net[0].proj.in_features, generator=gen)
     want = ff(h)
+    base = type(ff)
     rtlynx.sparsify(model)
-    assert "forward" in ff.__dict__
+    assert type(ff) is not base and isinstance(ff, base)  # the producer subclass
     with rtlynx.dense_mode(model):
         assert torch.equal(ff(h), want)
     sparse = ff(h)
@@ -358,6 +358,35 @@ def test_gelu_feedforward_override_matches_the_original(gen):
     b = ff.net[3](ff.net[2](ff.net[1](up.gelu(up.proj(h))))) if len(ff.net) > 3 else \
         ff.net[2](ff.net[1](up.gelu(up.proj(h))))
     assert torch.equal(a, b)
+
+
+def test_regional_compile_serves_every_block_with_one_graph():
+    """diffusers' regional compile (compile_repeated_blocks) compiles one graph per block class and reuses it for
+    every block: the sparsified model needs no more graphs than the dense one. (A per-instance FeedForward forward
+    made dynamo guard on its identity: one recompile per block, eager after 8; FLUX.1-dev FP8 95 -> 107-126 ms on
+    an H100.) Counted with a backend that counts its compilations (dynamo's guards decide, whatever the backend)."""
+    counts = {}
+    for sparse in (False, True):
+        model = tiny_transformer("flux")
+        assert len(model.transformer_blocks) >= 2  # else nothing is reused
+        if sparse:
+            rtlynx.sparsify(model)
+        graphs = []
+
+        def counting(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(backend=counting)
+        inputs = example_inputs(model)
+        with torch.no_grad():
+            out = output_tensor(model(**inputs))
+            again = output_tensor(model(**inputs))
+        assert torch.equal(out, again)
+        counts[sparse] = len(graphs)
+    torch._dynamo.reset()
+    assert counts[True] == counts[False], counts
 
 
 def test_bad_inputs_are_refused():

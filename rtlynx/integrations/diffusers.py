@@ -139,15 +139,42 @@ def _gelu_feedforward(parent: nn.Module, layer) -> bool:
             and net[2] is layer and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
 
 
+_PRODUCER_CLASSES: dict[type, type] = {}
+
+
+def _new_producer_feedforward(base: type):
+    """Unpickling: an empty instance of the producer class of ``base`` (its state is set after)."""
+    return object.__new__(_producer_class(base))
+
+
+def _reduce_producer_feedforward(self, protocol):
+    # pickled as the diffusers class it derives from (found by name anywhere), swapped back on loading
+    red = object.__reduce_ex__(self, protocol)
+    return (_new_producer_feedforward, (type(self)._rtlynx_base,), *red[2:])
+
+
+def _producer_class(base: type) -> type:
+    """One subclass of ``base`` (diffusers' FeedForward) per base, with the GELU-producer forward: every block's
+    FeedForward gets the same class, so torch.compile's guards (on the type, not on a per-instance forward) let one
+    compiled block serve them all (a per-instance forward recompiled each block: 8 recompiles, then eager)."""
+    cls = _PRODUCER_CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {"forward": _gelu_feedforward_forward, "_rtlynx_base": base,
+                                            "__reduce_ex__": _reduce_producer_feedforward,
+                                            "__module__": base.__module__, "__qualname__": base.__qualname__})
+        _PRODUCER_CLASSES[base] = cls
+    return cls
+
+
 def install_producer(module: nn.Module, site) -> None:
-    """Wire the site's producer into the model (the GELU FeedForward forward); downgrade to "plain" if the
-    module is not what the rule expects."""
+    """Wire the site's producer into the model (the GELU FeedForward's class swapped for its producer subclass);
+    downgrade to "plain" if the module is not what the rule expects."""
     if site.producer != "gelu":
         return
     parent = module.get_submodule(site.name) if site.name else module
     if len(site.layers) == 1 and _gelu_feedforward(parent, site.layers[0]):
-        # a partial of a module-level function pickles (a bound MethodType is looked up by name on unpickling)
-        parent.forward = functools.partial(_gelu_feedforward_forward, parent)
+        base = getattr(type(parent), "_rtlynx_base", type(parent))
+        parent.__class__ = _producer_class(base)
         parent._rtlynx_producer = site
         site.producer_input = GELU_INPUT
     else:
@@ -158,8 +185,9 @@ def remove_producers(module: nn.Module) -> None:
     for mod in module.modules():
         if getattr(mod, "_rtlynx_producer", None) is not None:
             del mod._rtlynx_producer
-            if "forward" in mod.__dict__:
-                del mod.forward
+            base = getattr(type(mod), "_rtlynx_base", None)
+            if base is not None:
+                mod.__class__ = base
 
 
 # ---------------------------------------------------------------------------------------------- parallelism
