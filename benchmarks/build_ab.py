@@ -64,11 +64,11 @@ def merge(old: list[dict], new: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--old", required=True, type=Path)
-    p.add_argument("--new", required=True, type=Path)
+    p.add_argument("--old", required=True, type=Path, nargs="+", help="fp8.py e2e outputs of the old build (rounds)")
+    p.add_argument("--new", required=True, type=Path, nargs="+", help="the same of the new build, in the same order")
     p.add_argument("--out", required=True, type=Path)
     a = p.parse_args(argv)
-    doc = merge(runs(a.old), runs(a.new))
+    doc = merge([r for f in a.old for r in runs(f)], [r for f in a.new for r in runs(f)])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"{doc['device']}: old {doc['identity']['old']['commit']} vs new {doc['identity']['new']['commit']}")
