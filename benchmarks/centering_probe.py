@@ -98,6 +98,13 @@ class Probe:
         self.static = {n: torch.stack(v).mean(0) for n, v in self._acc.items()}
 
 
+def shipped_sparse_model():
+    """The shipped mini-FLUX with its LoRA, every step sparse, and its sparse layers by name (CPU, fp32)."""
+    model = load_miniflux()
+    io.load(model.transformer, LORA_DIR, dense_below_t=None)
+    return model, {n: m for n, m in model.transformer.named_modules() if isinstance(m, SparseActLinear)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts-file", default=".cache/prompts_all.txt")
@@ -108,9 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "centering_probe_cpu.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    model = load_miniflux()
-    io.load(model.transformer, LORA_DIR, dense_below_t=None)
-    layers = {n: m for n, m in model.transformer.named_modules() if isinstance(m, SparseActLinear)}
+    model, layers = shipped_sparse_model()
     shipped = {n: (m.lora_A.detach().float(), m.lora_B.detach().float()) for n, m in layers.items()}
     allp = Path(args.prompts_file).read_text().splitlines()
     held, cal = allp[200:200 + args.n], allp[5000:5000 + args.calib]  # disjoint slices
