@@ -360,7 +360,8 @@ def test_gelu_feedforward_override_matches_the_original(gen):
     assert torch.equal(a, b)
 
 
-def test_regional_compile_serves_every_block_with_one_graph():
+@pytest.mark.parametrize("kwargs", [{}, dict(lora_rank=4), dict(dtype="fp8", lora_rank=4)], ids=str)
+def test_regional_compile_serves_every_block_with_one_graph(kwargs):
     """diffusers' regional compile (compile_repeated_blocks) compiles one graph per block class and reuses it for
     every block: the sparsified model needs no more graphs than the dense one. (A per-instance FeedForward forward
     made dynamo guard on its identity: one recompile per block, eager after 8; FLUX.1-dev FP8 95 -> 107-126 ms on
@@ -370,7 +371,7 @@ def test_regional_compile_serves_every_block_with_one_graph():
         model = tiny_transformer("flux")
         assert len(model.transformer_blocks) >= 2  # else nothing is reused
         if sparse:
-            rtlynx.sparsify(model)
+            rtlynx.sparsify(model, **kwargs)
         graphs = []
 
         def counting(gm, example_inputs):
