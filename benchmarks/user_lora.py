@@ -104,13 +104,17 @@ def run_variant(model, inputs, name: str, args, adapters: tuple[dict, dict]) -> 
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     graphs: list = []
-    runner = torch.compile(model, backend=counting(args.compile_backend, graphs))
+    if args.compile == "regional":  # diffusers' regional compile: one graph per block class, compiled in seconds
+        model.compile_repeated_blocks(backend=counting(args.compile_backend, graphs))
+        runner = model
+    else:
+        runner = torch.compile(model, backend=counting(args.compile_backend, graphs))
 
     def forward():
         with torch.no_grad():
             return output_tensor(runner(**inputs))
 
-    row = dict(variant=name, sparse=sparsify_kw is not None, lora=with_lora)
+    row = dict(variant=name, sparse=sparsify_kw is not None, lora=with_lora, compile=args.compile)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
@@ -136,6 +140,9 @@ def run_variant(model, inputs, name: str, args, adapters: tuple[dict, dict]) -> 
         model.unload_lora()
     if sparsify_kw is not None:
         rtlynx.unsparsify(model)
+    if args.compile == "regional":  # the blocks' compiled wrappers go, so the next variant compiles afresh
+        for block in model.modules():
+            block.__dict__.pop("_compiled_call_impl", None)
     torch._dynamo.reset()
     return row
 
@@ -170,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--backend", default="lynx", help="rtlynx backend of the sparse layers")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile", choices=("full", "regional"), default="full",
+                    help="torch.compile of the whole model, or diffusers' compile_repeated_blocks (minutes less)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny FLUX on the CPU, reference backend, dynamo's eager "
                                                          "backend (checks the script)")
@@ -182,6 +191,9 @@ def main(argv=None) -> int:
     smoke = "_smoke" if args.smoke else ""
     dev, out, doc = device_and_results(args.out, lambda name: RESULTS / f"user_lora_{device_tag(name)}{smoke}.json")
     rows = {r["variant"]: r for r in doc.get("rows", [])}
+    other = {r.get("compile", "full") for r in rows.values()} - {args.compile}
+    if other:  # the summary's ratios compare rows: one compile mode per file
+        raise SystemExit(f"{out} holds rows compiled {other.pop()}, this run is --compile {args.compile}: pass --out")
 
     model = build("flux", "cpu" if args.smoke else "cuda", tiny=args.smoke)
     model.requires_grad_(False)
