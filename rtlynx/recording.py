@@ -127,7 +127,7 @@ def record_round(transformer, rollout: Callable[[list[str], int], object], promp
                  states: str, store_device=None) -> list[Call]:
     """Run ``rollout(prompts, seed)`` (a sampler) with the student (``states="student"``) or the dense model,
     record its transformer calls, then the teacher's output at each (a dense rollout's own outputs: its calls are
-    the teacher's already)."""
+    the teacher's already, so the sampler must not approximate them, e.g. by caching blocks across steps)."""
     with torch.no_grad():
         rec = Recorder(transformer, store_device, outputs=states == "dense")
         if states == "dense":
