@@ -24,7 +24,7 @@ from rtlynx.benchtools import run_metadata  # noqa: E402
 
 
 def runs(path: Path) -> list[dict]:
-    """[{variant: ms}] per e2e run of a fp8.py results file, and the identity of the first run."""
+    """The e2e runs of a fp8.py results file (each: identity, protocol, rows)."""
     doc = json.loads(path.read_text())
     return doc.get("e2e_runs", [])
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's rtlynx; benchmarks/e2e.py's model builder
 
 import rtlynx  # noqa: E402
+from rtlynx._compile import uncompile  # noqa: E402
 from rtlynx.benchtools import kernel_library, measure, run_metadata  # noqa: E402
 from rtlynx.integrations.diffusers import example_inputs, output_tensor  # noqa: E402
 
@@ -140,9 +141,7 @@ def run_variant(model, inputs, name: str, args, adapters: tuple[dict, dict]) -> 
         model.unload_lora()
     if sparsify_kw is not None:
         rtlynx.unsparsify(model)
-    if args.compile == "regional":  # the blocks' compiled wrappers go, so the next variant compiles afresh
-        for block in model.modules():
-            block.__dict__.pop("_compiled_call_impl", None)
+    uncompile(model)  # regional: the blocks' compiled wrappers go, so the next variant compiles afresh
     torch._dynamo.reset()
     return row
 

@@ -48,7 +48,7 @@ class Recorder:
         self.module, self.device, self.outputs, self.calls, self._h = module, device, outputs, [], []
         self._open: Call | None = None
 
-    def _store(self, x: torch.Tensor) -> torch.Tensor:
+    def store(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach() if self.device is None else x.detach().to(self.device)
 
     def _hook(self, mod, args, kwargs):
@@ -56,13 +56,13 @@ class Recorder:
         rows = _batch_size(args, kwargs)
         if rows is None:
             return
-        keep = tree_map_only(torch.Tensor, self._store, (args, kwargs))
+        keep = tree_map_only(torch.Tensor, self.store, (args, kwargs))
         self._open = Call(keep[0], keep[1], rows, schedule.noise_level(mod, args, kwargs))
         self.calls.append(self._open)
 
     def _out_hook(self, mod, args, kwargs, out):
         if self._open is not None:
-            self._open.target = self._store(output_tensor(out))
+            self._open.target = self.store(output_tensor(out))
             self._open = None
 
     def __enter__(self):
@@ -139,8 +139,7 @@ def record_round(transformer, rollout: Callable[[list[str], int], object], promp
         with dense_mode(transformer):
             for c in rec.calls:
                 if c.target is None:
-                    out = run(transformer, c.args, c.kwargs).detach()
-                    c.target = out if store_device is None else out.to(store_device)
+                    c.target = rec.store(run(transformer, c.args, c.kwargs))
     return rec.calls
 
 
