@@ -254,7 +254,7 @@ _UNSET = object()
 def configure(model, mode: str | None = None, compensation: str | None = None, lora: bool | None = None,
               backend: str | None = None, dense_below_t=_UNSET, dense_above_t=_UNSET, speed_rules: bool | None = None,
               dtype: str | None = None, keep_dense_weights: bool | None = None,
-              adapter_rank: int | str | None = None):
+              adapter_rank: int | str | None = None, centre=_UNSET):
     """Change the settings of a sparsified model at once, without rebuilding: ``mode`` "sparse" / "dense" /
     "weight" (magnitude N:M on W, a baseline), ``compensation`` "none" / "norm", ``lora`` on/off, ``backend``,
     ``dense_below_t`` the final-steps schedule (a float, or None for sparse at every step), ``dense_above_t`` the
@@ -262,7 +262,8 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
     ``dtype`` "native" / "fp8", ``keep_dense_weights`` (with "fp8": keep the bf16 weights next to the FP8 ones;
     set it before switching to "fp8" when exact dense runs must follow, e.g. an A/B against dense),
     ``adapter_rank`` the room for your own adapters in the LoRA tail ("auto", R, 0: see SparsityConfig; the sites
-    whose room changes are rebuilt).
+    whose room changes are rebuilt), ``centre`` None / "token_mean" (a LoRA calibrated with the other setting
+    then fits worse).
 
     The model's one SparsityConfig is replaced (so ``save`` writes what runs), and per-layer overrides of the
     changed settings are dropped."""
@@ -275,7 +276,7 @@ def configure(model, mode: str | None = None, compensation: str | None = None, l
                                  ("backend", backend), ("speed_rules", speed_rules), ("dtype", dtype),
                                  ("keep_dense_weights", keep_dense_weights), ("adapter_rank", adapter_rank))
                if v is not None}
-    for name, value in (("dense_below_t", dense_below_t), ("dense_above_t", dense_above_t)):
+    for name, value in (("dense_below_t", dense_below_t), ("dense_above_t", dense_above_t), ("centre", centre)):
         if value is not _UNSET:
             changes[name] = value
     config = dataclasses.replace(settings.config, **changes)  # validates everything before anything changes

@@ -13,6 +13,7 @@ COMPENSATIONS = ("none", "norm")
 K_REMAINDER = ("pad", "dense")
 MODES = ("sparse", "dense", "weight")
 DTYPES = ("native", "fp8")
+CENTRES = (None, "token_mean")
 CONFIG_VERSION = 1
 
 # Benchmark timing (rtlynx.benchtools): input sets rotate until their bytes reach BENCH_ROTATE_BYTES, and a single
@@ -53,6 +54,12 @@ class SparsityConfig:
         a layer's ``weight`` becomes its float8_e4m3fn weight plus a ``weight_scale`` buffer [N] (half the
         memory); whatever needs a bf16 weight (dense mode, the final-steps schedule, unsparsify, a dtype cast)
         dequantises it, which is not the original weight (a one-time warning says so).
+    centre: None (prune x, the paper's RT-Lynx) or "token_mean": prune ``x - c`` with c each sample's mean over its
+        tokens and add ``c W^T`` (and the LoRA of c) back, exactly (rtlynx.reference.sparse_act_linear's ``centre``):
+        the offset the tokens share is kept instead of half of it being pruned away (38 % less pruning residual on
+        the mini-FLUX, benchmarks/NOTES.md v13). Costs one reduction and one subtraction over x per site (outside the
+        prune kernel for now) and a [samples, K] x [K, N] product per layer. A LoRA fitted without it does not fit it:
+        calibrate with the same setting. Native dtype only (FP8 sites refuse it for now).
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
     adapter_rank: room for the user's own PEFT adapters in the lynx kernels' LoRA tail, per layer (the summed rank
@@ -84,6 +91,7 @@ class SparsityConfig:
     dtype: str = "native"
     keep_dense_weights: bool = False
     adapter_rank: int | str = "auto"
+    centre: str | None = None
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self):
@@ -103,6 +111,11 @@ class SparsityConfig:
                                      ("dtype", self.dtype, DTYPES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.centre not in CENTRES:
+            raise ValueError(f"centre must be one of {CENTRES}, got {self.centre!r}")
+        if self.centre is not None and self.dtype == "fp8":
+            raise ValueError(f"centre={self.centre!r} runs on native-dtype sites only; dtype='fp8' does not support "
+                             "it yet (use one or the other)")
         validate.integer("lora_rank", self.lora_rank, 0)
         if self.adapter_rank != "auto":
             validate.integer('adapter_rank (or "auto")', self.adapter_rank, 0)

@@ -65,19 +65,23 @@ class LayerStats:
         xtx = gram if gram is not None else torch.zeros(k, k, dtype=dtype, device=device)
         return cls(k, n, xtx, torch.zeros(k, n, dtype=dtype, device=device))
 
-    def add(self, x: torch.Tensor, layer: SparseActLinear, gram: bool = True, y: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, layer: SparseActLinear, gram: bool = True, y: torch.Tensor | None = None,
+            centre: torch.Tensor | None = None) -> None:
         """Accumulate rows ``x [T, K]`` seen by ``layer`` (its pattern and compensation define R); ``gram=False``
-        when another member of the site already added ``x``'s Gram; ``y`` = x W^T when the caller has it."""
+        when another member of the site already added ``x``'s Gram; ``y`` = x W^T when the caller has it;
+        ``centre`` [T, K] (SparsityConfig.centre, each row's centre): the layer prunes ``x - c`` and adds c W^T."""
         x = x.detach()
         w = layer.dense_weight().detach()
         xf = x.float()
+        xs = xf if centre is None else reference.centred(x, centre).float()  # rounded as the layer rounds it
         # K not a multiple of m: prune the zero-padded row, as the layer does (k_remainder "pad")
-        xp = reference.prune_nm(reference.pad_to_multiple(xf, layer.m), layer.n, layer.m)[:, : x.shape[1]]
+        xp = reference.prune_nm(reference.pad_to_multiple(xs, layer.m), layer.n, layer.m)[:, : x.shape[1]]
         if x.shape[1] % layer.m and layer.k_remainder == "dense":
-            xp = xf  # the layer runs dense: no residual
+            xp = xs  # the layer runs dense: no residual
         elif layer.compensation == "norm":
-            xp = xp * reference.norm_scale(xf, xp, eps=layer.eps)[:, None]
-        d = xf - xp  # R = x W^T - s x~ W^T = (x - s x~) W^T: one GEMM
+            xp = xp * reference.norm_scale(xs, xp, eps=layer.eps)[:, None]
+        # R = x W^T - (s x~ W^T + c W^T) = (x - c - s x~) W^T: one GEMM (x~ the kept part of x - c)
+        d = xf - xp if centre is None else xf - centre.float() - xp
         dev = self.xtr.device
         r = _mm32(d.to(w.dtype), w.T)
         if gram:
@@ -263,6 +267,7 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
                 raise ValueError(f"statistics for {name} have another shape than the model's layer")
             state[name] = g
     last_x: dict[int, torch.Tensor] = {}  # per group: the input whose Gram was added last
+    centres: dict[int, torch.Tensor] = {}  # per group: that input's row centres (SparsityConfig.centre)
     rows_before = {n: stats.layers[n].rows for n in state}
     gram_rows = {id(g): 0 for g in groups}
 
@@ -275,10 +280,12 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
             if new:
                 last_x[id(g)] = inp[0]
                 gram_rows[id(g)] += x.shape[0]
+                if mod._settings.config.centre is not None:  # each row's centre, once per input of the group
+                    centres[id(g)] = reference.token_mean(inp[0]).expand(inp[0].shape).reshape(x.shape)
             y = out.reshape(-1, mod.out_features).float()
             if mod.bias is not None:
                 y = y - mod.bias.float()
-            stats.layers[name].add(x, mod, gram=new, y=y)
+            stats.layers[name].add(x, mod, gram=new, y=y, centre=centres.get(id(g)))
         return fn
 
     handles = [layers[name].register_forward_hook(hook(name)) for name in state]
@@ -289,6 +296,7 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
         for h in handles:
             h.remove()
         last_x.clear()
+        centres.clear()
     for g in groups:
         seen = {stats.layers[n].rows - rows_before[n] for n in g.layers}
         if len(g.layers) > 1 and seen != {gram_rows[id(g)]}:

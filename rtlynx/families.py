@@ -75,10 +75,10 @@ class Family:
         family has and that can run the call."""
         return backends.run(backend, *args, backends=self.layer_backends)
 
-    def spec(self, layer, x2, w, lora_a, lora_b) -> torch.Tensor:
-        """The layer's output by the spec, in float32 on the same operands."""
+    def spec(self, layer, x2, w, lora_a, lora_b, centre=None) -> torch.Tensor:
+        """The layer's output by the spec, in float32 on the same operands (``centre``: each row's, or None)."""
         return reference.sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, lora_a, lora_b,
-                                           compute_dtype=torch.float32)
+                                           compute_dtype=torch.float32, centre=centre)
 
 
 class FP8Spec(backends.Backend):
@@ -148,8 +148,10 @@ class FP8Family(Family):
         return self.run_backend("reference", x2, layer.weight, layer.bias, cfg.n, cfg.m, layer.compensation, lora_a,
                                 lora_b, cfg.eps)
 
-    def spec(self, layer, x2, w, lora_a, lora_b):
+    def spec(self, layer, x2, w, lora_a, lora_b, centre=None):
         """The FP8 spec: same quantisation, float32 products and sums (on the stored FP8 weights where they are)."""
+        if centre is not None:  # SparsityConfig refuses centre with dtype="fp8"
+            raise NotImplementedError("FP8 sites have no centred spec")
         wq = None if layer.weight_scale is None else (layer.weight, layer.weight_scale)
         return fp8_sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, lora_a, lora_b,
                                      layer._settings.config.eps, weight_q=wq)

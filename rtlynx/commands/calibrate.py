@@ -62,7 +62,7 @@ def _device(command: str, flag: str, spec: str):
 
 
 # What a resumed calibration must share with the statistics it adds to (the prompts are checked by their digest).
-RESUME_KEYS = ("model", "steps", "guidance", "height", "width", "preset", "seed")
+RESUME_KEYS = ("model", "steps", "guidance", "height", "width", "preset", "seed", "centre")
 
 
 def check_resume(out: Path, args, prompts: list[str]) -> None:
@@ -84,6 +84,11 @@ def check_resume(out: Path, args, prompts: list[str]) -> None:
         if meta.get("prompts_sha") != prompts_digest(prompts[:done]):
             raise SystemExit(f"rtlynx calibrate: {part} was made from other prompts than the first {done} of "
                              "this prompts file; use the same file (or --overwrite)")
+
+
+def _centre(name: str):
+    """--centre's value as SparsityConfig.centre ("none" -> None)."""
+    return None if name == "none" else name
 
 
 def _pass_paths(out: Path, passes: int) -> list[Path]:
@@ -111,7 +116,7 @@ def run_calibrate(args) -> int:
         check_resume(out, args, prompts)  # before the model loads, and before anything is written
     try:
         runner = load_runner(args.model, device=device, dtype=dtype)
-        api.sparsify(runner.transformer, preset=args.preset)
+        api.sparsify(runner.transformer, preset=args.preset, centre=_centre(args.centre))
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx calibrate: {e}") from None
     plan = distill.plan(runner.transformer, args.max_stats_gb)
@@ -122,7 +127,7 @@ def run_calibrate(args) -> int:
     if len(paths) > 1:
         out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=str(args.model), kind=runner.kind, steps=args.steps, guidance=args.guidance, height=args.height,
-                width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size)
+                width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size, centre=args.centre)
     nb = -(-len(prompts) // args.batch_size)
     for p, (groups, path) in enumerate(zip(plan.passes, paths)):
         stats, done = None, 0
@@ -161,7 +166,8 @@ def run_train_lora(args) -> int:
         stats = distill.StatsFiles(args.calib)
         # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
         # gives exactly the same LoRA for the layers it keeps.
-        api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank)
+        api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank,
+                     centre=_centre(stats.meta.get("centre", "none")))  # the LoRA fits the calibration's centring
         dev = next(transformer.parameters()).device
         return stats, distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
 
@@ -204,6 +210,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=arg_int(1), default=4, help="prompts sampled together (default: 4)")
     p.add_argument("--preset", default="auto",
                    help="layers to collect statistics for: preset name or preset file (default: auto)")
+    p.add_argument("--centre", choices=("none", "token_mean"), default="none",
+                   help="prune x minus each sample's token mean and add its exact output back (SparsityConfig.centre; "
+                        "train-lora then fits and saves the LoRA for it; default: none)")
     p.add_argument("--max-stats-gb", type=arg_real(0, low_open=True), default=None,
                    help="most statistics memory per pass; more passes over the same prompts when exceeded "
                         "(default: no limit, one pass)")

@@ -256,7 +256,9 @@ def centred(x: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
 
 def token_mean(x: torch.Tensor) -> torch.Tensor:
     """The centre that pays most on the mini-FLUX (benchmarks/centering_probe.py): the mean over the tokens of each
-    sample, float32 ``[..., 1, K]`` (a 2-D x is one sample: ``[1, K]``)."""
+    sample, float32 ``[..., 1, K]`` (a 2-D x is one sample: ``[1, K]``; a 1-D x is one token, its own mean)."""
+    if x.dim() == 1:
+        return x.float()
     return x.float().mean(-2, keepdim=True)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backends, ops
+from .. import backends, ops, reference
 from ..families import family_of
 from ..presets import SPEED_RULES
 from . import adapters, shard
@@ -101,14 +101,46 @@ class Site(Operand):
     def forward(self, layer, x: torch.Tensor, user_tail: bool = False) -> torch.Tensor:
         """``layer(x)``; ``user_tail``: the layer's own adapters ride in the tail (its PEFT wrapper asked
         :func:`rtlynx.sites.adapters.carries` first and adds nothing)."""
-        if self.row_parallel:  # this rank holds a slice of K: partial outputs summed over the ranks
-            return shard.row_forward(self, layer, x)
         cfg = layer._settings.config
+        if self.row_parallel:  # this rank holds a slice of K: partial outputs summed over the ranks
+            if cfg.centre is not None and layer.mode == "sparse":
+                raise NotImplementedError(f"site {self.name!r}: centre={cfg.centre!r} on a row-parallel (K-split) "
+                                          "site is not supported; use centre=None with tensor parallelism")
+            return shard.row_forward(self, layer, x)
         mode = layer.mode
         if mode == "dense" or (layer._step_gate is not None and layer._step_gate.dense):
             return F.linear(x, layer.dense_weight(), layer.bias)
         if mode == "weight":
             return F.linear(x, layer._pruned_weight(), layer.bias)
+        if cfg.centre is not None:
+            return self._forward_centred(layer, x, user_tail, cfg)
+        return self._forward_sparse(layer, x, user_tail, cfg)
+
+    def _forward_centred(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
+        """SparsityConfig.centre: the site prunes ``x - c`` (c: each sample's token mean, computed once for all
+        members) and each member adds the exact output of c back, ``c W^T + LoRA(c)`` (the LoRA tail read x - c, and
+        LoRA(x) = LoRA(x - c) + LoRA(c)): rtlynx.reference.sparse_act_linear with ``centre``."""
+        if self._fused_path(cfg, layer, x.reshape(-1, self.k)) == "dense":  # the speed rules: nothing is pruned
+            return F.linear(x, layer.dense_weight(), layer.bias)
+        compiling = _is_compiling()
+        cc = self._centred
+        if cc is not None and cc[0] is x and (compiling or cc[1] == _version(x)):
+            c, xs = cc[2], cc[3]
+            self._centred = None if cc[4] <= 1 else (*cc[:4], cc[4] - 1)
+        else:
+            c = reference.token_mean(x)
+            xs = reference.centred(x, c)
+            shared = len(self.layers) > 1 and not self._split  # the other members reuse c and x - c (one pass)
+            self._centred = (x, 0 if compiling else _version(x), c, xs, len(self.layers) - 1) if shared else None
+        y = self._forward_sparse(layer, xs, user_tail, cfg)
+        cd = c.to(y.dtype)
+        back = F.linear(cd, layer.dense_weight())
+        a, b = adapters.member_factors(self, layer, user_tail)
+        if a is not None:
+            back = back + F.linear(F.linear(cd, a), b)
+        return y + back  # [..., 1, N]: one row per sample, broadcast over its tokens
+
+    def _forward_sparse(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
         k = self.k
         if k % cfg.m:
             return layer._forward_remainder(x)
@@ -184,7 +216,7 @@ class Site(Operand):
         """``layer(gelu(h))`` for a site whose producer is GELU-tanh: on the lynx kernels without a LoRA branch the
         GELU runs inside the prune pass (no dense GELU output is written); otherwise the plain path."""
         cfg = layer._settings.config
-        if (layer.mode == "sparse" and not self.row_parallel
+        if (layer.mode == "sparse" and not self.row_parallel and cfg.centre is None  # centring needs GELU's output
                 and not (layer._step_gate is not None and layer._step_gate.dense)
                 and not (layer.lora_enabled and layer.lora_A is not None) and len(self.layers) == 1):
             h2 = h.reshape(-1, self.k)

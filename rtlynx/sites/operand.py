@@ -89,6 +89,7 @@ class Operand:
         self.slices = tuple(slice(a, a + l.out_features) for a, l in zip(offs, ls))
         self.splits = tuple(l.out_features for l in ls)
         self._pending = None      # (x, lora on, x version, per-member outputs, calls left)
+        self._centred = None      # (x, x version, centre, x - centre, calls left): SparsityConfig.centre
         self._fp8 = None          # (wq, sw) of the FP8 kernels, made at their first use (fp8_operand)
         self._fp8_stored = all(stored)  # the layers' weights live in _fp8 (no bf16 copy: keep_dense_weights off)
         self._fast = None         # (config, device, dtype) of the last call that passed every fused-path check
@@ -221,7 +222,7 @@ class Operand:
                     if p is not None and p.untyped_storage().nbytes() != p.numel() * p.element_size():
                         _repoint(p, p.detach().clone(memory_format=torch.contiguous_format))
         self.wext = self.bias = self.lora_a = self._wext_nolora = self._wext_comp = self._user_b = None
-        self._pending = self._fp8 = None
+        self._pending = self._fp8 = self._centred = None
         self._carry = [False] * len(self.layers)
 
     def member_applied(self, layer) -> None:

@@ -48,10 +48,13 @@ def verify(model: nn.Module, *args, prefixes: tuple[str, ...] | None = None, **k
     def spec(layer, x, user_tail=False):
         a, b = adapters.member_factors(layer._site, layer, user_tail)
         x2, w = x.reshape(-1, layer.in_features), layer.dense_weight()
+        cfg = layer._settings.config
+        c = None if cfg.centre is None else reference.token_mean(x).expand(x.shape).reshape(x2.shape)
         if layer.in_features % layer.m:  # the layer zero-pads the last group (k_remainder="pad")
             x2, w = reference.pad_to_multiple(x2, layer.m), reference.pad_to_multiple(w, layer.m)
             a = None if a is None else reference.pad_to_multiple(a, layer.m)
-        return family_of(layer._settings.config.dtype).spec(layer, x2, w, a, b)
+            c = None if c is None else reference.pad_to_multiple(c, layer.m)
+        return family_of(cfg.dtype).spec(layer, x2, w, a, b, c)
 
     errs = {}
     with torch.no_grad():

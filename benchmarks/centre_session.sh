@@ -1,0 +1,34 @@
+#!/bin/bash
+# Token-mean centring (SparsityConfig.centre, issue 18 item 3): FID of the mini-FLUX with a closed-form LoRA fitted
+# for it, against a LoRA fitted the same way without it (same prompts, seeds and steps), on the lynx kernels.
+# Two calls to one warm machine (the weights, the Inception and Emoji-64 do not fit one carry; fid_session.sh says why):
+#   1. weights moved out here (mkdir -p .qw && mv rtlynx/assets/miniflux/*.safetensors .qw/), carry
+#      .cache/inception_fp16.pt(.sha256) .cache/emoji64.npz:   bash benchmarks/centre_session.sh reference
+#   2. weights back, carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz .cache/prompts_all.txt
+#      .cache/prompts_calib512.txt (Emoji-64 prompts, the weighted draw of `rtlynx calibrate`, seed 0):
+#      bash benchmarks/centre_session.sh run          (about 5 min; rows written as they come)
+# CENTRES="none token_mean" picks the LoRAs; N (5000) images per FID.
+stage=${1:?stage: reference or run}
+case $stage in
+  reference)
+    bash benchmarks/fid_session.sh reference ;;
+  run)
+    source benchmarks/device_setup.sh
+    W=/tmp/centre; mkdir -p $W
+    for c in ${CENTRES:-none token_mean}; do
+      t0=$(date +%s)
+      python3 -m rtlynx calibrate --model miniflux --prompts-file .cache/prompts_calib512.txt --num-prompts 512 \
+        --batch-size 256 --steps 20 --preset flux --centre $c --out $W/calib_$c.safetensors --overwrite 2>&1 \
+        | grep -v "it/s]\|s/it]\|batch/s]\|s/batch]" | tail -3
+      python3 -m rtlynx train-lora --model miniflux --calib $W/calib_$c.safetensors --rank 8 --dense-below-t none \
+        --out $W/lora_$c --overwrite 2>&1 | tail -2
+      echo "centre $c: calibrate + train-lora $(( $(date +%s) - t0 )) s"
+      tar czf "$OUT/lora_$c.tgz" -C $W lora_$c
+      v="dense rtlynx"; [ $c != none ] && v="dense rtlynx rtlynx_t0.2"
+      python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} \
+        --batch-size 500 --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz \
+        --backend lynx --lora-dir $W/lora_$c --variants $v --out "$OUT/quality_centre_$c.json" 2>&1 \
+        | grep -v "it/s]\|s/it]" | tail -8
+    done ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac
