@@ -15,10 +15,10 @@ from rtlynx import recording as R
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
 
 
-def _model(seed, rank=4, start=1e-3):
+def _model(seed, rank=4, start=1e-3, centre=None):
     dense = tiny_transformer("flux", seed=seed)
     model = copy.deepcopy(dense)
-    rtlynx.sparsify(model, lora_rank=rank, backend="reference", speed_rules=False)
+    rtlynx.sparsify(model, lora_rank=rank, backend="reference", speed_rules=False, centre=centre)
     with torch.no_grad():  # a small non-zero start, as a closed-form LoRA would be (0: the norm scale alone)
         for layer in rtlynx.sparse_layers(model).values():
             layer.lora_B.normal_(0, start) if start else layer.lora_B.zero_()
@@ -106,9 +106,11 @@ def test_dense_rollout_keeps_its_own_outputs_as_targets(seed):
 
 
 @pytest.mark.slow
-def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_path):
+@pytest.mark.parametrize("centre", [None, "token_mean"])
+def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_path, centre):
+    """(with token-mean centring too: the gradient reaches the LoRA through x - c and the LoRA of c)"""
     torch.manual_seed(seed)
-    dense, model = _model(seed, start=0)
+    dense, model = _model(seed, start=0, centre=centre)
     roll = _sampler(model)
     prompts = ["a", "b", "c", "d"]
     # the states the run trains on (dense sampler, its first rollout's seed): the optimisation must lower their error
@@ -133,6 +135,7 @@ def test_training_lowers_the_output_error_and_touches_only_the_lora(seed, tmp_pa
     fresh = copy.deepcopy(dense)
     rtlynx.load(fresh, tmp_path / "ck" / "lora")
     rtlynx.configure(fresh, backend="reference", speed_rules=False)
+    assert rtlynx.config_of(fresh).centre == centre
     inp = example_inputs(model, batch=2, seed=seed)
     torch.testing.assert_close(output_tensor(fresh(**inp)), output_tensor(model(**inp)), rtol=0, atol=0)
 
