@@ -7,7 +7,8 @@
 #   2. weights back, carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz .cache/prompts_all.txt
 #      .cache/prompts_calib512.txt (Emoji-64 prompts, the weighted draw of `rtlynx calibrate`, seed 0):
 #      bash benchmarks/centre_session.sh run          (about 5 min; rows written as they come)
-# CENTRES="none token_mean" picks the LoRAs; N (5000) images per FID.
+# CENTRES="token_mean none" picks the LoRAs (centred first: dense + every step + t < 0.2; the control without centring:
+# every step only, its FID against the same dense run's protocol); N (5000) images per FID.
 stage=${1:?stage: reference or run}
 case $stage in
   reference)
@@ -15,7 +16,7 @@ case $stage in
   run)
     source benchmarks/device_setup.sh
     W=/tmp/centre; mkdir -p $W
-    for c in ${CENTRES:-none token_mean}; do
+    for c in ${CENTRES:-token_mean none}; do
       t0=$(date +%s)
       python3 -m rtlynx calibrate --model miniflux --prompts-file .cache/prompts_calib512.txt --num-prompts 512 \
         --batch-size 256 --steps 20 --preset flux --centre $c --out $W/calib_$c.safetensors --overwrite 2>&1 \
@@ -24,7 +25,7 @@ case $stage in
         --out $W/lora_$c --overwrite 2>&1 | tail -2
       echo "centre $c: calibrate + train-lora $(( $(date +%s) - t0 )) s"
       tar czf "$OUT/lora_$c.tgz" -C $W lora_$c
-      v="dense rtlynx"; [ $c != none ] && v="dense rtlynx rtlynx_t0.2"
+      v="rtlynx"; [ $c != none ] && v="dense rtlynx rtlynx_t0.2"
       python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} \
         --batch-size 500 --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz \
         --backend lynx --lora-dir $W/lora_$c --variants $v --out "$OUT/quality_centre_$c.json" 2>&1 \
