@@ -43,7 +43,7 @@ from rtlynx._compile import uncompile  # noqa: E402
 from rtlynx.benchtools import kernel_library, measure, run_metadata  # noqa: E402
 from rtlynx.integrations.diffusers import example_inputs, output_tensor  # noqa: E402
 
-from e2e import build, device_and_results  # noqa: E402
+from e2e import build, device_and_results, time_split  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RANK = 16
@@ -122,6 +122,11 @@ def run_variant(model, inputs, name: str, args, adapters: tuple[dict, dict]) -> 
         row["ms"] = measure(forward, reps=args.reps, warmup=args.warmup, flush_l2=False, sync_each=True).median_ms
         row["compile_and_time_s"] = round(time.time() - t0, 1)
         row["graphs"] = len(graphs)
+        if args.profile:  # after the timing: one profiled forward, GPU time per kernel class (what an adapter adds)
+            try:
+                row["split"] = time_split(runner, inputs)
+            except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timing
+                row["split"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         if with_lora:
             before = len(graphs)
             model.load_lora_adapter(adapters[1], adapter_name="style", prefix=None, hotswap=True)
@@ -178,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile", choices=("full", "regional"), default="full",
                     help="torch.compile of the whole model, or diffusers' compile_repeated_blocks (minutes less)")
+    ap.add_argument("--profile", action="store_true", help="after timing each variant, one profiled forward: GPU ms "
+                                                           "per kernel class and the top kernels (the row's split)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny FLUX on the CPU, reference backend, dynamo's eager "
                                                          "backend (checks the script)")

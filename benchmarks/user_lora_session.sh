@@ -4,6 +4,7 @@
 #   bash benchmarks/user_lora_session.sh tests         build, the adapter GPU tests and the site / FP8 suites
 #   bash benchmarks/user_lora_session.sh bench VARIANT...   FLUX.1-dev compiled rows (about 2 min of compile each:
 #        two or three variants per call; rows merge into benchmarks/results/user_lora_<device>.json)
+# PROFILE=1: one profiled forward per variant after its timing (GPU ms per kernel class: what the adapter adds)
 # COMPILE=regional: diffusers' compile_repeated_blocks (seconds of compiling instead of minutes: all six in one call)
 # e.g.  bench dense "dense + LoRA r16" "rtlynx bf16"  /  bench "rtlynx bf16 + LoRA r16" "rtlynx fp8"  /
 #       bench "rtlynx fp8 + LoRA r16"
@@ -16,7 +17,8 @@ case $what in
       tests/gpu/test_sites_gpu.py tests/gpu/test_fp8_kernels.py -o log_level=WARNING 2>&1 \
       | grep -v "^DEBUG" > "$OUT/user_lora_tests.txt"; tail -20 "$OUT/user_lora_tests.txt" ;;
   bench)
-    timeout ${BENCH_S:-540} python3 benchmarks/user_lora.py --compile ${COMPILE:-full} --variants "$@" 2>&1 | tee -a "$OUT/user_lora_bench.txt"
+    timeout ${BENCH_S:-540} python3 benchmarks/user_lora.py --compile ${COMPILE:-full} ${PROFILE:+--profile} \
+      --variants "$@" 2>&1 | tee -a "$OUT/user_lora_bench.txt"
     save ;;
 esac
 save
