@@ -24,7 +24,7 @@ case $stage in
       python3 -m rtlynx train-lora --model miniflux --calib $W/calib_$c.safetensors --rank 8 --dense-below-t none \
         --out $W/lora_$c --overwrite 2>&1 | tail -2
       echo "centre $c: calibrate + train-lora $(( $(date +%s) - t0 )) s"
-      tar czf "$OUT/lora_$c.tgz" -C $W lora_$c
+      tar czf "$OUT/lora.tgz" -C $W $(cd $W && ls -d lora_*)  # every LoRA so far, one file ($OUT: 8 at most)
       v="rtlynx"; [ $c != none ] && v="dense rtlynx rtlynx_t0.2"
       python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} \
         --batch-size 500 --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz \

@@ -4,7 +4,9 @@
 # instead of 28), and optionally .cache/build or .cache/obj.tgz (kernel objects prebuilt elsewhere). BUILD=0: no
 # kernel build (the reference path, or a library the script finds itself).
 # Sets OUT, PYTHONPATH, RTLYNX_BUILD_DIR, CUTLASS_INCLUDE and (with the build) RTLYNX_LIB, the library it builds or
-# finds; writes $OUT/env.txt and, with the build, $OUT/build.txt and $OUT/obj.tgz (the objects, one file).
+# finds; writes $OUT/env.txt and, with the build, $OUT/build.txt; KEEP_OBJ=1 also $OUT/obj.tgz (the objects, one
+# file: only when they were compiled here, since $OUT gives back 8 files at most and device_files.sh OBJECTS=1 makes
+# them on the CPU).
 set -o pipefail
 OUT=${OUT:-/tmp/rtlynx_out}; mkdir -p "$OUT"
 WHEELS=${WHEELS:-.whl}
@@ -29,5 +31,7 @@ if [ "${BUILD:-1}" != 0 ]; then
   echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.txt"
   export RTLYNX_LIB=$(grep '\.so$' "$OUT/build.txt" | tail -1)
   [ -f "$RTLYNX_LIB" ] || { echo "no library"; cat "$OUT/build.txt"; exit 1; }
-  tar czf "$OUT/obj.tgz" -C "$RTLYNX_BUILD_DIR" obj 2>/dev/null  # for later calls (one file: copy-back limits count)
+  if [ "${KEEP_OBJ:-0}" = 1 ]; then  # for later calls (one file: copy-back limits count)
+    tar czf "$OUT/obj.tgz" -C "$RTLYNX_BUILD_DIR" obj 2>/dev/null
+  fi
 fi
