@@ -30,6 +30,8 @@ defaults), median of --reps after warm-up, same process:
                        rest bf16
 - rtlynx fp8 + torchao: the same, and torchao's float8 linears on every layer rtlynx keeps dense (the recipe with
                        rtlynx's FP8 sparse sites in place of torchao's FP8 linears where they are sparse)
+- rtlynx bf16, rtlynx bf16 centred: bf16 sites without and with token-mean centring (centre="token_mean"; not in the
+                       default list)
 """
 
 from __future__ import annotations
@@ -238,7 +240,10 @@ def cmd_linear(args) -> int:
     return 0
 
 
-E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe")
+E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe", "rtlynx bf16", "rtlynx bf16 centred")
+E2E_DEFAULT = E2E_VARIANTS[:4]
+# rtlynx bf16 centred: token-mean centring (SparsityConfig.centre), today one extra pass over x per site outside the
+# prune kernel: its row against "rtlynx bf16" is what that pass costs
 
 
 def _torchao_fp8(model, only_plain_linear: bool):
@@ -310,6 +315,8 @@ def cmd_e2e(args) -> int:
                 rtlynx.sparsify(model, dtype="fp8")
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
+            elif name.startswith("rtlynx bf16"):
+                rtlynx.sparsify(model, centre="token_mean" if name.endswith("centred") else None)
             for k, v in inductor.items():
                 setattr(inductor_config, k, v)
             gc.collect()
@@ -368,7 +375,7 @@ def main(argv=None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--out", default=str(RESULTS / "fp8_h200.json"), help="results JSON (merged)")
     q.add_argument("--reps", type=int, default=10, help="timed forwards per variant")
-    q.add_argument("--variants", nargs="+", default=list(E2E_VARIANTS), choices=E2E_VARIANTS,
+    q.add_argument("--variants", nargs="+", default=list(E2E_DEFAULT), choices=E2E_VARIANTS,
                    help="in this order (dense first: the ratios need it)")
     q.add_argument("--inductor", choices=("recipe", "default"), default="recipe",
                    help="inductor settings for every variant: the ones torchao's quantize_ sets (coordinate-descent "
