@@ -12,6 +12,8 @@
 #                             on 2 cores; the device then only links, 4 s instead of 84 s)
 #   OLD=<commit>              also .cache/old_src.tgz and .cache/obj_old.tgz: an older tree and its objects, for
 #                             `e2e_session.sh ab` (another 7 min)
+#   SAGE2=<git dir>           also .cache/sage2_src.tgz: SageAttention 2's source (60 KB) from a checkout of
+#                             github.com/thu-ml/SageAttention, built on the device by stack_session.sh's sage2 stage
 #   run: bash benchmarks/device_files.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,5 +47,14 @@ objects() {  # objects of the tree in $1 -> $2 (.tgz), compiled in a scratch bui
 if [ -n "${OLD:-}" ] && [ ! -f .cache/old_src.tgz ]; then
   git archive --format=tar.gz -o .cache/old_src.tgz "$OLD" -- . ':!rtlynx/assets' ':!benchmarks/results'
   old=$(mktemp -d) && tar xzf .cache/old_src.tgz -C "$old" && objects "$old" "$PWD/.cache/obj_old.tgz" && rm -rf "$old"
+fi
+if [ -n "${SAGE2:-}" ] && [ ! -f .cache/sage2_src.tgz ]; then
+  # SageAttention 2's source (no sm90 wheel on the package index): the build files of a git checkout at HEAD, for
+  # stack_session.sh's sage2 stage; SAGE2 = the checkout's git dir (e.g. what the fetch tool returns)
+  s=$(mktemp -d)/sage2 && mkdir -p "$s"
+  for f in $(git --git-dir="$SAGE2" ls-tree -r --name-only HEAD -- setup.py pyproject.toml LICENSE csrc sageattention); do
+    mkdir -p "$s/$(dirname "$f")" && git --git-dir="$SAGE2" show "HEAD:$f" > "$s/$f"
+  done
+  git --git-dir="$SAGE2" rev-parse HEAD > "$s/COMMIT" && tar czf .cache/sage2_src.tgz -C "$(dirname "$s")" sage2
 fi
 ls -la .whl .cache

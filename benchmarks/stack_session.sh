@@ -12,6 +12,7 @@
 #   stack      benchmarks/stack.py: FLUX.1-dev pipeline seconds per image, 28 steps, the variants in VARIANTS (comma-
 #              separated; default below, most wanted first), whatever is left before DEADLINE (530 s after the start)
 #              as its --time-budget
+#   sage2      (not in the default list) SageAttention 2 built from .cache/sage2_src.tgz into /tmp/site (SAGE_S, 420 s)
 # STAGES="tests attention stack" (default) picks stages; the logs of all of them go to $OUT/session_log.txt.
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-530}
@@ -27,6 +28,19 @@ for what in ${STAGES:-tests attention stack}; do
         tests/gpu/test_cudagraph_steps.py tests/test_attention_backends.py tests/test_cudagraphs.py \
         > "$OUT/tests.txt" 2>&1
       echo "tests rc $?" | tee -a "$OUT/tests.txt"; tail -5 "$OUT/tests.txt" | tee -a "$LOG" ;;
+    sage2)  # SageAttention 2 from source (.cache/sage2_src.tgz, device_files.sh SAGE2=): its sm90 INT8-QK / FP8-PV
+      # kernel for the attention table; the build time is one of issue 19's numbers. Run it before "attention".
+      stage sage2
+      if [ -f .cache/sage2_src.tgz ]; then
+        rm -rf /tmp/sage2 && tar xzf .cache/sage2_src.tgz -C /tmp
+        t0=$(date +%s)
+        (cd /tmp/sage2 && TORCH_CUDA_ARCH_LIST=9.0 timeout ${SAGE_S:-420} python3 -m pip install --no-build-isolation \
+          --no-deps --no-index --upgrade --target /tmp/site .) > "$OUT/sage2_build.txt" 2>&1
+        echo "sage2 build rc $? in $(( $(date +%s) - t0 )) s, source $(cat /tmp/sage2/COMMIT)" \
+          | tee -a "$OUT/sage2_build.txt" "$LOG"
+      else
+        echo "sage2: no .cache/sage2_src.tgz (device_files.sh SAGE2=)" | tee -a "$LOG"
+      fi ;;
     attention)
       stage attention
       timeout ${ATTN_S:-70} python3 benchmarks/attention.py --reps ${ATTN_REPS:-20} --out "$OUT/attention.json" \
