@@ -35,3 +35,13 @@ if [ "${BUILD:-1}" != 0 ]; then
     tar czf "$OUT/obj.tgz" -C "$RTLYNX_BUILD_DIR" obj 2>/dev/null
   fi
 fi
+build_sage2() {  # SageAttention 2 from .cache/sage2_src.tgz (device_files.sh SAGE2=) into /tmp/site, timed; SAGE_S
+  [ -f .cache/sage2_src.tgz ] || { echo "sage2: no .cache/sage2_src.tgz (device_files.sh SAGE2=)"; return 1; }
+  rm -rf /tmp/sage2 && tar xzf .cache/sage2_src.tgz -C /tmp
+  local t0 rc; t0=$(date +%s)
+  (cd /tmp/sage2 && TORCH_CUDA_ARCH_LIST=9.0 timeout "${SAGE_S:-420}" python3 -m pip install --no-build-isolation \
+    --no-deps --no-index --upgrade --target /tmp/site .) > "$OUT/sage2_build.txt" 2>&1
+  rc=$?
+  echo "sage2 build rc $rc in $(( $(date +%s) - t0 )) s, source $(cat /tmp/sage2/COMMIT)" | tee -a "$OUT/sage2_build.txt"
+  return $rc
+}

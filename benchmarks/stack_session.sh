@@ -31,16 +31,7 @@ for what in ${STAGES:-tests attention stack}; do
     sage2)  # SageAttention 2 from source (.cache/sage2_src.tgz, device_files.sh SAGE2=): its sm90 INT8-QK / FP8-PV
       # kernel for the attention table; the build time is one of issue 19's numbers. Run it before "attention".
       stage sage2
-      if [ -f .cache/sage2_src.tgz ]; then
-        rm -rf /tmp/sage2 && tar xzf .cache/sage2_src.tgz -C /tmp
-        t0=$(date +%s)
-        (cd /tmp/sage2 && TORCH_CUDA_ARCH_LIST=9.0 timeout ${SAGE_S:-420} python3 -m pip install --no-build-isolation \
-          --no-deps --no-index --upgrade --target /tmp/site .) > "$OUT/sage2_build.txt" 2>&1
-        echo "sage2 build rc $? in $(( $(date +%s) - t0 )) s, source $(cat /tmp/sage2/COMMIT)" \
-          | tee -a "$OUT/sage2_build.txt" "$LOG"
-      else
-        echo "sage2: no .cache/sage2_src.tgz (device_files.sh SAGE2=)" | tee -a "$LOG"
-      fi ;;
+      build_sage2 2>&1 | tee -a "$LOG" ;;
     attention)
       stage attention
       timeout ${ATTN_S:-70} python3 benchmarks/attention.py --reps ${ATTN_REPS:-20} --out "$OUT/attention.json" \
