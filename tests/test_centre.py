@@ -10,15 +10,7 @@ from rtlynx import api, distill, sites
 
 diffusers = pytest.importorskip("diffusers")
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer  # noqa: E402
-
-SEED = 20261207
-
-
-@pytest.fixture
-def gen(request):
-    seed = SEED + sum(map(ord, request.node.name))
-    print(f"seed {seed}")  # reproduce a failure with this seed
-    return torch.Generator().manual_seed(seed)
+from test_sites import gen  # noqa: E402, F401  (the fixture: a generator seeded per test, its seed printed)
 
 
 def brute_prune_24(x: torch.Tensor) -> torch.Tensor:

@@ -7,19 +7,11 @@ import torch
 import rtlynx
 from rtlynx import api, sites
 
+from .test_sites_gpu import gen  # noqa: F401  (the fixture: a CUDA generator, its seed printed)
 from .test_sm90_kernels import rel_err, rnd
 
 diffusers = pytest.importorskip("diffusers")
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer  # noqa: E402
-
-
-@pytest.fixture
-def gen():
-    seed = torch.seed() % 2**31
-    print(f"seed {seed}")  # reproduce a failure with this seed
-    g = torch.Generator(device="cuda")
-    g.manual_seed(seed)
-    return g
 
 
 @pytest.mark.parametrize("kind", ["flux", "qwen-image", "z-image"])
