@@ -176,3 +176,19 @@ def test_one_token_is_its_own_centre(gen):
     with torch.no_grad():
         got = layer(x)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias))
+
+
+def test_row_parallel_site_refuses_centring(gen):
+    """A K-split (row-parallel) site holds a slice of each token: it refuses centring in one line, before any
+    collective (a hand-built shard, as tests/test_parallel.py makes them)."""
+    import dataclasses
+
+    from rtlynx import parallel
+    from rtlynx.sites import Site
+
+    layer = rtlynx.SparseActLinear(torch.nn.Linear(64, 32), speed_rules=False)
+    layer._tp = parallel.Shard("rowwise", (128,), None, 0, 2)
+    Site([layer], "plain", "row")
+    layer._settings.config = dataclasses.replace(layer._settings.config, centre="token_mean")
+    with pytest.raises(NotImplementedError, match="row-parallel"):
+        layer(torch.randn(3, 64, generator=gen))
