@@ -281,7 +281,7 @@ def collect(transformer, run_fn, stats: CalibStats | None = None, groups: list[G
                 last_x[id(g)] = inp[0]
                 gram_rows[id(g)] += x.shape[0]
                 if mod._settings.config.centre is not None:  # each row's centre, once per input of the group
-                    centres[id(g)] = reference.token_mean(inp[0]).expand(inp[0].shape).reshape(x.shape)
+                    centres[id(g)] = reference.row_centres(inp[0])
             y = out.reshape(-1, mod.out_features).float()
             if mod.bias is not None:
                 y = y - mod.bias.float()

@@ -178,6 +178,17 @@ def test_one_token_is_its_own_centre(gen):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.dense_weight(), layer.bias))
 
 
+def test_row_centres_repeat_each_samples_mean(gen):
+    """reference.row_centres: row r of x.reshape(-1, K) gets the float64 mean over its own sample's tokens."""
+    from rtlynx import reference
+    x = torch.randn(3, 5, 7, generator=gen).to(torch.bfloat16)
+    got = reference.row_centres(x)
+    want = x.double().mean(1, keepdim=True).expand(3, 5, 7).reshape(15, 7)
+    assert got.shape == (15, 7) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got[0], got[5])  # rows of different samples get different centres
+
+
 def test_row_parallel_site_refuses_centring(gen):
     """A K-split (row-parallel) site holds a slice of each token: it refuses centring in one line, before any
     collective (a hand-built shard, as tests/test_parallel.py makes them)."""

@@ -25,6 +25,7 @@ from .nm import (
     prune_weight_magnitude,
     prune_weight_wanda,
     ranking_key,
+    row_centres,
     sparse_act_linear,
     token_mean,
     wanda_score,
@@ -39,5 +40,5 @@ LAYOUTS["sm90"] = __import__(f"{__name__}.sm90", fromlist=["compress_sm90"]).com
 __all__ = [
     "LAYOUTS", "PRODUCERS", "SUPPORTED_M", "channel_norm", "check_pattern", "compress", "decompress", "gelu_tanh",
     "meta_bits", "meta_bytes_per_row", "nm_mask", "norm_scale", "pad_to_multiple", "prune_nm", "prune_weight_magnitude",
-    "prune_weight_wanda", "ranking_key", "sparse_act_linear", "wanda_score",
+    "prune_weight_wanda", "ranking_key", "row_centres", "sparse_act_linear", "wanda_score",
 ]

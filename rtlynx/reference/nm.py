@@ -262,6 +262,12 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(-2, keepdim=True)
 
 
+def row_centres(x: torch.Tensor) -> torch.Tensor:
+    """:func:`token_mean` repeated for each token: float32 ``[rows, K]``, one centre per row of ``x.reshape(-1, K)``
+    (what the per-layer paths pass as ``centre``)."""
+    return token_mean(x).expand(x.shape).reshape(-1, x.shape[-1])
+
+
 def sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       n: int = 2, m: int = 4, compensation: str = "norm",
                       lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
