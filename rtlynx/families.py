@@ -125,19 +125,15 @@ class FP8Family(Family):
 
     def add_lora(self, site, xc, outs, sl, tail) -> None:
         """``y_i += (x A_i^T) B_i^T`` in bf16 after the FP8 GEMM (cuBLAS, in place): one ``h = x A^T`` for the whole
-        tail (compensation LoRA and user adapters), then one product per member, its terms' columns and Bs
-        concatenated (each pass over ``y`` reads and writes all of it: a user adapter must not add a second one)."""
+        tail (compensation LoRA and user adapters), then each member's B."""
         a = site.tail_a(tail)
         if a is None:
             return
         h = F.linear(xc, a)
         members = range(len(site.layers)) if sl is None else [site.slices.index(sl)]
         for i, y in zip(members, outs):
-            terms = site.lora_terms(i, tail)
-            if len(terms) == 1:
-                y.addmm_(h[:, terms[0][0]], terms[0][1].t())
-            elif terms:
-                y.addmm_(torch.cat([h[:, c] for c, _ in terms], 1), torch.cat([b for _, b in terms], 1).t())
+            for cols, b in site.lora_terms(i, tail):
+                y.addmm_(h[:, cols], b.t())
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
         """Where the FP8 site kernels cannot run: the FP8 spec on the reference path, one layer at a time."""
