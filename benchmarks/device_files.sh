@@ -52,7 +52,7 @@ if [ -n "${SAGE2:-}" ] && [ ! -f .cache/sage2_src.tgz ]; then
   # SageAttention 2's source (no sm90 wheel on the package index): the build files of a git checkout at HEAD, for
   # stack_session.sh's sage2 stage; SAGE2 = the checkout's git dir (e.g. what the fetch tool returns)
   s=$(mktemp -d)/sage2 && mkdir -p "$s"
-  for f in $(git --git-dir="$SAGE2" ls-tree -r --name-only HEAD -- setup.py pyproject.toml LICENSE csrc sageattention); do
+  for f in $(git --git-dir="$SAGE2" ls-tree -r --name-only HEAD -- setup.py pyproject.toml LICENSE README.md csrc sageattention); do
     mkdir -p "$s/$(dirname "$f")" && git --git-dir="$SAGE2" show "HEAD:$f" > "$s/$f"
   done
   git --git-dir="$SAGE2" rev-parse HEAD > "$s/COMMIT" && tar czf .cache/sage2_src.tgz -C "$(dirname "$s")" sage2

@@ -63,7 +63,8 @@ case $what in
     # the first setting that passes trains. RESUME=1: no probes, the setting chosen before, on from the last
     # checkpoint (a run longer than one call). FID=0: no FID at the end.
     T=(python3 benchmarks/distill_global.py train --prompts-file .cache/prompts_all.txt --backend $BACKEND)
-    bars() { tr '\r' '\n' | grep --line-buffered -av "it/s]\|s/it]\|step/s]\|s/step]"; }
+    # progress bars out (their postfix "loss=..." follows the rate), the evaluation lines that share a bar's line kept
+    bars() { tr '\r' '\n' | sed -u 's/.*\(step [0-9]* *val_rel_err\)/\1/' | grep --line-buffered -av "it/s\|s/it\|step/s\|s/step"; }
     if [ "${RESUME:-0}" = 1 ]; then
       chosen="$(cat $GL/chosen) --resume"
     elif [ -n "${CHOSEN:-}" ]; then  # a setting known to train on this device: no probes
