@@ -1,7 +1,7 @@
 """Seconds per image of the whole FLUX.1-dev pipeline at 1024x1024, the fast-FLUX stack composed (issue 19 item 4).
 
     python benchmarks/stack.py [--steps 28] [--reps 3] [--variants ...] [--time-budget 300] [--compile regional]
-    python benchmarks/stack.py --smoke       # CPU: the tiny FLUX pipeline, 2 steps, reference kernels, dynamo only
+    python benchmarks/stack.py --smoke       # CPU: the tiny FLUX pipeline, 4 steps, reference kernels, dynamo only
 
 The pipeline is diffusers' FluxPipeline with FLUX.1-dev's real configurations and random weights, built offline on
 the GPU in bf16 (no checkpoint can be downloaded; time does not depend on the weight values, so the images are noise
@@ -24,8 +24,13 @@ Variants, run in the order given (dense first: every ratio is against rows of th
 - rtlynx fp8          rtlynx.sparsify(dtype="fp8") + the same compile
 - rtlynx fp8 t<0.2    the same, the steps below noise level 0.2 dense (keep_dense_weights: bf16 weights there)
 - rtlynx bf16 t<0.2, rtlynx fp8 + torchao (torchao FP8 on the layers rtlynx keeps dense): not in the default list
-- recipe + cache, rtlynx fp8 + cache: the same with cache-dit's DBCache on top (its default settings, enabled before
-  the compile; --smoke: 1 front block, as the tiny FLUX has 2); not in the default list
+- recipe + cache, rtlynx fp8 + cache: the same with cache-dit's DBCache on top (enabled before the compile; --smoke:
+  1 front block, as the tiny FLUX has 2); not in the default list. --cache-mask: which steps are cached. "dbcache" is
+  DBCache's own default (cache a step when the front blocks' residual changed by < 0.08, after 8 warm-up steps): on
+  random weights the residuals never settle, and the H100 run of 2026-12-07 cached 0 of 28 steps (the "+ cache" rows
+  equalled the uncached ones). The default, "medium", is cache-dit's predefined 28-step mask (15 steps computed, 13
+  from the cache, a static cache there): the same steps whatever the weights, i.e. what caching saves on a real model
+  that caches that often. Each "+ cache" row records how many steps its last image cached.
 Every compiled variant gets the same compile mode, inductor settings (--inductor) and attention backend
 (--attention, diffusers' set_attention_backend; default SDPA). --time-budget S: a variant starts only while the time
 left covers the slowest variant so far, else its row says "skipped: time budget" (dense, the baseline, always runs);
@@ -174,8 +179,12 @@ def prepare(pipe, name: str, args) -> None:
     if cached:  # before the compile: cache-dit wraps the block lists the regional compile finds
         import cache_dit
 
-        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1) if args.smoke else cache_dit.DBCacheConfig()
-        cache_dit.enable_cache(pipe, cache_config=cfg)
+        kw = {"Fn_compute_blocks": 1} if args.smoke else {}
+        # a fixed step mask: the cached steps do not depend on the weights (cache-dit has masks for these counts)
+        if args.cache_mask != "dbcache" and (args.steps >= 8 or args.steps in (4, 6)):
+            kw.update(steps_computation_mask=cache_dit.steps_mask(mask_policy=args.cache_mask, total_steps=args.steps),
+                      steps_computation_policy="static")
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**kw))
     for knob, value in args.inductor_values.items():  # torchao's quantize_ changes them: every variant gets the same
         setattr(inductor_config, knob, value)
     if name != "dense":
@@ -281,14 +290,17 @@ def main(argv=None) -> int:
                     help="inductor settings for every variant: its defaults, or the recipe's (coordinate-descent "
                          "tuning: minutes more compile)")
     ap.add_argument("--attention", default=None, help="diffusers attention backend for every variant (default: SDPA)")
+    ap.add_argument("--cache-mask", choices=("dbcache", "slow", "medium", "fast", "ultra"), default="medium",
+                    help="the '+ cache' rows' cached steps: DBCache's residual threshold, or one of cache-dit's "
+                         "predefined step masks (random weights: see the module docstring)")
     ap.add_argument("--backend", default="lynx", help="rtlynx kernel backend (--smoke: reference)")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds for the whole run (0: no limit)")
     ap.add_argument("--out", default=None, help="results JSON (default: results/stack_<device>.json)")
-    ap.add_argument("--smoke", action="store_true", help="the CPU path: tiny pipeline, 2 steps, 2 reps")
+    ap.add_argument("--smoke", action="store_true", help="the CPU path: tiny pipeline, 4 steps, 2 reps")
     args = ap.parse_args(argv)
     start = time.time()
     if args.smoke:
-        args.backend, args.steps, args.reps, device = "reference", min(args.steps, 2), min(args.reps, 2), "cpu"
+        args.backend, args.steps, args.reps, device = "reference", min(args.steps, 4), min(args.reps, 2), "cpu"
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/stack.py needs a CUDA GPU (--smoke checks the script on a CPU)")
     else:
@@ -307,7 +319,8 @@ def main(argv=None) -> int:
            "resolution": "32x32" if args.smoke else "1024x1024", "steps": args.steps, "reps": args.reps,
            "compile": f"{args.compile}, mode reduce-overhead" if not args.smoke else f"{args.compile}, dynamo only",
            "inductor": {"settings": args.inductor, **args.inductor_values}, "attention": args.attention or "native",
-           "torchao": torchao_status() or "ok", "cache_dit": cache_status() or _version("cache_dit"), "rows": rows}
+           "torchao": torchao_status() or "ok", "cache_dit": cache_status() or _version("cache_dit"),
+           "cache_mask": args.cache_mask, "rows": rows}
 
     def save():
         add_ratios(rows)
@@ -346,6 +359,10 @@ def main(argv=None) -> int:
                 prepare(pipe, name, args)
                 row["prepare_s"] = round(time.time() - t0, 1)
                 row.update(time_images(pipe, args, device))
+                if name.endswith(" + cache"):  # what the cache skipped (the last image's steps)
+                    import cache_dit
+
+                    row["cached_steps"] = len(cache_dit.summary(pipe, logging=False)[0].cached_steps)
             row["warnings"] = sorted({str(w.message)[:160] for w in caught})[:8]
             if device == "cuda":
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30

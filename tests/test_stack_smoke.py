@@ -66,7 +66,11 @@ def test_stack_smoke_rows_ratios_and_issue_keys(tmp_path):
     assert list(rows) == ["dense", "dense compiled", "recipe", "rtlynx fp8 + cache", "rtlynx fp8 t<0.2"]  # dense first
     # cache-dit on top runs, and is taken off again for the next variant
     assert "error" not in rows["rtlynx fp8 + cache"] and rows["rtlynx fp8 + cache"]["s_per_image"] > 0
-    assert doc["device"] == "cpu" and doc["commit"] and doc["steps"] == 2
+    assert doc["device"] == "cpu" and doc["commit"] and doc["steps"] == 4
+    # the default cache mask (cache-dit's "medium" for 4 steps: 1101) cached exactly its masked step
+    import cache_dit
+    assert doc["cache_mask"] == "medium"
+    assert rows["rtlynx fp8 + cache"]["cached_steps"] == cache_dit.steps_mask(mask_policy="medium", total_steps=4).count(0) == 1
     for name in ("dense", "dense compiled", "rtlynx fp8 t<0.2"):  # rtlynx fp8 t<0.2 runs after the cached variant
         assert rows[name]["s_per_image"] > 0 and rows[name]["forward_ms"] > 0 and rows[name]["reps"] == 1, rows[name]
     assert rows["dense"]["vs_dense"] == 1.0 and "vs_dense_compiled" in rows["rtlynx fp8 t<0.2"]
