@@ -30,8 +30,9 @@ defaults), median of --reps after warm-up, same process:
                        rest bf16
 - rtlynx fp8 + torchao: the same, and torchao's float8 linears on every layer rtlynx keeps dense (the recipe with
                        rtlynx's FP8 sparse sites in place of torchao's FP8 linears where they are sparse)
-- rtlynx bf16, rtlynx bf16 centred: bf16 sites without and with token-mean centring (centre="token_mean"; not in the
-                       default list)
+- rtlynx bf16, rtlynx bf16 centred, rtlynx fp8 centred: bf16 sites without and with token-mean centring
+                       (centre="token_mean"), FP8 sites with it (they keep their bf16 weights for c W^T); not in
+                       the default list
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def cmd_linear(args) -> int:
     return 0
 
 
-E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe", "rtlynx bf16", "rtlynx bf16 centred")
+E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe", "rtlynx bf16", "rtlynx bf16 centred",
+                "rtlynx fp8 centred")
 E2E_DEFAULT = E2E_VARIANTS[:4]
 # rtlynx bf16 centred: token-mean centring (SparsityConfig.centre), today one extra pass over x per site outside the
 # prune kernel: its row against "rtlynx bf16" is what that pass costs
@@ -312,7 +314,7 @@ def cmd_e2e(args) -> int:
                 model.fuse_qkv_projections()
                 _torchao_fp8(model, only_plain_linear=False)
             elif name.startswith("rtlynx fp8"):
-                rtlynx.sparsify(model, dtype="fp8")
+                rtlynx.sparsify(model, dtype="fp8", centre="token_mean" if name.endswith("centred") else None)
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
             elif name.startswith("rtlynx bf16"):

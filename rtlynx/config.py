@@ -59,7 +59,8 @@ class SparsityConfig:
         the offset the tokens share is kept instead of half of it being pruned away (38 % less pruning residual on
         the mini-FLUX, benchmarks/NOTES.md v13). Costs one reduction and one subtraction over x per site (outside the
         prune kernel for now) and a [samples, K] x [K, N] product per layer. A LoRA fitted without it does not fit it:
-        calibrate with the same setting. Native dtype only (FP8 sites refuse it for now).
+        calibrate with the same setting. With dtype="fp8" the FP8 GEMM runs on ``x - c`` and ``c W^T`` is added on
+        the bf16 weights, which a centred site therefore keeps (the memory of keep_dense_weights=True).
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
     adapter_rank: room for the user's own PEFT adapters in the lynx kernels' LoRA tail, per layer (the summed rank
@@ -113,9 +114,6 @@ class SparsityConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.centre not in CENTRES:
             raise ValueError(f"centre must be one of {CENTRES}, got {self.centre!r}")
-        if self.centre is not None and self.dtype == "fp8":
-            raise ValueError(f"centre={self.centre!r} runs on native-dtype sites only; dtype='fp8' does not support "
-                             "it yet (use one or the other)")
         validate.integer("lora_rank", self.lora_rank, 0)
         if self.adapter_rank != "auto":
             validate.integer('adapter_rank (or "auto")', self.adapter_rank, 0)

@@ -13,13 +13,16 @@
 - The LoRA branch (if any) runs on the dense x: ``h = x A^T`` rounded to x's dtype, ``h B^T`` summed in float32 with
   the rest before the one rounding (as a fused epilogue or LoRA tail would).
 - A zero row has scale 0 and quantises to zeros (no NaN); a NaN in x makes its token's scale and output NaN.
+- ``centre`` c (token-mean centring, as :func:`rtlynx.reference.nm.sparse_act_linear`): the pruned, quantised and
+  norm-scaled operand is ``x - c`` (rounded once to x's dtype), and ``c W^T`` is added back in float32 on the
+  weights as given (the bf16 ones, which a centred FP8 site keeps; c itself is not quantised).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .nm import compress, decompress, norm_scale, prune_nm
+from .nm import centred, compress, decompress, norm_scale, prune_nm
 from .producers import gelu_tanh
 from .sm90 import ATOM_K, ATOM_M, padded_shape, round_up
 
@@ -53,19 +56,26 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fp8_sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, n: int = 2,
                           m: int = 4, compensation: str = "norm", lora_a: torch.Tensor | None = None,
                           lora_b: torch.Tensor | None = None, eps: float = 1e-8,
-                          weight_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                          weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          centre: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 RT-Lynx linear on ``x [..., K]`` (module docstring). ``weight_q``: the weight already quantised
-    ``(q [N, K], sw [N])`` (quantised here when None). Returns x's dtype."""
+    ``(q [N, K], sw [N])`` (quantised here when None). ``centre``: prune ``x - centre`` and add ``centre W^T``
+    (needs ``weight``). Returns x's dtype."""
     if compensation not in ("norm", "none"):
         raise ValueError(f"compensation must be 'norm' or 'none', got {compensation!r}")
-    xp = prune_nm(x, n, m)
+    if centre is not None and weight is None:
+        raise ValueError("centre needs the dense weight (c W^T is added back on it)")
+    xs = x if centre is None else centred(x, centre)
+    xp = prune_nm(xs, n, m)
     qx, sx = quantize_rows_e4m3(xp)
     qw, sw = weight_q if weight_q is not None else quantize_rows_e4m3(weight)
     acc = qx.float() @ qw.float().T  # exact products, float32 sums
     scale = sx.unsqueeze(-1) * sw.float()
     if compensation == "norm":
-        scale = scale * norm_scale(x, xp, eps=eps).unsqueeze(-1)
+        scale = scale * norm_scale(xs, xp, eps=eps).unsqueeze(-1)
     y = acc * scale
+    if centre is not None:
+        y = y + centre.float() @ weight.float().T
     if bias is not None:
         y = y + bias.float()
     if lora_a is not None and lora_b is not None:  # h rounded to x's dtype (a GEMM output), h B^T summed in float32

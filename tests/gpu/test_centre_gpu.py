@@ -26,6 +26,21 @@ def test_centred_sites_match_the_spec(kind, gen):
     assert len(errs) == len(sites.model_sites(model)) and max(errs.values()) < 1e-2, errs
 
 
+@pytest.mark.parametrize("kind", ["flux", "z-image"])
+def test_fp8_centred_sites_match_the_spec(kind, gen):
+    """dtype="fp8" + centring on the FP8 site kernels against the FP8 centred spec (rtlynx.reference.fp8 with
+    ``centre``); the sites keep their bf16 weights for c W^T."""
+    model = tiny_transformer(kind).cuda().to(torch.bfloat16)
+    inputs = example_inputs(model, batch=2)
+    rtlynx.sparsify(model, lora_rank=8, speed_rules=False, centre="token_mean", dtype="fp8")
+    with torch.no_grad():
+        for l in api.sparse_layers(model).values():
+            l.lora_B.copy_(rnd(l.lora_B.shape, torch.bfloat16, gen, scale=0.05))
+    assert all(not s._fp8_stored for s in sites.model_sites(model))
+    errs = sites.verify(model, **inputs)
+    assert len(errs) == len(sites.model_sites(model)) and max(errs.values()) < 2e-2, errs
+
+
 def test_centred_compiles_fullgraph(gen):
     model = tiny_transformer("flux").cuda().to(torch.bfloat16)
     inputs = example_inputs(model, batch=2)
