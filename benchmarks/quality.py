@@ -11,12 +11,17 @@ about 3x faster and was checked to give the same paired PSNR).
 
 --reference-features FILE caches the Inception features of Emoji-64 (fp32 npz); once it exists the dataset
 itself is no longer needed, only its prompts (--prompts-file) — see benchmarks/fid_session.sh.
+
+--attention NAME runs every variant on that diffusers attention backend (``set_attention_backend``, e.g. an FP8 or
+INT8 one: issue 19 item 1); with "dense" among the variants a dense run on the default SDPA comes first
+("dense_sdpa", FID included), and every row also gets its paired PSNR / SSIM against it (psnr_vs_sdpa).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -46,6 +51,7 @@ SCHEDULE_VARIANTS = {
                         dict(mode="sparse", compensation="norm", lora=True, dtype="fp8", dense_below_t=0.2)),
 }
 ALL_VARIANTS = {**demo.VARIANTS, **FP8_VARIANTS, **SCHEDULE_VARIANTS}
+SDPA_VARIANT = {"dense_sdpa": ("dense, SDPA", dict(mode="dense", dtype="native"))}  # --attention's baseline
 
 
 class _DenseFP8:
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
                     help="run the sparse variants dense on the final steps (noise level t below this)")
     ap.add_argument("--backend", choices=["reference", "lynx", "cusparselt", "auto"], default="reference",
                     help="backend of the sparse variants")
+    ap.add_argument("--attention", default=None,
+                    help="diffusers attention backend of every variant (default: SDPA); see the module docstring")
     args = ap.parse_args(argv)
 
     dev = args.device
@@ -115,6 +123,10 @@ def main(argv=None) -> int:
     # keep_dense_weights: the FP8 variant must not replace the bf16 weights the other variants run on
     api.configure(model.transformer, dense_below_t=args.dense_below_t, keep_dense_weights=True)
     variants = [v for v in args.variants if has_lora or not v.startswith("rtlynx")]
+    if args.attention:
+        model.transformer.set_attention_backend(args.attention)  # an unknown or uninstalled one fails here, first
+        if "dense" in variants:
+            variants = ["dense_sdpa", *variants]
     t0 = time.time()
     if Path(args.data).is_file():
         data = emoji64.load(args.data)
@@ -137,7 +149,9 @@ def main(argv=None) -> int:
     images, out = {}, {}
     for name in variants:
         api.configure(model.transformer, **{"dtype": "native", "dense_below_t": args.dense_below_t,
-                                            **ALL_VARIANTS[name][1]})
+                                            **{**ALL_VARIANTS, **SDPA_VARIANT}[name][1]})
+        if args.attention:
+            model.transformer.set_attention_backend("native" if name == "dense_sdpa" else args.attention)
         t1 = time.time()
         if name == "dense_fp8":
             with _DenseFP8(model.transformer):
@@ -155,6 +169,10 @@ def main(argv=None) -> int:
             row.update(psnr=pair["psnr"], ssim=pair["ssim"])
         elif name == "dense":
             row.update(psnr=None, ssim=1.0)  # against itself: PSNR infinite (JSON has no inf), SSIM 1
+        if name != "dense_sdpa" and "dense_sdpa" in images:
+            pair = F.paired_metrics(images[name], images["dense_sdpa"])
+            same = not math.isfinite(pair["psnr"])  # identical images: JSON has no inf
+            row.update(psnr_vs_sdpa=None if same else pair["psnr"], ssim_vs_sdpa=pair["ssim"])
         out[name] = row
         print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # row by row: a run cut short keeps what it did
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
               "n_generated": args.n, "n_reference": None if real is None else len(real), "steps": steps,
               "fid_note": fid_note,
               "guidance_scale": model.config["guidance_scale"], "seed": args.seed, "backend": args.backend, "dtype": args.dtype,
-              "dense_below_t": args.dense_below_t,
+              "dense_below_t": args.dense_below_t, "attention": args.attention or "native",
               "preset": _preset(args.lora_dir), "layers_sparse": len(api.sparse_layers(model.transformer)),
               "lora": json.loads((Path(args.lora_dir) / "distill_report.json").read_text())["rank"]
               if has_lora and (Path(args.lora_dir) / "distill_report.json").is_file() else None,
@@ -191,7 +209,7 @@ def main(argv=None) -> int:
     k = 8
     demo.sheet({v: (torch.from_numpy(images[v][:k]), 0.0) for v in variants}, prompts[:k],
                Path(args.out).with_name(Path(args.out).stem + "_sheet.png"),
-               labels={k: v[0] for k, v in ALL_VARIANTS.items()},
+               labels={k: v[0] for k, v in {**ALL_VARIANTS, **SDPA_VARIANT}.items()},
                title=f"mini-FLUX, {steps} steps (quality benchmark)"
                + (f", dense for t < {args.dense_below_t}" if args.dense_below_t else ""))
     print(json.dumps(summary, indent=1))

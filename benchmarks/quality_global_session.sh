@@ -30,7 +30,7 @@ if [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ] && [ "${USE_LYNX:-1}"
 fi
 Q=(python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} --batch-size 500
    --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend $BACKEND
-   --lora-dir $GL/lora)
+   --lora-dir $GL/lora ${ATTENTION:+--attention $ATTENTION})  # ATTENTION: a diffusers attention backend (issue 19)
 case $what in
   prep)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"

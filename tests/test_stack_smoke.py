@@ -106,3 +106,23 @@ def test_generate_compare_prints_seconds_per_image(tmp_path, capsys):
         assert len(timing[side]["reps"]) == 2 and len(timing[side]["steps_s"]) == 2
         assert timing[side]["s_per_image"] == pytest.approx(timing[side]["total_s"] / 2)
     assert len(timing["psnr_vs_dense"]) == 2 and timing["compile"] == "none"
+
+
+@pytest.mark.slow
+def test_quality_attention_backend_rows(tmp_path):
+    """benchmarks/quality.py --attention: every variant on that backend, a dense SDPA run first, every row paired
+    against it; on the CPU the math kernel equals SDPA's choice there to fp32 rounding (a PSNR far above any 2:4
+    error), while RT-Lynx's own distance to the SDPA dense run is its sparsity error (equal to its psnr column)."""
+    quality = load_benchmark("quality")
+    out = tmp_path / "q.json"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red apple\na blue car\n")
+    assert quality.main(["--device", "cpu", "--n", "2", "--batch-size", "2", "--steps", "2", "--dtype", "fp32",
+                         "--variants", "dense", "rtlynx", "--attention", "_native_math", "--inception", "/nonexistent",
+                         "--data", "none", "--prompts-file", str(prompts), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["variants"]
+    assert doc["attention"] == "_native_math" and list(rows) == ["dense_sdpa", "dense", "rtlynx"]
+    assert rows["dense"]["psnr_vs_sdpa"] is None or rows["dense"]["psnr_vs_sdpa"] > 80
+    assert rows["rtlynx"]["psnr_vs_sdpa"] < 40
+    assert abs(rows["rtlynx"]["psnr_vs_sdpa"] - rows["rtlynx"]["psnr"]) < 0.1
