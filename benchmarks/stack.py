@@ -1,6 +1,7 @@
-"""Seconds per image of the whole FLUX.1-dev pipeline at 1024x1024, the fast-FLUX stack composed (issue 19 item 4).
+"""Seconds per image of the whole FLUX.1-dev pipeline at 1024x1024, the fast-FLUX stack composed (issue 19 item 4);
+--model qwen-image / z-image: the same for Qwen-Image and Z-Image.
 
-    python benchmarks/stack.py [--steps 28] [--reps 3] [--variants ...] [--time-budget 300] [--compile regional]
+    python benchmarks/stack.py [--model flux] [--steps N] [--reps 3] [--variants ...] [--time-budget 300]
     python benchmarks/stack.py --smoke       # CPU: the tiny FLUX pipeline, 4 steps, reference kernels, dynamo only
 
 The pipeline is diffusers' FluxPipeline with FLUX.1-dev's real configurations and random weights, built offline on
@@ -35,6 +36,12 @@ Every compiled variant gets the same compile mode, inductor settings (--inductor
 (--attention, diffusers' set_attention_backend; default SDPA). --time-budget S: a variant starts only while the time
 left covers the slowest variant so far, else its row says "skipped: time budget" (dense, the baseline, always runs);
 rows are written as they come.
+--model qwen-image: QwenImagePipeline with Qwen-Image's transformer (the class defaults), its VAE (the class defaults
+of AutoencoderKLQwenImage) and a Qwen2.5-VL-7B text encoder (published configuration, vision tower included);
+--model z-image: ZImagePipeline with Z-Image's transformer, the FLUX VAE and a Qwen3-4B text encoder. Both run their
+pipeline's own defaults (steps and guidance; Qwen-Image without a negative prompt runs no CFG; each row's
+"calls_per_step" counts the transformer calls), with word-level tokenizers, so the text is a few dozen tokens rather
+than a real prompt's length. Models without fused Q/K/V (Z-Image) run the recipe unfused.
 Summary (issue 19's keys, null where not measured here): forward_vs_recipe, forward_vs_dense_compiled,
 pipeline_vs_recipe from "rtlynx fp8" (else the fastest rtlynx row; summary_variant names it);
 pipeline_cached_vs_recipe_cached from the two "+ cache" rows; fp8_linear_* (benchmarks/fp8.py linear) stay null.
@@ -46,6 +53,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -59,7 +67,7 @@ import rtlynx
 from rtlynx import cudagraphs
 from rtlynx.benchtools import fmt, measure, run_metadata
 from rtlynx.pipelines import StepTimer
-from rtlynx.testing import flux_pipeline, word_tokenizer
+from rtlynx.testing import BUILDERS, CHAT_TEMPLATE, QWEN_SPECIALS, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  the real-config transformer builder
@@ -84,6 +92,23 @@ VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D"
            shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
                  num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+# Qwen-Image's and Z-Image's text encoders (published configurations) and schedulers
+QWEN25_VL_7B = dict(
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1e6,
+                     rms_norm_eps=1e-6, rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31]),
+    vocab_size=152064, hidden_size=3584)
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6,
+                rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=1.0986, max_image_seq_len=8192, max_shift=1.0986,
+                      num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type="exponential",
+                      use_dynamic_shifting=True)
+ZIMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+MODEL_NAMES = {"flux": "FLUX.1-dev", "qwen-image": "Qwen-Image", "z-image": "Z-Image"}
 INDUCTOR_KNOBS = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "epilogue_fusion",
                   "conv_1x1_as_mm")
 
@@ -115,18 +140,62 @@ def flux_dev_pipeline(device: str = "cuda"):
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, text_encoder=clip,
         tokenizer=tok_clip, text_encoder_2=t5, tokenizer_2=tok_t5, transformer=new_transformer(device))
+    return _ready(pipe, device)
+
+
+def qwen_image_pipeline(device: str = "cuda"):
+    """QwenImagePipeline with Qwen-Image's configurations, random weights, a word-level tokenizer."""
+    import diffusers
+    import transformers
+
+    tok, _ = word_tokenizer(QWEN_SPECIALS, 1024, pad_token="<|endoftext|>", unk_token="<unk>")
+    with _building(device):
+        te = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**QWEN25_VL_7B))
+        vae = diffusers.AutoencoderKLQwenImage()
+    pipe = diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
+                                       text_encoder=te, tokenizer=tok, transformer=new_transformer(device, "qwen-image"))
+    return _ready(pipe, device)
+
+
+def z_image_pipeline(device: str = "cuda"):
+    """ZImagePipeline with Z-Image's transformer, the FLUX VAE, a Qwen3-4B text encoder, a word-level tokenizer."""
+    import diffusers
+    import transformers
+
+    tok, _ = word_tokenizer(QWEN_SPECIALS, 1024, pad_token="<|endoftext|>", unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    with _building(device):
+        te = transformers.Qwen3Model(transformers.Qwen3Config(**QWEN3_4B))
+        vae = diffusers.AutoencoderKL(**VAE)
+    pipe = diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER), vae=vae,
+                                    text_encoder=te, tokenizer=tok, transformer=new_transformer(device, "z-image"))
+    return _ready(pipe, device)
+
+
+PIPELINES = {"flux": flux_dev_pipeline, "qwen-image": qwen_image_pipeline, "z-image": z_image_pipeline}
+
+
+def _ready(pipe, device: str):
     pipe.to(device, torch.bfloat16)
+    for v in pipe.components.values():  # freshly built modules are in training mode (dropout)
+        if isinstance(v, torch.nn.Module):
+            v.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def new_transformer(device: str, tiny: bool = False):
+def new_transformer(device: str, kind: str = "flux", tiny: bool = False):
     if tiny:
         from rtlynx.integrations.diffusers import tiny_transformer
 
-        return tiny_transformer("flux")
-    cls_name, cfg, _ = e2e.MODELS["flux"]
+        return tiny_transformer(kind)
+    cls_name, cfg, _ = e2e.MODELS[kind]
     return e2e.build_model(cls_name, cfg, device)
+
+
+def default_steps(pipe) -> int:
+    """The pipeline's own default number of sampling steps (28 for FLUX, 50 for Qwen-Image and Z-Image)."""
+    return inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default
 
 
 def torchao_status() -> str | None:
@@ -167,7 +236,8 @@ def prepare(pipe, name: str, args) -> None:
     cached = name.endswith(" + cache")
     name = name.removesuffix(" + cache")
     if name == "recipe":
-        tr.fuse_qkv_projections()
+        if hasattr(tr, "fuse_qkv_projections"):  # Z-Image has none: its recipe row runs unfused
+            tr.fuse_qkv_projections()
         fp8._torchao_fp8(tr, only_plain_linear=False)
     elif name.startswith("rtlynx"):
         fp8_sites = "fp8" in name
@@ -206,7 +276,7 @@ def restore(pipe, name: str, device: str, args) -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-        pipe.transformer = new_transformer(device, tiny=args.smoke)
+        pipe.transformer = new_transformer(device, args.model, tiny=args.smoke)
         if args.attention:
             pipe.transformer.set_attention_backend(args.attention)
     elif rtlynx.sparse_layers(pipe.transformer):
@@ -216,23 +286,30 @@ def restore(pipe, name: str, device: str, args) -> None:
 def time_images(pipe, args, device: str) -> dict:
     """One untimed image, then the median of --reps images and the median transformer step over them."""
     size = 32 if args.smoke else 1024
-    seq = min(512, pipe.tokenizer_2.model_max_length)
+    # FLUX: guidance 3.5 as its model card, T5 padded to 512 (tiny: to its tokenizer's length); the others: defaults
+    kw = (dict(guidance_scale=3.5, max_sequence_length=min(512, pipe.tokenizer_2.model_max_length))
+          if args.model == "flux" else {})
 
     def image(i: int):
         with torch.no_grad():
             return pipe(prompt=PROMPTS[i % len(PROMPTS)], height=size, width=size, num_inference_steps=args.steps,
-                        guidance_scale=3.5, max_sequence_length=seq, output_type="pil",
-                        generator=torch.Generator("cpu").manual_seed(i)).images[0]
+                        output_type="pil", generator=torch.Generator("cpu").manual_seed(i), **kw).images[0]
 
     t0 = time.time()
     image(len(PROMPTS))  # warm-up: compiles, records the CUDA graphs of every step (both sides of a schedule)
     warm = time.time() - t0
     fns = [lambda i=i: image(i) for i in range(len(PROMPTS))]
-    with StepTimer(pipe.transformer) as timer:
-        t = measure(fns, reps=args.reps, warmup=0, flush_l2=False, sync_each=True, cuda=device == "cuda")
+    calls = [0]  # transformer calls (CFG: two a step)
+    hook = pipe.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        with StepTimer(pipe.transformer) as timer:
+            t = measure(fns, reps=args.reps, warmup=0, flush_l2=False, sync_each=True, cuda=device == "cuda")
+    finally:
+        hook.remove()
     steps = sorted(timer.steps)
     return {"s_per_image": t.median_ms / 1e3, "s_min": t.min_ms / 1e3, "s_max": t.max_ms / 1e3, "reps": t.reps,
-            "forward_ms": 1e3 * steps[len(steps) // 2], "warmup_s": round(warm, 1)}
+            "forward_ms": 1e3 * steps[len(steps) // 2], "warmup_s": round(warm, 1),
+            "calls_per_step": calls[0] / (t.reps * args.steps)}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -280,7 +357,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=28, help="sampling steps (FLUX.1-dev's default: 28)")
+    ap.add_argument("--model", choices=tuple(MODEL_NAMES), default="flux", help="the pipeline (module docstring)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampling steps (default: the pipeline's own: 28 FLUX.1-dev, 50 Qwen-Image and Z-Image)")
     ap.add_argument("--reps", type=int, default=3, help="timed images per variant (median)")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
                     help="in this order (dense first: the ratios need it)")
@@ -300,7 +379,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     start = time.time()
     if args.smoke:
-        args.backend, args.steps, args.reps, device = "reference", min(args.steps, 4), min(args.reps, 2), "cpu"
+        args.backend, args.steps, args.reps, device = "reference", min(args.steps or 4, 4), min(args.reps, 2), "cpu"
     elif not torch.cuda.is_available():
         raise SystemExit("benchmarks/stack.py needs a CUDA GPU (--smoke checks the script on a CPU)")
     else:
@@ -313,9 +392,18 @@ def main(argv=None) -> int:
     else:
         args.inductor_values = {k: getattr(inductor_config, k) for k in INDUCTOR_KNOBS}
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    out = Path(args.out or RESULTS / f"stack_{gpu.replace(' ', '_')}.json")
+    model = "" if args.model == "flux" else args.model.replace("-", "_") + "_"
+    out = Path(args.out or RESULTS / f"stack_{model}{gpu.replace(' ', '_')}.json")
+    if args.smoke:
+        torch.manual_seed(0)
+        pipe = BUILDERS[args.model]()
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = PIPELINES[args.model](device)
+    args.steps = args.steps or default_steps(pipe)
     rows: list[dict] = []
-    doc = {**run_metadata(), "device": gpu, "pipeline": "tiny FLUX" if args.smoke else "FLUX.1-dev (random weights)",
+    title = MODEL_NAMES[args.model]
+    doc = {**run_metadata(), "device": gpu, "pipeline": f"tiny {title}" if args.smoke else f"{title} (random weights)",
            "resolution": "32x32" if args.smoke else "1024x1024", "steps": args.steps, "reps": args.reps,
            "compile": f"{args.compile}, mode reduce-overhead" if not args.smoke else f"{args.compile}, dynamo only",
            "inductor": {"settings": args.inductor, **args.inductor_values}, "attention": args.attention or "native",
@@ -328,12 +416,6 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
 
-    if args.smoke:
-        torch.manual_seed(0)
-        pipe = flux_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe = flux_dev_pipeline(device)
     if args.attention:
         pipe.transformer.set_attention_backend(args.attention)
     doc["build_s"] = round(time.time() - start, 1)

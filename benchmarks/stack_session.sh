@@ -9,7 +9,8 @@
 #   setup      wheels into /tmp/site, the kernels built (~2 min; benchmarks/device_setup.sh)
 #   tests      CUDA graphs across steps (tests/gpu/test_cudagraph_steps.py) + the attention dispatcher (TESTS_S, 100 s)
 #   attention  benchmarks/attention.py at the three models' attention shapes (ATTN_S, 70 s)
-#   stack      benchmarks/stack.py: FLUX.1-dev pipeline seconds per image, 28 steps, the variants in VARIANTS (comma-
+#   stack      benchmarks/stack.py: MODEL's pipeline (flux, qwen-image, z-image) seconds per image at its own default
+#              steps (STEPS= overrides), the variants in VARIANTS (comma-
 #              separated; default below, most wanted first), whatever is left before DEADLINE (530 s after the start)
 #              as its --time-budget
 #   sage2      (not in the default list) SageAttention 2 built from .cache/sage2_src.tgz into /tmp/site (SAGE_S, 420 s)
@@ -41,7 +42,7 @@ for what in ${STAGES:-tests attention stack}; do
       budget=$(( $(left) - 15 ))
       [ "$budget" -gt 60 ] || { echo "stack: no time left ($budget s)" | tee -a "$LOG"; continue; }
       IFS=',' read -ra V <<< "${VARIANTS:-dense,dense compiled,rtlynx fp8,recipe,rtlynx fp8 t<0.2,rtlynx bf16,recipe + cache,rtlynx fp8 + cache}"
-      timeout $(( budget + 10 )) python3 benchmarks/stack.py --steps "${STEPS:-28}" --reps "${REPS:-2}" \
+      timeout $(( budget + 10 )) python3 benchmarks/stack.py --model "${MODEL:-flux}" ${STEPS:+--steps $STEPS} --reps "${REPS:-2}" \
         --time-budget $budget --compile "${COMPILE:-regional}" --out "$OUT/stack.json" --variants "${V[@]}" \
         2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG" ;;
     *) echo "unknown stage $what" | tee -a "$LOG" ;;

@@ -80,6 +80,21 @@ def test_stack_smoke_rows_ratios_and_issue_keys(tmp_path):
     assert doc["summary"]["forward_vs_dense_compiled"] is not None and doc["summary"]["pipeline_vs_recipe"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["qwen-image", "z-image"])
+def test_stack_smoke_other_pipelines(tmp_path, model):
+    """--model qwen-image / z-image: the tiny pipeline of that kind, its rows, one transformer call a step counted."""
+    stack = load_benchmark("stack")
+    out = tmp_path / "stack.json"
+    assert stack.main(["--smoke", "--model", model, "--variants", "dense", "rtlynx bf16", "--reps", "1",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert doc["pipeline"] == f"tiny {stack.MODEL_NAMES[model]}" and doc["steps"] == 4
+    for r in rows.values():
+        assert "error" not in r and r["s_per_image"] > 0 and r["calls_per_step"] == 1.0, r
+
+
 def test_stack_time_budget_skips_what_does_not_fit(tmp_path):
     stack = load_benchmark("stack")
     out = tmp_path / "stack.json"
