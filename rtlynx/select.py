@@ -259,19 +259,20 @@ def all_preset(model_class: str) -> str:
 def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_table=None,
                   min_speedup: float = 1.02, candidate_preset: str | None = None, prompts=("a photo",),
                   steps: int | None = None, height: int | None = None, width: int | None = None,
-                  seed: int = 0, confirm: bool = True, confirm_reps: int = 5) -> dict:
+                  seed: int = 0, confirm: bool = True, confirm_reps: int = 5, centre: str | None = None) -> dict:
     """Choose the sparse sites of ``runner`` (rtlynx.pipelines.Runner; its transformer must be dense).
 
     ``budget`` is relative to the model's hand-written default preset: the selected sites may cost at most
     ``budget`` times that preset's summed quality cost (1.0: no more output error than the default preset).
     Quality costs come from ``calib`` statistics (with the rank-``rank`` LoRA) or, without, from a short dense
-    sampling of ``prompts`` (norm compensation only). On a GPU (``confirm``) the chosen set is then timed in the
+    sampling of ``prompts`` (norm compensation only; ``centre``: SparsityConfig.centre, the setting the sites will
+    run with, for that measurement and the timing; ``calib`` statistics carry their own). On a GPU (``confirm``) the chosen set is then timed in the
     model against dense and trimmed until it is not slower (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates"
     (Candidate lists), "reference" (the default preset's layers), "budget" (absolute) and "table"."""
     transformer = runner.transformer
     reference = api.eligible_layers(transformer, SparsityConfig(preset="auto"))
     candidate_preset = candidate_preset or all_preset(type(transformer).__name__)
-    api.sparsify(transformer, preset=candidate_preset)
+    api.sparsify(transformer, preset=candidate_preset, centre=centre)
     try:
         def one_step():
             runner.sample(list(prompts[:1]), steps=1, height=height, width=width, seed=seed, latent=True)
@@ -297,14 +298,15 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
     chosen = select_sites(cands, budget * ref_cost, min_speedup)
     confirm_log = None
     if confirm and chosen and next(transformer.parameters()).is_cuda:
-        chosen, confirm_log = confirm_end_to_end(chosen, _forward_timer(runner, one_step, reps=confirm_reps))
+        chosen, confirm_log = confirm_end_to_end(chosen, _forward_timer(runner, one_step, reps=confirm_reps,
+                                                                        centre=centre))
     ref_saved = sum(c.saved_ms * sum(n in ref for n in c.layers) / len(c.layers) for c in cands)
     return {"selected": chosen, "candidates": cands, "reference": reference, "reference_cost": ref_cost,
             "reference_saved_ms": ref_saved, "budget": budget * ref_cost, "table_device": table.get("device"),
             "candidate_preset": candidate_preset, "end_to_end": confirm_log}
 
 
-def _forward_timer(runner, one_step, reps: int = 5):
+def _forward_timer(runner, one_step, reps: int = 5, centre: str | None = None):
     """``time_with(layers)`` for :func:`confirm_end_to_end`: median ms of one transformer forward on the inputs the
     pipeline gives it (captured from one sampling step), with ``layers`` sparse (sparsified for the call)."""
     transformer = runner.transformer
@@ -327,15 +329,15 @@ def _forward_timer(runner, one_step, reps: int = 5):
             return measure(lambda: transformer(*args, **kwargs), reps=reps, warmup=2, flush_l2=False,
                            sync_each=True).median_ms
 
-    return timer_with_layers(transformer, forward_ms)
+    return timer_with_layers(transformer, forward_ms, centre=centre)
 
 
-def timer_with_layers(transformer, time_fn):
+def timer_with_layers(transformer, time_fn, centre: str | None = None):
     """``time_with(layers)`` for :func:`confirm_end_to_end`: ``time_fn()`` with exactly ``layers`` of the dense
     ``transformer`` sparsified for the call (``[]``: dense)."""
     def time_with(layers):
         if layers:
-            api.sparsify(transformer, preset=None, include=list(layers))
+            api.sparsify(transformer, preset=None, include=list(layers), centre=centre)
         try:
             return time_fn()
         finally:

@@ -228,3 +228,12 @@ def test_train_lora_refuses_bad_statistics(tiny_dir, tmp_path, key, value):
         main(["train-lora", "--model", str(tiny_dir), "--device", "cpu", "--calib", str(calib), "--out",
               str(tmp_path / "lynx")])
     assert f"{first} {key}" in _one_line(e) and not (tmp_path / "lynx").exists()
+
+
+def test_select_centre_with_calib_is_one_line(tmp_path):
+    """--centre sets only the quick measurement; with --calib the statistics' own setting counts: refused before
+    anything is loaded (the model path does not even exist)."""
+    with pytest.raises(SystemExit, match="with --calib the statistics carry their own"):
+        main(["select", "--model", str(tmp_path / "none"), "--calib", str(tmp_path / "c.safetensors"),
+              "--centre", "token_mean", "--out", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()

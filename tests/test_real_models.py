@@ -391,3 +391,6 @@ def test_timer_with_layers_sparsifies_exactly_those_for_the_call():
     assert time_with(names) == sorted(names)
     assert not rtlynx.sparse_layers(model)  # dense again after the call
     assert time_with([]) == []
+    # select --centre token_mean: the timed sites run centred, as they will be deployed
+    centred = select.timer_with_layers(model, lambda: rtlynx.config_of(model).centre, centre="token_mean")
+    assert centred(names) == "token_mean" and not rtlynx.sparse_layers(model)

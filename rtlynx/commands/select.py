@@ -18,6 +18,10 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"rtlynx select: {out} exists; pass --overwrite to replace it")
     prompts = read_prompts(args.prompts) if args.prompts else ["a photo"]
+    centre = None if args.centre == "none" else args.centre
+    if args.calib and centre is not None:
+        raise SystemExit("rtlynx select: --centre sets the quick measurement's centring; with --calib the statistics "
+                         "carry their own (rtlynx calibrate --centre)")
     try:
         model_kind(args.model)
         if args.speed_table is None and select.device_name() is None:
@@ -28,7 +32,7 @@ def run(args) -> int:
                                    speed_table=args.speed_table, min_speedup=args.min_speedup,
                                    candidate_preset=args.candidates, prompts=prompts, steps=args.steps,
                                    height=args.height, width=args.width, seed=args.seed,
-                                   confirm=not args.no_confirm)
+                                   confirm=not args.no_confirm, centre=centre)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx select: {e}") from None
     print(select.report(sel))
@@ -71,6 +75,8 @@ def register(sub) -> None:
     add_model_args(p, steps_help="sampling steps of the quick quality measurement without --calib (default: 4)")
     p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` for the quality costs "
                                                  "(default: a quick measurement on --prompts-file)")
+    p.add_argument("--centre", choices=("none", "token_mean"), default="none",
+                   help="without --calib: measure (and time) the sites centred, as SparsityConfig.centre")
     p.add_argument("--rank", type=arg_int(0), default=0, help="with --calib: cost with the LoRA of this rank "
                                                        "(default: 0 = norm compensation only)")
     p.add_argument("--budget", type=arg_real(0, low_open=True), default=1.0,
