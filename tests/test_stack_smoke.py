@@ -141,3 +141,20 @@ def test_quality_attention_backend_rows(tmp_path):
     assert rows["dense"]["psnr_vs_sdpa"] is None or rows["dense"]["psnr_vs_sdpa"] > 80
     assert rows["rtlynx"]["psnr_vs_sdpa"] < 40
     assert abs(rows["rtlynx"]["psnr_vs_sdpa"] - rows["rtlynx"]["psnr"]) < 0.1
+
+
+def test_stack_real_pipelines_have_the_published_sizes():
+    """The real-size Qwen-Image and Z-Image pipelines of benchmarks/stack.py, built on the meta device: parameter
+    counts of the published models (Qwen2.5-VL-7B-Instruct 8.29B, Qwen3-4B 4.02B, the transformers 20.4B and 6.15B)
+    and the pipelines' own default steps."""
+    import torch
+
+    stack = load_benchmark("stack")
+    want = {"qwen-image": {"text_encoder": 8.29, "transformer": 20.43}, "z-image": {"text_encoder": 4.02,
+                                                                                   "transformer": 6.15}}
+    for kind, sizes in want.items():
+        pipe = stack.PIPELINES[kind]("meta")
+        for name, billions in sizes.items():
+            got = sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e9
+            assert abs(got - billions) < 0.01, (kind, name, got)
+        assert stack.default_steps(pipe) == 50 and next(pipe.transformer.parameters()).dtype == torch.bfloat16
