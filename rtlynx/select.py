@@ -265,10 +265,11 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
     ``budget`` is relative to the model's hand-written default preset: the selected sites may cost at most
     ``budget`` times that preset's summed quality cost (1.0: no more output error than the default preset).
     Quality costs come from ``calib`` statistics (with the rank-``rank`` LoRA) or, without, from a short dense
-    sampling of ``prompts`` (norm compensation only; ``centre``: SparsityConfig.centre, the setting the sites will
-    run with, for that measurement and the timing; ``calib`` statistics carry their own). On a GPU (``confirm``) the chosen set is then timed in the
-    model against dense and trimmed until it is not slower (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates"
-    (Candidate lists), "reference" (the default preset's layers), "budget" (absolute) and "table"."""
+    sampling of ``prompts`` (norm compensation only). ``centre`` (SparsityConfig.centre) is the setting the sites will
+    run with, for that measurement and the timing (``calib`` statistics carry their own). On a GPU (``confirm``) the
+    chosen set is then timed in the model against dense and trimmed until it is not slower
+    (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates" (Candidate lists), "reference" (the
+    default preset's layers), "budget" (absolute) and "table"."""
     transformer = runner.transformer
     reference = api.eligible_layers(transformer, SparsityConfig(preset="auto"))
     candidate_preset = candidate_preset or all_preset(type(transformer).__name__)

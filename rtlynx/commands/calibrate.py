@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..validate import arg_int, arg_real, arg_t
 from . import help_of, train_global
-from .generate import add_model_args, add_old_names, hidden_alias, read_prompts, torch_dtype
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, read_prompts,
+                       torch_dtype)
 
 
 def calibration_prompts(args) -> list[str]:
@@ -86,11 +87,6 @@ def check_resume(out: Path, args, prompts: list[str]) -> None:
                              "this prompts file; use the same file (or --overwrite)")
 
 
-def _centre(name: str):
-    """--centre's value as SparsityConfig.centre ("none" -> None)."""
-    return None if name == "none" else name
-
-
 def _pass_paths(out: Path, passes: int) -> list[Path]:
     return [out] if passes == 1 else [out / f"pass-{i + 1:03d}.safetensors" for i in range(passes)]
 
@@ -116,7 +112,7 @@ def run_calibrate(args) -> int:
         check_resume(out, args, prompts)  # before the model loads, and before anything is written
     try:
         runner = load_runner(args.model, device=device, dtype=dtype)
-        api.sparsify(runner.transformer, preset=args.preset, centre=_centre(args.centre))
+        api.sparsify(runner.transformer, preset=args.preset, centre=centre_of(args.centre))
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx calibrate: {e}") from None
     plan = distill.plan(runner.transformer, args.max_stats_gb)
@@ -167,7 +163,7 @@ def run_train_lora(args) -> int:
         # Each layer's LoRA depends on its own statistics only, so a narrower preset than the calibration's
         # gives exactly the same LoRA for the layers it keeps.
         api.sparsify(transformer, preset=args.preset or stats.meta.get("preset", "auto"), lora_rank=args.rank,
-                     centre=_centre(stats.meta.get("centre", "none")))  # the LoRA fits the calibration's centring
+                     centre=centre_of(stats.meta.get("centre", "none")))  # the LoRA fits the calibration's centring
         dev = next(transformer.parameters()).device
         return stats, distill.fit_lora(transformer, stats, args.rank, ridge=args.ridge, val=val, device=dev)
 
@@ -210,9 +206,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=arg_int(1), default=4, help="prompts sampled together (default: 4)")
     p.add_argument("--preset", default="auto",
                    help="layers to collect statistics for: preset name or preset file (default: auto)")
-    p.add_argument("--centre", choices=("none", "token_mean"), default="none",
-                   help="prune x minus each sample's token mean and add its exact output back (SparsityConfig.centre; "
-                        "train-lora then fits and saves the LoRA for it; default: none)")
+    add_centre_arg(p, "prune x minus each sample's token mean and add its exact output back (SparsityConfig.centre; "
+                      "train-lora then fits and saves the LoRA for it; default: none)")
     p.add_argument("--max-stats-gb", type=arg_real(0, low_open=True), default=None,
                    help="most statistics memory per pass; more passes over the same prompts when exceeded "
                         "(default: no limit, one pass)")

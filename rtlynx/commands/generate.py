@@ -216,6 +216,16 @@ def add_model_args(p, steps_help="sampling steps (default: the pipeline's own)")
                    help="weights dtype (default: auto = bf16 on a GPU, fp32 on the CPU)")
 
 
+def add_centre_arg(p, help: str) -> None:
+    """``--centre none|token_mean`` (SparsityConfig.centre; read it with :func:`centre_of`)."""
+    p.add_argument("--centre", choices=("none", "token_mean"), default="none", help=help)
+
+
+def centre_of(name: str):
+    """--centre's value as SparsityConfig.centre ("none" -> None)."""
+    return None if name == "none" else name
+
+
 def register(sub) -> None:
     p = sub.add_parser("generate", help=help_of("generate"))
     add_model_args(p)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..validate import arg_int, arg_real
 from . import help_of
-from .generate import add_model_args, add_old_names, hidden_alias, read_prompts, torch_dtype
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, read_prompts,
+                       torch_dtype)
 
 
 def run(args) -> int:
@@ -18,7 +19,7 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"rtlynx select: {out} exists; pass --overwrite to replace it")
     prompts = read_prompts(args.prompts) if args.prompts else ["a photo"]
-    centre = None if args.centre == "none" else args.centre
+    centre = centre_of(args.centre)
     if args.calib and centre is not None:
         raise SystemExit("rtlynx select: --centre sets the quick measurement's centring; with --calib the statistics "
                          "carry their own (rtlynx calibrate --centre)")
@@ -75,8 +76,7 @@ def register(sub) -> None:
     add_model_args(p, steps_help="sampling steps of the quick quality measurement without --calib (default: 4)")
     p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` for the quality costs "
                                                  "(default: a quick measurement on --prompts-file)")
-    p.add_argument("--centre", choices=("none", "token_mean"), default="none",
-                   help="without --calib: measure (and time) the sites centred, as SparsityConfig.centre")
+    add_centre_arg(p, "without --calib: measure (and time) the sites centred, as SparsityConfig.centre")
     p.add_argument("--rank", type=arg_int(0), default=0, help="with --calib: cost with the LoRA of this rank "
                                                        "(default: 0 = norm compensation only)")
     p.add_argument("--budget", type=arg_real(0, low_open=True), default=1.0,
