@@ -4,12 +4,12 @@
     python benchmarks/stack.py [--model flux] [--steps N] [--reps 3] [--variants ...] [--time-budget 300]
     python benchmarks/stack.py --smoke       # CPU: the tiny FLUX pipeline, 4 steps, reference kernels, dynamo only
 
-The pipelines come from benchmarks/real_pipelines.py. FLUX.1-dev: diffusers' FluxPipeline with its real configurations
-and random weights, built offline on
-the GPU in bf16 (no checkpoint can be downloaded; time does not depend on the weight values, so the images are noise
-and this file measures no quality: benchmarks/quality.py does): the transformer (the class defaults + guidance
-embedding, as benchmarks/e2e.py), CLIP-L and T5-XXL text encoders (their published configurations), the 16-channel
-VAE, the flow-matching scheduler with FLUX.1-dev's dynamic shift, word-level tokenizers padding to 77 and 512 tokens
+The pipelines come from benchmarks/real_pipelines.py, every module in eval mode (the runs of 2026-12-07 had the text
+encoders in training mode, i.e. T5's dropout on). FLUX.1-dev: diffusers' FluxPipeline with its real configurations
+and random weights, built offline on the GPU in bf16 (no checkpoint can be downloaded; time does not depend on the
+weight values, so the images are noise and this file measures no quality: benchmarks/quality.py does): the
+transformer (the class defaults + guidance embedding, as benchmarks/e2e.py), CLIP-L and T5-XXL text encoders (their
+published configurations), the 16-channel VAE, the flow-matching scheduler with FLUX.1-dev's dynamic shift, word-level tokenizers padding to 77 and 512 tokens
 (the real lengths; rtlynx.testing.word_tokenizer). One image: text encoders -> --steps transformer calls (guidance
 3.5 is embedded: one call a step) -> VAE decode -> PIL. Per variant: one untimed image (compiles, the CUDA-graph
 recordings of every step's graphs, kernel selection), then --reps images, each with another prompt and seed
