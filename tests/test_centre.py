@@ -124,12 +124,14 @@ def test_centring_changes_the_output(gen):
 
 
 @pytest.mark.parametrize("kind", ["flux", "z-image"])
-def test_fused_sites_match_the_spec(fused_cpu, gen, kind):
-    """The fused site path (kernel twins) with centring, bf16: sites.verify against the fp32 centred spec, with one
-    token-mean pass per site input shared by its members."""
+@pytest.mark.parametrize("dtype", ["native", "fp8"])
+def test_fused_sites_match_the_spec(fused_cpu, gen, kind, dtype):
+    """The fused site path (kernel twins) with centring, bf16 and FP8 sites: sites.verify against the fp32 centred
+    spec of the family, with one token-mean pass per site input shared by its members (native: the centre rides in
+    the site GEMM as two extra rows a sample; FP8: c W^T on the bf16 weights)."""
     model = tiny_transformer(kind).to(torch.bfloat16)
     inputs = example_inputs(model, batch=2)
-    rtlynx.sparsify(model, lora_rank=4, speed_rules=False, centre="token_mean")
+    rtlynx.sparsify(model, lora_rank=4, speed_rules=False, centre="token_mean", dtype=dtype)
     _random_lora(model, gen)
     calls = []
     real = rtlynx.reference.centred  # what the site path calls (the spec reaches it inside rtlynx.reference.nm)

@@ -193,6 +193,32 @@ def test_fused_tail_is_sparse_plus_the_adapters(fused_cpu, gen, rows, comp, kind
             assert rel(y, spec(model, name, x, adapters=False)) > 10 * TOL
 
 
+@pytest.mark.parametrize("kind", ["native", "fp8"])
+def test_fused_tail_with_centring_covers_the_centre(fused_cpu, gen, kind):
+    """centre="token_mean" with adapters in the tail, two samples: each member equals the centred spec plus its
+    adapters on the dense x (adapter(x) = adapter(x - c) + adapter(c): native sites get adapter(c) from the centre's
+    rows in the same GEMM, FP8 sites from the per-member back term), one site GEMM set, no PEFT GEMM."""
+    _, model = build(gen, 8, dtype=kind, centre="token_mean")
+    calls = peft_calls(model)
+    x = torch.randn(2, 7, K, generator=gen).to(torch.bfloat16) + torch.randn(2, 1, K, generator=gen).to(torch.bfloat16)
+    outs = run(model, x)
+    assert calls == [] and len(fused_cpu.calls) == 1
+    x2, c = x.reshape(-1, K), reference.row_centres(x)
+    for name, y in zip(NS, outs):
+        layer = rtlynx.sparse_layers(model)[name]
+        if kind == "fp8":
+            want = ref_fp8.fp8_sparse_act_linear(x2, layer.weight, layer.bias, 2, 4, "norm", layer.lora_A, layer.lora_B,
+                                                 centre=c)
+        else:  # x - c rounded to bf16 as the site rounds it, products in float32
+            want = reference.sparse_act_linear(x2, layer.weight, layer.bias, 2, 4, "norm", layer.lora_A, layer.lora_B,
+                                               compute_dtype=torch.float32, centre=c)
+        want = want.double() + by_hand(model.get_submodule(name), x2)
+        assert y.shape == (2, 7, NS[name]) and rel(y.reshape(-1, NS[name]), want) < TOL, name
+        plain = reference.sparse_act_linear(x2.float(), layer.weight.float(), layer.bias.float(), 2, 4, "norm",
+                                            layer.lora_A.float(), layer.lora_B.float(), centre=c)
+        assert rel(y.reshape(-1, NS[name]), plain) > 10 * TOL  # the adapters are in it, c's share included
+
+
 def test_adapter_changes_refill_the_tail_in_place(fused_cpu, gen):
     _, model = build(gen)
     site = site_of(model)

@@ -12,6 +12,7 @@ within bf16 tolerance (GEMMs) against these functions. Math lives here and nowhe
 from .nm import (
     SUPPORTED_M,
     centred,
+    centre_rows,
     channel_norm,
     check_pattern,
     compress,

@@ -268,6 +268,17 @@ def row_centres(x: torch.Tensor) -> torch.Tensor:
     return token_mean(x).expand(x.shape).reshape(-1, x.shape[-1])
 
 
+def centre_rows(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The centres ``c`` ([..., K], one per sample) rounded to ``dtype`` and each split into two rows that are already
+    2:4, ``[c_a; c_b]`` ``[2B, K]`` (c_a keeps positions 0, 1 of every group of 4, c_b positions 2, 3; B samples first
+    all c_a, then all c_b): a 2:4 prune keeps them whole, their norm scale is 1 up to eps, and
+    ``c_a W^T + c_b W^T = c W^T``, so a site GEMM over ``[x - c; c_a; c_b]`` computes the centre's output too."""
+    cb = c.to(dtype).reshape(-1, c.shape[-1])
+    first = (torch.arange(c.shape[-1], device=c.device) % 4 < 2).expand_as(cb)
+    zero = torch.zeros((), dtype=dtype, device=c.device)
+    return torch.cat([torch.where(first, cb, zero), torch.where(first, zero, cb)])
+
+
 def sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       n: int = 2, m: int = 4, compensation: str = "norm",
                       lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,

@@ -118,11 +118,14 @@ class Site(Operand):
 
     def _forward_centred(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
         """SparsityConfig.centre: the site prunes ``x - c`` (c: each sample's token mean, computed once for all
-        members) and each member adds the exact output of c back, ``c W^T + LoRA(c)`` (the LoRA tail read x - c, and
-        LoRA(x) = LoRA(x - c) + LoRA(c)): rtlynx.reference.sparse_act_linear with ``centre``."""
+        members) and adds the exact output of c back, ``c W^T + LoRA(c)`` (LoRA(x) = LoRA(x - c) + LoRA(c)):
+        rtlynx.reference.sparse_act_linear with ``centre``. Native dtype: c rides in the same GEMM as two 2:4-exact
+        rows a sample (rtlynx.reference.centre_rows), so the weights are read once and the LoRA tail (users' adapters
+        included) covers c too. FP8 keeps c out of its e4m3 rows: ``c W^T`` on the bf16 weights, per member."""
         if self._fused_path(cfg, layer, x.reshape(-1, self.k)) == "dense":  # the speed rules: nothing is pruned
             return F.linear(x, layer.dense_weight(), layer.bias)
         compiling = _is_compiling()
+        fold = cfg.dtype != "fp8"
         cc = self._centred
         if cc is not None and cc[0] is x and (compiling or cc[1] == _version(x)):
             c, xs = cc[2], cc[3]
@@ -130,9 +133,19 @@ class Site(Operand):
         else:
             c = reference.token_mean(x)
             xs = reference.centred(x, c)
+            if fold:  # [x - c; c_a; c_b]: M + 2 samples rows
+                xs = torch.cat([xs.reshape(-1, self.k), reference.centre_rows(c, x.dtype)])
             shared = len(self.layers) > 1 and not self._split  # the other members reuse c and x - c (one pass)
             self._centred = (x, 0 if compiling else _version(x), c, xs, len(self.layers) - 1) if shared else None
         y = self._forward_sparse(layer, xs, user_tail, cfg)
+        if fold:
+            rows = x.numel() // self.k  # the token rows, then 2 per sample
+            samples = (xs.shape[0] - rows) // 2
+            back = y[rows: rows + samples].float() + y[rows + samples:].float()  # c W^T + LoRA(c) + 2 b
+            if layer.bias is not None:
+                back = back - 2 * layer.bias.float()
+            lead = c.shape[:-1]  # [..., 1]: one row per sample, broadcast over its tokens
+            return y[:rows].reshape(*x.shape[:-1], -1) + back.to(y.dtype).reshape(*lead, -1)
         cd = c.to(y.dtype)
         back = F.linear(cd, layer.dense_weight())
         a, b = adapters.member_factors(self, layer, user_tail)
