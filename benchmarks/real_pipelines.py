@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rtlynx.testing import CHAT_TEMPLATE, QWEN_SPECIALS, word_tokenizer
+from rtlynx.testing import CHAT_TEMPLATE, QWEN_SPECIALS, eval_pipeline, word_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402  the real-config transformer builder
@@ -88,7 +88,8 @@ def qwen_image_pipeline(device: str = "cuda"):
         te = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(**QWEN25_VL_7B))
         vae = diffusers.AutoencoderKLQwenImage()
     pipe = diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae,
-                                       text_encoder=te, tokenizer=tok, transformer=new_transformer(device, "qwen-image"))
+                                       text_encoder=te, tokenizer=tok,
+                                       transformer=new_transformer(device, "qwen-image"))
     return _ready(pipe, device)
 
 
@@ -112,11 +113,8 @@ PIPELINES = {"flux": flux_dev_pipeline, "qwen-image": qwen_image_pipeline, "z-im
 
 def _ready(pipe, device: str):
     pipe.to(device, torch.bfloat16)
-    for v in pipe.components.values():  # freshly built modules are in training mode (dropout)
-        if isinstance(v, torch.nn.Module):
-            v.eval()
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return eval_pipeline(pipe)  # freshly built modules are in training mode (dropout)
 
 
 def new_transformer(device: str, kind: str = "flux", tiny: bool = False):

@@ -47,7 +47,7 @@ def _kl_vae(**kw):
                                    use_post_quant_conv=False, **kw)
 
 
-def _inference(pipe):
+def eval_pipeline(pipe):
     """Every module of ``pipe`` in eval mode, as ``from_pretrained`` leaves them: freshly built text encoders and VAEs
     are in training mode, and their dropout would make two runs with the same seed differ."""
     for v in pipe.components.values():
@@ -68,7 +68,7 @@ def flux_pipeline():
     t5 = transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=v, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, pad_token_id=0, eos_token_id=3,
         decoder_start_token_id=0))
-    return _inference(diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(
+    return eval_pipeline(diffusers.FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(
         shift_factor=0.06, scaling_factor=1.5), text_encoder=clip, tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok,
         transformer=tiny_transformer("flux")))
 
@@ -87,7 +87,7 @@ def qwen_image_pipeline():
     vae = diffusers.AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
                                            temperal_downsample=[False, True], latents_mean=[0.0] * 4,
                                            latents_std=[1.0] * 4)
-    return _inference(diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
+    return eval_pipeline(diffusers.QwenImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
                                        text_encoder=transformers.Qwen2_5_VLForConditionalGeneration(cfg),
                                        tokenizer=tok, transformer=tiny_transformer("qwen-image")))
 
@@ -101,7 +101,7 @@ def z_image_pipeline():
     te = transformers.Qwen3Model(transformers.Qwen3Config(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, vocab_size=v))
-    return _inference(diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(
+    return eval_pipeline(diffusers.ZImagePipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_kl_vae(
         shift_factor=0.1, scaling_factor=0.3), text_encoder=te, tokenizer=tok, transformer=tiny_transformer("z-image")))
 
 
