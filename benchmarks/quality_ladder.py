@@ -24,6 +24,8 @@ LADDER = {
                                                 "every_step/rtlynx_t0.2"),
     "RT-Lynx, centred + global (step 200)": ("centre_global_h100_logs/quality_velocity.json", "rtlynx",
                                              "centre_global_h100_logs/quality_velocity.json", "rtlynx_t0.2"),
+    "RT-Lynx, centred + global (500 steps)": ("centre_global_h100_logs/quality_velocity500.json", "rtlynx",
+                                              "centre_global_h100_logs/quality_velocity500.json", "rtlynx_t0.2"),
 }
 GOALS = {"every_step": 1.5, "t0.2": 1.05}  # issue 18's goals, FID over dense
 
