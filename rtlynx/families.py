@@ -1,15 +1,16 @@
 """Kernel families: one object per dtype that a site runs in, behind one small interface.
 
 A family says what it supports (:meth:`Family.operand_ok`, :attr:`Family.splits_k`), how it prepares a site's
-weights (:meth:`Family.prepare`), how it runs a site's GEMMs (:meth:`Family.run_site`) and adds their LoRA tail
-(:meth:`Family.add_lora`), how one layer runs where the site kernels cannot (:meth:`Family.run_layer`, through the
+weights (:meth:`Family.prepare`), how it runs a site's GEMMs with their LoRA tail
+(:meth:`Family.run_site`), how one layer runs where the site kernels cannot (:meth:`Family.run_layer`, through the
 per-layer backends it has, :attr:`Family.layer_backends`: bf16 the lynx, cuSPARSELt and reference ones of
 :mod:`rtlynx.backends`, FP8 its spec on the reference path) and what the spec of a layer is
 (:meth:`Family.spec`, for :func:`rtlynx.sites.verify`). ``SparsityConfig.dtype`` picks the family
 (:data:`FAMILIES`); a new dtype (FP4 on the next GPU) is one new family here.
 
 This file is where FP8 differs from bf16: the FP8 operand is quantised per output channel (``site.fp8_operand``),
-its LoRA tail (the compensation LoRA and the user's adapters: one ``h = x A^T``) is added after the GEMM in bf16, a
+its LoRA tail (the compensation LoRA and the user's adapters: one ``h = x A^T``) is added after the GEMM in bf16
+inside the site op (:meth:`FP8Family.tail_operands`), a
 row-parallel (K-split) site cannot scale its tokens, and where the kernels cannot run it is emulated on the FP8 spec
 (:mod:`rtlynx.reference.fp8`): its one per-layer backend.
 """
@@ -17,7 +18,6 @@ row-parallel (K-split) site cannot scale its tokens, and where the kernels canno
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import backends, ops, reference
 from .reference.fp8 import fp8_sparse_act_linear
@@ -61,9 +61,6 @@ class Family:
         if check or x2.shape[0] == 0:
             return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps)
         return ops.sparse_site(_contiguous(x2), wext, bias, lora_a, splits, norm, eps)
-
-    def add_lora(self, site, xc, outs, sl, tail) -> None:
-        """bf16: nothing to add, the GEMM's epilogue added the LoRA through the operand's tail columns."""
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
         """One layer where the site kernels cannot run: rtlynx.backends' chain (lynx, cuSPARSELt, reference)."""
@@ -118,23 +115,24 @@ class FP8Family(Family):
         bias = site.bias
         if sl is not None:
             wq, sw, bias = wq[sl], sw[sl], None if bias is None else bias[sl]
-        xc = _contiguous(x2)
-        outs = ops.fp8_site(xc, wq, sw, bias, splits, norm, eps, act, check=check)
-        if tail:
-            self.add_lora(site, xc, outs, sl, tail)
-        return outs
+        a, bs, terms = self.tail_operands(site, sl, tail)
+        return ops.fp8_site(_contiguous(x2), wq, sw, bias, splits, norm, eps, act, check=check, lora_a=a, lora_b=bs,
+                            lora_terms=terms)
 
-    def add_lora(self, site, xc, outs, sl, tail) -> None:
-        """``y_i += (x A_i^T) B_i^T`` in bf16 after the FP8 GEMM (cuBLAS, in place): one ``h = x A^T`` for the whole
-        tail (compensation LoRA and user adapters), then each member's B."""
-        a = site.tail_a(tail)
+    def tail_operands(self, site, sl, tail) -> tuple:
+        """The LoRA tail of the FP8 site op (``y_i += (x A^T)[:, c0:c1] B^T`` in bf16 after its GEMMs, inside the op):
+        ``(A of the whole tail or None, [B per term], [member, c0, c1 per term])``, the compensation LoRA and the
+        user adapters' rows; members numbered within ``sl``'s call (0 for a single member's slice)."""
+        a = site.tail_a(tail) if tail else None
         if a is None:
-            return
-        h = F.linear(xc, a)
+            return None, [], []
         members = range(len(site.layers)) if sl is None else [site.slices.index(sl)]
-        for i, y in zip(members, outs):
+        bs, terms = [], []
+        for j, i in enumerate(members):
             for cols, b in site.lora_terms(i, tail):
-                y.addmm_(h[:, cols], b.t())
+                bs.append(b)
+                terms += [j, cols.start, cols.stop]
+        return (a, bs, terms) if bs else (None, [], [])
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
         """Where the FP8 site kernels cannot run: the FP8 spec on the reference path, one layer at a time."""

@@ -133,7 +133,8 @@ class SiteTwin:
         y = ref90.site_linear_sm90(x2, wext, bias, lora_a, norm, eps)
         return list(y.split(list(splits), dim=1))
 
-    def fp8(self, x2, wq, sw, bias, splits, norm=True, eps=1e-8, act=0, check=True):
+    def fp8(self, x2, wq, sw, bias, splits, norm=True, eps=1e-8, act=0, check=True, lora_a=None, lora_b=(),
+            lora_terms=()):
         self.record(x2, wq)
         if x2.shape[0] == 0:
             return [x2.new_empty(0, n) for n in splits]
@@ -143,6 +144,13 @@ class SiteTwin:
             b = None if bias is None else bias[off: off + n]
             outs.append(ref_fp8.sparse_gemm_fp8(values, meta, wq[off: off + n], rs, sw[off: off + n], b, x2.dtype))
             off += n
+        if lora_a is not None:  # the tail in float32 on the dense x, each output rounded once
+            h = x2.float() @ lora_a.float().t()
+            acc = [o.float() for o in outs]
+            for t, b in enumerate(lora_b):
+                i, c0, c1 = lora_terms[3 * t: 3 * t + 3]
+                acc[i] += h[:, c0:c1] @ b.float().t()
+            outs = [a.to(o.dtype) for a, o in zip(acc, outs)]
         return outs
 
 

@@ -193,3 +193,95 @@ def test_fp8_prune_and_site_refuse():
             (lambda: ops.fp8_site(meta(5, 256, dtype=torch.float16), wq, sw, None, [64]), "take bf16")):
         with pytest.raises(ops.Unsupported, match=match):
             call()
+
+
+def test_fp8_site_lora_tail_operands_are_checked():
+    """The LoRA tail inside rtlynx::fp8_site_sm90 (its fake, on meta tensors): shapes unchanged with a tail, and
+    each malformed tail operand refused in one line."""
+    from rtlynx.ops import fp8 as kf8
+
+    x, wq, sw = meta(5, 256), meta(64, 256, dtype=F8), meta(64, dtype=torch.float32)
+    a, b0, b1 = meta(24, 256), meta(32, 8), meta(32, 16)
+    outs = kf8.fp8_site_sm90(x, wq, sw, None, [32, 32], True, 1e-8, 0, a, [b0, b1], [0, 0, 8, 1, 8, 24])
+    assert [t.shape for t in outs] == [(5, 32), (5, 32)]
+    for args, match in (
+            ((None, [b0], [0, 0, 8]), "without lora_a"),
+            ((meta(24, 128), [b0], [0, 0, 8]), r"must be \[R, K=256\]"),
+            ((meta(24, 256, dtype=torch.float16), [b0], [0, 0, 8]), "lora_a .* must be bfloat16"),
+            ((a, [b0], [0, 0]), "three per term"),
+            ((a, [b0], [2, 0, 8]), "out of range"),
+            ((a, [b0], [0, 8, 8]), "out of range"),
+            ((a, [b0], [0, 20, 28]), "out of range"),
+            ((a, [b1], [0, 0, 8]), r"must be \[32, 8\]"),
+            ((a, [meta(32, 8, dtype=torch.float32)], [0, 0, 8]), "B of term 0 .* must be bfloat16"),
+            ((a, [torch.empty(32, 8, dtype=BF)], [0, 0, 8]), "not on the input's device")):
+        with pytest.raises(ops.Unsupported, match=match):
+            kf8.fp8_site_sm90(x, wq, sw, None, [32, 32], True, 1e-8, 0, *args)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_fp8_site_lora_tail_math(m, gen):
+    """rtlynx.ops.fp8.add_tail (the tail the FP8 site op adds in place after its GEMMs) against the float64
+    formula y_i + (x A^T)[:, c0:c1] B_t^T, two members, overlapping and disjoint column ranges."""
+    from rtlynx.ops import fp8 as kf8
+
+    k, r, splits = 96, 24, [40, 16]
+    x = torch.randn(m, k, generator=gen).to(BF)
+    a = (torch.randn(r, k, generator=gen) * 0.1).to(BF)
+    terms = [0, 0, 8, 1, 4, 20, 0, 8, 24]
+    bs = [(torch.randn(splits[i], c1 - c0, generator=gen) * 0.1).to(BF)
+          for i, c0, c1 in zip(terms[::3], terms[1::3], terms[2::3])]
+    ys = [torch.randn(m, n, generator=gen).to(BF) for n in splits]
+    want = [y.double().clone() for y in ys]
+    h = x.double() @ a.double().t()
+    for t, b in enumerate(bs):
+        i, c0, c1 = terms[3 * t: 3 * t + 3]
+        want[i] += h[:, c0:c1] @ b.double().t()
+    kf8.add_tail(ys, x, a, bs, terms)
+    for got, w in zip(ys, want):
+        torch.testing.assert_close(got.double(), w, rtol=2e-2, atol=2e-2)  # h rounds to bf16, then y once
+    before = [y.clone() for y in ys]
+    kf8.add_tail(ys, x, None, [], [])  # no tail: untouched
+    assert all(torch.equal(p, q) for p, q in zip(before, ys))
+
+
+def test_fp8_site_with_tail_compiles_to_one_op_call(monkeypatch):
+    """Under torch.compile (fullgraph) the FP8 site op with its LoRA tail is one opaque call whose outputs need no
+    copy: the generated code calls it once and has no addmm or copy_ of its outputs (an in-place addmm_ on the op's
+    outputs in traced code becomes an out-of-place addmm, which copies every output first: 8 ms of memcpy per
+    FLUX.1-dev forward in the H100 profile of f82c915). A scoped CPU implementation stands in
+    for the CUDA kernels (any function of the operands: only the graph is under test), and the operand checks,
+    which want CUDA tensors, are off (tested above)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from rtlynx.ops import fp8 as kf8
+
+    def cpu_impl(x, wq, sw, bias, splits, norm, eps, act=0, lora_a=None, lora_b=None, lora_terms=()):
+        w = wq.float() * sw[:, None]
+        outs = [(x.float() @ w[o: o + n, : x.shape[1]].t()).to(BF) for o, n in zip([0, splits[0]], splits)]
+        kf8.add_tail(outs, x, lora_a, list(lora_b or ()), list(lora_terms))
+        return outs
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 256, generator=g).to(BF)
+    wq = (torch.randn(64, 256, generator=g) * 0.1).to(F8)
+    sw = torch.rand(64, generator=g) + 0.5
+    a, b = (torch.randn(8, 256, generator=g) * 0.1).to(BF), (torch.randn(32, 8, generator=g) * 0.1).to(BF)
+
+    def f(x):
+        ys = ops.fp8_site(x, wq, sw, None, [32, 32], check=False, lora_a=a, lora_b=[b, b], lora_terms=[0, 0, 8, 1, 0, 8])
+        return ys[0] * 2, ys[1] + 1
+
+    monkeypatch.setattr(_checks, "check_fp8_site", lambda *args, **kwargs: None)
+    with torch.library._scoped_library("rtlynx", "IMPL") as lib:
+        lib.impl("fp8_site_sm90", cpu_impl, "CPU")
+        eager = f(x)
+        torch._dynamo.reset()
+        got, code = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    torch._dynamo.reset()
+    for p, q in zip(got, eager):
+        torch.testing.assert_close(p, q)
+    src = "\n".join(code)
+    # the old way left `extern_kernels.addmm(y, h, B^T, beta=1, out=new)` here: aten copies y into `new` first
+    assert src.count("= torch.ops.rtlynx.fp8_site_sm90.default(") == 1, src
+    assert "addmm" not in src and "copy_" not in src, src

@@ -217,19 +217,25 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
 
 
 def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, splits,
-             norm: bool = True, eps: float = 1e-8, act: int = 0, check: bool = True) -> list[torch.Tensor]:
+             norm: bool = True, eps: float = 1e-8, act: int = 0, check: bool = True, lora_a=None, lora_b=(),
+             lora_terms=()) -> list[torch.Tensor]:
     """An activation site on the FP8 kernels (:mod:`rtlynx.ops.fp8`): one prune + quantise pass of ``x2d [M, K]``
     (act 1: of GELU_tanh(x2d)), one FP8 sparse GEMM per member on its rows of ``wq [N, Kp]`` e4m3 with per-row
-    scales ``sw [N]``; bf16 only, K <= 16384. Raises :class:`Unsupported` for what the kernels cannot run
-    (``check=False``: the caller validated the same operands before, as for :func:`sparse_site`)."""
+    scales ``sw [N]``, then the LoRA tail on the dense x (``lora_a [R, K]``; per term ``(i, c0, c1)`` of the flat
+    ``lora_terms``, ``y_i += (x lora_a^T)[:, c0:c1] lora_b[t]^T``); bf16 only, K <= 16384. Raises
+    :class:`Unsupported` for what the kernels cannot run (``check=False``: the caller validated the same operands
+    before, as for :func:`sparse_site`)."""
+    lora_b, lora_terms = list(lora_b), [int(v) for v in lora_terms]
     if check:  # once: the eager call below goes to the implementation, which does not check again
         _check_x(x2d)
-        check_fp8_site(x2d, wq, sw, bias, splits, act)
+        check_fp8_site(x2d, wq, sw, bias, splits, act, lora_a, lora_b, lora_terms)
     if x2d.shape[0] == 0:
         return [x2d.new_empty(0, n) for n in splits]
     if torch.compiler.is_compiling() or not x2d.is_cuda:
-        return _fp8.fp8_site_sm90(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act))
-    return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), persistent=True)
+        return _fp8.fp8_site_sm90(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), lora_a,
+                                  lora_b or None, lora_terms)
+    return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), True, lora_a, lora_b,
+                           lora_terms)
 
 
 __all__ = ["LibraryUnavailable", "Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress", "sparse_gemm"]

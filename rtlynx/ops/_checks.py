@@ -245,10 +245,11 @@ def check_fp8_gemm(values, meta, wq, rs, sw, bias) -> None:
         check_vector(bias, "bias", values, n, torch.bfloat16)
 
 
-def check_fp8_site(x, wq, sw, bias, splits, act: int = 0) -> None:
+def check_fp8_site(x, wq, sw, bias, splits, act: int = 0, lora_a=None, lora_b=(), lora_terms=()) -> None:
     """Operands of an FP8 activation site (``rtlynx::fp8_site_sm90``): x as :func:`check_fp8_activation`;
     wq [N, >= Kp] e4m3 row-major (Kp = round_up(K, 128)); splits positive multiples of 8 summing to N; sw [N]
-    float32; bias [N] bf16 or None."""
+    float32; bias [N] bf16 or None; the LoRA tail: lora_a [R, K] bf16, one B_t [N_i, c1 - c0] bf16 per term
+    ``(i, c0, c1)`` of the flat lora_terms, 0 <= c0 < c1 <= R."""
     check_fp8_activation(x, act)
     kp = (x.shape[1] + 127) // 128 * 128
     if not isinstance(wq, torch.Tensor) or wq.dim() != 2 or wq.shape[1] < kp:
@@ -261,6 +262,30 @@ def check_fp8_site(x, wq, sw, bias, splits, act: int = 0) -> None:
     check_vector(sw, "FP8 site sw", x, wq.shape[0], torch.float32)
     if bias is not None:
         check_vector(bias, "FP8 site bias", x, wq.shape[0], torch.bfloat16)
+    _check_fp8_tail(x, splits, lora_a, lora_b, lora_terms)
+
+
+def _check_fp8_tail(x, splits, lora_a, lora_b, lora_terms) -> None:
+    if lora_a is None:
+        if len(lora_b) or len(lora_terms):
+            raise Unsupported("FP8 site: LoRA terms without lora_a")
+        return
+    if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1]:
+        raise Unsupported(f"FP8 site lora_a {_where(lora_a) if isinstance(lora_a, torch.Tensor) else lora_a!r} "
+                          f"must be [R, K={x.shape[1]}]")
+    check_tensor(lora_a, "FP8 site lora_a", x, torch.bfloat16)
+    if len(lora_terms) != 3 * len(lora_b):
+        raise Unsupported(f"FP8 site: {len(lora_terms)} lora_terms entries for {len(lora_b)} B factors "
+                          "(three per term: member, first column, end column)")
+    for t, b in enumerate(lora_b):
+        i, c0, c1 = lora_terms[3 * t: 3 * t + 3]
+        if not (0 <= i < len(splits) and 0 <= c0 < c1 <= lora_a.shape[0]):
+            raise Unsupported(f"FP8 site LoRA term {t} (member {i}, columns {c0}:{c1}) is out of range "
+                              f"({len(splits)} members, lora_a of {lora_a.shape[0]} rows)")
+        if not isinstance(b, torch.Tensor) or tuple(b.shape) != (splits[i], c1 - c0):
+            raise Unsupported(f"FP8 site LoRA B of term {t} must be [{splits[i]}, {c1 - c0}], got "
+                              f"{tuple(b.shape) if isinstance(b, torch.Tensor) else b!r}")
+        check_tensor(b, f"FP8 site LoRA B of term {t}", x, torch.bfloat16)
 
 
 __all__ = ["FP8", "FP8_MAX_K", "KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation",

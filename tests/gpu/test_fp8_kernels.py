@@ -13,6 +13,8 @@ from rtlynx.reference import fp8 as rf8
 from rtlynx.reference import gelu_tanh
 from rtlynx.reference.sm90 import padded_shape
 
+from .test_sm90_kernels import rel_err
+
 FP8 = torch.float8_e4m3fn
 
 
@@ -172,6 +174,23 @@ def test_opcheck(gen):
     no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(kf8.sparse_gemm_fp8_sm90, (v, meta, wq, rs, sw, None, -1, 0), test_utils=no_schema)
     torch.library.opcheck(kf8.fp8_site_sm90, (x, wq, sw, None, [128, 8], True, 1e-8, 0), test_utils=no_schema)
+    a, b0, b1 = rnd((24, 384), torch.bfloat16, gen), rnd((128, 16), torch.bfloat16, gen), rnd((8, 8), torch.bfloat16, gen)
+    args = (x, wq, sw, None, [128, 8], True, 1e-8, 0, a, [b0, b1], [0, 0, 16, 1, 16, 24])
+    torch.library.opcheck(kf8.fp8_site_sm90, args, test_utils=no_schema)
+
+
+def test_fp8_site_tail_matches_the_formula(gen):
+    """The LoRA tail inside the FP8 site op: outputs without the tail plus (x A^T)[:, c0:c1] B^T in float32."""
+    x = rnd((77, 384), torch.bfloat16, gen)
+    wq, sw = kf8.quantize_weight(rnd((136, 384), torch.bfloat16, gen))
+    a = rnd((24, 384), torch.bfloat16, gen, scale=0.1)
+    b0, b1 = rnd((128, 16), torch.bfloat16, gen, scale=0.1), rnd((8, 8), torch.bfloat16, gen, scale=0.1)
+    base = kf8.fp8_site_sm90(x, wq, sw, None, [128, 8], True, 1e-8)
+    got = kf8.fp8_site_sm90(x, wq, sw, None, [128, 8], True, 1e-8, 0, a, [b0, b1], [0, 0, 16, 1, 16, 24])
+    h = x.float() @ a.float().t()
+    want = [base[0].float() + h[:, :16] @ b0.float().t(), base[1].float() + h[:, 16:] @ b1.float().t()]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-2
 
 
 # ------------------------------------------------------------------------------------------ sites, whole models
