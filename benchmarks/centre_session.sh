@@ -8,7 +8,8 @@
 #      .cache/prompts_calib512.txt (Emoji-64 prompts, the weighted draw of `rtlynx calibrate`, seed 0):
 #      bash benchmarks/centre_session.sh run          (about 5 min; rows written as they come)
 # CENTRES="token_mean none" picks the LoRAs (centred first: dense + every step + t < 0.2; the control without centring:
-# every step only, its FID against the same dense run's protocol); N (5000) images per FID.
+# every step only, its FID against the same dense run's protocol); N (5000) images per FID; RANK (8) the LoRA rank;
+# FID=0 only the LoRAs (e.g. the start of a global distillation at rank 16 / 32: $OUT/lora.tgz).
 stage=${1:?stage: reference or run}
 case $stage in
   reference)
@@ -21,10 +22,11 @@ case $stage in
       python3 -m rtlynx calibrate --model miniflux --prompts-file .cache/prompts_calib512.txt --num-prompts 512 \
         --batch-size 256 --steps 20 --preset flux --centre $c --out $W/calib_$c.safetensors --overwrite 2>&1 \
         | grep -v "it/s]\|s/it]\|batch/s]\|s/batch]" | tail -3
-      python3 -m rtlynx train-lora --model miniflux --calib $W/calib_$c.safetensors --rank 8 --dense-below-t none \
+      python3 -m rtlynx train-lora --model miniflux --calib $W/calib_$c.safetensors --rank ${RANK:-8} --dense-below-t none \
         --out $W/lora_$c --overwrite 2>&1 | tail -2
       echo "centre $c: calibrate + train-lora $(( $(date +%s) - t0 )) s"
       tar czf "$OUT/lora.tgz" -C $W $(cd $W && ls -d lora_*)  # every LoRA so far, one file ($OUT: 8 at most)
+      [ "${FID:-1}" = 1 ] || continue
       v="rtlynx"; [ $c != none ] && v="dense rtlynx rtlynx_t0.2"
       python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} \
         --batch-size 500 --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz \

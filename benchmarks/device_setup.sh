@@ -14,7 +14,9 @@ if [ "$WHEELS" != none ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$WHEELS"/*.whl || { echo "wheel install failed"; exit 1; }
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg MAX_JOBS=${MAX_JOBS:-16}
+# the caller's PYTHONPATH stays behind ours (WHEELS=none after another script installed the wheels elsewhere, e.g.
+# quality_global_session.sh's .cache/site: replacing it lost diffusers in the 2026-12-07 adapter run)
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MPLBACKEND=Agg MAX_JOBS=${MAX_JOBS:-16}
 export RTLYNX_BUILD_DIR=${RTLYNX_BUILD_DIR:-$PWD/.cache/build}
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv
