@@ -58,10 +58,10 @@ class SparsityConfig:
         tokens and add ``c W^T`` (and the LoRA of c) back, exactly (rtlynx.reference.sparse_act_linear's ``centre``):
         the offset the tokens share is kept instead of half of it being pruned away (38 % less pruning residual on
         the mini-FLUX, benchmarks/NOTES.md v13). Costs one reduction and one subtraction over x per site (outside the
-        prune kernel for now); c itself rides in the site GEMM as two extra rows a sample. A LoRA fitted without it
-        does not fit it: calibrate with the same setting. With dtype="fp8" the FP8 GEMM runs on ``x - c`` and
-        ``c W^T`` is added per layer on the bf16 weights, which a centred site therefore keeps (the memory of
-        keep_dense_weights=True).
+        prune kernel for now); c itself rides in the site GEMM as extra rows a sample (two; with dtype="fp8" four,
+        the second pair carrying the e4m3 rounding of the first, so c W^T is good to ~2^-8 of c on the FP8
+        weights and no bf16 weights are needed). A LoRA fitted without it does not fit it: calibrate with the same
+        setting.
     fuse_sites: group the layers that read one input into one activation site (one prune, one GEMM; the
         preset's site rules, rtlynx.sites). False: every layer on its own (the v0.1 design, for A/B runs).
     adapter_rank: room for the user's own PEFT adapters in the lynx kernels' LoRA tail, per layer (the summed rank

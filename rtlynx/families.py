@@ -97,12 +97,12 @@ class FP8Family(Family):
 
     def prepare(self, site, cfg) -> None:
         """Quantise the FP8 operand now; without ``keep_dense_weights`` drop the bf16 one where the FP8 kernels run."""
-        if site._fp8_stored and (cfg.keep_dense_weights or cfg.centre is not None):
-            site.restore_dense()  # asked to keep (or, centred, to use) bf16 weights now: dequantised, with a warning
+        if site._fp8_stored and cfg.keep_dense_weights:
+            site.restore_dense()  # asked to keep bf16 weights now: dequantised, with a warning
         if site._wext_nolora is not None and site._wext_nolora.is_cuda:
             site.fp8_operand()
-            # centring adds c W^T back on the bf16 weights (a GEMV per call): a centred site keeps them
-            if not cfg.keep_dense_weights and cfg.centre is None and site._fp8_storable(cfg):
+            # centring needs no bf16 weights: the centre rides in the FP8 GEMM (rtlynx.reference.fp8.fp8_centre_rows)
+            if not cfg.keep_dense_weights and site._fp8_storable(cfg):
                 site._store_fp8()
 
     def operand_ok(self, site, x2: torch.Tensor) -> bool:
@@ -149,7 +149,7 @@ class FP8Family(Family):
 
     def spec(self, layer, x2, w, lora_a, lora_b, centre=None):
         """The FP8 spec: same quantisation, float32 products and sums (on the stored FP8 weights where they are);
-        ``centre``: on ``x - c``, with ``c W^T`` added back on ``w``."""
+        ``centre``: on ``x - c``, the centre's output from its FP8 rows (rtlynx.reference.fp8.fp8_centre_rows)."""
         wq = None if layer.weight_scale is None else (layer.weight, layer.weight_scale)
         return fp8_sparse_act_linear(x2, w, layer.bias, layer.n, layer.m, layer.compensation, lora_a, lora_b,
                                      layer._settings.config.eps, weight_q=wq, centre=centre)

@@ -48,14 +48,16 @@ def _e4m3_rows(v: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_formula(layer, x: torch.Tensor) -> torch.Tensor:
-    """The FP8 site, centred, in float64: y = s Q(prune(x - c)) Q(W)^T + c W^T + b + (x A^T) B^T (Q: e4m3)."""
+    """The FP8 site, centred, in float64: y = s Q(prune(x - c)) Q(W)^T + c Q(W)^T + b + (x A^T) B^T (Q: e4m3; the
+    site computes c Q(W)^T from c's FP8 rows, whose residual pair leaves ~2^-8 of c)."""
     xd = x.detach().double()
     c = xd.sum(-2, keepdim=True) / xd.shape[-2]
     xs = (xd - c).to(x.dtype).double()  # x - c rounded once to x's dtype, as the site computes it
     xp = brute_prune_24(xs)
     s = (xs.pow(2).sum(-1, keepdim=True) / (xp.pow(2).sum(-1, keepdim=True) + layer.eps)).sqrt()
     w = layer.dense_weight().detach().double()
-    y = s * (_e4m3_rows(xp) @ _e4m3_rows(w).T) + c @ w.T
+    wq = _e4m3_rows(w)
+    y = s * (_e4m3_rows(xp) @ wq.T) + c @ wq.T
     if layer.bias is not None:
         y = y + layer.bias.detach().double()
     if layer.lora_A is not None and layer.lora_enabled:
@@ -87,7 +89,8 @@ def _random_lora(model, gen):
 def test_reference_path_matches_the_formula(kind, dtype, gen):
     """fp32 model, reference backend, batch 2 (one centre per sample): each layer's output against the formula on
     the input it saw (GELU sites included: centring takes them off the fused GELU path). FP8 (emulated): found
-    ~1e-7 from its formula, which is 3 % from the formula without the e4m3 rounding and 30 % from uncentred 2:4."""
+    6e-4 to 9e-4 from its formula (c Q(W)^T exact there; the site's FP8 centre rows keep ~2^-8 of c), which is 3 %
+    from the formula without the e4m3 rounding and 30 % from uncentred 2:4."""
     model = tiny_transformer(kind)
     inputs = example_inputs(model, batch=2)
     rtlynx.sparsify(model, lora_rank=4, backend="reference", centre="token_mean", dtype=dtype)
@@ -102,7 +105,7 @@ def test_reference_path_matches_the_formula(kind, dtype, gen):
     for name, (x, y) in seen.items():
         want = (formula if dtype == "native" else fp8_formula)(layers[name], x)
         err = float((y.double() - want).norm() / want.norm())
-        assert err < (1e-5 if dtype == "native" else 1e-4), (name, err)
+        assert err < (1e-5 if dtype == "native" else 2e-3), (name, err)  # FP8: c's rows leave ~2^-8 of c W^T
         if dtype == "fp8":  # the quantisation is really there
             assert float((formula(layers[name], x) - want).norm() / want.norm()) > 1e-3, name
 

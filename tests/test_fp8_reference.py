@@ -202,3 +202,30 @@ def test_quality_fp8_variants_and_their_sheet(tmp_path):
     imgs = {v: (torch.randint(0, 255, (2, 16, 16, 3), dtype=torch.uint8), 0.0) for v in ("dense", "rtlynx_fp8")}
     out = demo.sheet(imgs, ["a", "b"], tmp_path / "s.png", labels={"rtlynx_fp8": "RT-Lynx FP8"})
     assert Path(out).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_centre_rows_carry_the_centre_through_e4m3(dtype, gen):
+    """rtlynx.reference.fp8.fp8_centre_rows: four rows a sample, each already 2:4 (pruning keeps them whole), the
+    first pair summing to c, the second to what e4m3 takes off the first; their FP8 products (per-row e4m3, as the
+    site quantises a token) give c Q(W)^T to well under the e4m3 step, where the first pair alone is off by about
+    the step itself. Checked in float64 against c Q(W)^T."""
+    b, k, n = 3, 256, 64
+    c = torch.randn(b, 1, k, generator=gen) * (1 + 3 * torch.rand(k, generator=gen))  # uneven channels, like a DiT
+    rows = fp8.fp8_centre_rows(c, dtype)
+    assert rows.shape == (4 * b, k) and rows.dtype == dtype
+    assert torch.equal(reference.prune_nm(rows, 2, 4), rows)  # 2:4 already: the prune is the identity on them
+    pairs = rows.double().reshape(2, 2, b, k).sum(1)  # [c; residual]
+    assert torch.equal(pairs[0], c.reshape(b, k).to(dtype).double())
+    lost = c.reshape(b, k).double() - fp8.dequantize(*fp8.quantize_rows_e4m3(rows[: 2 * b])).double().reshape(2, b, k).sum(0)
+    torch.testing.assert_close(pairs[1], lost.to(dtype).double(), rtol=0, atol=0)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    wq = fp8.dequantize(*fp8.quantize_rows_e4m3(w)).double()
+    want = c.reshape(b, k).double() @ wq.T
+
+    def product(r):  # each row quantised per row (the kernel's scale), products exact, summed per sample
+        return (fp8.dequantize(*fp8.quantize_rows_e4m3(r)).double() @ wq.T).reshape(-1, b, n).sum(0)
+
+    err_four = float((product(rows) - want).norm() / want.norm())
+    err_pair = float((product(rows[: 2 * b]) - want).norm() / want.norm())
+    assert err_four < 2e-3 and err_pair > 4 * err_four, (err_four, err_pair)

@@ -14,15 +14,19 @@
   the rest before the one rounding (as a fused epilogue or LoRA tail would).
 - A zero row has scale 0 and quantises to zeros (no NaN); a NaN in x makes its token's scale and output NaN.
 - ``centre`` c (token-mean centring, as :func:`rtlynx.reference.nm.sparse_act_linear`): the pruned, quantised and
-  norm-scaled operand is ``x - c`` (rounded once to x's dtype), and ``c W^T`` is added back in float32 on the
-  weights as given (the bf16 ones, which a centred FP8 site keeps; c itself is not quantised).
+  norm-scaled operand is ``x - c`` (rounded once to x's dtype), and the centre's output comes from the same FP8 GEMM
+  as four more rows a sample (:func:`fp8_centre_rows`: c split into two 2:4-exact rows, then the residual of their
+  e4m3 quantisation split the same way), each row quantised, norm-scaled and given its LoRA term like a token, the
+  four outputs summed, less the residual pair's LoRA term (the site takes it back out with two small products). So
+  ``c W^T`` is computed on the FP8 weights to ~2^-8 of c (one pair of rows alone: ~2^-4), the site needs no bf16
+  weights, and the LoRA terms add up to LoRA(x - c) + LoRA(c) = LoRA(x).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .nm import centred, compress, decompress, norm_scale, prune_nm
+from .nm import centre_rows, centred, compress, decompress, norm_scale, prune_nm
 from .producers import gelu_tanh
 from .sm90 import ATOM_K, ATOM_M, padded_shape, round_up
 
@@ -53,34 +57,66 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(-1)
 
 
+def fp8_centre_rows(c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The centres ``c`` ([..., K], one per sample, float32) as four 2:4-exact rows a sample for an FP8 site GEMM,
+    ``[c_a; c_b; r_a; r_b]`` ``[4B, K]`` in ``dtype``: ``[c_a; c_b]`` = :func:`rtlynx.reference.nm.centre_rows`, then
+    ``r = c - (e4m3 dequantisation of c_a and c_b)``, split the same way. A 2:4 prune keeps every row whole and
+    quantises it per row (:func:`quantize_rows_e4m3`: the same scale the kernel picks), so the four rows' FP8 products
+    sum to ``c W_q^T`` up to r's own quantisation."""
+    k = c.shape[-1]
+    cf = c.float().reshape(-1, k)
+    hi = centre_rows(cf, dtype)
+    q, s = quantize_rows_e4m3(hi)
+    deq = dequantize(q, s)
+    b = cf.shape[0]
+    r = cf - (deq[:b] + deq[b:])
+    return torch.cat([hi, centre_rows(r, dtype)])
+
+
+def _fp8_rows(xs: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, n: int, m: int, compensation: str,
+              eps: float) -> torch.Tensor:
+    """``s * sx * sw * (Q(prune(xs) / sx) @ Qw^T)`` in float32 (no bias, no LoRA): the FP8 GEMM of rows ``xs``."""
+    xp = prune_nm(xs, n, m)
+    qx, sx = quantize_rows_e4m3(xp)
+    acc = qx.float() @ qw.float().T  # exact products, float32 sums
+    scale = sx.unsqueeze(-1) * sw.float()
+    if compensation == "norm":
+        scale = scale * norm_scale(xs, xp, eps=eps).unsqueeze(-1)
+    return acc * scale
+
+
 def fp8_sparse_act_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, n: int = 2,
                           m: int = 4, compensation: str = "norm", lora_a: torch.Tensor | None = None,
                           lora_b: torch.Tensor | None = None, eps: float = 1e-8,
                           weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
                           centre: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 RT-Lynx linear on ``x [..., K]`` (module docstring). ``weight_q``: the weight already quantised
-    ``(q [N, K], sw [N])`` (quantised here when None). ``centre``: prune ``x - centre`` and add ``centre W^T``
-    (needs ``weight``). Returns x's dtype."""
+    ``(q [N, K], sw [N])`` (quantised here when None). ``centre`` (float32, broadcast against x; one centre per
+    sample or per row): prune ``x - centre``, and the centre's output from :func:`fp8_centre_rows` through the
+    same FP8 product. Returns x's dtype."""
     if compensation not in ("norm", "none"):
         raise ValueError(f"compensation must be 'norm' or 'none', got {compensation!r}")
-    if centre is not None and weight is None:
-        raise ValueError("centre needs the dense weight (c W^T is added back on it)")
     xs = x if centre is None else centred(x, centre)
-    xp = prune_nm(xs, n, m)
-    qx, sx = quantize_rows_e4m3(xp)
     qw, sw = weight_q if weight_q is not None else quantize_rows_e4m3(weight)
-    acc = qx.float() @ qw.float().T  # exact products, float32 sums
-    scale = sx.unsqueeze(-1) * sw.float()
-    if compensation == "norm":
-        scale = scale * norm_scale(xs, xp, eps=eps).unsqueeze(-1)
-    y = acc * scale
-    if centre is not None:
-        y = y + centre.float() @ weight.float().T
+    y = _fp8_rows(xs, qw, sw, n, m, compensation, eps)
+    lora = lora_a is not None and lora_b is not None
+
+    def tail(rows):  # h rounded to x's dtype (a GEMM output), h B^T summed in float32
+        return torch.nn.functional.linear(rows, lora_a.to(x.dtype)).float() @ lora_b.float().T
+
+    if centre is None:
+        if lora:
+            y = y + tail(x)
+    else:
+        lead = centre.shape[:-1]  # broadcast over the tokens of each centre
+        rows = fp8_centre_rows(centre, x.dtype)
+        back = _fp8_rows(rows, qw, sw, n, m, compensation, eps)
+        if lora:  # the tail of x - c and of c's first pair (the residual pair's is taken back out)
+            y = y + tail(xs)
+            back = back + torch.cat([tail(rows[: rows.shape[0] // 2]), torch.zeros_like(back[rows.shape[0] // 2:])])
+        y = y + back.reshape(4, -1, back.shape[-1]).sum(0).reshape(*lead, -1)
     if bias is not None:
         y = y + bias.float()
-    if lora_a is not None and lora_b is not None:  # h rounded to x's dtype (a GEMM output), h B^T summed in float32
-        h = torch.nn.functional.linear(x, lora_a.to(x.dtype))
-        y = y + h.float() @ lora_b.float().T
     return y.to(x.dtype)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from .. import backends, ops, reference
 from ..families import family_of
 from ..presets import SPEED_RULES
+from ..reference.fp8 import fp8_centre_rows
 from . import adapters, shard
 from .operand import TAIL_COMP, TAIL_FULL, TAIL_NONE, Operand, _is_compiling, _version
 
@@ -119,39 +120,37 @@ class Site(Operand):
     def _forward_centred(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
         """SparsityConfig.centre: the site prunes ``x - c`` (c: each sample's token mean, computed once for all
         members) and adds the exact output of c back, ``c W^T + LoRA(c)`` (LoRA(x) = LoRA(x - c) + LoRA(c)):
-        rtlynx.reference.sparse_act_linear with ``centre``. Native dtype: c rides in the same GEMM as two 2:4-exact
-        rows a sample (rtlynx.reference.centre_rows), so the weights are read once and the LoRA tail (users' adapters
-        included) covers c too. FP8 keeps c out of its e4m3 rows: ``c W^T`` on the bf16 weights, per member."""
+        rtlynx.reference.sparse_act_linear with ``centre``. c rides in the same GEMM as extra 2:4-exact rows a sample
+        (native dtype: two, rtlynx.reference.centre_rows; FP8: four, rtlynx.reference.fp8.fp8_centre_rows, the second
+        pair the residual of the first pair's e4m3 quantisation), so the weights are read once, an FP8 site needs no
+        bf16 weights, and the LoRA tail (users' adapters included) covers c too."""
         if self._fused_path(cfg, layer, x.reshape(-1, self.k)) == "dense":  # the speed rules: nothing is pruned
             return F.linear(x, layer.dense_weight(), layer.bias)
         compiling = _is_compiling()
-        fold = cfg.dtype != "fp8"
         cc = self._centred
         if cc is not None and cc[0] is x and (compiling or cc[1] == _version(x)):
             c, xs = cc[2], cc[3]
             self._centred = None if cc[4] <= 1 else (*cc[:4], cc[4] - 1)
         else:
             c = reference.token_mean(x)
-            xs = reference.centred(x, c)
-            if fold:  # [x - c; c_a; c_b]: M + 2 samples rows
-                xs = torch.cat([xs.reshape(-1, self.k), reference.centre_rows(c, x.dtype)])
+            rows = fp8_centre_rows(c, x.dtype) if cfg.dtype == "fp8" else reference.centre_rows(c, x.dtype)
+            xs = torch.cat([reference.centred(x, c).reshape(-1, self.k), rows])  # [x - c; the centre rows]
             shared = len(self.layers) > 1 and not self._split  # the other members reuse c and x - c (one pass)
             self._centred = (x, 0 if compiling else _version(x), c, xs, len(self.layers) - 1) if shared else None
         y = self._forward_sparse(layer, xs, user_tail, cfg)
-        if fold:
-            rows = x.numel() // self.k  # the token rows, then 2 per sample
-            samples = (xs.shape[0] - rows) // 2
-            back = y[rows: rows + samples].float() + y[rows + samples:].float()  # c W^T + LoRA(c) + 2 b
-            if layer.bias is not None:
-                back = back - 2 * layer.bias.float()
-            lead = c.shape[:-1]  # [..., 1]: one row per sample, broadcast over its tokens
-            return y[:rows].reshape(*x.shape[:-1], -1) + back.to(y.dtype).reshape(*lead, -1)
-        cd = c.to(y.dtype)
-        back = F.linear(cd, layer.dense_weight())
-        a, b = adapters.member_factors(self, layer, user_tail)
-        if a is not None:
-            back = back + F.linear(F.linear(cd, a), b)
-        return y + back  # [..., 1, N]: one row per sample, broadcast over its tokens
+        tokens = x.numel() // self.k  # the token rows, then `per` rows a sample
+        per = 4 if cfg.dtype == "fp8" else 2
+        back = y[tokens:].float().reshape(per, -1, y.shape[-1]).sum(0)  # c W^T + LoRA(c) + per * b
+        if layer.bias is not None:
+            back = back - per * layer.bias.float()
+        if per == 4:  # the residual pair went through the LoRA tail too: take its LoRA terms back out (small GEMMs)
+            a, b = adapters.member_factors(self, layer, user_tail)
+            if a is not None:
+                samples = back.shape[0]
+                r = xs[tokens + 2 * samples:].reshape(2, samples, self.k).sum(0)
+                back = back - F.linear(F.linear(r, a.to(r.dtype)), b.to(r.dtype)).float()
+        lead = c.shape[:-1]  # [..., 1]: one row per sample, broadcast over its tokens
+        return y[:tokens].reshape(*x.shape[:-1], -1) + back.to(y.dtype).reshape(*lead, -1)
 
     def _forward_sparse(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
         k = self.k
