@@ -2,7 +2,8 @@
 
 The model is diffusers' FluxTransformer2DModel with the FLUX.1-dev configuration and random weights (as
 benchmarks/e2e.py: nothing can be downloaded; time does not depend on the values), one forward at 1024x1024 (4096
-image tokens, 512 text tokens, batch 1, bf16), torch.compile (inductor, default mode). The adapter is a rank-16 LoRA
+image tokens, 512 text tokens, batch 1, bf16), torch.compile (inductor; --mode reduce-overhead: with CUDA graphs,
+each timed forward a step of its own). The adapter is a rank-16 LoRA
 with random factors on every token linear of the blocks (attention Q/K/V/out of both streams, the MLPs; what style
 LoRAs for FLUX train), loaded the diffusers way (``enable_lora_hotswap(target_rank=16)``, ``load_lora_adapter``).
 
@@ -16,7 +17,8 @@ set_adapters weight change, each followed by one compiled forward; the new graph
     python benchmarks/user_lora.py --variants dense "dense + LoRA r16"   # rows merge into one file per device
     python benchmarks/user_lora.py --smoke                  # tiny FLUX on the CPU (checks the script)
 
-Writes benchmarks/results/user_lora_<device>.json: "device", commit, kernel library (sha256), rows, and "summary":
+Writes benchmarks/results/user_lora_<device>.json: "device", commit, kernel library (sha256), rows (each with the
+commit it was measured at: rows of earlier runs stay), and "summary":
 adapter_cost_bf16 / adapter_cost_fp8 (time with the adapter / without - 1, rtlynx), adapter_cost_dense (the same for
 the dense model), speedup_vs_dense_lora_bf16 / _fp8, recompiles_on_hotswap (new graphs after the hotswaps, rtlynx
 variants), recompiles_on_set_adapters.
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's rtlynx; benchmarks/e2e.py's model builder
 
 import rtlynx  # noqa: E402
-from rtlynx._compile import uncompile  # noqa: E402
+from rtlynx._compile import mark_step, uncompile  # noqa: E402
 from rtlynx.benchtools import kernel_library, measure, run_metadata  # noqa: E402
 from rtlynx.integrations.diffusers import example_inputs, output_tensor  # noqa: E402
 
@@ -79,11 +81,17 @@ def adapter_state(model, seed: int) -> dict:
     return sd
 
 
-def counting(backend: str, graphs: list):
-    """A torch.compile backend that counts the graphs it compiles, then hands them to ``backend``."""
+def counting(backend: str, graphs: list, mode: str = "default"):
+    """A torch.compile backend that counts the graphs it compiles, then hands them to ``backend``; ``mode``
+    "reduce-overhead": inductor with CUDA graphs (what torch.compile's mode sets, which a custom backend cannot take)."""
     from torch._dynamo.backends.registry import lookup_backend
 
     inner = lookup_backend(backend)
+    if mode == "reduce-overhead" and backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        def inner(gm, example_inputs):  # noqa: F811 - the CUDA-graph flavour of the same backend
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
 
     def compile_graph(gm, example_inputs):
         graphs.append(len(gm.graph.nodes))
@@ -105,17 +113,22 @@ def run_variant(model, inputs, name: str, args, adapters: tuple[dict, dict]) -> 
         torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()
     graphs: list = []
+    backend = counting(args.compile_backend, graphs, args.mode)
     if args.compile == "regional":  # diffusers' regional compile: one graph per block class, compiled in seconds
-        model.compile_repeated_blocks(backend=counting(args.compile_backend, graphs))
+        model.compile_repeated_blocks(backend=backend)
         runner = model
     else:
-        runner = torch.compile(model, backend=counting(args.compile_backend, graphs))
+        runner = torch.compile(model, backend=backend)
+    graphed = args.mode == "reduce-overhead"
 
     def forward():
+        if graphed:  # a timing loop is no sampler: each forward is a CUDA-graph step of its own (rtlynx.cudagraphs)
+            mark_step()
         with torch.no_grad():
             return output_tensor(runner(**inputs))
 
-    row = dict(variant=name, sparse=sparsify_kw is not None, lora=with_lora, compile=args.compile)
+    row = dict(variant=name, sparse=sparsify_kw is not None, lora=with_lora, compile=args.compile, mode=args.mode,
+               commit=run_metadata().get("commit"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
@@ -183,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--compile", choices=("full", "regional"), default="full",
                     help="torch.compile of the whole model, or diffusers' compile_repeated_blocks (minutes less)")
+    ap.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
+                    help="reduce-overhead: every variant under CUDA graphs (inductor), so that host time per launch "
+                         "does not blur the adapter's cost")
     ap.add_argument("--profile", action="store_true", help="after timing each variant, one profiled forward: GPU ms "
                                                            "per kernel class and the top kernels (the row's split)")
     ap.add_argument("--out", default=None)
@@ -197,9 +213,11 @@ def main(argv=None) -> int:
     smoke = "_smoke" if args.smoke else ""
     dev, out, doc = device_and_results(args.out, lambda name: RESULTS / f"user_lora_{device_tag(name)}{smoke}.json")
     rows = {r["variant"]: r for r in doc.get("rows", [])}
-    other = {r.get("compile", "full") for r in rows.values()} - {args.compile}
+    other = {(r.get("compile", "full"), r.get("mode", "default")) for r in rows.values()} - {(args.compile, args.mode)}
     if other:  # the summary's ratios compare rows: one compile mode per file
-        raise SystemExit(f"{out} holds rows compiled {other.pop()}, this run is --compile {args.compile}: pass --out")
+        c, m = other.pop()
+        raise SystemExit(f"{out} holds rows compiled {c} / mode {m}, this run is --compile {args.compile} / --mode "
+                         f"{args.mode}: pass --out")
 
     model = build("flux", "cpu" if args.smoke else "cuda", tiny=args.smoke)
     model.requires_grad_(False)

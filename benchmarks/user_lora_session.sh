@@ -6,6 +6,8 @@
 #        two or three variants per call; rows merge into benchmarks/results/user_lora_<device>.json)
 # PROFILE=1: one profiled forward per variant after its timing (GPU ms per kernel class: what the adapter adds)
 # COMPILE=regional: diffusers' compile_repeated_blocks (seconds of compiling instead of minutes: all six in one call)
+# MODE=reduce-overhead: every variant under CUDA graphs (host time out of the adapter's cost); rows of another mode
+# cannot share a file: ULOUT=benchmarks/results/user_lora_<device>_graphs.json
 # e.g.  bench dense "dense + LoRA r16" "rtlynx bf16"  /  bench "rtlynx bf16 + LoRA r16" "rtlynx fp8"  /
 #       bench "rtlynx fp8 + LoRA r16"
 what=${1:-tests}; shift || true
@@ -18,6 +20,7 @@ case $what in
       | grep -v "^DEBUG" > "$OUT/user_lora_tests.txt"; tail -20 "$OUT/user_lora_tests.txt" ;;
   bench)
     timeout ${BENCH_S:-540} python3 benchmarks/user_lora.py --compile ${COMPILE:-full} ${PROFILE:+--profile} \
+      ${MODE:+--mode $MODE} ${ULOUT:+--out $ULOUT} \
       --variants "$@" 2>&1 | tee -a "$OUT/user_lora_bench.txt"
     save ;;
 esac

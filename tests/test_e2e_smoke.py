@@ -64,6 +64,9 @@ def test_user_lora_smoke_writes_the_summary(tmp_path):
     assert doc["device"] == "cpu" and doc["commit"] and "kernel_library" in doc
     (row,) = doc["rows"]
     assert row["variant"] == "rtlynx bf16 + LoRA r16" and row["ms"] > 0 and row["adapter_layers_in_tail"] > 0
+    assert row["commit"] == doc["commit"] and row["mode"] == "default"
+    with pytest.raises(SystemExit, match="mode default"):  # one compile mode per file: the ratios compare rows
+        bench.main(["--smoke", "--reps", "1", "--mode", "reduce-overhead", "--variants", "dense", "--out", str(out)])
     s = doc["summary"]
     assert set(s) >= {"adapter_cost_bf16", "adapter_cost_fp8", "recompiles_on_hotswap"}
     assert s["adapter_cost_bf16"] is None and s["recompiles_on_hotswap"] == 0  # no row without the adapter yet
