@@ -13,6 +13,7 @@ Rows are merged into --out (one file per device), so models and modes can run in
 
     python benchmarks/e2e.py --models flux --profile --check          # eager
     python benchmarks/e2e.py --models flux --compile                  # torch.compile (default mode)
+    python benchmarks/e2e.py --models qwen-image --compile --regional # each repeated block (compiled-regional)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 import rtlynx
-from rtlynx._compile import mark_step
+from rtlynx._compile import mark_step, uncompile
 from rtlynx.benchtools import kernel_library, measure, run_metadata
 from rtlynx.integrations.diffusers import example_inputs
 
@@ -165,6 +166,7 @@ def summarize(rows: list[dict]) -> dict:
         dense = r.get(("dense", "eager"))
         lora = r.get(("rtlynx + LoRA r64", "eager"))
         out[key] = {"eager": ratio("rtlynx", "eager"), "compiled": ratio("rtlynx", "compiled"),
+                    "compiled_regional": ratio("rtlynx", "compiled-regional"),
                     "eager_lora": ratio("rtlynx + LoRA r64", "eager"),
                     "peak_mem_ratio_lora": (lora["peak_gib"] / dense["peak_gib"]) if lora and dense and dense["peak_gib"] else None,
                     "eager_v01": ratio("rtlynx per-layer (v0.1)", "eager"),
@@ -181,6 +183,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile each variant (default mode; fuses diffusers' elementwise work)")
+    ap.add_argument("--regional", action="store_true",
+                    help="with --compile: diffusers' compile_repeated_blocks, each repeated block compiled once (minutes "
+                         "less compiling: Qwen-Image's whole-model compile outran a device call); rows of their own "
+                         "mode, compiled-regional")
     ap.add_argument("--profile", action="store_true", help="time split of one forward per variant (eager)")
     ap.add_argument("--check", action="store_true", help="sites of the first blocks vs the per-layer reference")
     ap.add_argument("--variants", nargs="+", default=["dense", "rtlynx", "rtlynx + LoRA r64"], choices=list(VARIANTS))
@@ -192,7 +198,9 @@ def main(argv=None) -> int:
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (--smoke checks the script on a CPU)")
     gpu, out, doc = device_and_results(args.out, lambda name: RESULTS / f"e2e_{name.replace(' ', '_')}.json")
     rows = doc.get("rows", [])
-    mode = "compiled" if args.compile else "eager"
+    if args.regional and not args.compile:
+        raise SystemExit("--regional is a kind of --compile: pass both")
+    mode = ("compiled-regional" if args.regional else "compiled") if args.compile else "eager"
     if "dense" not in args.variants:
         args.variants = ["dense", *args.variants]  # ratios need the dense row of the same run
 
@@ -227,7 +235,10 @@ def main(argv=None) -> int:
             runner = model
             if args.compile:
                 torch._dynamo.reset()
-                runner = torch.compile(model)
+                if args.regional:  # in place, block by block; uncompile() below undoes it
+                    model.compile_repeated_blocks(**({"backend": "eager"} if args.smoke else {}))
+                else:
+                    runner = torch.compile(model, **({"backend": "eager"} if args.smoke else {}))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 tc = time.time()
@@ -263,6 +274,8 @@ def main(argv=None) -> int:
             if args.compile:
                 print(f"    compile + timing {extra['compile_and_time_s']} s, {extra['graph_breaks']} graph breaks")
             save()
+            if args.regional:
+                uncompile(model)
             if kw is not None:
                 rtlynx.unsparsify(model)
             del runner

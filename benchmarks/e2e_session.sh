@@ -2,7 +2,8 @@
 # One device call of the end-to-end work (issue 8). Carry what benchmarks/device_setup.sh lists (.whl, the CUTLASS
 # headers, optionally prebuilt objects in .cache/build).
 #   bash benchmarks/e2e_session.sh eager      build, site tests, eager rows of the three models (+ split, check)
-#   bash benchmarks/e2e_session.sh compiled MODEL...   torch.compile rows, one model per call
+#   bash benchmarks/e2e_session.sh compiled MODEL...   torch.compile rows, one model per call (REGIONAL=1: each
+#                                                     repeated block, the way Qwen-Image's compile fits a call)
 #   bash benchmarks/e2e_session.sh tests      the whole GPU suite
 #   bash benchmarks/e2e_session.sh ab         one e2e row (FLUX.1-dev, regional compile, FP8 sites) on an older
 #        build and on this one, alternating, in one call: carry .cache/old_src.tgz (`git archive OLD`) and
@@ -32,7 +33,7 @@ case $what in
         | grep -v "^DEBUG" | tee "$OUT/gpu_tests.txt" | tail -30
     fi
     for m in "$@"; do
-      timeout 280 python3 benchmarks/e2e.py --models $m --out $RES --compile --reps 20 \
+      timeout 280 python3 benchmarks/e2e.py --models $m --out $RES --compile ${REGIONAL:+--regional} --reps 20 \
         --variants dense rtlynx 2>&1 | tee -a "$OUT/e2e_compiled.txt"
       save
     done ;;

@@ -23,6 +23,21 @@ def test_e2e_smoke_writes_rows_and_summary(tmp_path):
     assert len(json.loads(out.read_text())["rows"]) == 3
 
 
+def test_e2e_smoke_regional_compile_has_its_own_rows(tmp_path):
+    """--compile --regional (diffusers' compile_repeated_blocks, dynamo's eager backend in --smoke): rows of mode
+    compiled-regional, the summary's compiled_regional ratio, the model uncompiled after each variant."""
+    e2e = load_benchmark("e2e")
+    out = tmp_path / "e2e.json"
+    assert e2e.main(["--smoke", "--models", "flux", "--variants", "rtlynx", "--compile", "--regional",
+                     "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {(r["variant"], r["mode"]) for r in doc["rows"]} == {("dense", "compiled-regional"),
+                                                                 ("rtlynx", "compiled-regional")}
+    assert doc["summary"]["flux"]["compiled_regional"] > 0 and doc["summary"]["flux"]["compiled"] is None
+    with pytest.raises(SystemExit, match="--regional is a kind of --compile"):
+        e2e.main(["--smoke", "--models", "flux", "--regional", "--out", str(out)])
+
+
 def test_kernel_classes():
     e2e = load_benchmark("e2e")
     assert e2e.kernel_class("void (anonymous namespace)::prune_compress_kernel<__nv_bfloat16, 32>") == \
