@@ -13,6 +13,11 @@
 // before the selection, so the pass reads H once and emits the compressed GELU output (optionally also the
 // dense GELU output, for a LoRA branch) instead of a GELU pass + a prune pass.
 //
+// Token-mean centring (kCentre, the *_centred entry points; rtlynx.reference.nm.centred / centre_rows): rows m < Mt
+// are x[m] - cvec[m / per] (the loaded 16-bit value minus a float32 centre, one IEEE subtraction, rounded once to the
+// dtype) before the selection; rows Mt .. Mt+R-1 are crows (the centre's own 2:4-exact rows) as given. So the site GEMM
+// sees [x - c; crows] without x - c or the concatenation ever being written.
+//
 // sm90 metadata layout (CUTLASS Sm90GemmSparseConfig, 16-bit A, tile K 128): in units of 16-bit words
 // (one word = the 4 nibbles of 16 consecutive logical elements of a row), for row m and word column
 // kw = k / 16:  m = m0 + 8 m1 + 16 m2 + 64 ma,  kw = k1 + 2 k2 + 8 ka  (m0<8, m1<2, m2<4, k1<2, k2<4)
@@ -177,6 +182,46 @@ __device__ __forceinline__ void gelu_run(uint4 (&in)[2]) {
   for (int i = 0; i < 16; ++i) e[i] = gelu_tanh_bits<T>(e[i]);
 }
 
+// kCentre's operands (see the top of the file); unused without it.
+struct Centre {
+  const float* cvec = nullptr;     // [rows of x / per, ldc] float32 centres
+  long ldc = 0;
+  int per = 1;                     // token rows per centre
+  const uint16_t* crows = nullptr; // [R, ldcr] rows appended after the Mt token rows
+  long ldcr = 0;
+  int Mt = 0;                      // token rows (the rest of the M rows come from crows)
+};
+
+// Row m's source: its 16-bit row and, for a centred token row, its float32 centre (else nullptr).
+template <bool kCentre>
+__device__ __forceinline__ const uint16_t* row_source(const uint16_t* x, long ldx, int m, const Centre& cen,
+                                                      const float*& cr) {
+  cr = nullptr;
+  if constexpr (kCentre) {
+    if (m >= cen.Mt) return cen.crows + long(m - cen.Mt) * cen.ldcr;
+    cr = cen.cvec + long(m / cen.per) * cen.ldc;
+  }
+  return x + long(m) * ldx;
+}
+
+// Subtract the centre from a loaded run, in fp32, rounded once (== (x.float() - c).to(dtype)); padding stays 0.
+template <class T>
+__device__ __forceinline__ void centre_run(uint4 (&in)[2], const float* cr, int K, int c) {
+  if (cr == nullptr) return;
+  const int k = c * 16;
+  // eight at a time (fewer live registers); K % 8 == 0: a half run is all valid or all padding (0 - 0 stays +0)
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    if (k + 8 * half >= K) break;
+    const float4* p = reinterpret_cast<const float4*>(cr + k + 8 * half);
+    const float4 a = __ldg(p), b = __ldg(p + 1);
+    const float cf[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    uint16_t* v = reinterpret_cast<uint16_t*>(&in[half]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = Traits<T>::from_float(__fsub_rn(Traits<T>::to_float(v[i]), cf[i]));
+  }
+}
+
 // Reduce a row's two fp32 sums (and with kMax the max of 16-bit magnitude bits) over the kRow threads that own it:
 // shuffles inside a warp, shared memory across the warps of a row; every thread of the block calls it. Each kSlot
 // has its own shared array, so calls with different slots need no barrier between them.
@@ -211,14 +256,15 @@ __device__ __forceinline__ void row_reduce(float& a, float& b, uint32_t& mx) {
   }
 }
 
-// The runs c = sub, sub + kRow, ... of a row as the main passes load them (zero padded, GELU applied for kAct = 1),
-// one at a time.
+// The runs c = sub, sub + kRow, ... of a row as the main passes load them (zero padded, GELU applied for kAct = 1,
+// the centre cr subtracted if given), one at a time.
 template <class T, int kRow, int kAct, class F>
-__device__ void for_each_run(const uint16_t* xr, int K, int runs, int sub, bool row_ok, F f) {
+__device__ void for_each_run(const uint16_t* xr, const float* cr, int K, int runs, int sub, bool row_ok, F f) {
   for (int c = sub; c < runs; c += kRow) {
     uint4 in[2];
     load_run(xr, K, c, row_ok, in);
     if constexpr (kAct == 1) gelu_run<T>(in);
+    centre_run<T>(in, row_ok ? cr : nullptr, K, c);
     f(in);
   }
 }
@@ -226,10 +272,10 @@ __device__ void for_each_run(const uint16_t* xr, int K, int runs, int sub, bool 
 // The row's max |x| as 16-bit magnitude bits (NaN above +inf), one more read of the row; every thread of the block
 // calls it. (The FP8 prune has it already: each group's largest value is kept.)
 template <class T, int kRow, int kAct>
-__device__ uint32_t row_max_bits(const uint16_t* xr, int K, int runs, int sub, bool row_ok) {
+__device__ uint32_t row_max_bits(const uint16_t* xr, const float* cr, int K, int runs, int sub, bool row_ok) {
   uint32_t amax = 0;
   float z0 = 0.f, z1 = 0.f;
-  for_each_run<T, kRow, kAct>(xr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
+  for_each_run<T, kRow, kAct>(xr, cr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
     const uint16_t* e = reinterpret_cast<const uint16_t*>(in);
 #pragma unroll
     for (int i = 0; i < 16; ++i) amax = max(amax, uint32_t(e[i] & 0x7FFFu));
@@ -243,7 +289,7 @@ __device__ uint32_t row_max_bits(const uint16_t* xr, int K, int runs, int sub, b
 // rows keep s. Reads the row once more, so it runs only when a row of the block overflowed; every thread of the block
 // calls it.
 template <class T, int kRow, int kAct>
-__device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int sub, bool row_ok,
+__device__ float rescaled_norm_scale(const uint16_t* xr, const float* cr, int K, int runs, int sub, bool row_ok,
                                      float eps, float sx, float sp, float s, uint32_t amax) {
   const bool redo = row_ok && (isinf(sx) || isinf(sp));
   const float a = Traits<T>::to_float(uint16_t(amax));  // NaN bits if the row holds a NaN
@@ -252,7 +298,7 @@ __device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int su
   frexpf(ok ? a : 1.0f, &e2);  // a = mant * 2^e2, mant in [0.5, 1): p = 2^(e2 - 1)
   const float inv_p = ldexpf(1.0f, 1 - e2);
   float sx2 = 0.f, sp2 = 0.f;
-  for_each_run<T, kRow, kAct>(xr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
+  for_each_run<T, kRow, kAct>(xr, cr, K, runs, sub, row_ok, [&](const uint4 (&in)[2]) {
     uint4 out;
     uint16_t word;
     process_run<T, true>(in, out, word, sx2, sp2, inv_p);
@@ -264,12 +310,13 @@ __device__ float rescaled_norm_scale(const uint16_t* xr, int K, int runs, int su
 // kRow threads own one row (kRow in {8, ..., 128}); a 128-thread block owns 128 / kRow rows. Few rows (small M)
 // -> more threads per row, so every shape puts enough loads in flight; many rows -> a warp or less per row.
 // kAct: 0 = X as loaded; 1 = X = GELU_tanh(loaded run), and the dense X is written to y (row stride ldy) if y.
-template <class T, int kRow, int kUnroll, bool kFast, int kAct>
+// kCentre: rows m < cen.Mt centred, the rest from cen.crows (M counts both).
+template <class T, int kRow, int kUnroll, bool kFast, int kAct, bool kCentre>
 __global__ void __launch_bounds__(kThreads)
 prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, const uint16_t* __restrict__ h,
                       long ldh, int r, uint16_t* __restrict__ values, long ldv, uint16_t* __restrict__ meta,
                       float* __restrict__ scale, int with_norm, float eps, int Kp, int mtiles,
-                      uint16_t* __restrict__ y, long ldy) {
+                      uint16_t* __restrict__ y, long ldy, Centre cen) {
   constexpr int kRowsPerBlock = kThreads / kRow;
   // Let a GEMM launched with PDL start its prologue (it waits with griddepcontrol.wait before reading).
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -278,7 +325,9 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   const bool row_ok = m < M;
   const int runs = Kp / 16;       // 16-element runs of the padded row
   const bool full = (K % 16) == 0;
-  const uint16_t* xr = x + long(m) * ldx;
+  const float* cr;
+  const uint16_t* xr = row_source<kCentre>(x, ldx, m, cen, cr);
+  if (!row_ok) cr = nullptr;
   uint16_t* vr = values + long(m) * ldv;
   float sx = 0.f, sp = 0.f;
 
@@ -303,6 +352,7 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
             if (full || k + 16 <= K) *reinterpret_cast<uint4*>(yr + 8) = in[u][1];
           }
         }
+        if constexpr (kCentre) centre_run<T>(in[u], cr, K, c);
         uint4 out;
         uint16_t word;
         process_run<T, kFast>(in[u], out, word, sx, sp);
@@ -336,8 +386,8 @@ prune_compress_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, co
   row_reduce<kRow, false, 0>(sx, sp, unused);
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
-    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s,
-                                           row_max_bits<T, kRow, kAct>(xr, K, runs, sub, row_ok));
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, cr, K, runs, sub, row_ok, eps, sx, sp, s,
+                                           row_max_bits<T, kRow, kAct>(xr, cr, K, runs, sub, row_ok));
   if (row_ok && sub == 0 && scale != nullptr) scale[m] = s;
 
   // LoRA tail: logical columns Kp .. Kp + 2r - 1, groups [h0/s, -, h1/s, -], nibble 0b1000 (slots 0 and 2, so that
@@ -379,18 +429,20 @@ __device__ __forceinline__ long meta8_word_index(int m, int c, int Mp) {
   return 8L * m + (c & 7) + 8L * Mp * (c >> 3);
 }
 
-template <class T, int kRow, int kMaxRuns, int kAct>
+template <class T, int kRow, int kMaxRuns, int kAct, bool kCentre>
 __global__ void __launch_bounds__(kThreads)
 prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, uint8_t* __restrict__ values,
                        long ldv, uint16_t* __restrict__ meta, float* __restrict__ rs, float* __restrict__ sx_out,
-                       float* __restrict__ s_out, int with_norm, float eps, int Kp, int Mp) {
+                       float* __restrict__ s_out, int with_norm, float eps, int Kp, int Mp, Centre cen) {
   constexpr int kRowsPerBlock = kThreads / kRow;
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int sub = threadIdx.x % kRow;
   const int m = blockIdx.x * kRowsPerBlock + threadIdx.x / kRow;
   const bool row_ok = m < M;
   const int runs = Kp / 16;
-  const uint16_t* xr = x + long(m) * ldx;
+  const float* cr;
+  const uint16_t* xr = row_source<kCentre>(x, ldx, m, cen, cr);
+  if (!row_ok) cr = nullptr;
 
   uint4 kept[kMaxRuns];
   float sx = 0.f, sp = 0.f;
@@ -407,6 +459,7 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
     const int c = sub + kRow * j;
     if (c < runs) {
       if constexpr (kAct == 1) gelu_run<T>(in[j]);
+      if constexpr (kCentre) centre_run<T>(in[j], cr, K, c);
       uint16_t word;
       process_run<T, true>(in[j], kept[j], word, sx, sp);
       meta[meta8_word_index(m, c, Mp)] = word;  // rows M..Mp-1: zero groups, 0x4444
@@ -418,7 +471,7 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
   row_reduce<kRow, true, 0>(sx, sp, amax);
   float s = with_norm ? sqrtf(sx / (sp + eps)) : 1.0f;
   if (with_norm && __syncthreads_or(row_ok && (isinf(sx) || isinf(sp))))
-    s = rescaled_norm_scale<T, kRow, kAct>(xr, K, runs, sub, row_ok, eps, sx, sp, s, amax);
+    s = rescaled_norm_scale<T, kRow, kAct>(xr, cr, K, runs, sub, row_ok, eps, sx, sp, s, amax);
   const float qs = __fdiv_rn(Traits<T>::to_float(uint16_t(amax)), 448.0f);
   const float safe = qs > 0.f ? qs : 1.0f;  // NaN > 0 is false: a NaN row divides by 1, as the reference
   if (row_ok && sub == 0) {
@@ -446,9 +499,9 @@ prune_quant_fp8_kernel(const uint16_t* __restrict__ x, long ldx, int M, int K, u
   }
 }
 
-template <class T, int kAct>
+template <class T, int kAct, bool kCentre = false>
 int launch_fp8(const void* x, long ldx, int M, int K, void* values, long ldv, void* meta, float* rs, float* sx,
-               float* s, int with_norm, float eps, cudaStream_t stream) {
+               float* s, int with_norm, float eps, cudaStream_t stream, Centre cen = Centre{}) {
   constexpr int kMaxRuns = 8;
   const int Kp = (K + 127) / 128 * 128;
   const int Mp = (M + 63) / 64 * 64;
@@ -456,9 +509,9 @@ int launch_fp8(const void* x, long ldx, int M, int K, void* values, long ldv, vo
   auto go = [&](auto row_c) {
     constexpr int kRow = decltype(row_c)::value;
     const dim3 grid(Mp / (kThreads / kRow));
-    prune_quant_fp8_kernel<T, kRow, kMaxRuns, kAct><<<grid, kThreads, 0, stream>>>(
+    prune_quant_fp8_kernel<T, kRow, kMaxRuns, kAct, kCentre><<<grid, kThreads, 0, stream>>>(
         static_cast<const uint16_t*>(x), ldx, M, K, static_cast<uint8_t*>(values), ldv, static_cast<uint16_t*>(meta),
-        rs, sx, s, with_norm, eps, Kp, Mp);
+        rs, sx, s, with_norm, eps, Kp, Mp, cen);
   };
   if (runs <= 32 * kMaxRuns) go(std::integral_constant<int, 32>{});
   else if (runs <= 64 * kMaxRuns) go(std::integral_constant<int, 64>{});
@@ -480,26 +533,27 @@ int sm_count() {
 
 int g_impl = 3;  // 3: fast selection + pipelined loads (default); 2: the v2 kernel (kept for A/B and as fallback)
 
-template <class T, int kRow, int kAct>
+template <class T, int kRow, int kAct, bool kCentre>
 void launch_row(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
                 void* meta, float* scale, int with_norm, float eps, int Kp, int Mp, void* y, long ldy,
-                cudaStream_t stream) {
+                cudaStream_t stream, const Centre& cen) {
   const dim3 grid(Mp / (kThreads / kRow));
   auto args = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(
         static_cast<const uint16_t*>(x), ldx, M, K, static_cast<const uint16_t*>(h), ldh, r,
         static_cast<uint16_t*>(values), ldv, static_cast<uint16_t*>(meta), scale, with_norm, eps, Kp, Mp / 64,
-        static_cast<uint16_t*>(y), ldy);
+        static_cast<uint16_t*>(y), ldy, cen);
   };
   if (g_impl == 2)
-    args(prune_compress_kernel<T, kRow, 2, false, kAct>);
+    args(prune_compress_kernel<T, kRow, 2, false, kAct, kCentre>);
   else
-    args(prune_compress_kernel<T, kRow, 2, true, kAct>);
+    args(prune_compress_kernel<T, kRow, 2, true, kAct, kCentre>);
 }
 
-template <class T, int kAct>
+template <class T, int kAct, bool kCentre = false>
 int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values, long ldv,
-           void* meta, float* scale, int with_norm, float eps, void* y, long ldy, cudaStream_t stream) {
+           void* meta, float* scale, int with_norm, float eps, void* y, long ldy, cudaStream_t stream,
+           Centre cen = Centre{}) {
   const int Kp = (K + 127) / 128 * 128;
   const int Mp = (M + 63) / 64 * 64;
   const int runs = Kp / 16;
@@ -510,8 +564,8 @@ int launch(const void* x, long ldx, int M, int K, const void* h, long ldh, int r
   while (row < 128 && long(Mp) * row < want) row *= 2;
   while (row > 8 && row / 2 >= runs) row /= 2;
   auto go = [&](auto row_c) {
-    launch_row<T, decltype(row_c)::value, kAct>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps,
-                                                Kp, Mp, y, ldy, stream);
+    launch_row<T, decltype(row_c)::value, kAct, kCentre>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale,
+                                                         with_norm, eps, Kp, Mp, y, ldy, stream, cen);
   };
   switch (row) {
     case 8: go(std::integral_constant<int, 8>{}); break;
@@ -576,5 +630,58 @@ extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const 
   if (dtype == RTLYNX_BF16)
     return act ? launch_fp8<__nv_bfloat16, 1>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st)
                : launch_fp8<__nv_bfloat16, 0>(x, ldx, M, K, values, ldv, meta, rs, sx, s, with_norm, eps, st);
+  return RTLYNX_ERR_CONFIG;  // bf16 only: the FP8 GEMM writes bf16
+}
+
+// Token-mean centring (see the top of the file): the M token rows of x [M, K] minus cvec[m / per] (float32 [M / per,
+// ldc], ldc % 4 == 0, 16-byte aligned), then the R rows of crows [R, ldcr] (same dtype as x) as given: values, meta
+// and scale of M + R rows, the LoRA tail read from h [M + R, r] as rtlynx_prune_compress_sm90.
+extern "C" RTLYNX_API int rtlynx_prune_compress_centred_sm90(int dtype, const void* x, long ldx, int M, int K,
+                                                              const float* cvec, long ldc, int per, const void* crows,
+                                                              long ldcr, int R, const void* h, long ldh, int r,
+                                                              void* values, long ldv, void* meta, float* scale,
+                                                              int with_norm, float eps, void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 8 != 0 || R < 0) return RTLYNX_ERR_ARGS;
+  if (cvec == nullptr || per <= 0 || M % per != 0 || ldc % 4 != 0 || ldc < K) return RTLYNX_ERR_ARGS;
+  if (R > 0 && (crows == nullptr || ldcr % 8 != 0 || ldcr < K)) return RTLYNX_ERR_ARGS;
+  const int Kp = (K + 127) / 128 * 128;
+  if (ldv < Kp / 2 + r || r < 0 || r % 64 != 0 || (r > 0 && (h == nullptr || ldh % 8 != 0))) return RTLYNX_ERR_ARGS;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(h) |
+       reinterpret_cast<uintptr_t>(cvec) | reinterpret_cast<uintptr_t>(crows)) % 16)
+    return RTLYNX_ERR_ARGS;
+  Centre cen;
+  cen.cvec = cvec; cen.ldc = ldc; cen.per = per;
+  cen.crows = static_cast<const uint16_t*>(crows); cen.ldcr = ldcr; cen.Mt = M;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == RTLYNX_BF16)
+    return launch<__nv_bfloat16, 0, true>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps,
+                                          nullptr, 0, st, cen);
+  if (dtype == RTLYNX_FP16)
+    return launch<__half, 0, true>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0,
+                                   st, cen);
+  return RTLYNX_ERR_CONFIG;
+}
+
+// The FP8 prune + quantise with token-mean centring: M token rows of x minus cvec[m / per], then the R rows of crows,
+// as rtlynx_prune_compress_centred_sm90; outputs of M + R rows as rtlynx_prune_quant_fp8_sm90 (act 0 only).
+extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_centred_sm90(int dtype, const void* x, long ldx, int M, int K,
+                                                               const float* cvec, long ldc, int per,
+                                                               const void* crows, long ldcr, int R, void* values,
+                                                               long ldv, void* meta, float* rs, float* sx, float* s,
+                                                               int with_norm, float eps, void* stream) {
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 16 != 0 || R < 0) return RTLYNX_ERR_ARGS;
+  if (cvec == nullptr || per <= 0 || M % per != 0 || ldc % 4 != 0 || ldc < K) return RTLYNX_ERR_ARGS;
+  if (R > 0 && (crows == nullptr || ldcr % 8 != 0 || ldcr < K)) return RTLYNX_ERR_ARGS;
+  const int Kp = (K + 127) / 128 * 128;
+  if (ldv < Kp / 2 || rs == nullptr) return RTLYNX_ERR_ARGS;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(cvec) |
+       reinterpret_cast<uintptr_t>(crows)) % 16)
+    return RTLYNX_ERR_ARGS;
+  Centre cen;
+  cen.cvec = cvec; cen.ldc = ldc; cen.per = per;
+  cen.crows = static_cast<const uint16_t*>(crows); cen.ldcr = ldcr; cen.Mt = M;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == RTLYNX_BF16)
+    return launch_fp8<__nv_bfloat16, 0, true>(x, ldx, M + R, K, values, ldv, meta, rs, sx, s, with_norm, eps, st, cen);
   return RTLYNX_ERR_CONFIG;  // bf16 only: the FP8 GEMM writes bf16
 }

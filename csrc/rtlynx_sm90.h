@@ -37,6 +37,15 @@ int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
                                void* values, long ldv, void* meta, float* scale, int with_norm, float eps,
                                void* stream);
 
+// Token-mean centring: the M token rows of X minus cvec[m / per] (float32 [M / per, ldc], ldc % 4 == 0, 16-byte
+// aligned; one fp32 subtraction rounded once to the dtype, before the selection), then the R rows of crows [R, ldcr]
+// (same dtype, e.g. the centre's 2:4-exact rows) as given: values / meta / scale of M + R rows, the LoRA tail read
+// from h [M + R, r]. Reference: rtlynx.reference.sm90.compress_sm90 of [centred(x, c); crows].
+int rtlynx_prune_compress_centred_sm90(int dtype, const void* x, long ldx, int M, int K, const float* cvec, long ldc,
+                                       int per, const void* crows, long ldcr, int R, const void* h, long ldh, int r,
+                                       void* values, long ldv, void* meta, float* scale, int with_norm, float eps,
+                                       void* stream);
+
 // Producer-fused variant for the MLP down-projection: X = GELU_tanh(H) computed on the fly from the
 // pre-activation H [M, K] (row stride ldh), then exactly the prune/compress/norm of rtlynx_prune_compress_sm90
 // on X (values [M, Kp/2] with row stride ldv >= Kp/2, meta, scale; no LoRA tail). GELU per element, in fp32,
@@ -71,6 +80,12 @@ int rtlynx_sparse_gemm_sm90_config_info(int config, int* smem_bytes, int* stages
 // optional outputs (null: not written). K <= 16384. Reference: rtlynx.reference.fp8.compress_sm90_fp8.
 int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const void* x, long ldx, int M, int K, void* values, long ldv,
                                 void* meta, float* rs, float* sx, float* s, int with_norm, float eps, void* stream);
+
+// The same with token-mean centring (act 0), as rtlynx_prune_compress_centred_sm90: outputs of M + R rows.
+int rtlynx_prune_quant_fp8_centred_sm90(int dtype, const void* x, long ldx, int M, int K, const float* cvec, long ldc,
+                                        int per, const void* crows, long ldcr, int R, void* values, long ldv,
+                                        void* meta, float* rs, float* sx, float* s, int with_norm, float eps,
+                                        void* stream);
 
 // Y [M, N] bf16 (row stride ldy) = rs[m] * sw[n] * (A~ @ W^T)[m, n] + bias[n]; A~ e4m3 from values/meta (logical
 // K = Kg, a multiple of 128; 256 for the tile-K-256 configs), W e4m3 [N, Kg] row-major (row stride ldw >= Kg, a

@@ -46,21 +46,23 @@ class Family:
         return not site._fp8_stored and site.wext is not None and x2.dtype == site.wext.dtype
 
     def run_site(self, site, x2, sl, tail: int, splits, norm: bool, eps: float, check: bool,
-                 act: int = 0) -> list[torch.Tensor]:
+                 act: int = 0, centre=None) -> list[torch.Tensor]:
         """The site GEMMs of the members in ``sl`` (a row slice, or None for all): one output per member. ``tail``:
         what of the LoRA tail the call reads (rtlynx.sites.operand.TAIL_*: none, the compensation LoRA, with the
         user's adapters too). ``act`` 1: the producer's GELU-tanh runs in the prune pass (one member, no LoRA).
         ``check``: validate the operands (the first call per config / device / dtype), after which the unchecked op
-        runs."""
+        runs. ``centre``: ``(c [B, K] float32, centre rows [R, K])``, token-mean centring in the prune kernel (the
+        outputs then have M + R rows: ``[x - c; rows]``)."""
         wext, lora_a = site._operand(tail)
         bias = site.bias
         if sl is not None:
             wext, bias = wext[sl], None if bias is None else bias[sl]
         if act:
             return [ops.lynx_site_gelu(x2, wext, bias, norm, eps, check=check)]
+        c, rows = (None, None) if centre is None else centre
         if check or x2.shape[0] == 0:
-            return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps)
-        return ops.sparse_site(_contiguous(x2), wext, bias, lora_a, splits, norm, eps)
+            return ops.lynx_site_linear(x2, wext, bias, lora_a, splits, norm, eps, c, rows)
+        return ops.sparse_site(_contiguous(x2), wext, bias, lora_a, splits, norm, eps, c, rows)
 
     def run_layer(self, layer, x2, lora_a, lora_b, cfg) -> torch.Tensor:
         """One layer where the site kernels cannot run: rtlynx.backends' chain (lynx, cuSPARSELt, reference)."""
@@ -110,14 +112,15 @@ class FP8Family(Family):
             return x2.dtype == site.layers[0].compute_dtype
         return super().operand_ok(site, x2)
 
-    def run_site(self, site, x2, sl, tail, splits, norm, eps, check, act=0):
+    def run_site(self, site, x2, sl, tail, splits, norm, eps, check, act=0, centre=None):
         wq, sw = site.fp8_operand()
         bias = site.bias
         if sl is not None:
             wq, sw, bias = wq[sl], sw[sl], None if bias is None else bias[sl]
         a, bs, terms = self.tail_operands(site, sl, tail)
+        c, rows = (None, None) if centre is None else centre
         return ops.fp8_site(_contiguous(x2), wq, sw, bias, splits, norm, eps, act, check=check, lora_a=a, lora_b=bs,
-                            lora_terms=terms)
+                            lora_terms=terms, centre=c, centre_rows=rows)
 
     def tail_operands(self, site, sl, tail) -> tuple:
         """The LoRA tail of the FP8 site op (``y_i += (x A^T)[:, c0:c1] B^T`` in bf16 after its GEMMs, inside the op):

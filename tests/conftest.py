@@ -128,16 +128,18 @@ class SiteTwin:
         if not torch.compiler.is_compiling():
             self.calls.append((tuple(x2.shape), tuple(w.shape)))
 
-    def __call__(self, x2, wext, bias, lora_a, splits, norm=True, eps=1e-8):
+    def __call__(self, x2, wext, bias, lora_a, splits, norm=True, eps=1e-8, centre=None, centre_rows=None):
         self.record(x2, wext)
-        y = ref90.site_linear_sm90(x2, wext, bias, lora_a, norm, eps)
+        y = ref90.site_linear_sm90(x2, wext, bias, lora_a, norm, eps, centre, centre_rows)
         return list(y.split(list(splits), dim=1))
 
     def fp8(self, x2, wq, sw, bias, splits, norm=True, eps=1e-8, act=0, check=True, lora_a=None, lora_b=(),
-            lora_terms=()):
+            lora_terms=(), centre=None, centre_rows=None):
         self.record(x2, wq)
         if x2.shape[0] == 0:
             return [x2.new_empty(0, n) for n in splits]
+        if centre is not None:  # the rows the centred prune reads; the tail below runs on them too
+            x2 = ref90.centred_operand(x2, centre, centre_rows)
         values, meta, rs, _, _ = ref_fp8.compress_sm90_fp8(x2, eps, norm, "gelu_tanh" if act else None)
         outs, off = [], 0
         for n in splits:
@@ -165,6 +167,7 @@ def fused_cpu(monkeypatch):
     monkeypatch.setattr(ops, "lynx_site_linear", twin)  # the first, checked call of a site
     monkeypatch.setattr(ops, "sparse_site", twin)       # the calls after it
     monkeypatch.setattr(ops, "fp8_site", twin.fp8)
+    monkeypatch.setattr(ops, "centre_in_kernels", lambda dtype="native": True)  # a library with the centring prune
     monkeypatch.setattr(sites.Site, "_fusable", lambda self, cfg, backend, x2: backend in ("auto", "lynx")
                         and self._uniform and family_of(cfg.dtype).operand_ok(self, x2))
     monkeypatch.setattr(sites.Site, "_speed_dense", lambda self, cfg, backend, x2: False)

@@ -126,31 +126,42 @@ def test_centring_changes_the_output(gen):
     assert (centred - dense).norm() < (plain - dense).norm()
 
 
+@pytest.mark.parametrize("in_kernel", [True, False])
 @pytest.mark.parametrize("kind", ["flux", "z-image"])
 @pytest.mark.parametrize("dtype", ["native", "fp8"])
-def test_fused_sites_match_the_spec(fused_cpu, gen, kind, dtype):
+def test_fused_sites_match_the_spec(fused_cpu, gen, kind, dtype, in_kernel, monkeypatch):
     """The fused site path (kernel twins) with centring, bf16 and FP8 sites: sites.verify against the fp32 centred
-    spec of the family, with one token-mean pass per site input shared by its members (native: the centre rides in
-    the site GEMM as two extra rows a sample; FP8: c W^T on the bf16 weights)."""
+    spec of the family, with one token-mean pass per site input shared by its members (the centre rides in the site
+    GEMM as extra rows a sample, two for native sites, four for FP8; x - c is formed in the prune kernel, twinned
+    by rtlynx.reference.sm90.centred_operand; ``in_kernel`` False: a library without the centring prune, the site
+    GEMM on ``[x - c; rows]`` written out)."""
+    if not in_kernel:
+        monkeypatch.setattr(rtlynx.ops, "centre_in_kernels", lambda dtype="native": False)
     model = tiny_transformer(kind).to(torch.bfloat16)
     inputs = example_inputs(model, batch=2)
     rtlynx.sparsify(model, lora_rank=4, speed_rules=False, centre="token_mean", dtype=dtype)
     _random_lora(model, gen)
     calls = []
-    real = rtlynx.reference.centred  # what the site path calls (the spec reaches it inside rtlynx.reference.nm)
+    real = rtlynx.reference.token_mean  # what the site path calls (the spec reaches it inside rtlynx.reference.nm)
 
-    def counting(x, c):
+    def counting(x):
         calls.append(x.shape)
-        return real(x, c)
+        return real(x)
 
-    rtlynx.reference.centred = counting
+    twin_centred = []  # the kernel twins' centring (rtlynx.reference.sm90.centred_operand): once per site call
+    real_op = rtlynx.reference.sm90.centred_operand
+    monkeypatch.setattr(rtlynx.reference.sm90, "centred_operand",
+                        lambda *a: twin_centred.append(1) or real_op(*a))
+    rtlynx.reference.token_mean = counting
     try:
         errs = sites.verify(model, **inputs)
     finally:
-        rtlynx.reference.centred = real
+        rtlynx.reference.token_mean = real
     assert len(errs) == len(sites.model_sites(model)) and max(errs.values()) < 1e-2, errs
     assert len(calls) == len(sites.model_sites(model))  # one centre per site input, not one per member
     assert len(fused_cpu.calls) > 0  # the fused path ran (kernel twins)
+    # every fused site call centred inside its prune (the twins), or none did
+    assert len(twin_centred) == (len(fused_cpu.calls) if in_kernel else 0), (twin_centred, fused_cpu.calls)
 
 
 def test_calibration_residual_is_the_models_residual(gen):

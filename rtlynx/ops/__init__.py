@@ -27,8 +27,8 @@ import torch
 from . import _lib
 from . import sm90 as _sm90  # registers the torch.library ops; imports no CUDA and builds nothing
 from . import fp8 as _fp8  # noqa: F401  the FP8 ops (rtlynx::prune_quant_fp8_sm90, ...), same rules
-from ._checks import (LibraryUnavailable, Unsupported, check_activation, check_devices, check_fp8_site, check_linear,
-                      check_site)
+from ._checks import (LibraryUnavailable, Unsupported, check_activation, check_centre, check_devices, check_fp8_site,
+                      check_linear, check_site)
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,7 +179,8 @@ def _check_site(x2d, wext, bias, lora_a, splits):
 
 
 def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                     splits, norm: bool = True, eps: float = 1e-8) -> list[torch.Tensor]:
+                     splits, norm: bool = True, eps: float = 1e-8, centre: torch.Tensor | None = None,
+                     centre_rows: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One activation site (:mod:`rtlynx.sites`): ``y = s * (prune24(x) @ W^T) + b + (x A^T) B^T`` for the
     concatenated weights of every layer reading x: one prune pass, then one sparse GEMM per member on its row
     block; returns each member's output ``[M, N_i]`` (contiguous).
@@ -187,20 +188,31 @@ def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor |
     ``wext [N, Kp + 2 rp]`` (row stride >= that) is the site's GEMM operand ``[W | 0 | B-expanded]``
     (``rtlynx.reference.sm90``: ``expand_lora_b``), owned by the caller and used as is; ``splits`` the members'
     N_i; ``lora_a [rp, K]`` (rp % 64 == 0, zero rows past r) or None; x2d [M, K] with K % 8 == 0.
+    Token-mean centring (``SparsityConfig.centre``): ``centre`` float32 [B, K] (one per sample, the M rows B
+    samples of consecutive tokens) and ``centre_rows`` [R, K] (its 2:4-exact rows, rtlynx.reference.centre_rows):
+    the site runs on ``[x - c; centre_rows]``, x - c formed inside the prune kernel, and each output has M + R rows.
     Raises :class:`Unsupported` for what the kernels cannot run."""
     _check_site(x2d, wext, bias, lora_a, splits)
+    check_centre(x2d, centre, centre_rows)
+    if centre is not None:
+        _sm90.centred_library()
     if x2d.shape[0] == 0:
+        if centre is not None:
+            raise Unsupported("a centred site needs at least one token row")
         return [x2d.new_empty(0, n) for n in splits]
-    return sparse_site(x2d.contiguous(), wext, bias, lora_a, splits, norm, eps)
+    return sparse_site(x2d.contiguous(), wext, bias, lora_a, splits, norm, eps, centre, centre_rows)
 
 
-def sparse_site(x2d, wext, bias, lora_a, splits, norm: bool, eps: float) -> list[torch.Tensor]:
+def sparse_site(x2d, wext, bias, lora_a, splits, norm: bool, eps: float, centre=None,
+                centre_rows=None) -> list[torch.Tensor]:
     """:func:`lynx_site_linear` without its checks, for a caller that validated the same operands before. In eager
     mode the op's implementation is called directly (the dispatcher's Python round trip costs more host time than
     the small kernels); under torch.compile the op is traced, and meta tensors go to its fake."""
     if torch.compiler.is_compiling() or not x2d.is_cuda:
-        return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, list(splits), bool(norm), float(eps))
-    return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps), persistent=True)
+        return _sm90.sparse_site_sm90(x2d, wext, bias, lora_a, list(splits), bool(norm), float(eps), centre,
+                                      centre_rows)
+    return _sm90._site_impl(x2d, wext, bias, lora_a, splits, bool(norm), float(eps), persistent=True, centre=centre,
+                            centre_rows=centre_rows)
 
 
 def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, norm: bool = True,
@@ -216,26 +228,47 @@ def lynx_site_gelu(h2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | N
     return _sm90._gelu_site_op_impl(h2d, wext, bias, bool(norm), float(eps), persistent=True)
 
 
+@torch.compiler.assume_constant_result
+def centre_in_kernels(dtype: str = "native") -> bool:
+    """Whether the kernel library (loaded, or built, here: a site asks only once its kernels can run) centres inside
+    its prune (``SparsityConfig.dtype`` ``dtype``); libraries built before that run centred sites on ``[x - c; rows]``
+    written out. False when there is no library."""
+    try:
+        L = _lib.lib()
+    except LibraryUnavailable:
+        return False
+    name = "rtlynx_prune_quant_fp8_centred_sm90" if dtype == "fp8" else "rtlynx_prune_compress_centred_sm90"
+    return hasattr(L, name)
+
+
 def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, splits,
              norm: bool = True, eps: float = 1e-8, act: int = 0, check: bool = True, lora_a=None, lora_b=(),
-             lora_terms=()) -> list[torch.Tensor]:
+             lora_terms=(), centre=None, centre_rows=None) -> list[torch.Tensor]:
     """An activation site on the FP8 kernels (:mod:`rtlynx.ops.fp8`): one prune + quantise pass of ``x2d [M, K]``
     (act 1: of GELU_tanh(x2d)), one FP8 sparse GEMM per member on its rows of ``wq [N, Kp]`` e4m3 with per-row
     scales ``sw [N]``, then the LoRA tail on the dense x (``lora_a [R, K]``; per term ``(i, c0, c1)`` of the flat
-    ``lora_terms``, ``y_i += (x lora_a^T)[:, c0:c1] lora_b[t]^T``); bf16 only, K <= 16384. Raises
+    ``lora_terms``, ``y_i += (x lora_a^T)[:, c0:c1] lora_b[t]^T``); bf16 only, K <= 16384. ``centre`` /
+    ``centre_rows`` (act 0): token-mean centring as :func:`lynx_site_linear` (outputs of M + R rows). Raises
     :class:`Unsupported` for what the kernels cannot run (``check=False``: the caller validated the same operands
     before, as for :func:`sparse_site`)."""
     lora_b, lora_terms = list(lora_b), [int(v) for v in lora_terms]
     if check:  # once: the eager call below goes to the implementation, which does not check again
         _check_x(x2d)
         check_fp8_site(x2d, wq, sw, bias, splits, act, lora_a, lora_b, lora_terms)
+        check_centre(x2d, centre, centre_rows)
+        if centre is not None:
+            if act:
+                raise Unsupported("the FP8 GELU producer does not centre")
+            _sm90.centred_library(fp8=True)
     if x2d.shape[0] == 0:
+        if centre is not None:
+            raise Unsupported("a centred site needs at least one token row")
         return [x2d.new_empty(0, n) for n in splits]
     if torch.compiler.is_compiling() or not x2d.is_cuda:
         return _fp8.fp8_site_sm90(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), lora_a,
-                                  lora_b or None, lora_terms)
+                                  lora_b or None, lora_terms, centre, centre_rows)
     return _fp8._site_impl(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), True, lora_a, lora_b,
-                           lora_terms)
+                           lora_terms, centre, centre_rows)
 
 
 __all__ = ["LibraryUnavailable", "Unsupported", "fp8_site", "lynx_site_gelu", "lynx_site_linear", "sparse_site", "gelu_prune_compress", "lynx_gelu_linear", "lynx_linear", "lynx_status", "prune_compress", "sparse_gemm"]

@@ -187,6 +187,28 @@ def check_site(x, wext, bias, lora_a, splits) -> None:
             raise Unsupported(f"site lora_a {_where(lora_a)} does not fit K={k}")
 
 
+def check_centre(x, centre, centre_rows) -> None:
+    """Token-mean centring operands of a site op (both or neither): centre float32 [B, K] (one centre per sample, B
+    dividing x's rows, unit stride along K, row stride a multiple of 4) and centre_rows [R, K] in x's dtype (row
+    stride a multiple of 8), both 16-byte aligned and on x's device."""
+    if centre is None and centre_rows is None:
+        return
+    if centre is None or centre_rows is None:
+        raise Unsupported("site centring needs both centre and centre_rows")
+    m, k = x.shape
+    check_tensor(centre, "site centre", x, torch.float32)
+    if (centre.dim() != 2 or centre.shape[1] != k or centre.shape[0] == 0 or m % centre.shape[0]
+            or centre.stride(1) != 1 or centre.stride(0) % 4):
+        raise Unsupported(f"site centre {_where(centre)} must be float32 [B, K={k}] with B dividing M={m}, unit "
+                          "stride along K and a row stride that is a multiple of 4")
+    check_tensor(centre_rows, "site centre_rows", x)
+    if centre_rows.dim() != 2 or centre_rows.shape[1] != k or centre_rows.stride(1) != 1 or centre_rows.stride(0) % 8:
+        raise Unsupported(f"site centre_rows {_where(centre_rows)} must be [R, K={k}] with unit stride along K and a "
+                          "row stride that is a multiple of 8")
+    check_aligned(centre, "site centre")
+    check_aligned(centre_rows, "site centre_rows")
+
+
 def check_gemm(values, meta, weight, scale, bias) -> None:
     """Operands of ``rtlynx::sparse_gemm_sm90``: values [M, Kg/2], meta, weight [N, Kg] (Kg % 128 == 0),
     scale [M] float32 or None, bias [N] or None."""
@@ -289,6 +311,6 @@ def _check_fp8_tail(x, splits, lora_a, lora_b, lora_terms) -> None:
 
 
 __all__ = ["FP8", "FP8_MAX_K", "KERNEL_DTYPES", "LibraryUnavailable", "Unsupported", "check_activation",
-           "check_aligned", "check_devices", "check_fp8_activation", "check_fp8_gemm", "check_fp8_site", "check_gemm",
+           "check_aligned", "check_centre", "check_devices", "check_fp8_activation", "check_fp8_gemm", "check_fp8_site", "check_gemm",
            "check_linear", "check_meta", "check_prune", "check_rows", "check_site", "check_tensor", "check_vector",
            "check_weight"]

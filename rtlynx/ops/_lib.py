@@ -38,6 +38,11 @@ def _declare(lib):
             c_int, c_void_p, c_long, c_int, c_int, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p, c_int,
             c_float, c_void_p]
         lib.rtlynx_gelu_prune_compress_sm90.restype = c_int
+    if hasattr(lib, "rtlynx_prune_compress_centred_sm90"):  # absent from libraries built before token-mean centring
+        lib.rtlynx_prune_compress_centred_sm90.argtypes = [
+            c_int, c_void_p, c_long, c_int, c_int, c_void_p, c_long, c_int, c_void_p, c_long, c_int, c_void_p, c_long,
+            c_int, c_void_p, c_long, c_void_p, c_void_p, c_int, c_float, c_void_p]
+        lib.rtlynx_prune_compress_centred_sm90.restype = c_int
     lib.rtlynx_sparse_gemm_sm90.argtypes = [
         c_int, c_int, c_void_p, c_long, c_void_p, c_void_p, c_long, c_void_p, c_long, c_void_p, c_void_p,
         c_int, c_int, c_int, c_int, c_void_p]

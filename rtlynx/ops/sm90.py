@@ -39,7 +39,7 @@ import weakref
 
 import torch
 
-from ..reference.sm90 import expand_lora_b, padded_shape, round_up
+from ..reference.sm90 import centred_tail, expand_lora_b, padded_shape, round_up
 from . import _checks, _launch, _lib
 from ._configs import BF16_CONFIG_NAMES
 from ._launch import align as _align, ptr as _ptr, rows16 as _rows16, scratch as _scratch, stream as _stream
@@ -57,8 +57,8 @@ _LIB.define("sparse_gemm_sm90(Tensor values, Tensor meta, Tensor weight, Tensor?
             "int config=-1, int sched=0) -> Tensor")
 _LIB.define("sparse_linear_sm90(Tensor x, Tensor weight, Tensor? bias, Tensor? lora_a, Tensor? lora_b, bool norm, "
             "float eps) -> Tensor")
-_LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, int[] splits, bool norm, float eps) "
-            "-> Tensor[]")
+_LIB.define("sparse_site_sm90(Tensor x, Tensor wext, Tensor? bias, Tensor? lora_a, int[] splits, bool norm, float eps, "
+            "Tensor? centre=None, Tensor? centre_rows=None) -> Tensor[]")
 _LIB.define("gelu_site_sm90(Tensor h, Tensor wext, Tensor? bias, bool norm, float eps) -> Tensor")
 
 
@@ -322,25 +322,45 @@ def _(x, weight, bias, lora_a, lora_b, norm, eps):
 _config = _launch.config_cache(choose_config)  # RTLYNX_SM90_CONFIG is read at a shape's first site call
 
 
-def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False):
+def centred_library(fp8: bool = False):
+    """The loaded library if it has the centring prune (token-mean centring in the kernel), else Unsupported."""
+    L = _lib.lib()
+    name = "rtlynx_prune_quant_fp8_centred_sm90" if fp8 else "rtlynx_prune_compress_centred_sm90"
+    if not hasattr(L, name):
+        raise _checks.Unsupported("the kernel library predates centring in the prune kernel (rebuild it)")
+    return L
+
+
+def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False, centre=None, centre_rows=None):
     """One prune pass of x (act 0) or of GELU_tanh(x) (act 1) into scratch, then one GEMM per member.
     ``persistent``: use the per-stream scratch buffer (eager calls only, see :func:`_scratch`). The library is
     called with raw addresses (operand row blocks, scratch offsets) rather than through _prune_impl / _gemm_impl:
-    no tensor views or allocations besides the outputs, which is most of a site's host cost."""
+    no tensor views or allocations besides the outputs, which is most of a site's host cost. ``centre`` [B, K]
+    float32 and ``centre_rows`` [R, K] (act 0): the GEMMs run on ``[x - c; centre_rows]``, x - c formed in the prune
+    kernel (each output has M + R rows)."""
     m, k = x.shape
-    mp, kp = padded_shape(m, k)
-    L = _lib.lib()
+    rows = m if centre is None else m + centre_rows.shape[0]
+    mp, kp = padded_shape(rows, k)
+    L = _lib.lib() if centre is None else centred_library()
     st = _stream()
     dt = _DTYPES[x.dtype]
-    h = torch.nn.functional.linear(x, lora_a) if lora_a is not None else None
+    if lora_a is None:
+        h = None
+    else:
+        h = torch.nn.functional.linear(x, lora_a) if centre is None else centred_tail(x, lora_a, centre, centre_rows)
     r = 0 if h is None else h.shape[1]
     kg = kp + 2 * r
-    vbytes = _align(m * kg)  # m x kg/2 16-bit values
+    vbytes = _align(rows * kg)  # rows x kg/2 16-bit values
     mbytes = _align(mp * kg // 8)
-    scratch = _scratch(x.device, st, vbytes + mbytes + 4 * m, persistent)  # alive until the launches are enqueued
+    scratch = _scratch(x.device, st, vbytes + mbytes + 4 * rows, persistent)  # alive until the launches are enqueued
     base = scratch.data_ptr()
     vptr, mptr, sptr = base, base + vbytes, base + vbytes + mbytes
-    if act == 0:
+    if centre is not None:
+        rc = L.rtlynx_prune_compress_centred_sm90(
+            dt, x.data_ptr(), x.stride(0), m, k, centre.data_ptr(), centre.stride(0), m // centre.shape[0],
+            centre_rows.data_ptr(), centre_rows.stride(0), centre_rows.shape[0], _ptr(h),
+            0 if h is None else h.stride(0), r, vptr, kg // 2, mptr, sptr, int(norm), float(eps), st)
+    elif act == 0:
         rc = L.rtlynx_prune_compress_sm90(dt, x.data_ptr(), x.stride(0), m, k, _ptr(h), 0 if h is None else h.stride(0),
                                           r, vptr, kg // 2, mptr, sptr, int(norm), float(eps), st)
     else:
@@ -352,21 +372,22 @@ def _site_impl(x, wext, bias, lora_a, splits, norm, eps, act=0, persistent=False
     wptr, bptr = wext.data_ptr(), _ptr(bias)
     outs, off = [], 0
     for n in splits:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        config, sched = _config(m, n, kg)
+        y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        config, sched = _config(rows, n, kg)
         rc = L.rtlynx_sparse_gemm_sm90(config, dt, vptr, kg // 2, mptr, wptr + off * ldw * esize, ldw, y.data_ptr(), n,
-                                       sptr if norm else None, None if bptr is None else bptr + off * esize, m, n, kg,
-                                       sched, st)
+                                       sptr if norm else None, None if bptr is None else bptr + off * esize, rows, n,
+                                       kg, sched, st)
         _lib.check(rc, f"site GEMM [{CONFIG_NAMES[config]}]")
         outs.append(y)
         off += n
     return outs
 
 
-def _site_op_impl(x, wext, bias, lora_a, splits, norm, eps):
+def _site_op_impl(x, wext, bias, lora_a, splits, norm, eps, centre=None, centre_rows=None):
     _checks.check_site(x, wext, bias, lora_a, splits)
     _checks.check_rows(x, "x", x, None, x.shape[1])
-    return _site_impl(x, wext, bias, lora_a, list(splits), norm, eps)
+    _checks.check_centre(x, centre, centre_rows)
+    return _site_impl(x, wext, bias, lora_a, list(splits), norm, eps, centre=centre, centre_rows=centre_rows)
 
 
 _LIB.impl("sparse_site_sm90", _site_op_impl, "CUDA")
@@ -374,9 +395,11 @@ sparse_site_sm90 = torch.ops.rtlynx.sparse_site_sm90.default
 
 
 @torch.library.register_fake("rtlynx::sparse_site_sm90", lib=_LIB)
-def _(x, wext, bias, lora_a, splits, norm, eps):
+def _(x, wext, bias, lora_a, splits, norm, eps, centre=None, centre_rows=None):
     _checks.check_site(x, wext, bias, lora_a, splits)
-    return [x.new_empty(x.shape[0], n) for n in splits]
+    _checks.check_centre(x, centre, centre_rows)
+    rows = x.shape[0] + (0 if centre_rows is None else centre_rows.shape[0])
+    return [x.new_empty(rows, n) for n in splits]
 
 
 def _gelu_site_op_impl(h, wext, bias, norm, eps, persistent=False):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .nm import compress, decompress, norm_scale, prune_nm
+from .nm import centred, compress, decompress, norm_scale, prune_nm
 from .producers import gelu_tanh
 
 ATOM_M = 64
@@ -149,18 +149,40 @@ def tail_dense(tail_values: torch.Tensor) -> torch.Tensor:
 LAYOUT = compress_sm90
 
 
+def centred_operand(x: torch.Tensor, centre: torch.Tensor, centre_rows: torch.Tensor) -> torch.Tensor:
+    """``[x - c; centre_rows]``: the rows a centred site's prune kernel reads (``rtlynx_prune_compress_centred_sm90``,
+    the FP8 one alike): the M token rows of x (B samples of consecutive tokens) minus their sample's centre
+    (``centre`` float32 [B, K], :func:`rtlynx.reference.nm.centred`), then ``centre_rows`` [R, K] as given."""
+    per = x.shape[0] // centre.shape[0]
+    return torch.cat([centred(x, centre.repeat_interleave(per, 0)), centre_rows.to(x.dtype)])
+
+
+def centred_tail(x: torch.Tensor, lora_a: torch.Tensor, centre: torch.Tensor, centre_rows: torch.Tensor) -> torch.Tensor:
+    """The LoRA tail's ``h`` of a centred site, ``[x - c; centre_rows] lora_a^T``, as the site ops compute it without
+    writing x - c: ``x A^T - c A^T`` per sample (each product rounded to x's dtype, as cuBLAS), then the rows'."""
+    per = x.shape[0] // centre.shape[0]
+    a = lora_a.to(x.dtype)
+    ca = torch.nn.functional.linear(centre.to(x.dtype), a).repeat_interleave(per, 0)
+    return torch.cat([torch.nn.functional.linear(x, a) - ca, torch.nn.functional.linear(centre_rows.to(x.dtype), a)])
+
+
 def site_linear_sm90(x: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor | None,
-                     norm: bool = True, eps: float = 1e-8) -> torch.Tensor:
+                     norm: bool = True, eps: float = 1e-8, centre: torch.Tensor | None = None,
+                     centre_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``rtlynx::sparse_site_sm90`` (one activation site, :mod:`rtlynx.sites`), in float32 from the
     operands the kernels see: ``y = s * ([prune24(x) | 0 | tail(h / s)] @ wext^T) + bias`` with ``h = x lora_a^T``
     rounded to x's dtype (cuBLAS), the tail values as :func:`lora_tail` and laid out as :func:`tail_dense`, and the
-    result rounded to x's dtype. ``wext [N, Kp + 2 rp]``, ``lora_a [rp, K]`` or None (then only ``wext[:, :Kp]``)."""
-    m, k = x.shape
+    result rounded to x's dtype. ``wext [N, Kp + 2 rp]``, ``lora_a [rp, K]`` or None (then only ``wext[:, :Kp]``).
+    ``centre`` / ``centre_rows``: the rows are :func:`centred_operand`'s and h is :func:`centred_tail`'s."""
+    k = x.shape[1]
+    xo = x if centre is None else centred_operand(x, centre, centre_rows)
+    m = xo.shape[0]
     kp = round_up(k, ATOM_K)
-    s = norm_scale(x, eps=eps) if norm else torch.ones(m, dtype=torch.float32, device=x.device)
-    xl = torch.nn.functional.pad(prune_nm(x, 2, 4), (0, kp - k)).float()
+    s = norm_scale(xo, eps=eps) if norm else torch.ones(m, dtype=torch.float32, device=x.device)
+    xl = torch.nn.functional.pad(prune_nm(xo, 2, 4), (0, kp - k)).float()
     if lora_a is not None:
-        h = torch.nn.functional.linear(x, lora_a.to(x.dtype))
+        h = (torch.nn.functional.linear(x, lora_a.to(x.dtype)) if centre is None
+             else centred_tail(x, lora_a, centre, centre_rows))
         xl = torch.cat([xl, tail_dense(lora_tail(h, s if norm else None)).float()], 1)
     y = s.unsqueeze(1) * (xl @ wext[:, : xl.shape[1]].float().T)
     if bias is not None:

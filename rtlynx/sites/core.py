@@ -123,22 +123,28 @@ class Site(Operand):
         rtlynx.reference.sparse_act_linear with ``centre``. c rides in the same GEMM as extra 2:4-exact rows a sample
         (native dtype: two, rtlynx.reference.centre_rows; FP8: four, rtlynx.reference.fp8.fp8_centre_rows, the second
         pair the residual of the first pair's e4m3 quantisation), so the weights are read once, an FP8 site needs no
-        bf16 weights, and the LoRA tail (users' adapters included) covers c too."""
-        if self._fused_path(cfg, layer, x.reshape(-1, self.k)) == "dense":  # the speed rules: nothing is pruned
+        bf16 weights, and the LoRA tail (users' adapters included) covers c too. On the site kernels x - c is formed
+        inside the prune kernel (:meth:`_centre_in_kernel`); elsewhere ``[x - c; rows]`` is built once per site call."""
+        x2 = x.reshape(-1, self.k)
+        if x2.shape[0] == 0 or self._fused_path(cfg, layer, x2) == "dense":  # nothing to prune (speed rules, M = 0)
             return F.linear(x, layer.dense_weight(), layer.bias)
+        in_kernel = self._centre_in_kernel(cfg, layer, x2)
         compiling = _is_compiling()
         cc = self._centred
         if cc is not None and cc[0] is x and (compiling or cc[1] == _version(x)):
-            c, xs = cc[2], cc[3]
-            self._centred = None if cc[4] <= 1 else (*cc[:4], cc[4] - 1)
+            c, rows, xs = cc[2], cc[3], cc[4]
+            self._centred = None if cc[5] <= 1 else (*cc[:5], cc[5] - 1)
         else:
             c = reference.token_mean(x)
             rows = fp8_centre_rows(c, x.dtype) if cfg.dtype == "fp8" else reference.centre_rows(c, x.dtype)
-            xs = torch.cat([reference.centred(x, c).reshape(-1, self.k), rows])  # [x - c; the centre rows]
-            shared = len(self.layers) > 1 and not self._split  # the other members reuse c and x - c (one pass)
-            self._centred = (x, 0 if compiling else _version(x), c, xs, len(self.layers) - 1) if shared else None
-        y = self._forward_sparse(layer, xs, user_tail, cfg)
-        tokens = x.numel() // self.k  # the token rows, then `per` rows a sample
+            xs = None if in_kernel else self._centred_rows(x, c, rows)
+            shared = len(self.layers) > 1 and not self._split  # the other members reuse c, its rows and x - c
+            self._centred = (x, 0 if compiling else _version(x), c, rows, xs, len(self.layers) - 1) if shared else None
+        if xs is None:
+            y = self._forward_sparse(layer, x, user_tail, cfg, centre=(c, rows))
+        else:
+            y = self._forward_sparse(layer, xs, user_tail, cfg)
+        tokens = x2.shape[0]  # the token rows, then `per` rows a sample
         per = 4 if cfg.dtype == "fp8" else 2
         back = y[tokens:].float().reshape(per, -1, y.shape[-1]).sum(0)  # c W^T + LoRA(c) + per * b
         if layer.bias is not None:
@@ -147,13 +153,28 @@ class Site(Operand):
             a, b = adapters.member_factors(self, layer, user_tail)
             if a is not None:
                 samples = back.shape[0]
-                r = xs[tokens + 2 * samples:].reshape(2, samples, self.k).sum(0)
+                r = rows[2 * samples:].reshape(2, samples, self.k).sum(0)
                 back = back - F.linear(F.linear(r, a.to(r.dtype)), b.to(r.dtype)).float()
         lead = c.shape[:-1]  # [..., 1]: one row per sample, broadcast over its tokens
         return y[:tokens].reshape(*x.shape[:-1], -1) + back.to(y.dtype).reshape(*lead, -1)
 
-    def _forward_sparse(self, layer, x, user_tail: bool, cfg) -> torch.Tensor:
+    def _centred_rows(self, x, c, rows) -> torch.Tensor:
+        """``[x - c; rows]`` [M + R, K]: what a centred site's GEMM runs on, written out (the per-layer paths)."""
+        return torch.cat([reference.centred(x, c).reshape(-1, self.k), rows])
+
+    def _centre_in_kernel(self, cfg, layer, x2) -> bool:
+        """Whether this call centres inside the site kernels' prune (the fused path, a library with the centring
+        prune), instead of running on ``[x - c; rows]`` written out."""
+        return (self.k % cfg.m == 0 and self._fused_path(cfg, layer, x2) in ("fused", "checked")
+                and ops.centre_in_kernels(cfg.dtype))
+
+    def _forward_sparse(self, layer, x, user_tail: bool, cfg, centre=None) -> torch.Tensor:
+        """``centre`` ``(c, rows)``: x's tokens are centred inside the prune kernel and the output is the 2-D
+        ``[M + R, N]`` of ``[x - c; rows]`` (a call that cannot run fused builds those rows and goes on without)."""
         k = self.k
+        if centre is not None:
+            c, rows = centre
+            cen = (c.reshape(-1, k).contiguous(), rows)
         if k % cfg.m:
             return layer._forward_remainder(x)
         lead = x.shape[:-1]
@@ -161,28 +182,35 @@ class Site(Operand):
         use_lora = layer.lora_enabled and layer.lora_A is not None
         tail = TAIL_FULL if user_tail else TAIL_COMP if use_lora else TAIL_NONE
         path = self._fused_path(cfg, layer, x2)
+        if centre is not None and path not in ("fused", "checked"):
+            return self._forward_sparse(layer, self._centred_rows(x, c, rows), user_tail, cfg)
         if path == "dense":
             return F.linear(x, layer.dense_weight(), layer.bias)
         norm = layer.compensation == "norm"
         family = family_of(cfg.dtype)
+        shape = (-1, layer.out_features) if centre is not None else (*lead, layer.out_features)
         if path == "fused":
-            return self._run_fused(family, layer, x, x2, tail, norm, cfg.eps).reshape(*lead, layer.out_features)
+            return self._run_fused(family, layer, x, x2, tail, norm, cfg.eps,
+                                   centre=cen if centre is not None else None).reshape(shape)
         if path == "checked":
             try:
-                y = self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, check=True)
+                y = self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, check=True,
+                                    centre=cen if centre is not None else None)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
                     backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
                                                     f"running its layers one by one")
+                if centre is not None:
+                    return self._forward_sparse(layer, self._centred_rows(x, c, rows), user_tail, cfg)
             else:
                 self._validated(cfg, x2)
-                return y.reshape(*lead, layer.out_features)
+                return y.reshape(shape)
         lora_a, lora_b = adapters.member_factors(self, layer, user_tail)  # user_tail: the wrapper adds nothing
         return family.run_layer(layer, x2, lora_a, lora_b, cfg).reshape(*lead, layer.out_features)
 
-    def _gemm(self, family, x2, sl, tail, splits, norm, eps, check, act=0):
+    def _gemm(self, family, x2, sl, tail, splits, norm, eps, check, act=0, centre=None):
         """Every site GEMM goes through here (one call per prune pass): the family's kernels."""
-        return family.run_site(self, x2, sl, tail, splits, norm, eps, check, act)
+        return family.run_site(self, x2, sl, tail, splits, norm, eps, check, act, centre)
 
     def _same_tail(self, done: int, tail: int, slot: int) -> bool:
         """Whether outputs computed with ``done`` serve a call of member ``slot`` that wants ``tail``: the user rows
@@ -192,7 +220,7 @@ class Site(Operand):
         return done == tail or (not self._rcp and done != TAIL_FULL and tail != TAIL_FULL)
 
     def _run_fused(self, family, layer, x, x2, tail: int, norm: bool, eps: float,
-                   check: bool = False) -> torch.Tensor:
+                   check: bool = False, centre=None) -> torch.Tensor:
         compiling = _is_compiling()
         slot = layer._slot
         p = self._pending
@@ -206,7 +234,7 @@ class Site(Operand):
             p = self._pending
 
         def gemm(sl, splits):
-            return self._gemm(family, x2, sl, tail, splits, norm, eps, check)
+            return self._gemm(family, x2, sl, tail, splits, norm, eps, check, centre=centre)
 
         if len(self.layers) == 1:
             return gemm(None, self.splits)[0]
@@ -219,7 +247,7 @@ class Site(Operand):
                 self._pending = None
                 backends.warn_once(f"split:{self.name}", f"rtlynx: the {len(self.layers)} layers of site "
                                    f"{self.name!r} are not called with one input; running one GEMM per layer")
-                return self._run_fused(family, layer, x, x2, tail, norm, eps, check)
+                return self._run_fused(family, layer, x, x2, tail, norm, eps, check, centre)
         outs = gemm(None, self.splits)
         self._pending = (x, tail, 0 if compiling else _version(x), outs, len(self.layers) - 1)
         return outs[slot]

@@ -49,3 +49,91 @@ def test_centred_compiles_fullgraph(gen):
         eager = output_tensor(model(**inputs)).clone()
         compiled = output_tensor(torch.compile(model, fullgraph=True)(**inputs))
     assert torch.isfinite(compiled).all() and rel_err(compiled, eager) < 2e-2
+
+
+# ------------------------------------------------------------------------ the centring prune kernels, raw, bitwise
+def _centre_case(b, t, k, gen, rows_per_sample):
+    x = rnd((b * t, k), torch.bfloat16, gen) + rnd((1, k), torch.bfloat16, gen, scale=3.0)  # a shared offset
+    c = x.float().reshape(b, t, k).mean(1)  # float32 [B, K], as reference.token_mean
+    crows = rnd((rows_per_sample * b, k), torch.bfloat16, gen)
+    return x, c, crows
+
+
+@pytest.mark.parametrize("b,t,k", [(1, 1, 64), (2, 7, 200), (3, 33, 3072), (2, 2048, 3072), (1, 4096, 15360)])
+def test_centred_prune_is_the_twin_bit_for_bit(b, t, k, gen):
+    """rtlynx_prune_compress_centred_sm90 against rtlynx.reference.sm90.compress_sm90 of centred_operand: values
+    and metadata bit for bit (outputs poisoned first), the norm scale to float32 summation order; no LoRA tail."""
+    from rtlynx.reference import sm90 as ref90
+    from rtlynx.reference.sm90 import padded_shape
+
+    from rtlynx.ops import _launch, sm90 as k90
+
+    x, c, crows = _centre_case(b, t, k, gen, 2)
+    m, r = x.shape[0], crows.shape[0]
+    mp, kp = padded_shape(m + r, k)
+    values = torch.full((m + r, kp // 2), -1, dtype=torch.int16, device="cuda")
+    meta = torch.full((mp * kp // 8,), 0xAB, dtype=torch.uint8, device="cuda")
+    scale = torch.full((m + r,), float("nan"), device="cuda")
+    L = k90.centred_library()
+    rc = L.rtlynx_prune_compress_centred_sm90(0, x.data_ptr(), x.stride(0), m, k, c.data_ptr(), c.stride(0), t,
+                                              crows.data_ptr(), crows.stride(0), r, None, 0, 0, values.data_ptr(),
+                                              values.stride(0), meta.data_ptr(), scale.data_ptr(), 1, 1e-8,
+                                              _launch.stream())
+    assert rc == 0
+    torch.cuda.synchronize()
+    rv, rmeta, rscale = ref90.compress_sm90(ref90.centred_operand(x, c, crows))
+    assert torch.equal(values, rv.view(torch.int16)), "values differ"
+    assert torch.equal(meta, rmeta), "metadata differs"
+    torch.testing.assert_close(scale, rscale, rtol=3e-5, atol=0)
+
+
+@pytest.mark.parametrize("b,t,k", [(1, 1, 64), (2, 7, 200), (3, 33, 3072), (1, 4096, 15360)])
+def test_centred_fp8_prune_is_the_twin_bit_for_bit(b, t, k, gen):
+    """rtlynx_prune_quant_fp8_centred_sm90 against rtlynx.reference.fp8.compress_sm90_fp8 of centred_operand:
+    e4m3 values and metadata bit for bit, the row scales to float32 order."""
+    from rtlynx.reference import fp8 as rf8, sm90 as ref90
+    from rtlynx.reference.sm90 import padded_shape
+
+    from rtlynx.ops import _launch, fp8 as kf8, sm90 as k90
+
+    x, c, crows = _centre_case(b, t, k, gen, 4)
+    m, r = x.shape[0], crows.shape[0]
+    mp, kp = padded_shape(m + r, k)
+    values = torch.full((m + r, kp // 2), 0x7E, dtype=torch.uint8, device="cuda")
+    meta = torch.full((mp * kp // 8,), 0xAB, dtype=torch.uint8, device="cuda")
+    rs, sx, s = (torch.full((m + r,), float("nan"), device="cuda") for _ in range(3))
+    kf8._library()  # declares the FP8 entry points
+    L = k90.centred_library(fp8=True)
+    rc = L.rtlynx_prune_quant_fp8_centred_sm90(0, x.data_ptr(), x.stride(0), m, k, c.data_ptr(), c.stride(0), t,
+                                               crows.data_ptr(), crows.stride(0), r, values.data_ptr(),
+                                               values.stride(0), meta.data_ptr(), rs.data_ptr(), sx.data_ptr(),
+                                               s.data_ptr(), 1, 1e-8, _launch.stream())
+    assert rc == 0
+    torch.cuda.synchronize()
+    want = rf8.compress_sm90_fp8(ref90.centred_operand(x, c, crows))
+    assert torch.equal(values, want[0].view(torch.uint8)), "values differ"
+    assert torch.equal(meta, want[1]), "metadata differs"
+    for got, ref in zip((rs, sx, s), want[2:]):
+        torch.testing.assert_close(got, ref, rtol=3e-5, atol=0)
+
+
+def test_centred_sites_prune_in_the_kernel(gen):
+    """On a library with the centring prune, a centred site calls it (x - c is never written) and its outputs still
+    match the spec (test_centred_sites_match_the_spec covers every model)."""
+    model = tiny_transformer("flux").cuda().to(torch.bfloat16)
+    inputs = example_inputs(model, batch=2)
+    rtlynx.sparsify(model, lora_rank=8, speed_rules=False, centre="token_mean")
+    calls = []
+    real = rtlynx.reference.centred
+
+    def counting(x, c):
+        calls.append(x.shape)
+        return real(x, c)
+
+    rtlynx.reference.centred = counting
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        rtlynx.reference.centred = real
+    assert rtlynx.ops.centre_in_kernels("native") and calls == []
