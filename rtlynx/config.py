@@ -57,8 +57,8 @@ class SparsityConfig:
     centre: None (prune x, the paper's RT-Lynx) or "token_mean": prune ``x - c`` with c each sample's mean over its
         tokens and add ``c W^T`` (and the LoRA of c) back, exactly (rtlynx.reference.sparse_act_linear's ``centre``):
         the offset the tokens share is kept instead of half of it being pruned away (38 % less pruning residual on
-        the mini-FLUX, benchmarks/NOTES.md v13). Costs one reduction and one subtraction over x per site (outside the
-        prune kernel for now); c itself rides in the site GEMM as extra rows a sample (two; with dtype="fp8" four,
+        the mini-FLUX, benchmarks/NOTES.md v13). Costs one reduction over x per site input (the token mean;
+        the site kernels' prune subtracts c itself); c itself rides in the site GEMM as extra rows a sample (two; with dtype="fp8" four,
         the second pair carrying the e4m3 rounding of the first, so c W^T is good to ~2^-8 of c on the FP8
         weights and no bf16 weights are needed). A LoRA fitted without it does not fit it: calibrate with the same
         setting.
