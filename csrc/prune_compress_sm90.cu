@@ -586,10 +586,11 @@ extern "C" RTLYNX_API int rtlynx_prune_set_impl_sm90(int impl) {
   return old;
 }
 
-extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
-                                                      const void* h, long ldh, int r, void* values, long ldv,
-                                                      void* meta, float* scale, int with_norm, float eps,
-                                                      void* stream) {
+namespace {
+// rtlynx_prune_compress_sm90 and its centred variant (M token rows, then R rows of cen.crows).
+template <bool kCentre>
+int prune_entry(int dtype, const void* x, long ldx, int M, int K, const void* h, long ldh, int r, void* values,
+                long ldv, void* meta, float* scale, int with_norm, float eps, void* stream, const Centre& cen, int R) {
   if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 8 != 0) return RTLYNX_ERR_ARGS;
   const int Kp = (K + 127) / 128 * 128;
   if (ldv < Kp / 2 + r || r < 0 || r % 64 != 0 || (r > 0 && (h == nullptr || ldh % 8 != 0))) return RTLYNX_ERR_ARGS;
@@ -597,10 +598,21 @@ extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, l
     return RTLYNX_ERR_ARGS;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (dtype == RTLYNX_BF16)
-    return launch<__nv_bfloat16, 0>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0, st);
+    return launch<__nv_bfloat16, 0, kCentre>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps,
+                                             nullptr, 0, st, cen);
   if (dtype == RTLYNX_FP16)
-    return launch<__half, 0>(x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0, st);
+    return launch<__half, 0, kCentre>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr,
+                                      0, st, cen);
   return RTLYNX_ERR_CONFIG;
+}
+}  // namespace
+
+extern "C" RTLYNX_API int rtlynx_prune_compress_sm90(int dtype, const void* x, long ldx, int M, int K,
+                                                      const void* h, long ldh, int r, void* values, long ldv,
+                                                      void* meta, float* scale, int with_norm, float eps,
+                                                      void* stream) {
+  return prune_entry<false>(dtype, x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, stream,
+                            Centre{}, 0);
 }
 
 extern "C" RTLYNX_API int rtlynx_gelu_prune_compress_sm90(int dtype, const void* h, long ldh, int M, int K, void* y,
@@ -633,6 +645,23 @@ extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_sm90(int dtype, int act, const 
   return RTLYNX_ERR_CONFIG;  // bf16 only: the FP8 GEMM writes bf16
 }
 
+namespace {
+// The centring operands of both *_centred entry points, checked (false: bad shapes or alignment) into cen.
+bool centre_args(int M, int K, const float* cvec, long ldc, int per, const void* crows, long ldcr, int R,
+                 Centre& cen) {
+  if (R < 0 || cvec == nullptr || per <= 0 || M % per != 0 || ldc % 4 != 0 || ldc < K) return false;
+  if (R > 0 && (crows == nullptr || ldcr % 8 != 0 || ldcr < K)) return false;
+  if ((reinterpret_cast<uintptr_t>(cvec) | reinterpret_cast<uintptr_t>(crows)) % 16) return false;
+  cen.cvec = cvec;
+  cen.ldc = ldc;
+  cen.per = per;
+  cen.crows = static_cast<const uint16_t*>(crows);
+  cen.ldcr = ldcr;
+  cen.Mt = M;
+  return true;
+}
+}  // namespace
+
 // Token-mean centring (see the top of the file): the M token rows of x [M, K] minus cvec[m / per] (float32 [M / per,
 // ldc], ldc % 4 == 0, 16-byte aligned), then the R rows of crows [R, ldcr] (same dtype as x) as given: values, meta
 // and scale of M + R rows, the LoRA tail read from h [M + R, r] as rtlynx_prune_compress_sm90.
@@ -641,25 +670,9 @@ extern "C" RTLYNX_API int rtlynx_prune_compress_centred_sm90(int dtype, const vo
                                                               long ldcr, int R, const void* h, long ldh, int r,
                                                               void* values, long ldv, void* meta, float* scale,
                                                               int with_norm, float eps, void* stream) {
-  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 8 != 0 || R < 0) return RTLYNX_ERR_ARGS;
-  if (cvec == nullptr || per <= 0 || M % per != 0 || ldc % 4 != 0 || ldc < K) return RTLYNX_ERR_ARGS;
-  if (R > 0 && (crows == nullptr || ldcr % 8 != 0 || ldcr < K)) return RTLYNX_ERR_ARGS;
-  const int Kp = (K + 127) / 128 * 128;
-  if (ldv < Kp / 2 + r || r < 0 || r % 64 != 0 || (r > 0 && (h == nullptr || ldh % 8 != 0))) return RTLYNX_ERR_ARGS;
-  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(h) |
-       reinterpret_cast<uintptr_t>(cvec) | reinterpret_cast<uintptr_t>(crows)) % 16)
-    return RTLYNX_ERR_ARGS;
   Centre cen;
-  cen.cvec = cvec; cen.ldc = ldc; cen.per = per;
-  cen.crows = static_cast<const uint16_t*>(crows); cen.ldcr = ldcr; cen.Mt = M;
-  cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (dtype == RTLYNX_BF16)
-    return launch<__nv_bfloat16, 0, true>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps,
-                                          nullptr, 0, st, cen);
-  if (dtype == RTLYNX_FP16)
-    return launch<__half, 0, true>(x, ldx, M + R, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, nullptr, 0,
-                                   st, cen);
-  return RTLYNX_ERR_CONFIG;
+  if (M <= 0 || K <= 0 || !centre_args(M, K, cvec, ldc, per, crows, ldcr, R, cen)) return RTLYNX_ERR_ARGS;
+  return prune_entry<true>(dtype, x, ldx, M, K, h, ldh, r, values, ldv, meta, scale, with_norm, eps, stream, cen, R);
 }
 
 // The FP8 prune + quantise with token-mean centring: M token rows of x minus cvec[m / per], then the R rows of crows,
@@ -669,17 +682,12 @@ extern "C" RTLYNX_API int rtlynx_prune_quant_fp8_centred_sm90(int dtype, const v
                                                                const void* crows, long ldcr, int R, void* values,
                                                                long ldv, void* meta, float* rs, float* sx, float* s,
                                                                int with_norm, float eps, void* stream) {
-  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 16 != 0 || R < 0) return RTLYNX_ERR_ARGS;
-  if (cvec == nullptr || per <= 0 || M % per != 0 || ldc % 4 != 0 || ldc < K) return RTLYNX_ERR_ARGS;
-  if (R > 0 && (crows == nullptr || ldcr % 8 != 0 || ldcr < K)) return RTLYNX_ERR_ARGS;
+  Centre cen;
+  if (M <= 0 || K <= 0 || K % 8 != 0 || ldx % 8 != 0 || ldv % 16 != 0) return RTLYNX_ERR_ARGS;
+  if (!centre_args(M, K, cvec, ldc, per, crows, ldcr, R, cen)) return RTLYNX_ERR_ARGS;
   const int Kp = (K + 127) / 128 * 128;
   if (ldv < Kp / 2 || rs == nullptr) return RTLYNX_ERR_ARGS;
-  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values) | reinterpret_cast<uintptr_t>(cvec) |
-       reinterpret_cast<uintptr_t>(crows)) % 16)
-    return RTLYNX_ERR_ARGS;
-  Centre cen;
-  cen.cvec = cvec; cen.ldc = ldc; cen.per = per;
-  cen.crows = static_cast<const uint16_t*>(crows); cen.ldcr = ldcr; cen.Mt = M;
+  if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(values)) % 16) return RTLYNX_ERR_ARGS;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (dtype == RTLYNX_BF16)
     return launch_fp8<__nv_bfloat16, 0, true>(x, ldx, M + R, K, values, ldv, meta, rs, sx, s, with_norm, eps, st, cen);
