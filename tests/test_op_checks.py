@@ -285,3 +285,32 @@ def test_fp8_site_with_tail_compiles_to_one_op_call(monkeypatch):
     # the old way left `extern_kernels.addmm(y, h, B^T, beta=1, out=new)` here: aten copies y into `new` first
     assert src.count("= torch.ops.rtlynx.fp8_site_sm90.default(") == 1, src
     assert "addmm" not in src and "copy_" not in src, src
+
+
+def test_centred_site_operands_are_checked():
+    """Token-mean centring in the site ops (their fakes, meta tensors): M + R output rows, and each malformed
+    centring operand refused in one line, bf16 and FP8 alike."""
+    from rtlynx.ops import fp8 as kf8
+
+    x, w = meta(6, 256), meta(64, 256)
+    c, rows = meta(2, 256, dtype=torch.float32), meta(4, 256)
+    outs = k90.sparse_site_sm90(x, w, None, None, [32, 32], True, 1e-8, c, rows)
+    assert [t.shape for t in outs] == [(10, 32), (10, 32)]
+    wq, sw = meta(64, 256, dtype=F8), meta(64, dtype=torch.float32)
+    outs = kf8.fp8_site_sm90(x, wq, sw, None, [64], True, 1e-8, 0, None, None, [], c, meta(8, 256))
+    assert [t.shape for t in outs] == [(14, 64)]
+    for args, match in (
+            ((c, None), "both centre and centre_rows"),
+            ((None, rows), "both centre and centre_rows"),
+            ((meta(2, 256), rows), "centre .* must be float32"),
+            ((meta(4, 256, dtype=torch.float32), rows), r"B dividing M=6"),
+            ((meta(2, 128, dtype=torch.float32), rows), r"\[B, K=256\]"),
+            ((meta(2, 258, dtype=torch.float32)[:, :256], rows), "multiple of 4"),
+            ((c, meta(4, 128)), r"\[R, K=256\]"),
+            ((c, meta(4, 256, dtype=torch.float16)), "centre_rows .* must be bfloat16"),
+            ((c, meta(4, 260)[:, :256]), "multiple of 8"),
+            ((torch.empty(2, 256), rows), "not on the input's device")):
+        with pytest.raises(ops.Unsupported, match=match):
+            k90.sparse_site_sm90(x, w, None, None, [32, 32], True, 1e-8, *args)
+        with pytest.raises(ops.Unsupported, match=match):
+            kf8.fp8_site_sm90(x, wq, sw, None, [64], True, 1e-8, 0, None, None, [], *args)
