@@ -314,3 +314,16 @@ def test_centred_site_operands_are_checked():
             k90.sparse_site_sm90(x, w, None, None, [32, 32], True, 1e-8, *args)
         with pytest.raises(ops.Unsupported, match=match):
             kf8.fp8_site_sm90(x, wq, sw, None, [64], True, 1e-8, 0, None, None, [], *args)
+
+
+def test_gemm_tables_serve_a_few_extra_rows():
+    """A centred site's GEMM has its tokens plus a few centre rows a sample: the measured config of the token count
+    serves it (bf16: with and without the LoRA tail's 128 columns; FP8 alike)."""
+    from rtlynx.ops import fp8 as kf8
+
+    for (m, n, k), (name, sched) in k90.CONFIG_TABLE.items():
+        if m >= 64 and not any(key[1:] == (n, k) and m < key[0] <= m + 8 for key in k90.CONFIG_TABLE):
+            want = (k90.CONFIG_NAMES.index(name), sched)
+            assert k90.choose_config(m + 8, n, k) == want and k90.choose_config(m + 8, n, k + 128) == want, (m, n, k)
+    for (m, n, kg), (name, sched) in kf8.CONFIG_TABLE.items():
+        assert kf8.choose_config(m + 4, n, kg) == (kf8.CONFIG_NAMES.index(name), sched)

@@ -96,7 +96,7 @@ def choose_config(m: int, n: int, kg: int) -> tuple[int, int]:
         cid = int(name) if name.isdigit() else CONFIG_NAMES.index(name)
         if kg % TILE_K[CONFIG_NAMES[cid]] == 0:
             return cid, int(sched or 0)
-    hit = CONFIG_TABLE.get((m, n, kg))
+    hit = CONFIG_TABLE.get((m, n, kg)) or CONFIG_TABLE.get((m - m % 64, n, kg))  # + a centred site's centre rows
     if hit is not None and kg % TILE_K[hit[0]] == 0:
         return CONFIG_NAMES.index(hit[0]), hit[1]
     if m >= 2048 and n >= 1024:

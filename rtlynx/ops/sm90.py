@@ -101,7 +101,9 @@ def choose_config(m: int, n: int, k: int) -> tuple[int, int]:
     if env:
         name, _, sched = env.partition(":")
         return (int(name) if name.isdigit() else CONFIG_NAMES.index(name)), int(sched or 0)
-    hit = CONFIG_TABLE.get((m, n, k)) or CONFIG_TABLE.get((m, n, k - 128))  # k - 128: same GEMM + LoRA tail
+    # k - 128: the same GEMM with a LoRA tail; m - m % 64: the same with a few extra rows (a centred site's centre rows)
+    hit = next((CONFIG_TABLE[key] for key in ((m, n, k), (m, n, k - 128), (m - m % 64, n, k), (m - m % 64, n, k - 128))
+                if key in CONFIG_TABLE), None)
     if hit is not None:
         return CONFIG_NAMES.index(hit[0]), hit[1]
     if m >= 2048 and n >= 1024:
