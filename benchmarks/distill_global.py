@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from rtlynx import api, io  # noqa: E402
 from rtlynx.benchtools import run_metadata  # noqa: E402
 from rtlynx.demo import LORA_DIR  # noqa: E402
-from rtlynx.distill_global import GlobalConfig, train_global  # noqa: E402
+from rtlynx.distill_global import GlobalConfig, grow_lora_rank, train_global  # noqa: E402
 from rtlynx.eval import fid as F  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux, to_uint8  # noqa: E402
 from rtlynx.recording import record_round, velocity_error  # noqa: E402
@@ -49,6 +49,9 @@ def cmd_train(args) -> int:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model = load_miniflux(args.model_dir, device=dev, dtype=dtype)
     io.load(model.transformer, args.init, dense_below_t=None)
+    if args.grow_rank:  # (a resumed run grows the same way: its checkpoint holds the grown factors)
+        print(f"LoRA rank grown to {args.grow_rank} on {grow_lora_rank(model.transformer, args.grow_rank, args.seed)} "
+              "layers (new B columns zero: the closed form's output to start)")
     api.configure(model.transformer, backend=args.backend, speed_rules=False)
     all_prompts = Path(args.prompts_file).read_text().splitlines()
     train, val = split_prompts(all_prompts)
@@ -275,6 +278,8 @@ def main(argv=None) -> int:
                    help="the attention backend of the whole run (auto: torch's choice)")
     t.add_argument("--save-dense-below-t", type=float, default=0.2, help="the step schedule saved with the LoRA")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--grow-rank", type=int, default=0,
+                   help="grow every LoRA of --init to this rank first (zero new B columns: same output), e.g. 16 or 32")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("summarize")
     s.add_argument("--every", required=True, nargs="+", help="quality.py outputs of one protocol, merged")

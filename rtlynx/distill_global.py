@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import io
 from .api import config_of, configure, sparse_layers
+from .sites import model_sites
 from .recording import (Call, cat_rows, endpoint_targets, flow_state_arg, record_round, row_error, rows_of, run,
                         velocity_error)
 
@@ -92,6 +93,31 @@ class GlobalConfig:
         if not (isinstance(self.endpoint_weight, (int, float)) and math.isfinite(self.endpoint_weight)
                 and self.endpoint_weight >= 0):
             raise ValueError(f"endpoint_weight must be a finite number >= 0, got {self.endpoint_weight!r}")
+
+
+def grow_lora_rank(transformer, rank: int, seed: int = 0) -> int:
+    """Grow every sparse layer's LoRA to ``rank`` keeping the model's output: A gains rows drawn like nn.Linear's
+    init (seeded), B gains zero columns, so global distillation starts from the closed form it was given and can use
+    the new capacity from its first step (the larger closed form would need another calibration). Layers without a
+    LoRA or already at ``rank`` or more stay. Returns how many layers grew."""
+    g = torch.Generator().manual_seed(seed)
+    grown = 0
+    for layer in sparse_layers(transformer).values():
+        r0 = layer.lora_rank if layer.lora_A is not None else 0
+        if r0 == 0 or r0 >= rank:
+            continue
+        a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+        layer.add_lora(rank, rebuild=False)
+        extra = torch.empty(rank - r0, layer.in_features)
+        torch.nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=g)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.cat([a, extra.to(a)]))
+            layer.lora_B.zero_()
+            layer.lora_B[:, :r0].copy_(b)
+        grown += 1
+    for site in model_sites(transformer):
+        site.build()  # the operands take the wider LoRA tails
+    return grown
 
 
 def t_weights(t: torch.Tensor, kind: str) -> torch.Tensor:

@@ -295,3 +295,23 @@ def test_endpoint_training_runs_and_is_validated(seed):
     rtlynx.sparsify(z, lora_rank=2, backend="reference", speed_rules=False)
     with pytest.raises(G.DistillError, match="flow-matching"):
         G.train_global(z, lambda p, s: None, ["a"], cfg, progress=False, log=lambda *a: None)
+
+
+def test_grow_lora_rank_keeps_the_output_and_adds_capacity(seed):
+    """grow_lora_rank: every LoRA reaches the new rank, the old factors sit in the first rows / columns, the new B
+    columns are zero so the model's output is the same bit for bit, the new A rows are not (capacity to train), and a
+    second grow to a smaller rank changes nothing."""
+    _, model = _model(seed, rank=4, start=1e-2)
+    inp = example_inputs(model, batch=2, seed=seed)
+    with torch.no_grad():
+        before = output_tensor(model(**inp)).clone()
+    old = {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in rtlynx.sparse_layers(model).items()}
+    assert G.grow_lora_rank(model, 8, seed=seed) == len(old)
+    for name, layer in rtlynx.sparse_layers(model).items():
+        a, b = old[name]
+        assert layer.lora_rank == 8 and layer.lora_A.shape == (8, a.shape[1]) and layer.lora_B.shape == (b.shape[0], 8)
+        assert torch.equal(layer.lora_A[:4], a) and torch.equal(layer.lora_B[:, :4], b)
+        assert not bool((layer.lora_B[:, 4:] != 0).any()) and bool((layer.lora_A[4:] != 0).any())
+    with torch.no_grad():
+        assert torch.equal(output_tensor(model(**inp)), before)
+    assert G.grow_lora_rank(model, 6, seed=seed) == 0
