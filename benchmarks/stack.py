@@ -26,6 +26,8 @@ Variants, run in the order given (dense first: every ratio is against rows of th
 - rtlynx fp8          rtlynx.sparsify(dtype="fp8") + the same compile
 - rtlynx fp8 t<0.2    the same, the steps below noise level 0.2 dense (keep_dense_weights: bf16 weights there)
 - rtlynx bf16 t<0.2, rtlynx fp8 + torchao (torchao FP8 on the layers rtlynx keeps dense): not in the default list
+- rtlynx fp8 centred, rtlynx bf16 centred: token-mean centring (centre="token_mean", the best-quality setting on the
+  mini-FLUX); not in the default list
 - recipe + cache, rtlynx fp8 + cache: the same with cache-dit's DBCache on top (enabled before the compile; --smoke:
   1 front block, as the tiny FLUX has 2); not in the default list. --cache-mask: which steps are cached. "dbcache" is
   DBCache's own default (cache a step when the front blocks' residual changed by < 0.08, after 8 warm-up steps): on
@@ -74,7 +76,7 @@ from real_pipelines import MODEL_NAMES, PIPELINES, default_steps, new_transforme
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("dense", "dense compiled", "recipe", "rtlynx bf16", "rtlynx fp8", "rtlynx fp8 t<0.2", "rtlynx bf16 t<0.2",
-            "rtlynx fp8 + torchao", "recipe + cache", "rtlynx fp8 + cache")
+            "rtlynx fp8 + torchao", "recipe + cache", "rtlynx fp8 + cache", "rtlynx fp8 centred", "rtlynx bf16 centred")
 DEFAULT_VARIANTS = VARIANTS[:6]
 PROMPTS = ("a red cat on a blue house", "a photo of a small dog in the sky", "a painting of a big green tree",
            "the sun on a house with a tree")
@@ -127,7 +129,8 @@ def prepare(pipe, name: str, args) -> None:
         fp8_sites = "fp8" in name
         rtlynx.sparsify(tr, backend=args.backend, dtype="fp8" if fp8_sites else "native",
                         dense_below_t=0.2 if "t<0.2" in name else None,
-                        keep_dense_weights=fp8_sites and "t<0.2" in name)
+                        keep_dense_weights=fp8_sites and "t<0.2" in name,
+                        centre="token_mean" if name.endswith("centred") else None)
         if name.endswith("+ torchao"):
             fp8._torchao_fp8(tr, only_plain_linear=True)  # exact nn.Linear only: nothing rtlynx runs
     if cached:  # before the compile: cache-dit wraps the block lists the regional compile finds
