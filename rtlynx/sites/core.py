@@ -172,36 +172,34 @@ class Site(Operand):
         """``centre`` ``(c, rows)``: x's tokens are centred inside the prune kernel and the output is the 2-D
         ``[M + R, N]`` of ``[x - c; rows]`` (a call that cannot run fused builds those rows and goes on without)."""
         k = self.k
+        x2 = x.reshape(-1, k)
+        path = self._fused_path(cfg, layer, x2)
+        cen = None
         if centre is not None:
-            c, rows = centre
-            cen = (c.reshape(-1, k).contiguous(), rows)
+            if k % cfg.m or path not in ("fused", "checked"):  # centring outside the kernels: the rows written out
+                return self._forward_sparse(layer, self._centred_rows(x, *centre), user_tail, cfg)
+            cen = (centre[0].reshape(-1, k).contiguous(), centre[1])
         if k % cfg.m:
             return layer._forward_remainder(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
         use_lora = layer.lora_enabled and layer.lora_A is not None
         tail = TAIL_FULL if user_tail else TAIL_COMP if use_lora else TAIL_NONE
-        path = self._fused_path(cfg, layer, x2)
-        if centre is not None and path not in ("fused", "checked"):
-            return self._forward_sparse(layer, self._centred_rows(x, c, rows), user_tail, cfg)
         if path == "dense":
             return F.linear(x, layer.dense_weight(), layer.bias)
         norm = layer.compensation == "norm"
         family = family_of(cfg.dtype)
-        shape = (-1, layer.out_features) if centre is not None else (*lead, layer.out_features)
+        shape = (-1, layer.out_features) if cen is not None else (*lead, layer.out_features)
         if path == "fused":
-            return self._run_fused(family, layer, x, x2, tail, norm, cfg.eps,
-                                   centre=cen if centre is not None else None).reshape(shape)
+            return self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, centre=cen).reshape(shape)
         if path == "checked":
             try:
-                y = self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, check=True,
-                                    centre=cen if centre is not None else None)
+                y = self._run_fused(family, layer, x, x2, tail, norm, cfg.eps, check=True, centre=cen)
             except ops.Unsupported as e:  # fall through to the per-layer path, which warns and falls back
                 if not isinstance(e, ops.LibraryUnavailable):  # no kernels at all: the backend fallback says so
                     backends.warn_once(f"site:{e}", f"rtlynx: site {self.name!r} cannot run fused ({e}); "
                                                     f"running its layers one by one")
-                if centre is not None:
-                    return self._forward_sparse(layer, self._centred_rows(x, c, rows), user_tail, cfg)
+                if cen is not None:
+                    return self._forward_sparse(layer, self._centred_rows(x, *centre), user_tail, cfg)
             else:
                 self._validated(cfg, x2)
                 return y.reshape(shape)
