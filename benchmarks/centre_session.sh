@@ -10,7 +10,11 @@
 # CENTRES="token_mean none" picks the LoRAs (centred first: dense + every step + t < 0.2; the control without centring:
 # every step only, its FID against the same dense run's protocol); N (5000) images per FID; RANK (8) the LoRA rank;
 # FID=0 only the LoRAs (e.g. the start of a global distillation at rank 16 / 32: $OUT/lora.tgz).
-stage=${1:?stage: reference or run}
+#   3. bash benchmarks/centre_session.sh verify   (carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz; ~4 min)
+#      the centring GPU tests (the centring prune kernels bit for bit, FP8 centre rows, sites vs spec, fullgraph) and
+#      the FP8 site op's tail, then FLUX.1-dev compiled with and without centring (fp8.py e2e, profiled), rows in
+#      $OUT/centre_speed.json.
+stage=${1:?stage: reference, run or verify}
 case $stage in
   reference)
     bash benchmarks/fid_session.sh reference ;;
@@ -33,5 +37,13 @@ case $stage in
         --backend lynx --lora-dir $W/lora_$c --variants $v --out "$OUT/quality_centre_$c.json" 2>&1 \
         | grep -v "it/s]\|s/it]" | tail -8
     done ;;
+  verify)
+    source benchmarks/device_setup.sh
+    timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING tests/gpu/test_centre_gpu.py \
+      tests/gpu/test_fp8_kernels.py tests/gpu/test_user_lora_gpu.py 2>&1 | grep -v "^DEBUG" > "$OUT/centre_tests.txt"
+    tail -5 "$OUT/centre_tests.txt"
+    timeout ${E2E_S:-240} python3 benchmarks/fp8.py e2e --variants dense "rtlynx bf16" "rtlynx bf16 centred" \
+      "rtlynx fp8" "rtlynx fp8 centred" --compile regional --inductor default --reps 20 --profile \
+      --out "$OUT/centre_speed.json" 2>&1 | grep -v "Warning\|warn(" | tail -12 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
