@@ -223,6 +223,11 @@ def test_cli_global_objective_end_to_end(seed, tmp_path):
     assert steps == [1, 2, 3, 4, 5]
     with pytest.raises(SystemExit, match="--init DIR"):
         cli.main([a for a in args if a not in ("--init", str(tmp_path / "init"))] + ["--overwrite"])
+    # --grow-rank: the saved LoRA has the new rank
+    grown = tmp_path / "g4"
+    assert cli.main([a if a != str(out) else str(grown) for a in args] + ["--grow-rank", "4"]) == 0
+    meta, tensors = io.read(grown)
+    assert {v["lora_rank"] for v in meta["layers"].values()} == {4}
 
 
 def test_training_steps_run_without_cudnn_attention(seed):

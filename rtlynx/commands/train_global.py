@@ -37,13 +37,16 @@ def add_args(p) -> None:
     p.add_argument("--store-device", default=None,
                    help="global: where recorded calls are kept: cpu for large models (default: the model's device)")
     p.add_argument("--resume", action="store_true", help="global: continue from --out/checkpoint (default: off)")
+    p.add_argument("--grow-rank", type=arg_int(1), default=None,
+                   help="global: widen every LoRA of the start to this rank first (new B columns zero: the same "
+                        "output; the training uses the new capacity) (default: the start's rank)")
 
 
 def run(args, device, dtype, solve_closed_form) -> int:
     """``device`` / ``dtype``: the checked model options; ``solve_closed_form(transformer)``: the closed-form path of
     train-lora, used when there is no --init."""
     from .. import api, io
-    from ..distill_global import DistillError, GlobalConfig, train_global
+    from ..distill_global import DistillError, GlobalConfig, grow_lora_rank, train_global
     from ..pipelines import ModelError, load_runner
     from .generate import read_prompts
 
@@ -65,6 +68,9 @@ def run(args, device, dtype, solve_closed_form) -> int:
         else:
             solve_closed_form(runner.transformer)
             api.configure(runner.transformer, dense_below_t=None, dense_above_t=None)
+        if args.grow_rank:  # a resumed run grows the same way: its checkpoint holds the grown factors
+            print(f"LoRA rank {args.grow_rank} on {grow_lora_rank(runner.transformer, args.grow_rank, args.seed)} "
+                  "layers")
 
         def rollout(batch, seed):
             return runner.sample(batch, steps=args.steps, guidance=args.guidance, height=args.height,
