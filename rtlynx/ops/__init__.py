@@ -234,11 +234,10 @@ def centre_in_kernels(dtype: str = "native") -> bool:
     its prune (``SparsityConfig.dtype`` ``dtype``); libraries built before that run centred sites on ``[x - c; rows]``
     written out. False when there is no library."""
     try:
-        L = _lib.lib()
-    except LibraryUnavailable:
+        _sm90.centred_library(fp8=dtype == "fp8")
+    except Unsupported:  # LibraryUnavailable included
         return False
-    name = "rtlynx_prune_quant_fp8_centred_sm90" if dtype == "fp8" else "rtlynx_prune_compress_centred_sm90"
-    return hasattr(L, name)
+    return True
 
 
 def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, splits,
