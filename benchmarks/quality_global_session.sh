@@ -7,7 +7,7 @@
 #                 .cache/cutlass_inc.tar.xz: wheels installed into .cache/site, the kernels built (.cache/build, the
 #                 library's path in .cache/lib.txt), the whole GPU suite, the Inception checked.
 #   2. reference  tree without the weights + carry .cache/emoji64.npz: Emoji-64 Inception features -> .cache/;
-#                 compute-sanitizer on the kernels.
+#                 compute-sanitizer on the kernels (the refusals, then every kernel at small shapes).
 #   3. train      the whole tree: global distillation of the mini-FLUX LoRA (benchmarks/distill_global.py train)
 #                 -> .cache/gl/lora (and $OUT/lora.tgz), then FID of dense and RT-Lynx (every step sparse);
 #                 RESUME=1 goes on from the last checkpoint (600 steps take ~9 min: two calls), FID=0 skips the FID.
@@ -56,7 +56,9 @@ case $what in
   reference)
     bash benchmarks/fid_session.sh reference
     [ -n "${RTLYNX_LIB:-}" ] && { timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 \
-      tests/gpu/sanitize_checks.py > "$OUT/sanitizer.txt" 2>&1; echo "sanitizer rc $?" | tee -a "$OUT/sanitizer.txt"; } ;;
+      tests/gpu/sanitize_checks.py > "$OUT/sanitizer.txt" 2>&1; echo "sanitizer rc $?" | tee -a "$OUT/sanitizer.txt"
+      timeout ${SAN_S:-150} compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu/sanitize_small.py \
+        > "$OUT/sanitizer_small.txt" 2>&1; echo "sanitizer (every kernel, small) rc $?" | tee -a "$OUT/sanitizer_small.txt"; } ;;
   train)
     # Two optimisation steps per candidate setting first (CUDA_LAUNCH_BLOCKING=1 names the failing kernel): the
     # first run of 2026-12-07 hit an illegal memory access in the first backward (cuDNN attention, batch 256);
