@@ -31,8 +31,9 @@ defaults), median of --reps after warm-up, same process:
 - rtlynx fp8 + torchao: the same, and torchao's float8 linears on every layer rtlynx keeps dense (the recipe with
                        rtlynx's FP8 sparse sites in place of torchao's FP8 linears where they are sparse)
 - rtlynx bf16, rtlynx bf16 centred, rtlynx fp8 centred: bf16 sites without and with token-mean centring
-                       (centre="token_mean"), FP8 sites with it (they keep their bf16 weights for c W^T); not in
-                       the default list
+                       (centre="token_mean"), FP8 sites with it; not in the default list
+- ... + LoRA r8:       the same with the rank-8 compensation LoRA the quality runs use (the rows above run without
+                       it: norm compensation only); "rtlynx fp8 centred + LoRA r8" is the configuration of the FIDs
 """
 
 from __future__ import annotations
@@ -242,10 +243,13 @@ def cmd_linear(args) -> int:
 
 
 E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe", "rtlynx bf16", "rtlynx bf16 centred",
-                "rtlynx fp8 centred")
+                "rtlynx fp8 centred", "rtlynx bf16 + LoRA r8", "rtlynx fp8 + LoRA r8", "rtlynx bf16 centred + LoRA r8",
+                "rtlynx fp8 centred + LoRA r8")
 E2E_DEFAULT = E2E_VARIANTS[:4]
-# rtlynx bf16 centred: token-mean centring (SparsityConfig.centre), today one extra pass over x per site outside the
-# prune kernel: its row against "rtlynx bf16" is what that pass costs
+# "+ LoRA r8": the compensation LoRA of the quality runs (rank 8, in the GEMM tail), which the other rtlynx rows leave
+# out (lora_rank=0, norm compensation only); "centred + LoRA r8" is the configuration the FID of issue 18 measures
+# rtlynx bf16 centred: token-mean centring (SparsityConfig.centre): the token mean per site input, subtracted inside
+# the prune kernel where the library has the centring prunes: its row against "rtlynx bf16" is what centring costs
 
 
 def _torchao_fp8(model, only_plain_linear: bool):
@@ -313,12 +317,12 @@ def cmd_e2e(args) -> int:
                 fresh()
                 model.fuse_qkv_projections()
                 _torchao_fp8(model, only_plain_linear=False)
-            elif name.startswith("rtlynx fp8"):
-                rtlynx.sparsify(model, dtype="fp8", centre="token_mean" if name.endswith("centred") else None)
+            elif name.startswith("rtlynx"):
+                rtlynx.sparsify(model, dtype="fp8" if name.startswith("rtlynx fp8") else "native",
+                                centre="token_mean" if "centred" in name else None,
+                                lora_rank=8 if name.endswith("+ LoRA r8") else 0)
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
-            elif name.startswith("rtlynx bf16"):
-                rtlynx.sparsify(model, centre="token_mean" if name.endswith("centred") else None)
             for k, v in inductor.items():
                 setattr(inductor_config, k, v)
             gc.collect()
