@@ -75,7 +75,8 @@ def cmd_train(args) -> int:
                        rollout_prompts=args.rollout_prompts, refresh=args.refresh, buffer_rounds=args.buffer_rounds,
                        states=args.states, t_weight=args.t_weight, eval_every=args.eval_every,
                        target=args.target, endpoint_weight=args.endpoint_weight,
-                       save_every=args.eval_every, seed=args.seed, checkpointing=args.checkpointing)
+                       save_every=args.eval_every, seed=args.seed, checkpointing=args.checkpointing,
+                       dense_below_t=args.save_dense_below_t if args.train_for_schedule else None)
     t0 = time.time()
     with _sdpa(args.sdpa):
         rep = train_global(model.transformer, roll, train, cfg, val_calls=val_dense, eval_fn=eval_fn,
@@ -277,6 +278,8 @@ def main(argv=None) -> int:
     t.add_argument("--sdpa", choices=["auto", "flash", "efficient", "cudnn", "math"], default="auto",
                    help="the attention backend of the whole run (auto: torch's choice)")
     t.add_argument("--save-dense-below-t", type=float, default=0.2, help="the step schedule saved with the LoRA")
+    t.add_argument("--train-for-schedule", action="store_true",
+                   help="train for that schedule: rollouts and evaluations run it, its dense steps leave the loss")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--grow-rank", type=int, default=0,
                    help="grow every LoRA of --init to this rank first (zero new B columns: same output), e.g. 16 or 32")

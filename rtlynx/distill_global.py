@@ -13,6 +13,9 @@ layers can absorb earlier layers' errors only when they are trained together. He
   as the comparison.
 - loss: the teacher's output at those states, mean squared error relative to the teacher's energy, optionally
   weighted by noise level (``t_weight``).
+- schedule: ``dense_below_t`` trains for the step schedule the LoRA will run with: the rollouts run it (the final
+  steps dense) and the calls it runs dense are left out of the batches, so no capacity goes to steps that never
+  use the LoRA.
 Works on any transformer a :class:`rtlynx.pipelines.Runner` samples (the recorder is a forward pre-hook), with
 gradient checkpointing per block where diffusers offers it. Resumable from its checkpoint folder.
 """
@@ -64,6 +67,7 @@ class GlobalConfig:
     t_weight: str = "uniform"     # "late": weight 1 + 3 (1 - t) on low-noise rows; "early": 1 + 3 t
     target: str = "velocity"      # "endpoint": pulled toward the dense sample of the same noise (recording.endpoint_targets)
     endpoint_weight: float = 1.0  # 0: the velocity target; 1: the full pull
+    dense_below_t: float | None = None  # train for this step schedule (SparsityConfig.dense_below_t); None: every step
     grad_clip: float = 1.0
     checkpointing: bool = True    # gradient checkpointing per transformer block, where the model offers it
     seed: int = 0
@@ -93,6 +97,10 @@ class GlobalConfig:
         if not (isinstance(self.endpoint_weight, (int, float)) and math.isfinite(self.endpoint_weight)
                 and self.endpoint_weight >= 0):
             raise ValueError(f"endpoint_weight must be a finite number >= 0, got {self.endpoint_weight!r}")
+        if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))
+                                                   and not isinstance(self.dense_below_t, bool)
+                                                   and 0 < self.dense_below_t <= 1):
+            raise ValueError(f"dense_below_t must be a noise level in (0, 1] or None, got {self.dense_below_t!r}")
 
 
 def grow_lora_rank(transformer, rank: int, seed: int = 0) -> int:
@@ -268,6 +276,25 @@ def _on_backend(transformer, backend: str):
 
 
 @contextlib.contextmanager
+def _on_schedule(transformer, below: float | None):
+    """The step schedule ``dense_below_t = below`` for the block (None: the model's own), then the model's back."""
+    saved = config_of(transformer).dense_below_t
+    if below is not None and below != saved:
+        configure(transformer, dense_below_t=below)
+    try:
+        yield
+    finally:
+        if config_of(transformer).dense_below_t != saved:
+            configure(transformer, dense_below_t=saved)
+
+
+def trains_on(call: Call, below: float | None) -> bool:
+    """Whether a recorded call's rows go into the batches: every call, or with a schedule the calls it runs sparse
+    (t >= below; a call of unknown t is kept)."""
+    return below is None or call.t is None or call.t >= below
+
+
+@contextlib.contextmanager
 def _no_cudnn_attention():
     """The training forward and backward without cuDNN attention: its backward failed on an H100 (torch 2.11 cu130,
     mini-FLUX, batch 256 x 272 tokens: ``mha_graph.execute(...).is_good()``, an illegal memory access without
@@ -329,6 +356,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
     user_backend = config_of(transformer).backend
     stack = contextlib.ExitStack()
     stack.enter_context(_on_backend(transformer, "reference"))  # autograd through the pruned product
+    stack.enter_context(_on_schedule(transformer, cfg.dense_below_t))  # rollouts and evaluations run the schedule
     saved_grad = _frozen_except(transformer, params)
     had_ckpt = bool(getattr(transformer, "gradient_checkpointing", False))
     if cfg.checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
@@ -366,7 +394,10 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 with _on_backend(transformer, user_backend):
                     _evaluate(transformer, step, val_calls, eval_fn, history, timings, log)
             t0 = time.perf_counter()
-            calls = [c for r in buffer for c in r]
+            calls = [c for r in buffer for c in r if trains_on(c, cfg.dense_below_t)]
+            if not calls:
+                raise DistillError(f"no recorded call runs sparse under dense_below_t={cfg.dense_below_t} (every "
+                                   "call of the rollouts had a lower noise level): lower it or leave it unset")
             picks = rng.sample(range(len(calls)), min(cfg.calls_per_batch, len(calls)))
             per = max(1, cfg.batch // len(picks))
             parts = []
@@ -444,4 +475,5 @@ def _evaluate(transformer, step, val_calls, eval_fn, history, timings, log):
     log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
-__all__ = ["DistillError", "GlobalConfig", "MemoryPlan", "lora_parameters", "memory_plan", "t_weights", "train_global"]
+__all__ = ["DistillError", "GlobalConfig", "MemoryPlan", "lora_parameters", "memory_plan", "t_weights", "train_global",
+           "trains_on"]

@@ -3,6 +3,7 @@ sampler's, the teacher is the dense model, only the LoRA factors train and the m
 inputs and a non-finite loss end in one-line errors with the LoRA as it was."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ import torch
 import rtlynx
 from rtlynx import distill_global as G
 from rtlynx import recording as R
+from rtlynx import schedule
 from rtlynx.integrations.diffusers import example_inputs, output_tensor, tiny_transformer
 
 
@@ -190,9 +192,50 @@ def test_bad_inputs_are_one_line_errors(seed, tmp_path):
         G.train_global(model, lambda p, s: None, ["a"], G.GlobalConfig(steps=1), checkpoint=tmp_path, resume=True,
                        progress=False)
     for bad in (dict(steps=0), dict(lr=float("nan")), dict(lr=-1.0), dict(states="x"), dict(t_weight="x"),
-                dict(batch=1.5), dict(warmup=-1)):
+                dict(batch=1.5), dict(warmup=-1), dict(dense_below_t=0.0), dict(dense_below_t=1.5),
+                dict(dense_below_t=True), dict(dense_below_t="0.2")):
         with pytest.raises(ValueError):
             G.GlobalConfig(**bad)
+
+
+def test_training_for_a_schedule_leaves_its_dense_steps_out(seed, monkeypatch):
+    """dense_below_t: the rollouts run the schedule (the call below it dense), its calls never reach a batch, the
+    model's own schedule is back afterwards; a schedule under which no call runs sparse is a one-line error."""
+    _, model = _model(seed)
+    roll = _sampler(model)  # calls at t = 1, 2/3, 1/3
+    gates = []
+
+    def watched(prompts, s):  # what the step gate decided at each call of the rollouts
+        h = model.register_forward_hook(lambda *a: gates.append(schedule.gate_of(model).dense))
+        try:
+            return roll(prompts, s)
+        finally:
+            h.remove()
+
+    drawn = []
+    real_rows_of = G.rows_of
+    monkeypatch.setattr(G, "rows_of", lambda c, idx: (drawn.append(c.t), real_rows_of(c, idx))[1])
+    cfg = G.GlobalConfig(steps=4, warmup=0, batch=4, calls_per_batch=3, rollout_prompts=2, refresh=2, eval_every=100,
+                         seed=seed, dense_below_t=0.5)
+    G.train_global(model, watched, ["a", "b", "c"], cfg, progress=False, log=lambda *a: None)
+    assert gates == [False, False, True] * 2  # two rollouts, the last call of each dense
+    assert drawn and min(drawn) >= 0.5 and len(set(drawn)) == 2  # t = 1 and 2/3 only
+    assert rtlynx.config_of(model).dense_below_t is None and schedule.gate_of(model) is None
+    # the same run without the option draws the t = 1/3 call too
+    drawn.clear()
+    G.train_global(model, roll, ["a", "b", "c"], dataclasses.replace(cfg, dense_below_t=None), progress=False,
+                   log=lambda *a: None)
+    assert min(drawn) < 0.5
+
+    def low(prompts, s):  # a sampler whose only call is below the schedule's level
+        inputs = example_inputs(model, batch=len(prompts), seed=s)
+        return output_tensor(model(**{**inputs, "timestep": torch.full((len(prompts),), 0.3)}))
+
+    lora = {k: p.detach().clone() for k, p in G.lora_parameters(model).items()}
+    with pytest.raises(G.DistillError, match="no recorded call runs sparse"):
+        G.train_global(model, low, ["a"], dataclasses.replace(cfg, steps=1), progress=False, log=lambda *a: None)
+    assert all(torch.equal(p, lora[k]) for k, p in G.lora_parameters(model).items())
+    assert rtlynx.config_of(model).dense_below_t is None
 
 
 def test_cli_global_objective_end_to_end(seed, tmp_path):
@@ -228,6 +271,12 @@ def test_cli_global_objective_end_to_end(seed, tmp_path):
     assert cli.main([a if a != str(out) else str(grown) for a in args] + ["--grow-rank", "4"]) == 0
     meta, tensors = io.read(grown)
     assert {v["lora_rank"] for v in meta["layers"].values()} == {4}
+    # --train-for-schedule: the saved schedule in the training's config; without a schedule a one-line error
+    sched = tmp_path / "gs"
+    assert cli.main([a if a != str(out) else str(sched) for a in args] + ["--train-for-schedule"]) == 0
+    assert json.loads((sched / "distill_report.json").read_text())["config"]["dense_below_t"] == 0.2
+    with pytest.raises(SystemExit, match="needs a schedule"):
+        cli.main(args + ["--train-for-schedule", "--dense-below-t", "none", "--overwrite"])
 
 
 def test_training_steps_run_without_cudnn_attention(seed):

@@ -37,6 +37,9 @@ def add_args(p) -> None:
     p.add_argument("--store-device", default=None,
                    help="global: where recorded calls are kept: cpu for large models (default: the model's device)")
     p.add_argument("--resume", action="store_true", help="global: continue from --out/checkpoint (default: off)")
+    p.add_argument("--train-for-schedule", action="store_true",
+                   help="global: train for the step schedule saved with the LoRA (--dense-below-t): the rollouts run "
+                        "it and the steps it runs dense are left out of the loss (default: off, every step sparse)")
     p.add_argument("--grow-rank", type=arg_int(1), default=None,
                    help="global: widen every LoRA of the start to this rank first (new B columns zero: the same "
                         "output; the training uses the new capacity) (default: the start's rank)")
@@ -53,6 +56,10 @@ def run(args, device, dtype, solve_closed_form) -> int:
     out = Path(args.out)
     if not args.prompts:
         raise SystemExit("rtlynx train-lora --objective global: give --prompts FILE (training prompts, one a line)")
+    below = None if args.dense_below_t in ("none", "config") else args.dense_below_t  # the schedule saved
+    if args.train_for_schedule and below is None:
+        raise SystemExit("rtlynx train-lora --objective global: --train-for-schedule needs a schedule "
+                         "(--dense-below-t T)")
     if not args.init and not args.calib:
         raise SystemExit("rtlynx train-lora --objective global: give --init DIR (a LoRA to start from) or --calib "
                          "(solve the closed form first)")
@@ -60,7 +67,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
         cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
                            rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
                            t_weight=args.t_weight, seed=args.seed, target=args.target,
-                           endpoint_weight=args.endpoint_weight)
+                           endpoint_weight=args.endpoint_weight,
+                           dense_below_t=below if args.train_for_schedule else None)
         prompts = read_prompts(args.prompts)
         runner = load_runner(args.model, device=device, dtype=dtype)
         if args.init:
@@ -80,9 +88,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
                               resume=args.resume, store_device=args.store_device)
     except (ModelError, ValueError, FileNotFoundError, DistillError) as e:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
-    # the step schedule saved with the LoRA (--dense-below-t; training itself ran every step sparse)
-    api.configure(runner.transformer, dense_below_t=None if args.dense_below_t in ("none", "config")
-                  else args.dense_below_t)
+    # the step schedule saved with the LoRA (--dense-below-t; the training ran it only with --train-for-schedule)
+    api.configure(runner.transformer, dense_below_t=below)
     io.save(runner.transformer, out, overwrite=True)
     (out / "distill_report.json").write_text(json.dumps({"objective": "global", "model": args.model,
                                                           "init": args.init, **report}, indent=1))
