@@ -262,30 +262,20 @@ def _lr_at(step: int, cfg: GlobalConfig) -> float:
 
 
 @contextlib.contextmanager
-def _on_backend(transformer, backend: str):
-    """Run the block on another backend (the training forward needs autograd: the reference path; rollouts and
-    evaluations, no gradients: the user's, e.g. the fused kernels)."""
-    saved = config_of(transformer).backend
-    if backend != saved:
-        configure(transformer, backend=backend)
+def _configured(transformer, **changes):
+    """The block with some settings changed (a None value: left as it is), then the model's own back: e.g. the
+    training forward on the reference path (it needs autograd) inside rollouts and evaluations on the user's backend
+    (no gradients: e.g. the fused kernels), or the step schedule the training is for."""
+    cfg = config_of(transformer)
+    saved = {k: getattr(cfg, k) for k, v in changes.items() if v is not None and v != getattr(cfg, k)}
+    if saved:
+        configure(transformer, **{k: changes[k] for k in saved})
     try:
         yield
     finally:
-        if config_of(transformer).backend != saved:
-            configure(transformer, backend=saved)
-
-
-@contextlib.contextmanager
-def _on_schedule(transformer, below: float | None):
-    """The step schedule ``dense_below_t = below`` for the block (None: the model's own), then the model's back."""
-    saved = config_of(transformer).dense_below_t
-    if below is not None and below != saved:
-        configure(transformer, dense_below_t=below)
-    try:
-        yield
-    finally:
-        if config_of(transformer).dense_below_t != saved:
-            configure(transformer, dense_below_t=saved)
+        back = {k: v for k, v in saved.items() if getattr(config_of(transformer), k) != v}
+        if back:
+            configure(transformer, **back)
 
 
 def trains_on(call: Call, below: float | None) -> bool:
@@ -355,8 +345,9 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
     random.Random(cfg.seed).shuffle(order)
     user_backend = config_of(transformer).backend
     stack = contextlib.ExitStack()
-    stack.enter_context(_on_backend(transformer, "reference"))  # autograd through the pruned product
-    stack.enter_context(_on_schedule(transformer, cfg.dense_below_t))  # rollouts and evaluations run the schedule
+    stack.enter_context(_configured(transformer, backend="reference"))  # autograd through the pruned product
+    # rollouts and evaluations run the schedule the training is for (the training rows are all above it)
+    stack.enter_context(_configured(transformer, dense_below_t=cfg.dense_below_t))
     saved_grad = _frozen_except(transformer, params)
     had_ckpt = bool(getattr(transformer, "gradient_checkpointing", False))
     if cfg.checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
@@ -375,7 +366,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                 t0 = time.perf_counter()
                 lo = (round_i * cfg.rollout_prompts) % len(order)
                 batch_prompts = [order[(lo + i) % len(order)] for i in range(cfg.rollout_prompts)]
-                with _on_backend(transformer, user_backend):
+                with _configured(transformer, backend=user_backend):
                     fresh = record_round(transformer, rollout, batch_prompts, cfg.seed + 1000 + round_i, cfg.states,
                                          store_device)
                     if cfg.target == "endpoint":  # the dense sampler from the same prompts and noise
@@ -391,7 +382,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
                                     "the model's device" if store_device is None else str(store_device),
                                     bool(getattr(transformer, "gradient_checkpointing", False))).report())
             if step == step0 or step % cfg.eval_every == 0:
-                with _on_backend(transformer, user_backend):
+                with _configured(transformer, backend=user_backend):
                     _evaluate(transformer, step, val_calls, eval_fn, history, timings, log)
             t0 = time.perf_counter()
             calls = [c for r in buffer for c in r if trains_on(c, cfg.dense_below_t)]
@@ -437,7 +428,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
             if ckpt is not None and (step + 1) % cfg.save_every == 0:
                 _save_state(ckpt, transformer, master, opt, step + 1, cfg, history)
                 start = {k: m.detach().clone() for k, m in master.master.items()}
-        with _on_backend(transformer, user_backend):
+        with _configured(transformer, backend=user_backend):
             _evaluate(transformer, cfg.steps, val_calls, eval_fn, history, timings, log)
         if ckpt is not None:
             _save_state(ckpt, transformer, master, opt, cfg.steps, cfg, history)
