@@ -2,7 +2,8 @@
 # Carry the wheels in .whl (diffusers + importlib_metadata, torchao for the FP8 recipe; WHEELS=DIR: another folder,
 # WHEELS=none: none), the CUTLASS headers as .cache/cutlass/include or packed as .cache/cutlass_inc.tar.xz (1 MB
 # instead of 28), and optionally .cache/build or .cache/obj.tgz (kernel objects prebuilt elsewhere). BUILD=0: no
-# kernel build (the reference path, or a library the script finds itself).
+# kernel build (the reference path, or the library an earlier call's quality_global_session.sh prep built, named in
+# .cache/lib.txt; with WHEELS=none PYTHONPATH=$PWD/.cache/site that call's wheels too: no carry of either).
 # Sets OUT, PYTHONPATH, RTLYNX_BUILD_DIR, CUTLASS_INCLUDE and (with the build) RTLYNX_LIB, the library it builds or
 # finds; writes $OUT/env.txt and, with the build, $OUT/build.txt; KEEP_OBJ=1 also $OUT/obj.tgz (the objects, one
 # file: only when they were compiled here, since $OUT gives back 8 files at most and device_files.sh OBJECTS=1 makes
@@ -22,6 +23,9 @@ export RTLYNX_BUILD_DIR=${RTLYNX_BUILD_DIR:-$PWD/.cache/build}
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 } 2>&1 | tee "$OUT/env.txt"
+if [ "${BUILD:-1}" = 0 ] && [ -z "${RTLYNX_LIB:-}" ] && [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ]; then
+  export RTLYNX_LIB=$(cat .cache/lib.txt)  # the library quality_global_session.sh prep built (and tested) earlier
+fi
 if [ "${BUILD:-1}" != 0 ]; then
   # prebuilt objects may come packed (.cache/obj.tgz, the obj.tgz an earlier call wrote): a third of the size
   if [ -f .cache/obj.tgz ]; then mkdir -p "$RTLYNX_BUILD_DIR" && tar xzf .cache/obj.tgz -C "$RTLYNX_BUILD_DIR"; fi

@@ -2,8 +2,8 @@
 # One device call of the users' adapters in the LoRA tail (issue 20, item 2). Carry what benchmarks/device_setup.sh
 # lists (.whl with diffusers + peft, the CUTLASS headers, optionally prebuilt objects in .cache/build).
 #   bash benchmarks/user_lora_session.sh tests         build, the adapter GPU tests and the site / FP8 suites
-#   bash benchmarks/user_lora_session.sh bench VARIANT...   FLUX.1-dev compiled rows (about 2 min of compile each:
-#        two or three variants per call; rows merge into benchmarks/results/user_lora_<device>.json)
+#   bash benchmarks/user_lora_session.sh bench [VARIANT...]   FLUX.1-dev compiled rows (all variants when none is
+#        named; rows merge into benchmarks/results/user_lora_<device>.json)
 # PROFILE=1: one profiled forward per variant after its timing (GPU ms per kernel class: what the adapter adds)
 # COMPILE=regional: diffusers' compile_repeated_blocks (seconds of compiling instead of minutes: all six in one call)
 # MODE=reduce-overhead: every variant under CUDA graphs (host time out of the adapter's cost); rows of another mode
@@ -21,7 +21,7 @@ case $what in
   bench)
     timeout ${BENCH_S:-540} python3 benchmarks/user_lora.py --compile ${COMPILE:-full} ${PROFILE:+--profile} \
       ${MODE:+--mode $MODE} ${ULOUT:+--out $ULOUT} \
-      --variants "$@" 2>&1 | tee -a "$OUT/user_lora_bench.txt"
+      ${1:+--variants "$@"} 2>&1 | tee -a "$OUT/user_lora_bench.txt"
     save ;;
 esac
 save
