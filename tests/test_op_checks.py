@@ -309,11 +309,21 @@ def test_centred_site_operands_are_checked():
             ((c, meta(4, 128)), r"\[R, K=256\]"),
             ((c, meta(4, 256, dtype=torch.float16)), "centre_rows .* must be bfloat16"),
             ((c, meta(4, 260)[:, :256]), "multiple of 8"),
+            ((meta(1, 256, dtype=torch.float32).expand(2, 256), rows), "row stride >= K"),  # one row read twice
+            ((c, meta(1, 256).expand(4, 256)), "row stride >= K"),
             ((torch.empty(2, 256), rows), "not on the input's device")):
         with pytest.raises(ops.Unsupported, match=match):
             k90.sparse_site_sm90(x, w, None, None, [32, 32], True, 1e-8, *args)
         with pytest.raises(ops.Unsupported, match=match):
             kf8.fp8_site_sm90(x, wq, sw, None, [64], True, 1e-8, 0, None, None, [], *args)
+    # no token rows (the kernels would return none, the fakes M + R), and the FP8 op's GELU producer, which the
+    # centring prune does not have: refused by the ops and their fakes alike
+    with pytest.raises(ops.Unsupported, match="at least one token row"):
+        k90.sparse_site_sm90(meta(0, 256), w, None, None, [32, 32], True, 1e-8, c, rows)
+    with pytest.raises(ops.Unsupported, match="at least one token row"):
+        kf8.fp8_site_sm90(meta(0, 256), wq, sw, None, [64], True, 1e-8, 0, None, None, [], c, meta(8, 256))
+    with pytest.raises(ops.Unsupported, match="no GELU producer"):
+        kf8.fp8_site_sm90(x, wq, sw, None, [64], True, 1e-8, 1, None, None, [], c, meta(8, 256))
 
 
 def test_gemm_tables_serve_a_few_extra_rows():

@@ -197,8 +197,6 @@ def lynx_site_linear(x2d: torch.Tensor, wext: torch.Tensor, bias: torch.Tensor |
     if centre is not None:
         _sm90.centred_library()
     if x2d.shape[0] == 0:
-        if centre is not None:
-            raise Unsupported("a centred site needs at least one token row")
         return [x2d.new_empty(0, n) for n in splits]
     return sparse_site(x2d.contiguous(), wext, bias, lora_a, splits, norm, eps, centre, centre_rows)
 
@@ -254,14 +252,10 @@ def fp8_site(x2d: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor, bias: torch.
     if check:  # once: the eager call below goes to the implementation, which does not check again
         _check_x(x2d)
         check_fp8_site(x2d, wq, sw, bias, splits, act, lora_a, lora_b, lora_terms)
-        check_centre(x2d, centre, centre_rows)
+        check_centre(x2d, centre, centre_rows, act)
         if centre is not None:
-            if act:
-                raise Unsupported("the FP8 GELU producer does not centre")
             _sm90.centred_library(fp8=True)
     if x2d.shape[0] == 0:
-        if centre is not None:
-            raise Unsupported("a centred site needs at least one token row")
         return [x2d.new_empty(0, n) for n in splits]
     if torch.compiler.is_compiling() or not x2d.is_cuda:
         return _fp8.fp8_site_sm90(x2d, wq, sw, bias, list(splits), bool(norm), float(eps), int(act), lora_a,

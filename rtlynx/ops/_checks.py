@@ -187,24 +187,35 @@ def check_site(x, wext, bias, lora_a, splits) -> None:
             raise Unsupported(f"site lora_a {_where(lora_a)} does not fit K={k}")
 
 
-def check_centre(x, centre, centre_rows) -> None:
+def _rows_apart(t, k: int) -> bool:
+    """Rows that do not overlap (the kernels read each row as K values from its row start)."""
+    return t.shape[0] <= 1 or t.stride(0) >= k
+
+
+def check_centre(x, centre, centre_rows, act: int = 0) -> None:
     """Token-mean centring operands of a site op (both or neither): centre float32 [B, K] (one centre per sample, B
-    dividing x's rows, unit stride along K, row stride a multiple of 4) and centre_rows [R, K] in x's dtype (row
-    stride a multiple of 8), both 16-byte aligned and on x's device."""
+    dividing x's rows, M >= 1, unit stride along K, rows apart with a row stride that is a multiple of 4) and
+    centre_rows [R, K] in x's dtype (the same, row stride a multiple of 8), both 16-byte aligned and on x's device;
+    the centring prunes have no GELU producer (``act`` 0)."""
     if centre is None and centre_rows is None:
         return
     if centre is None or centre_rows is None:
         raise Unsupported("site centring needs both centre and centre_rows")
+    if act:
+        raise Unsupported("the centring prunes have no GELU producer: centre the GELU's output (act=0)")
     m, k = x.shape
+    if m == 0:
+        raise Unsupported("a centred site needs at least one token row")
     check_tensor(centre, "site centre", x, torch.float32)
     if (centre.dim() != 2 or centre.shape[1] != k or centre.shape[0] == 0 or m % centre.shape[0]
-            or centre.stride(1) != 1 or centre.stride(0) % 4):
+            or centre.stride(1) != 1 or centre.stride(0) % 4 or not _rows_apart(centre, k)):
         raise Unsupported(f"site centre {_where(centre)} must be float32 [B, K={k}] with B dividing M={m}, unit "
-                          "stride along K and a row stride that is a multiple of 4")
+                          "stride along K and a row stride >= K that is a multiple of 4")
     check_tensor(centre_rows, "site centre_rows", x)
-    if centre_rows.dim() != 2 or centre_rows.shape[1] != k or centre_rows.stride(1) != 1 or centre_rows.stride(0) % 8:
+    if (centre_rows.dim() != 2 or centre_rows.shape[1] != k or centre_rows.stride(1) != 1
+            or centre_rows.stride(0) % 8 or not _rows_apart(centre_rows, k)):
         raise Unsupported(f"site centre_rows {_where(centre_rows)} must be [R, K={k}] with unit stride along K and a "
-                          "row stride that is a multiple of 8")
+                          "row stride >= K that is a multiple of 8")
     check_aligned(centre, "site centre")
     check_aligned(centre_rows, "site centre_rows")
 

@@ -239,7 +239,7 @@ def _site_op_impl(x, wq, sw, bias, splits, norm, eps, act=0, lora_a=None, lora_b
                   centre_rows=None):
     lora_b = list(lora_b or ())
     _checks.check_fp8_site(x, wq, sw, bias, splits, act, lora_a, lora_b, lora_terms)
-    _checks.check_centre(x, centre, centre_rows)
+    _checks.check_centre(x, centre, centre_rows, act)
     return _site_impl(x, wq, sw, bias, list(splits), norm, eps, act, False, lora_a, lora_b, list(lora_terms), centre,
                       centre_rows)
 
@@ -252,7 +252,7 @@ fp8_site_sm90 = torch.ops.rtlynx.fp8_site_sm90.default
 def _(x, wq, sw, bias, splits, norm, eps, act=0, lora_a=None, lora_b=None, lora_terms=(), centre=None,
       centre_rows=None):
     _checks.check_fp8_site(x, wq, sw, bias, splits, act, lora_a, list(lora_b or ()), lora_terms)
-    _checks.check_centre(x, centre, centre_rows)
+    _checks.check_centre(x, centre, centre_rows, act)
     rows = x.shape[0] + (0 if centre_rows is None else centre_rows.shape[0])
     return [x.new_empty(rows, n) for n in splits]
 

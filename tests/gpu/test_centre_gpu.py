@@ -52,51 +52,65 @@ def test_centred_compiles_fullgraph(gen):
 
 
 # ------------------------------------------------------------------------ the centring prune kernels, raw, bitwise
-def _centre_case(b, t, k, gen, rows_per_sample):
-    x = rnd((b * t, k), torch.bfloat16, gen) + rnd((1, k), torch.bfloat16, gen, scale=3.0)  # a shared offset
+def _centre_case(b, t, k, gen, rows_per_sample, dtype=torch.bfloat16, big=False):
+    x = rnd((b * t, k), dtype, gen) + rnd((1, k), dtype, gen, scale=3.0)  # a shared offset
+    if big and b * t > 3:  # |x - c| ~ 1e20: float32 squares overflow, the prunes' rescale pass runs (bf16 only)
+        x[3] = x[3] * 1e20
     c = x.float().reshape(b, t, k).mean(1)  # float32 [B, K], as reference.token_mean
-    crows = rnd((rows_per_sample * b, k), torch.bfloat16, gen)
+    crows = rnd((rows_per_sample * b, k), dtype, gen)
     return x, c, crows
 
 
+@pytest.mark.parametrize("dtype,r,big", [(torch.bfloat16, 0, False), (torch.bfloat16, 64, False),
+                                         (torch.float16, 64, False), (torch.bfloat16, 0, True)])
 @pytest.mark.parametrize("b,t,k", [(1, 1, 64), (2, 7, 200), (3, 33, 3072), (2, 2048, 3072), (1, 4096, 15360)])
-def test_centred_prune_is_the_twin_bit_for_bit(b, t, k, gen):
+def test_centred_prune_is_the_twin_bit_for_bit(b, t, k, dtype, r, big, gen):
     """rtlynx_prune_compress_centred_sm90 against rtlynx.reference.sm90.compress_sm90 of centred_operand: values
-    and metadata bit for bit (outputs poisoned first), the norm scale to float32 summation order; no LoRA tail."""
+    and metadata bit for bit (outputs poisoned first), the norm scale to float32 summation order; with a LoRA tail
+    (r columns of h for the M + R rows: reference.sm90.lora_tail) and with rows whose squares overflow float32."""
     from rtlynx.reference import sm90 as ref90
     from rtlynx.reference.sm90 import padded_shape
 
     from rtlynx.ops import _launch, sm90 as k90
 
-    x, c, crows = _centre_case(b, t, k, gen, 2)
-    m, r = x.shape[0], crows.shape[0]
-    mp, kp = padded_shape(m + r, k)
-    values = torch.full((m + r, kp // 2), -1, dtype=torch.int16, device="cuda")
-    meta = torch.full((mp * kp // 8,), 0xAB, dtype=torch.uint8, device="cuda")
-    scale = torch.full((m + r,), float("nan"), device="cuda")
+    x, c, crows = _centre_case(b, t, k, gen, 2, dtype, big)
+    m, rr = x.shape[0], crows.shape[0]
+    mp, kp = padded_shape(m + rr, k)
+    kg = kp + 2 * r
+    h = rnd((m + rr, r), dtype, gen) if r else None
+    values = torch.full((m + rr, kg // 2), -1, dtype=torch.int16, device="cuda")
+    meta = torch.full((mp * kg // 8,), 0xAB, dtype=torch.uint8, device="cuda")
+    scale = torch.full((m + rr,), float("nan"), device="cuda")
     L = k90.centred_library()
-    rc = L.rtlynx_prune_compress_centred_sm90(0, x.data_ptr(), x.stride(0), m, k, c.data_ptr(), c.stride(0), t,
-                                              crows.data_ptr(), crows.stride(0), r, None, 0, 0, values.data_ptr(),
-                                              values.stride(0), meta.data_ptr(), scale.data_ptr(), 1, 1e-8,
-                                              _launch.stream())
+    rc = L.rtlynx_prune_compress_centred_sm90(
+        1 if dtype == torch.float16 else 0, x.data_ptr(), x.stride(0), m, k, c.data_ptr(), c.stride(0), t,
+        crows.data_ptr(), crows.stride(0), rr, None if h is None else h.data_ptr(), 0 if h is None else h.stride(0),
+        r, values.data_ptr(), values.stride(0), meta.data_ptr(), scale.data_ptr(), 1, 1e-8, _launch.stream())
     assert rc == 0
     torch.cuda.synchronize()
     rv, rmeta, rscale = ref90.compress_sm90(ref90.centred_operand(x, c, crows))
-    assert torch.equal(values, rv.view(torch.int16)), "values differ"
-    assert torch.equal(meta, rmeta), "metadata differs"
+    assert torch.equal(values[:, : kp // 2], rv.view(torch.int16)), "values differ"
     torch.testing.assert_close(scale, rscale, rtol=3e-5, atol=0)
+    rows = ref90.sm90_meta_to_rows(meta, m + rr, kg)
+    assert torch.equal(rows[:, : kp // 8], ref90.sm90_meta_to_rows(rmeta, m + rr, kp)), "metadata differs"
+    if r:
+        tail = ref90.lora_tail(h, scale)  # h / s with the kernel's s (its float32 order)
+        assert torch.equal(values[:, kp // 2:], tail.view(torch.int16)), "LoRA tail differs"
+        assert bool((rows[:, kp // 8:] == ref90.TAIL_META_BYTE).all())
 
 
+@pytest.mark.parametrize("big", [False, True])
 @pytest.mark.parametrize("b,t,k", [(1, 1, 64), (2, 7, 200), (3, 33, 3072), (1, 4096, 15360)])
-def test_centred_fp8_prune_is_the_twin_bit_for_bit(b, t, k, gen):
+def test_centred_fp8_prune_is_the_twin_bit_for_bit(b, t, k, big, gen):
     """rtlynx_prune_quant_fp8_centred_sm90 against rtlynx.reference.fp8.compress_sm90_fp8 of centred_operand:
-    e4m3 values and metadata bit for bit, the row scales to float32 order."""
+    e4m3 values and metadata bit for bit, the row scales to float32 order; ``big``: rows whose squares overflow
+    float32 (the rescale pass)."""
     from rtlynx.reference import fp8 as rf8, sm90 as ref90
     from rtlynx.reference.sm90 import padded_shape
 
     from rtlynx.ops import _launch, fp8 as kf8, sm90 as k90
 
-    x, c, crows = _centre_case(b, t, k, gen, 4)
+    x, c, crows = _centre_case(b, t, k, gen, 4, big=big)
     m, r = x.shape[0], crows.shape[0]
     mp, kp = padded_shape(m + r, k)
     values = torch.full((m + r, kp // 2), 0x7E, dtype=torch.uint8, device="cuda")
@@ -137,3 +151,19 @@ def test_centred_sites_prune_in_the_kernel(gen):
     finally:
         rtlynx.reference.centred = real
     assert rtlynx.ops.centre_in_kernels("native") and calls == []
+
+
+def test_site_ops_with_a_centre_pass_opcheck(gen):
+    """torch.library.opcheck of both site ops with centre / centre_rows (the fakes' M + R rows against the kernels)."""
+    from rtlynx.ops import fp8 as kf8, sm90 as k90
+    from rtlynx.reference import centre_rows
+    from rtlynx.reference.fp8 import fp8_centre_rows
+
+    x = rnd((2 * 35, 256), torch.bfloat16, gen) + 2.0
+    c = x.float().reshape(2, 35, 256).mean(1)
+    w = rnd((96, 256), torch.bfloat16, gen)
+    torch.library.opcheck(k90.sparse_site_sm90, (x, w, None, None, [64, 32], True, 1e-8, c, centre_rows(c, x.dtype)))
+    wq, sw = kf8.quantize_weight(w)
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")  # as test_fp8_kernels
+    torch.library.opcheck(kf8.fp8_site_sm90, (x, wq, sw, None, [64, 32], True, 1e-8, 0, None, None, [], c,
+                                              fp8_centre_rows(c, x.dtype)), test_utils=no_schema)
