@@ -65,15 +65,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--below", type=float, default=0.2)
     ap.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--lora", default=str(LORA), help="the LoRA (an rtlynx save; default: the centred + global one)")
     ap.add_argument("--out", default=str(RESULTS / "late_sites_probe_cpu.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model = load_miniflux()
-    io.load(model.transformer, LORA, dense_below_t=None, backend="reference")
+    lora = Path(args.lora).resolve()
+    io.load(model.transformer, lora, dense_below_t=None, backend="reference")
     layers = api.sparse_layers(model.transformer)
     held = Path(args.prompts_file).read_text().splitlines()[200:200 + args.n]  # centering_probe.py's held-out slice
-    out = {**run_metadata(), "model": "shipped mini-FLUX, centred + global LoRA (500 steps), reference path",
-           "lora": str(LORA.relative_to(RESULTS.parents[1])), "n_held_out": args.n, "steps": args.steps,
+    out = {**run_metadata(), "model": "shipped mini-FLUX, reference path", "lora": lora.name,
+           "n_held_out": args.n, "steps": args.steps,
            "below": args.below, "rows": []}
     t0 = time.time()
     with api.dense_mode(model.transformer):
