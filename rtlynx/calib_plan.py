@@ -1,13 +1,22 @@
-"""The memory plan of calibration: the activation sites of a sparsified transformer grouped into passes whose
-statistics (one Gram per site, one cross-product per layer) fit a budget (``rtlynx calibrate --max-stats-gb``)."""
+"""Memory plans printed before long work starts. Calibration's: the activation sites of a sparsified transformer
+grouped into passes whose statistics (one Gram per site, one cross-product per layer) fit a budget (``rtlynx
+calibrate --max-stats-gb``). Global distillation's (:class:`MemoryPlan`): the model, the LoRA's fp32 master copies and
+Adam moments, the recorded calls."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils._pytree import tree_flatten
 
 from .api import sparse_layers
 from .sites import model_sites
+
+if TYPE_CHECKING:
+    from .recording import Call
 
 GB = 2 ** 30
 
@@ -77,3 +86,35 @@ def plan(transformer, max_stats_gb: float | None = None, itemsize: int = 4) -> P
         passes[-1].append(g)
         used += b
     return Plan(passes, budget, itemsize)
+
+
+@dataclass
+class MemoryPlan:
+    lora_params: int
+    model_bytes: int
+    optimizer_bytes: int
+    call_bytes: int
+    calls_per_round: int | None
+    store: str
+    checkpointing: bool = True
+
+    def report(self) -> str:
+        gib = 2 ** 30
+        calls = (f"{self.call_bytes / 2 ** 20:.1f} MiB per recorded call (args + teacher output)"
+                 + (f", ~{self.calls_per_round} calls per rollout" if self.calls_per_round else ""))
+        return (f"global distillation memory plan: model {self.model_bytes / gib:.2f} GiB; "
+                f"{self.lora_params:,} LoRA parameters, fp32 master + Adam {self.optimizer_bytes / 2 ** 20:.1f} MiB; "
+                f"{calls}, stored on {self.store}; activations: "
+                + ("one block at a time (gradient checkpointing)" if self.checkpointing else "whole forward (no checkpointing)")
+                + " (measured peak printed after the first step)")
+
+
+def memory_plan(transformer, params, sample_call: Call | None = None, calls_per_round: int | None = None,
+                store: str = "model device", checkpointing: bool = True) -> MemoryPlan:
+    model_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    n = sum(p.numel() for p in params.values())
+    call_bytes = 0
+    if sample_call is not None:
+        leaves = tree_flatten((sample_call.args, sample_call.kwargs, sample_call.target))[0]
+        call_bytes = sum(x.numel() * x.element_size() for x in leaves if torch.is_tensor(x))
+    return MemoryPlan(n, model_bytes, 16 * n, call_bytes, calls_per_round, store, checkpointing)

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from . import io
 from .api import config_of, configure, sparse_layers
+from .calib_plan import MemoryPlan, memory_plan
 from .sites import model_sites
 from .recording import (Call, cat_rows, endpoint_targets, flow_state_arg, record_round, row_error, rows_of, run,
                         velocity_error)
@@ -146,38 +146,6 @@ def lora_parameters(transformer) -> dict[str, torch.nn.Parameter]:
             out[f"{name}.lora_A"] = layer.lora_A
             out[f"{name}.lora_B"] = layer.lora_B
     return out
-
-
-@dataclass
-class MemoryPlan:
-    lora_params: int
-    model_bytes: int
-    optimizer_bytes: int
-    call_bytes: int
-    calls_per_round: int | None
-    store: str
-    checkpointing: bool = True
-
-    def report(self) -> str:
-        gib = 2 ** 30
-        calls = (f"{self.call_bytes / 2 ** 20:.1f} MiB per recorded call (args + teacher output)"
-                 + (f", ~{self.calls_per_round} calls per rollout" if self.calls_per_round else ""))
-        return (f"global distillation memory plan: model {self.model_bytes / gib:.2f} GiB; "
-                f"{self.lora_params:,} LoRA parameters, fp32 master + Adam {self.optimizer_bytes / 2 ** 20:.1f} MiB; "
-                f"{calls}, stored on {self.store}; activations: "
-                + ("one block at a time (gradient checkpointing)" if self.checkpointing else "whole forward (no checkpointing)")
-                + " (measured peak printed after the first step)")
-
-
-def memory_plan(transformer, params, sample_call: Call | None = None, calls_per_round: int | None = None,
-                store: str = "model device", checkpointing: bool = True) -> MemoryPlan:
-    model_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    n = sum(p.numel() for p in params.values())
-    call_bytes = 0
-    if sample_call is not None:
-        leaves = tree_flatten((sample_call.args, sample_call.kwargs, sample_call.target))[0]
-        call_bytes = sum(x.numel() * x.element_size() for x in leaves if torch.is_tensor(x))
-    return MemoryPlan(n, model_bytes, 16 * n, call_bytes, calls_per_round, store, checkpointing)
 
 
 # ---------------------------------------------------------------------------------------------- training
