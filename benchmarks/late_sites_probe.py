@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rtlynx
 
 from rtlynx import api, io, schedule  # noqa: E402
-from rtlynx.benchtools import run_metadata  # noqa: E402
+from rtlynx.benchtools import add_row, run_metadata  # noqa: E402
 from rtlynx.eval import fid as F  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux, to_uint8  # noqa: E402
 
@@ -100,11 +99,8 @@ def main(argv=None) -> int:
         row = {"dense_late": name, "layers": len(chosen), "flux_flop_share": flop_share(patterns),
                "dense_step_share": step_share, "dense_work_share": flop_share(patterns) * step_share,
                **F.paired_metrics(img.numpy(), ref.numpy())}
-        out["rows"].append(row)
-        print(f"{name:40s} {len(chosen):3d} layers  work dense {row['dense_work_share']:6.1%}  "
-              f"PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}", flush=True)
-        out["seconds"] = round(time.time() - t0, 1)  # written row by row: a stopped run keeps its rows
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        add_row(out, row, args.out, t0, f"{name:40s} {len(chosen):3d} layers  work dense "
+                f"{row['dense_work_share']:6.1%}  PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}")
     print(f"wrote {args.out} in {out['seconds']} s")
     return 0
 

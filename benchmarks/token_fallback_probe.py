@@ -14,7 +14,6 @@ the same number of rows at random. Paired PSNR / SSIM against dense on held-out 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # rtlynx; benchmarks
 
 from rtlynx import api  # noqa: E402
-from rtlynx.benchtools import run_metadata  # noqa: E402
+from rtlynx.benchtools import add_row, run_metadata  # noqa: E402
 from rtlynx.eval import fid as F  # noqa: E402
 from rtlynx.models.miniflux import to_uint8  # noqa: E402
 from rtlynx.nn import SparseActLinear  # noqa: E402
@@ -91,10 +90,8 @@ def main(argv=None) -> int:
             probe.active = False
             row = {"rows": pick, "dense_fraction": frac, "dense_rows_share": probe.dense_rows / max(probe.rows, 1),
                    **F.paired_metrics(img.numpy(), ref.numpy())}
-            out["rows"].append(row)
-            print(f"{pick:6s} f={frac:.2f}  PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}", flush=True)
-            out["seconds"] = round(time.time() - t0, 1)  # written row by row: a stopped run keeps its rows
-            Path(args.out).write_text(json.dumps(out, indent=1))
+            add_row(out, row, args.out, t0,
+                    f"{pick:6s} f={frac:.2f}  PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.3f}")
     print(f"wrote {args.out} in {out['seconds']} s")
     return 0
 

@@ -15,6 +15,7 @@ sources, and the name and sha256 of the kernel library that was loaded.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import statistics
@@ -191,6 +192,15 @@ def kernel_library() -> dict | None:
         return None
     p = Path(path)
     return {"name": p.name, "path": str(p), "sha256": file_sha256(p) if p.is_file() else None}
+
+
+def add_row(out: dict, row: dict, path, t0: float, line: str) -> None:
+    """A probe's row: appended to ``out["rows"]``, printed as ``line``, and the whole file written again with the
+    seconds so far (row by row: a stopped run keeps what it measured)."""
+    out["rows"].append(row)
+    print(line, flush=True)
+    out["seconds"] = round(time.time() - t0, 1)
+    Path(path).write_text(json.dumps(out, indent=1))
 
 
 def run_metadata() -> dict:
