@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from . import io
+from . import io, validate
 from .api import config_of, configure, sparse_layers
 from .calib_plan import MemoryPlan, memory_plan
 from .sites import model_sites
@@ -97,10 +97,8 @@ class GlobalConfig:
         if not (isinstance(self.endpoint_weight, (int, float)) and math.isfinite(self.endpoint_weight)
                 and self.endpoint_weight >= 0):
             raise ValueError(f"endpoint_weight must be a finite number >= 0, got {self.endpoint_weight!r}")
-        if self.dense_below_t is not None and not (isinstance(self.dense_below_t, (int, float))
-                                                   and not isinstance(self.dense_below_t, bool)
-                                                   and 0 < self.dense_below_t <= 1):
-            raise ValueError(f"dense_below_t must be a noise level in (0, 1] or None, got {self.dense_below_t!r}")
+        if self.dense_below_t is not None:  # as SparsityConfig.dense_below_t
+            validate.real("dense_below_t (or None)", self.dense_below_t, 0.0, 1.0, low_open=True)
 
 
 def grow_lora_rank(transformer, rank: int, seed: int = 0) -> int:
