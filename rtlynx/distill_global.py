@@ -198,10 +198,19 @@ def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: G
     (ckpt / (STATE_META + ".tmp")).replace(ckpt / STATE_META)
 
 
-def _load_state(ckpt: Path, master: _Master, opt) -> dict:
+# settings a resumed run may change: its length (the cosine follows the new step count), logging, and memory
+RESUME_FREE = ("steps", "eval_every", "save_every", "checkpointing")
+
+
+def _load_state(ckpt: Path, master: _Master, opt, cfg: GlobalConfig) -> dict:
     from safetensors.torch import load_file
 
     meta = json.loads((ckpt / STATE_META).read_text())
+    saved, now = {**asdict(GlobalConfig()), **meta.get("config", {})}, asdict(cfg)  # older checkpoints: defaults
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    if changed:
+        raise DistillError(f"{ckpt}: the checkpoint was trained with other settings ({'; '.join(changed)}): resume "
+                           "with the same ones (only " + ", ".join(RESUME_FREE) + " may change) or start afresh")
     tensors = load_file(str(ckpt / STATE_FILE))
     missing = [k for k in master.master if f"master.{k}" not in tensors]
     if missing:
@@ -301,7 +310,7 @@ def train_global(transformer, rollout: Callable[[list[str], int], object], promp
     if resume:
         if ckpt is None or not (ckpt / STATE_META).is_file():
             raise DistillError(f"nothing to resume: no {STATE_META} in {ckpt}")
-        meta = _load_state(ckpt, master, opt)
+        meta = _load_state(ckpt, master, opt, cfg)
         step0, history = meta["step"], meta["history"]
         log(f"resumed {ckpt} at step {step0}")
     start = {k: m.detach().clone() for k, m in master.master.items()}  # restored on a non-finite loss

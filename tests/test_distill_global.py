@@ -160,6 +160,13 @@ def test_resume_continues_from_the_checkpoint(seed, tmp_path):
     assert [r["step"] for r in rep["history"] if "train_rel_err" in r][-2:] == [5, 6]
     moved = [float((p - trained[k]).abs().max()) for k, p in G.lora_parameters(other).items()]
     assert max(moved) < 0.05  # two small steps from the checkpoint, not from the other start
+    # other training settings than the checkpoint's: refused in one line, the model's LoRA untouched
+    now = {k: p.detach().clone() for k, p in G.lora_parameters(other).items()}
+    for change in (dict(lr=5e-4), dict(dense_below_t=0.2), dict(t_weight="late")):
+        with pytest.raises(G.DistillError, match="other settings .*" + next(iter(change))):
+            G.train_global(other, _sampler(other), ["a", "b"], dataclasses.replace(cfg6, steps=8, **change),
+                           checkpoint=tmp_path, resume=True, progress=False, log=lambda *a: None)
+        assert all(torch.equal(p, now[k]) for k, p in G.lora_parameters(other).items())
 
 
 def test_non_finite_loss_restores_the_starting_lora(seed, monkeypatch):
