@@ -31,6 +31,16 @@ def test_row_quantisation_error_bound_and_exact_max(gen):
     torch.testing.assert_close(back.abs().amax(1), x.abs().amax(1), rtol=1e-6, atol=0)
 
 
+def test_row_scale_is_the_correctly_rounded_quotient(gen):
+    """sx = absmax / 448 rounded once (the kernels' __fdiv_rn), not absmax * fl(1/448): float64 division of float32
+    operands rounded to float32 is correctly rounded, the independent value."""
+    x = (torch.randn(4096, 32, generator=gen) * 7).to(torch.bfloat16)
+    _, s = fp8.quantize_rows_e4m3(x)
+    want = (x.float().abs().amax(1).double() / 448.0).float()
+    assert torch.equal(s, want)
+    assert not torch.equal(want, (x.float().abs().amax(1) * (1 / 448.0))), "the reciprocal product differs somewhere"
+
+
 def test_zero_rows_and_nan_rows():
     x = torch.zeros(3, 8)
     x[1, 2] = float("nan")

@@ -41,7 +41,9 @@ def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f"FP8 quantisation needs a floating-point tensor, got {x.dtype}")
     xf = x.float()
     absmax = xf.abs().amax(-1)
-    scale = absmax / E4M3_MAX
+    # a tensor divisor: CUDA turns a Python-scalar one into absmax * (1/448), which is not the IEEE quotient the
+    # kernels (and the CPU) compute, so the reference would depend on its device by one ulp of the scale
+    scale = absmax / torch.full_like(absmax, E4M3_MAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (xf / safe.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)  # clamp keeps NaN
     return q, scale

@@ -31,6 +31,16 @@ def rnd(shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
 
 
+def test_reference_quantisation_is_the_same_on_cuda_and_cpu(gen):
+    """The FP8 reference on CUDA tensors equals it on the CPU, bit for bit (a Python-scalar divisor made CUDA compute
+    absmax * fl(1/448): scales one ulp off and e4m3 ties rounded the other way, 2026-12-07)."""
+    x = rnd((4096, 256), torch.bfloat16, gen, scale=5.0)
+    q, s = rf8.quantize_rows_e4m3(x)
+    qc, sc = rf8.quantize_rows_e4m3(x.cpu())
+    assert torch.equal(s.cpu(), sc)
+    assert torch.equal(q.cpu().view(torch.uint8), qc.view(torch.uint8))
+
+
 def raw_prune(x, norm=True, eps=1e-8, act=0):
     """The library call on poisoned output buffers (every byte the kernel must write starts as garbage)."""
     m, k = x.shape
