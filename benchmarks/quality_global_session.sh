@@ -50,10 +50,10 @@ case $what in
       > "$OUT/gpu_tests_sites.txt" 2>&1 || { echo "site tests failed: reference backend"; rm -f .cache/lib.txt; }
     tail -3 "$OUT/gpu_tests_sites.txt"
     # the whole GPU suite and the sanitizer on this build (correctness only; no timings are taken there)
-    # the kernel tests first, then the newest (CUDA graphs across steps, users' adapters in the tail)
+    # the kernel tests first, then the newest (CUDA graphs across steps, users' adapters in the tail); SUITE: a subset
     new="tests/gpu/test_cudagraph_steps.py tests/gpu/test_user_lora_gpu.py"
     old=$(ls tests/gpu/test_*.py | grep -v "cudagraph_steps\|user_lora_gpu")
-    timeout ${SUITE_S:-240} python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING --durations=12 $old $new \
+    timeout ${SUITE_S:-240} python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING --durations=12 ${SUITE:-$old $new} \
       > "$OUT/gpu_tests_all.txt" 2>&1; tail -3 "$OUT/gpu_tests_all.txt"
     ;;
   inception)
