@@ -1,5 +1,5 @@
 """Compose a "fill" compensation LoRA: each site's members at the largest rank whose tail segment stays 64 rows
-(rtlynx.sites.operand pads sum(ranks) to 64), so on the bf16 site kernels it costs what rank 8 costs.
+(rtlynx.sites.operand.TAIL_ALIGN pads sum(ranks) to 64), so on the bf16 site kernels it costs what rank 8 costs.
 
 A site of n members (layers sharing one input) gets rank 64 // n: one layer 64, three (double-block Q/K/V) 21, four
 (single-block Q/K/V + MLP up) 16. The LoRAs come from closed-form saves of those ranks on the same calibration
@@ -22,9 +22,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rtlynx
 
 from rtlynx import api, io, sites  # noqa: E402
+from rtlynx.sites.operand import TAIL_ALIGN as TAIL_ROWS  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux  # noqa: E402
-
-TAIL_ROWS = 64  # the compensation segment's padding (rtlynx.sites.operand: round_up(sum(ranks), 64))
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from ..reference.sm90 import round_up
 from . import adapters
 
 TAIL_NONE, TAIL_COMP, TAIL_FULL = 0, 1, 2  # what of the LoRA tail a call reads (True / False: with / without LoRA)
+TAIL_ALIGN = 64  # tail segments padded to this many rows (2 columns each: whole 128-wide K tiles); ranks within cost the same
 
 
 def _repoint(param: torch.Tensor | None, view: torch.Tensor) -> None:
@@ -71,12 +72,12 @@ class Operand:
         ranks = [l.lora_rank if l.lora_A is not None else 0 for l in ls]
         self._ranks = tuple(ranks)
         self._lora_offs = tuple(sum(ranks[:i]) for i in range(len(ranks)))  # member i's rows of lora_a
-        self._rcp = rcp = round_up(sum(ranks), 64)  # the compensation segment
+        self._rcp = rcp = round_up(sum(ranks), TAIL_ALIGN)  # the compensation segment
         uranks = adapters.room(self, getattr(self, "_uranks", ()))
         self._uranks = tuple(uranks)  # rows reserved for each member's own adapters, after the segment
         self._uoffs = tuple(rcp + sum(uranks[:i]) for i in range(len(uranks)))
         self.rank = sum(ranks) + sum(uranks)
-        self.rp = rp = rcp + round_up(sum(uranks), 64)
+        self.rp = rp = rcp + round_up(sum(uranks), TAIL_ALIGN)
         n = len(ls)
         # per member: its adapters ride in the tail, their parameters want gradients, what they were filled from
         self._carry, self._user_grad, self._user_sig = [False] * n, [False] * n, [None] * n
