@@ -12,7 +12,7 @@
 # FID=0 only the LoRAs (e.g. the start of a global distillation at rank 16 / 32: $OUT/lora.tgz).
 #   3. bash benchmarks/centre_session.sh verify   (carry .whl .cache/cutlass_inc.tar.xz .cache/obj.tgz; ~4 min)
 #      the centring GPU tests (the centring prune kernels bit for bit, FP8 centre rows, sites vs spec, fullgraph) and
-#      the FP8 site op's tail, then FLUX.1-dev compiled with and without centring and the rank-8 compensation LoRA
+#      the FP8 site op's tail, then FLUX.1-dev compiled with and without centring and the rank-8 / fill compensation LoRA
 #      (fp8.py e2e, profiled), rows in $OUT/centre_speed.json. TESTS=0: the timings only (the tests ran in an earlier
 #      call, e.g. quality_global_session.sh prep: then also WHEELS=none BUILD=0 PYTHONPATH=$PWD/.cache/site).
 stage=${1:?stage: reference, run or verify}
@@ -44,8 +44,8 @@ case $stage in
       tests/gpu/test_fp8_kernels.py tests/gpu/test_user_lora_gpu.py 2>&1 | grep -v "^DEBUG" > "$OUT/centre_tests.txt"
     [ "${TESTS:-1}" = 0 ] || tail -5 "$OUT/centre_tests.txt"
     timeout ${E2E_S:-300} python3 benchmarks/fp8.py e2e --variants dense "rtlynx bf16" "rtlynx bf16 centred" \
-      "rtlynx bf16 centred + LoRA r8" "rtlynx fp8" "rtlynx fp8 + LoRA r8" "rtlynx fp8 centred" \
-      "rtlynx fp8 centred + LoRA r8" --compile regional --inductor default --reps 20 --profile \
+      "rtlynx bf16 centred + LoRA r8" "rtlynx bf16 centred + LoRA fill" "rtlynx fp8" "rtlynx fp8 centred" \
+      "rtlynx fp8 centred + LoRA r8" "rtlynx fp8 centred + LoRA fill" --compile regional --inductor default --reps 20 --profile \
       --out "$OUT/centre_speed.json" 2>&1 | grep -v "Warning\|warn(" | tail -12 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ from rtlynx.distill_global import GlobalConfig, grow_lora_rank, train_global  # 
 from rtlynx.eval import fid as F  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux, to_uint8  # noqa: E402
 from rtlynx.recording import record_round, velocity_error  # noqa: E402
+from rtlynx.validate import arg_rank_or_fill  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -281,8 +282,9 @@ def main(argv=None) -> int:
     t.add_argument("--train-for-schedule", action="store_true",
                    help="train for that schedule: rollouts and evaluations run it, its dense steps leave the loss")
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--grow-rank", type=int, default=0,
-                   help="grow every LoRA of --init to this rank first (zero new B columns: same output), e.g. 16 or 32")
+    t.add_argument("--grow-rank", type=arg_rank_or_fill, default=0,
+                   help="grow every LoRA of --init to this rank first (zero new B columns: same output), e.g. 16, "
+                        "or 'fill' (each site to 64 // members: what rank 8 costs)")
     t.set_defaults(func=cmd_train)
     s = sub.add_parser("summarize")
     s.add_argument("--every", required=True, nargs="+", help="quality.py outputs of one protocol, merged")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's rtlynx
 
 from rtlynx import api, io, sites  # noqa: E402
-from rtlynx.sites.operand import TAIL_ALIGN as TAIL_ROWS  # noqa: E402
+from rtlynx.sites.operand import TAIL_ALIGN as TAIL_ROWS, fill_rank  # noqa: E402
 from rtlynx.models.miniflux import load_miniflux  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t = load_miniflux().transformer
-    ranks = {n: TAIL_ROWS // n for n in range(1, 5)}
+    ranks = {n: fill_rank(n) for n in range(1, 5)}
     io.load(t, args.lora_dir.format(rank=ranks[1]), dense_below_t=None, backend="reference")
     names = {id(l): n for n, l in api.sparse_layers(t).items()}
     cache, used = {}, Counter()

@@ -244,10 +244,11 @@ def cmd_linear(args) -> int:
 
 E2E_VARIANTS = ("dense", "rtlynx fp8", "rtlynx fp8 + torchao", "fp8 recipe", "rtlynx bf16", "rtlynx bf16 centred",
                 "rtlynx fp8 centred", "rtlynx bf16 + LoRA r8", "rtlynx fp8 + LoRA r8", "rtlynx bf16 centred + LoRA r8",
-                "rtlynx fp8 centred + LoRA r8")
+                "rtlynx fp8 centred + LoRA r8", "rtlynx bf16 centred + LoRA fill", "rtlynx fp8 centred + LoRA fill")
 E2E_DEFAULT = E2E_VARIANTS[:4]
 # "+ LoRA r8": the compensation LoRA of the quality runs (rank 8, in the GEMM tail), which the other rtlynx rows leave
-# out (lora_rank=0, norm compensation only); "centred + LoRA r8" is the configuration the FID of issue 18 measures
+# out (lora_rank=0, norm compensation only); "centred + LoRA r8" is the configuration the FID of issue 18 measures;
+# "+ LoRA fill": each site at 64 // members (rtlynx.sites.operand.fill_rank), the tail width of rank 8 on bf16 sites
 # rtlynx bf16 centred: token-mean centring (SparsityConfig.centre): the token mean per site input, subtracted inside
 # the prune kernel where the library has the centring prunes: its row against "rtlynx bf16" is what centring costs
 
@@ -320,7 +321,11 @@ def cmd_e2e(args) -> int:
             elif name.startswith("rtlynx"):
                 rtlynx.sparsify(model, dtype="fp8" if name.startswith("rtlynx fp8") else "native",
                                 centre="token_mean" if "centred" in name else None,
-                                lora_rank=8 if name.endswith("+ LoRA r8") else 0)
+                                lora_rank=8 if name.endswith(("+ LoRA r8", "+ LoRA fill")) else 0)
+                if name.endswith("+ LoRA fill"):
+                    from rtlynx.distill_global import grow_lora_rank
+
+                    grow_lora_rank(model, "fill")
                 if name.endswith("torchao"):
                     _torchao_fp8(model, only_plain_linear=True)
             for k, v in inductor.items():

@@ -15,16 +15,22 @@ itself is no longer needed, only its prompts (--prompts-file) — see benchmarks
 --attention NAME runs every variant on that diffusers attention backend (``set_attention_backend``, e.g. an FP8 or
 INT8 one: issue 19 item 1); with "dense" among the variants a dense run on the default SDPA comes first
 ("dense_sdpa", FID included), and every row also gets its paired PSNR / SSIM against it (psnr_vs_sdpa).
+
+--dense-images FILE.npz keeps the dense images of this protocol (prompts, seed, steps, dtype, weights): written after
+a dense run, reused by a later run with the same protocol (its dense row is then scored from them, not regenerated),
+and paired against when "dense" is not among the variants. Several LoRAs (one per run) then share one dense run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rtlynx import api, demo
@@ -104,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(demo.VARIANTS), choices=list(ALL_VARIANTS),
                     help="also: " + ", ".join([*FP8_VARIANTS, *SCHEDULE_VARIANTS]))
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--dense-images", default=None,
+                    help="an .npz of this protocol's dense images: reused if it matches, else written (module doc)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="sampling dtype (all variants)")
     ap.add_argument("--dense-below-t", type=float, default=None,
@@ -147,19 +155,38 @@ def main(argv=None) -> int:
     steps = args.steps or model.config["num_steps"]
 
     images, out = {}, {}
+    dense_cache, cached = Path(args.dense_images) if args.dense_images else None, None
+    with torch.no_grad():  # the protocol the dense images belong to, weights included
+        weights = sum(float(p.double().sum()) for n, p in model.transformer.named_parameters() if "lora_" not in n)
+    key = hashlib.sha256(json.dumps([prompts, args.seed, steps, args.dtype, model.config["guidance_scale"],
+                                     repr(weights)]).encode()).hexdigest()[:16]
+    if dense_cache is not None and dense_cache.is_file():
+        with np.load(dense_cache) as z:
+            if str(z["key"]) == key:
+                cached = z["images"]
+            else:
+                print(f"--dense-images {dense_cache}: made with another protocol; regenerating (and overwriting it)")
+    if cached is not None and "dense" not in variants:
+        images["dense"] = cached  # paired against, no dense row
     for name in variants:
         api.configure(model.transformer, **{"dtype": "native", "dense_below_t": args.dense_below_t,
                                             **{**ALL_VARIANTS, **SDPA_VARIANT}[name][1]})
         if args.attention:
             model.transformer.set_attention_backend("native" if name == "dense_sdpa" else args.attention)
         t1 = time.time()
-        if name == "dense_fp8":
+        if name == "dense" and cached is not None:
+            images[name] = cached
+        elif name == "dense_fp8":
             with _DenseFP8(model.transformer):
                 images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
         else:
             images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
         gen_s = time.time() - t1
-        row = {"seconds_generate": gen_s}
+        row = {"seconds_generate": gen_s, **({"dense_images": str(dense_cache)} if name == "dense" and cached is not None
+                                             else {})}
+        if name == "dense" and cached is None and dense_cache is not None:
+            dense_cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(dense_cache, images=images[name], key=key)
         if net is not None:
             feats = F.inception_features(net, images[name])
             kid, kid_std = F.kid_from_features(feats, real)
@@ -174,7 +201,7 @@ def main(argv=None) -> int:
             same = not math.isfinite(pair["psnr"])  # identical images: JSON has no inf
             row.update(psnr_vs_sdpa=None if same else pair["psnr"], ssim_vs_sdpa=pair["ssim"])
         out[name] = row
-        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # row by row: a run cut short keeps what it did
         Path(args.out).write_text(json.dumps({"partial": True, "device": torch.cuda.get_device_name(0) if dev == "cuda"
                                               else "cpu", "n_generated": args.n, "variants": out}, indent=1))

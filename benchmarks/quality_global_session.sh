@@ -16,24 +16,35 @@
 #                 RESUME=1 goes on from the last checkpoint (600 steps take ~9 min: two calls), FID=0 skips the FID.
 #   4. eval       the whole tree: RT-Lynx FP8 every step, dense + RT-Lynx with dense_below_t 0.2, one FLUX.1-dev
 #                 optimisation step.
+#   fill          (weights in the tree; carry .cache/prompts_calib512.txt) the centred calibration on the GPU and the
+#                 closed-form "fill" LoRA (benchmarks/fill_lora.py: each site at 64 // members, what rank 8 costs)
+#                 -> $FILL/lora (default .cache/fill: GL=.cache/fill evalonly scores it), and $OUT/lora.tgz
+# The shipped weights are kept in .cache/w by the first call that carries them and put back by a later call that does
+# not (the 64 MiB carry cannot hold them beside the Inception or Emoji-64): one chain needs them only once.
+# DENSE_IMAGES (default .cache/dense_images.npz): evalonly's dense images, generated once per warm machine and paired
+# against by every later LoRA (quality.py --dense-images).
 # The carried files: benchmarks/device_files.sh makes them on a fresh checkout.
 # Prebuilt kernel objects (.cache/obj.tgz, e.g. from `rtlynx build --no-link` on a CPU machine with the same nvcc)
 # are used when carried: the build then only links. GL=DIR (default .cache/gl) and TAG=NAME let two trainings share
 # one call (their own LoRA folder and output tarball), e.g. a second target beside the first on the same GPU.
-#   run: bash benchmarks/quality_global_session.sh {prep|inception|reference|train|evalonly|eval}
+#   run: bash benchmarks/quality_global_session.sh {prep|fill|inception|reference|train|evalonly|eval}
 set -uo pipefail
-what=${1:?prep, inception, reference, train, evalonly or eval}
+what=${1:?prep, fill, inception, reference, train, evalonly or eval}
 FINAL=${OUT:-/tmp/out}; mkdir -p "$FINAL"
 GL=${GL:-.cache/gl}; NAME=$what${TAG:+_$TAG}
 OUT=$PWD/.cache/out_$NAME; rm -rf "$OUT"; mkdir -p "$OUT"  # everything a stage writes, tarred into $FINAL at the end
 export PYTHONPATH=$PWD/.cache/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg RTLYNX_BUILD_DIR=$PWD/.cache/build
+W=rtlynx/assets/miniflux
+if ls $W/*.safetensors >/dev/null 2>&1; then mkdir -p .cache/w && cp -u $W/*.safetensors .cache/w/
+elif ls .cache/w/*.safetensors >/dev/null 2>&1; then cp .cache/w/*.safetensors $W/ && echo "weights: from .cache/w"
+fi
 BACKEND=reference
 if [ -f .cache/lib.txt ] && [ -f "$(cat .cache/lib.txt)" ] && [ "${USE_LYNX:-1}" = 1 ]; then
   export RTLYNX_LIB=$(cat .cache/lib.txt); BACKEND=lynx
 fi
 Q=(python3 benchmarks/quality.py --prompts-file .cache/prompts_all.txt --data none --n ${N:-5000} --batch-size 500
    --inception .cache/inception_fp16.pt --reference-features .cache/real_features.npz --backend $BACKEND
-   --lora-dir $GL/lora ${ATTENTION:+--attention $ATTENTION})  # ATTENTION: a diffusers attention backend (issue 19)
+   --lora-dir $GL/lora --dense-images ${DENSE_IMAGES:-.cache/dense_images.npz} ${ATTENTION:+--attention $ATTENTION})  # ATTENTION: a diffusers attention backend (issue 19)
 case $what in
   prep)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv | tee "$OUT/env.txt"
@@ -59,6 +70,18 @@ case $what in
     timeout ${SUITE_S:-240} python3 -m pytest -q -p no:cacheprovider -o log_level=WARNING --durations=12 ${SUITE:-$old $new} \
       > "$OUT/gpu_tests_all.txt" 2>&1; tail -3 "$OUT/gpu_tests_all.txt"
     ;;
+  fill)
+    F=${FILL:-.cache/fill}; mkdir -p $F; t0=$(date +%s)
+    python3 -m rtlynx calibrate --model miniflux --prompts-file .cache/prompts_calib512.txt --num-prompts ${CAL_N:-512} \
+      --batch-size 256 --steps 20 --preset flux --centre token_mean --out $F/calib.safetensors --overwrite 2>&1 \
+      | grep -v "it/s]\|s/it]\|batch/s]\|s/batch]" | tail -3 | tee "$OUT/fill_log.txt"
+    for r in 16 21 64; do
+      python3 -m rtlynx train-lora --model miniflux --calib $F/calib.safetensors --rank $r --dense-below-t none \
+        --out $F/lora_r$r --overwrite 2>&1 | tail -1 | tee -a "$OUT/fill_log.txt"
+    done
+    python3 benchmarks/fill_lora.py --lora-dir "$F/lora_r{rank}" --out $F/lora 2>&1 | tail -2 | tee -a "$OUT/fill_log.txt"
+    echo "fill: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/fill_log.txt"
+    tar czf "$OUT/lora.tgz" -C $F lora ;;  # GL=$F: evalonly reads $F/lora
   inception)
     python3 -c "from rtlynx.eval import fid as F; F.load_inception('.cache/inception_fp16.pt', 'cuda'); print('inception ok')" \
       2>&1 | tail -2 | tee "$OUT/inception.txt" ;;

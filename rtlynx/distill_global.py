@@ -37,6 +37,7 @@ from . import io, validate
 from .api import config_of, configure, sparse_layers
 from .calib_plan import MemoryPlan, memory_plan
 from .sites import model_sites
+from .sites.operand import fill_rank
 from .recording import (Call, cat_rows, endpoint_targets, flow_state_arg, record_round, row_error, rows_of, run,
                         velocity_error)
 
@@ -101,20 +102,27 @@ class GlobalConfig:
             validate.real("dense_below_t (or None)", self.dense_below_t, 0.0, 1.0, low_open=True)
 
 
-def grow_lora_rank(transformer, rank: int, seed: int = 0) -> int:
+def grow_lora_rank(transformer, rank: int | str, seed: int = 0) -> int:
     """Grow every sparse layer's LoRA to ``rank`` keeping the model's output: A gains rows drawn like nn.Linear's
     init (seeded), B gains zero columns, so global distillation starts from the closed form it was given and can use
-    the new capacity from its first step (the larger closed form would need another calibration). Layers without a
-    LoRA or already at ``rank`` or more stay. Returns how many layers grew."""
+    the new capacity from its first step (the larger closed form would need another calibration). ``rank="fill"``:
+    each site's members to ``fill_rank(members)``, the most that costs what rank 8 costs on the bf16 kernels. Layers
+    without a LoRA or already at the rank or more stay. Returns how many layers grew."""
+    if rank == "fill":
+        target = {id(l): fill_rank(len(s.layers)) for s in model_sites(transformer) for l in s.layers}
+    elif isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        target = {}
+    else:
+        raise ValueError(f"rank must be a positive int or 'fill', got {rank!r}")
     g = torch.Generator().manual_seed(seed)
     grown = 0
-    for layer in sparse_layers(transformer).values():
-        r0 = layer.lora_rank if layer.lora_A is not None else 0
-        if r0 == 0 or r0 >= rank:
+    for layer in sparse_layers(transformer).values():  # layer order: the seeded draws do not depend on the sites
+        r0, r = (layer.lora_rank if layer.lora_A is not None else 0), target.get(id(layer), rank)
+        if r0 == 0 or r == "fill" or r0 >= r:
             continue
         a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
-        layer.add_lora(rank, rebuild=False)
-        extra = torch.empty(rank - r0, layer.in_features)
+        layer.add_lora(r, rebuild=False)
+        extra = torch.empty(r - r0, layer.in_features)
         torch.nn.init.kaiming_uniform_(extra, a=math.sqrt(5), generator=g)
         with torch.no_grad():
             layer.lora_A.copy_(torch.cat([a, extra.to(a)]))

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import math
 
+import argparse
+
 import pytest
 import torch
 
@@ -376,3 +378,33 @@ def test_grow_lora_rank_keeps_the_output_and_adds_capacity(seed):
     with torch.no_grad():
         assert torch.equal(output_tensor(model(**inp)), before)
     assert G.grow_lora_rank(model, 6, seed=seed) == 0
+
+
+def test_grow_lora_rank_fill_gives_each_site_one_tail_segment(seed):
+    """rank="fill": each member of an n-member site reaches the largest rank r with n * r <= 64 (checked by brute
+    force, not by the formula), every site's tail stays one 64-row segment (what rank 4 takes), the output is the
+    same (to fp32 summation order), and a bad rank is refused."""
+    from rtlynx.sites import model_sites
+    from rtlynx.validate import arg_rank_or_fill
+
+    _, model = _model(seed, rank=4, start=1e-2)
+    inp = example_inputs(model, batch=2, seed=seed)
+    with torch.no_grad():
+        before = output_tensor(model(**inp)).clone()
+    sites = model_sites(model)
+    assert {len(s.layers) for s in sites} >= {1, 3}, "the tiny FLUX should have single- and multi-member sites"
+    rp_before = {id(s): s.rp for s in sites}
+    assert G.grow_lora_rank(model, "fill", seed=seed) == len(rtlynx.sparse_layers(model))
+    for s in model_sites(model):
+        n = len(s.layers)
+        want = max(r for r in range(1, 200) if n * r <= 64)
+        assert all(l.lora_rank == want for l in s.layers), (n, [l.lora_rank for l in s.layers])
+        assert s.rp == rp_before[id(s)] == 64
+    with torch.no_grad():  # the zero B columns add exact zeros, but a wider product may sum in another order
+        torch.testing.assert_close(output_tensor(model(**inp)), before, rtol=1e-5, atol=1e-6)
+    for bad in ("full", 0, -3, True):
+        with pytest.raises(ValueError, match="positive int or 'fill'"):
+            G.grow_lora_rank(model, bad)
+    assert arg_rank_or_fill("fill") == "fill" and arg_rank_or_fill("16") == 16
+    with pytest.raises(argparse.ArgumentTypeError, match="'fill'"):
+        arg_rank_or_fill("0")

@@ -24,6 +24,14 @@ TAIL_NONE, TAIL_COMP, TAIL_FULL = 0, 1, 2  # what of the LoRA tail a call reads 
 TAIL_ALIGN = 64  # tail segments padded to this many rows (2 columns each: whole 128-wide K tiles); ranks within cost the same
 
 
+def fill_rank(members: int) -> int:
+    """The largest compensation LoRA rank per member that keeps a site of ``members`` layers at one TAIL_ALIGN
+    segment, i.e. what rank 8 costs on the bf16 site kernels (64, 32, 21, 16 for 1-4 members)."""
+    if members < 1:
+        raise ValueError(f"a site has at least one member, got {members}")
+    return TAIL_ALIGN // members
+
+
 def _repoint(param: torch.Tensor | None, view: torch.Tensor) -> None:
     """Make ``param`` (same object) an alias of ``view``: its storage becomes the site's buffer."""
     param.data = view
