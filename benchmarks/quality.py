@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     # keep_dense_weights: the FP8 variant must not replace the bf16 weights the other variants run on
     api.configure(model.transformer, dense_below_t=args.dense_below_t, keep_dense_weights=True)
     variants = [v for v in args.variants if has_lora or not v.startswith("rtlynx")]
+    centre = api.config_of(model.transformer).centre  # the LoRA's; the naive baselines run without (variant_settings)
     if args.attention:
         model.transformer.set_attention_backend(args.attention)  # an unknown or uninstalled one fails here, first
         if "dense" in variants:
@@ -169,8 +170,9 @@ def main(argv=None) -> int:
     if cached is not None and "dense" not in variants:
         images["dense"] = cached  # paired against, no dense row
     for name in variants:
-        api.configure(model.transformer, **{"dtype": "native", "dense_below_t": args.dense_below_t,
-                                            **{**ALL_VARIANTS, **SDPA_VARIANT}[name][1]})
+        api.configure(model.transformer, **demo.variant_settings(
+            {"dtype": "native", "dense_below_t": args.dense_below_t, **{**ALL_VARIANTS, **SDPA_VARIANT}[name][1]},
+            centre))
         if args.attention:
             model.transformer.set_attention_backend("native" if name == "dense_sdpa" else args.attention)
         t1 = time.time()

@@ -17,15 +17,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # label -> (file, variant every step sparse, file, variant with t < 0.2 dense); None where not measured
 LADDER = {
     "activation 2:4 (naive)": ("quality.json", "act24", "quality_dense_t0.2.json", "act24"),
-    "RT-Lynx, closed-form LoRA (shipped)": ("quality.json", "rtlynx", "quality_dense_t0.2.json", "rtlynx"),
+    "RT-Lynx, closed-form LoRA (shipped to v20)": ("quality.json", "rtlynx", "quality_dense_t0.2.json", "rtlynx"),
     "RT-Lynx, centred closed form": ("quality_centre_token_mean.json", "rtlynx", "quality_centre_token_mean.json",
                                      "rtlynx_t0.2"),
-    "RT-Lynx, global distillation (step 200)": ("quality_global.json", "every_step/rtlynx", "quality_global.json",
-                                                "every_step/rtlynx_t0.2"),
+    "RT-Lynx, global distillation (step 200)": ("quality_global_step200.json", "every_step/rtlynx",
+                                                "quality_global_step200.json", "every_step/rtlynx_t0.2"),
     "RT-Lynx, centred + global (step 200)": ("centre_global_h100_logs/quality_velocity.json", "rtlynx",
                                              "centre_global_h100_logs/quality_velocity.json", "rtlynx_t0.2"),
-    "RT-Lynx, centred + global (500 steps)": ("centre_global_h100_logs/quality_velocity500.json", "rtlynx",
-                                              "centre_global_h100_logs/quality_velocity500.json", "rtlynx_t0.2"),
+    "RT-Lynx, centred + global (500 steps, shipped)": ("centre_global_h100_logs/quality_velocity500.json", "rtlynx",
+                                                       "centre_global_h100_logs/quality_velocity500.json",
+                                                       "rtlynx_t0.2"),
 }
 GOALS = {"every_step": 1.5, "t0.2": 1.05}  # issue 18's goals, FID over dense
 

@@ -32,6 +32,12 @@ VARIANTS = {
 }
 
 
+def variant_settings(settings: dict, centre: str | None) -> dict:
+    """configure() arguments of a variant: the baselines (weight 2:4, activation 2:4, + norm) prune x itself, as the
+    paper's naive methods do; variants with the LoRA keep ``centre``, the setting the loaded LoRA was fitted with."""
+    return {**settings, "centre": centre if settings.get("lora") else None}
+
+
 def prepare(model, lora_dir: Path | None = LORA_DIR, backend: str = "auto", required: bool = False) -> bool:
     """Sparsify ``model.transformer`` for the comparison; load the distilled LoRA when there is one (``required``:
     a folder the user named must hold one). Returns whether a LoRA was loaded."""
@@ -54,10 +60,12 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
     noise = torch.randn(len(prompts), model.grid ** 2, model.config["patch_size"] ** 2 * model.config["channels"],
                         generator=g)
     out = {}
+    cfg = api.config_of(model.transformer)
+    centre = cfg.centre if cfg is not None else None  # the loaded LoRA's (variant_settings)
     bar = tqdm(variants, desc="variants", disable=not progress, unit="variant")
     for name in bar:
         bar.set_postfix_str(VARIANTS[name][0])
-        api.configure(model.transformer, **VARIANTS[name][1])
+        api.configure(model.transformer, **variant_settings(VARIANTS[name][1], centre))
         model.sample(list(prompts[:1]), num_steps=WARMUP_STEPS, guidance_scale=guidance_scale, noise=noise[:1],
                      progress=f"{name} warm-up" if progress else False)
         if model.img_ids.is_cuda:
@@ -68,7 +76,7 @@ def generate_variants(model, prompts, variants, seed: int = 0, num_steps: int | 
         if model.img_ids.is_cuda:
             torch.cuda.synchronize()
         out[name] = (to_uint8(imgs).cpu(), (time.perf_counter() - t0) / len(prompts))
-    api.configure(model.transformer, mode="sparse", compensation="norm", lora=True)
+    api.configure(model.transformer, mode="sparse", compensation="norm", lora=True, centre=centre)
     return out
 
 

@@ -30,11 +30,28 @@ class SlowFirstCall:
 
 def test_seconds_per_image_leave_out_start_up(monkeypatch):
     monkeypatch.setattr(demo.api, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(demo.api, "config_of", lambda m: None)
     model = SlowFirstCall()
     res = demo.generate_variants(model, ["a", "b"], ["dense", "act24"], progress=False)
     # every variant's timed run costs 0.01 s per image; the 0.5 s start-up must not land in the dense column
     for name in ("dense", "act24"):
         assert 0.01 <= res[name][1] < 0.1, (name, res[name][1])
+
+
+def test_baselines_prune_x_itself_and_rtlynx_keeps_the_loras_centring(monkeypatch):
+    """With a centred LoRA loaded, the naive baselines (weight / activation 2:4, + norm) run uncentred, the variants
+    with the LoRA centred, and the model is left as loaded (centred, LoRA on)."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(demo.api, "configure", lambda m, **k: calls.append(k))
+    monkeypatch.setattr(demo.api, "config_of", lambda m: SimpleNamespace(centre="token_mean"))
+    names = ["dense", "weight24", "act24", "act24_norm", "rtlynx"]
+    demo.generate_variants(SlowFirstCall(0, 0), ["a"], names, progress=False)
+    got = {n: k["centre"] for n, k in zip(names, calls)}
+    assert got == {"dense": None, "weight24": None, "act24": None, "act24_norm": None, "rtlynx": "token_mean"}
+    assert calls[-1] == dict(mode="sparse", compensation="norm", lora=True, centre="token_mean")
+    assert demo.variant_settings({"lora": True, "mode": "sparse"}, None)["centre"] is None
 
 
 def test_demo_says_what_it_loads_before_the_slow_start(monkeypatch, capsys, tmp_path):
