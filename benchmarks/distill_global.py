@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     t.add_argument("--train-for-schedule", action="store_true",
                    help="train for that schedule: rollouts and evaluations run it, its dense steps leave the loss")
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--grow-rank", type=arg_rank_or_fill, default=0,
+    t.add_argument("--grow-rank", type=arg_rank_or_fill(1), default=0,
                    help="grow every LoRA of --init to this rank first (zero new B columns: same output), e.g. 16, "
                         "or 'fill' (each site to 64 // members: what rank 8 costs)")
     t.set_defaults(func=cmd_train)

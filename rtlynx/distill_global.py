@@ -109,7 +109,8 @@ def grow_lora_rank(transformer, rank: int | str, seed: int = 0) -> int:
     each site's members to ``fill_rank(members)``, the most that costs what rank 8 costs on the bf16 kernels. Layers
     without a LoRA or already at the rank or more stay. Returns how many layers grew."""
     if rank == "fill":
-        target = {id(l): fill_rank(len(s.layers)) for s in model_sites(transformer) for l in s.layers}
+        target = {id(l): min(fill_rank(len(s.layers)), l.in_features, l.out_features)  # a LoRA's rank <= min(K, N)
+                  for s in model_sites(transformer) for l in s.layers}
     elif isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
         target = {}
     else:

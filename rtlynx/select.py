@@ -22,6 +22,7 @@ from . import api, distill
 from .api import dense_mode, sparse_layers
 from .benchtools import measure
 from .config import SparsityConfig
+from .sites.operand import fill_rank
 from .distill import CalibStats, StatsFiles, residual_error, solve_lora, stat_groups
 from .nn import SparseActLinear
 from .presets import (PRESET_FORMAT, PRESETS, preset_file_config, read_json, read_preset_file,  # noqa: F401
@@ -159,17 +160,21 @@ class Candidate:
         return 0.0 if self.speedup is None else self.calls * (self.dense_ms - self.sparse_ms)
 
 
-def layer_costs(stats, rank: int = 0, ridge: float = 1e-3) -> dict[str, float]:
+def layer_costs(stats, rank: int | str = 0, ridge: float = 1e-3) -> dict[str, float]:
     """Squared relative output error of every layer in ``stats`` (rtlynx.distill.CalibStats, StatsFiles or a
-    path: read one site at a time): norm-compensated pruning alone, or with the rank-``rank`` LoRA the
-    statistics give."""
-    def cost(s) -> float:
-        return residual_error(s, *solve_lora(s, rank, ridge)) ** 2 if rank else residual_error(s) ** 2
+    path: read one site at a time): norm-compensated pruning alone (rank 0), or with the rank-``rank`` LoRA the
+    statistics give; ``rank="fill"``: each layer at ``fill_rank`` of its site's members (the shipped kind of LoRA)."""
+    def cost(s, r: int) -> float:
+        return residual_error(s, *solve_lora(s, r, ridge)) ** 2 if r else residual_error(s) ** 2
+
+    def site_costs(layers: dict) -> dict[str, float]:  # returns before the next site is read: its stats are freed
+        r = fill_rank(len(layers)) if rank == "fill" else rank
+        return {name: cost(s, r) for name, s in layers.items()}
 
     src = stats if isinstance(stats, (CalibStats, StatsFiles)) else StatsFiles(stats)
     out = {}
-    for site in src.site_names():  # the comprehension lets go of each site before the next is read
-        out.update({name: cost(s) for name, s in src.read(site).layers.items()})
+    for site in src.site_names():
+        out.update(site_costs(src.read(site).layers))
     return out
 
 
@@ -256,7 +261,7 @@ def all_preset(model_class: str) -> str:
     return f"{base}-all" if f"{base}-all" in PRESETS else base
 
 
-def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_table=None,
+def select_layers(runner, budget: float = 1.0, calib=None, rank: int | str = "fill", speed_table=None,
                   min_speedup: float = 1.02, candidate_preset: str | None = None, prompts=("a photo",),
                   steps: int | None = None, height: int | None = None, width: int | None = None,
                   seed: int = 0, confirm: bool = True, confirm_reps: int = 5, centre: str | None = None) -> dict:
@@ -264,7 +269,7 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int = 0, speed_
 
     ``budget`` is relative to the model's hand-written default preset: the selected sites may cost at most
     ``budget`` times that preset's summed quality cost (1.0: no more output error than the default preset).
-    Quality costs come from ``calib`` statistics (with the rank-``rank`` LoRA) or, without, from a short dense
+    Quality costs come from ``calib`` statistics (with the closed-form LoRA of ``rank``: an int, 0 for none, or "fill", see layer_costs) or, without, from a short dense
     sampling of ``prompts`` (norm compensation only). ``centre`` (SparsityConfig.centre) is the setting the sites will
     run with, for that measurement and the timing (``calib`` statistics carry their own). On a GPU (``confirm``) the
     chosen set is then timed in the model against dense and trimmed until it is not slower

@@ -99,14 +99,17 @@ def arg_int(low: int | None = None, high: int | None = None):
     return parse
 
 
-def arg_rank_or_fill(s: str) -> int | str:
-    """An argparse ``type`` for a LoRA rank: an integer >= 1, or "fill" (each site at what rank 8 costs)."""
-    if s == "fill":
-        return s
-    try:
-        return arg_int(1)(s)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or 'fill', got {s!r}") from None
+def arg_rank_or_fill(low: int = 1):
+    """An argparse ``type`` for a LoRA rank: an integer >= ``low``, or "fill" (each site at what rank 8 costs)."""
+    def parse(s: str) -> int | str:
+        if s == "fill":
+            return s
+        try:
+            return arg_int(low)(s)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} or 'fill', got {s!r}") from None
+    parse.__name__ = "rank"
+    return parse
 
 
 def arg_real(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):

@@ -280,6 +280,17 @@ def test_cli_global_objective_end_to_end(seed, tmp_path):
     assert cli.main([a if a != str(out) else str(grown) for a in args] + ["--grow-rank", "4"]) == 0
     meta, tensors = io.read(grown)
     assert {v["lora_rank"] for v in meta["layers"].values()} == {4}
+    # --grow-rank fill: each layer at 64 // its site's members (the tiny mini-FLUX has 1-, 3- and 4-member sites)
+    filled = tmp_path / "gfill"
+    assert cli.main([a if a != str(out) else str(filled) for a in args] + ["--grow-rank", "fill"]) == 0
+    meta, _ = io.read(filled)
+    from rtlynx.sites import model_sites
+    members = {id(l): len(s.layers) for s in model_sites(m.transformer) for l in s.layers}
+    names = rtlynx.sparse_layers(m.transformer)
+    want = {n: min(64 // members[id(l)], l.in_features, l.out_features) for n, l in names.items()}
+    assert {n: v["lora_rank"] for n, v in meta["layers"].items()} == want
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--grow-rank", "full", "--overwrite"])
     # --train-for-schedule: the saved schedule in the training's config; without a schedule a one-line error
     sched = tmp_path / "gs"
     assert cli.main([a if a != str(out) else str(sched) for a in args] + ["--train-for-schedule"]) == 0
@@ -405,6 +416,6 @@ def test_grow_lora_rank_fill_gives_each_site_one_tail_segment(seed):
     for bad in ("full", 0, -3, True):
         with pytest.raises(ValueError, match="positive int or 'fill'"):
             G.grow_lora_rank(model, bad)
-    assert arg_rank_or_fill("fill") == "fill" and arg_rank_or_fill("16") == 16
+    assert arg_rank_or_fill()("fill") == "fill" and arg_rank_or_fill()("16") == 16 and arg_rank_or_fill(0)("0") == 0
     with pytest.raises(argparse.ArgumentTypeError, match="'fill'"):
-        arg_rank_or_fill("0")
+        arg_rank_or_fill()("0")

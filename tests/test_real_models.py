@@ -169,6 +169,14 @@ def test_fit_lora_streams_one_site_at_a_time(tmp_path, monkeypatch):
     costs = layer_costs(split, rank=3)
     assert len(reads) == sum(len(p) for p in plan.passes)
     assert costs == pytest.approx({r["layer"]: r["err_lora"] ** 2 for r in ref_rows}, rel=1e-9, abs=1e-15)
+    # rank "fill": each layer at 64 // the members of its site, the sites counted on the model, not on the statistics
+    from rtlynx.sites import model_sites
+    members = {id(l): len(s.layers) for s in model_sites(model) for l in s.layers}
+    fill = layer_costs(split, rank="fill")
+    want_fill = {n: distill.residual_error(stats.layers[n], *distill.solve_lora(stats.layers[n], 64 // members[id(l)]))
+                 ** 2 for n, l in rtlynx.sparse_layers(model).items()}
+    assert fill == pytest.approx(want_fill, rel=1e-9, abs=1e-15)
+    assert all(fill[n] <= costs[n] * (1 + 1e-9) + 1e-15 for n in costs)  # every fill rank is >= 3 here
     assert distill.StatsFiles(split).meta["preset"] == "flux-all"  # settings the passes share
     assert len(distill.StatsFiles(split).meta["passes"]) == len(plan.passes)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..validate import arg_int, arg_real
+from ..validate import arg_rank_or_fill, arg_real
 from . import help_of
 from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, read_prompts,
                        torch_dtype)
@@ -77,8 +77,10 @@ def register(sub) -> None:
     p.add_argument("--calib", default=None, help="statistics from `rtlynx calibrate` for the quality costs "
                                                  "(default: a quick measurement on --prompts-file)")
     add_centre_arg(p, "without --calib: measure (and time) the sites centred, as SparsityConfig.centre")
-    p.add_argument("--rank", type=arg_int(0), default=0, help="with --calib: cost with the LoRA of this rank "
-                                                       "(default: 0 = norm compensation only)")
+    p.add_argument("--rank", type=arg_rank_or_fill(0), default="fill",
+                   help="with --calib: cost with the closed-form LoRA of this rank, 0 for norm compensation only, "
+                        "or fill: each site at 64 // its members, what rank 8 costs on the bf16 kernels (default: "
+                        "fill)")
     p.add_argument("--budget", type=arg_real(0, low_open=True), default=1.0,
                    help="allowed quality cost relative to the model's default preset (default: 1.0)")
     p.add_argument("--speed-table", default=None,

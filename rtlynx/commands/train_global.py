@@ -40,7 +40,7 @@ def add_args(p) -> None:
     p.add_argument("--train-for-schedule", action="store_true",
                    help="global: train for the step schedule saved with the LoRA (--dense-below-t): the rollouts run "
                         "it and the steps it runs dense are left out of the loss (default: off, every step sparse)")
-    p.add_argument("--grow-rank", type=arg_rank_or_fill, default=None,
+    p.add_argument("--grow-rank", type=arg_rank_or_fill(1), default=None,
                    help="global: widen every LoRA of the start to this rank first (new B columns zero: the same "
                         "output; the training uses the new capacity); 'fill': each site to the rank that costs what "
                         "rank 8 costs on the bf16 kernels (64 // members) (default: the start's rank)")
