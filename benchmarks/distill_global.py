@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train")
     t.add_argument("--prompts-file", required=True)
     t.add_argument("--model-dir", default=str(Path(__file__).resolve().parents[1] / "rtlynx/assets/miniflux"))
-    t.add_argument("--init", default=str(LORA_DIR), help="closed-form LoRA to start from")
+    t.add_argument("--init", default=str(LORA_DIR), help="LoRA to start from (default: the shipped one)")
     t.add_argument("--out", required=True)
     t.add_argument("--device", default="cuda")
     t.add_argument("--backend", default="reference", help="backend of rollouts / evaluations (training: reference)")
