@@ -103,23 +103,19 @@ class GlobalConfig:
 
 
 def grow_lora_rank(transformer, rank: int | str, seed: int = 0) -> int:
-    """Grow every sparse layer's LoRA to ``rank`` keeping the model's output: A gains rows drawn like nn.Linear's
-    init (seeded), B gains zero columns, so global distillation starts from the closed form it was given and can use
-    the new capacity from its first step (the larger closed form would need another calibration). ``rank="fill"``:
-    each site's members to ``fill_rank(members)``, the most that costs what rank 8 costs on the bf16 kernels. Layers
-    without a LoRA or already at the rank or more stay. Returns how many layers grew."""
-    if rank == "fill":
-        target = {id(l): min(fill_rank(len(s.layers)), l.in_features, l.out_features)  # a LoRA's rank <= min(K, N)
-                  for s in model_sites(transformer) for l in s.layers}
-    elif isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
-        target = {}
-    else:
+    """Grow every sparse layer's LoRA to ``rank`` (or "fill": ``fill_rank`` of its site's members, at most min(K, N))
+    keeping the model's output: A gains rows drawn like nn.Linear's init (seeded), B zero columns, so global
+    distillation starts from the LoRA it was given and can use the new capacity from its first step. Layers without a
+    LoRA or already at the rank or more stay. Returns how many layers grew."""
+    if rank != "fill" and not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
         raise ValueError(f"rank must be a positive int or 'fill', got {rank!r}")
-    g = torch.Generator().manual_seed(seed)
-    grown = 0
+    sites = model_sites(transformer)
+    members = {id(l): len(s.layers) for s in sites for l in s.layers}
+    g, grown = torch.Generator().manual_seed(seed), 0
     for layer in sparse_layers(transformer).values():  # layer order: the seeded draws do not depend on the sites
-        r0, r = (layer.lora_rank if layer.lora_A is not None else 0), target.get(id(layer), rank)
-        if r0 == 0 or r == "fill" or r0 >= r:
+        r0 = layer.lora_rank if layer.lora_A is not None else 0
+        r = min(fill_rank(members[id(layer)]), layer.in_features, layer.out_features) if rank == "fill" else rank
+        if r0 == 0 or r0 >= r:
             continue
         a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
         layer.add_lora(r, rebuild=False)
@@ -130,7 +126,7 @@ def grow_lora_rank(transformer, rank: int | str, seed: int = 0) -> int:
             layer.lora_B.zero_()
             layer.lora_B[:, :r0].copy_(b)
         grown += 1
-    for site in model_sites(transformer):
+    for site in sites:
         site.build()  # the operands take the wider LoRA tails
     return grown
 

@@ -269,8 +269,8 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int | str = "fi
 
     ``budget`` is relative to the model's hand-written default preset: the selected sites may cost at most
     ``budget`` times that preset's summed quality cost (1.0: no more output error than the default preset).
-    Quality costs come from ``calib`` statistics (with the closed-form LoRA of ``rank``: an int, 0 for none, or "fill", see layer_costs) or, without, from a short dense
-    sampling of ``prompts`` (norm compensation only). ``centre`` (SparsityConfig.centre) is the setting the sites will
+    Quality costs come from ``calib`` statistics (with the closed-form LoRA of ``rank``: an int, 0 for none, or
+    "fill", see layer_costs) or, without, from a short dense sampling of ``prompts`` (norm compensation only). ``centre`` (SparsityConfig.centre) is the setting the sites will
     run with, for that measurement and the timing (``calib`` statistics carry their own). On a GPU (``confirm``) the
     chosen set is then timed in the model against dense and trimmed until it is not slower
     (:func:`confirm_end_to_end`). Returns a dict with "selected" and "candidates" (Candidate lists), "reference" (the
@@ -292,7 +292,7 @@ def select_layers(runner, budget: float = 1.0, calib=None, rank: int | str = "fi
         else:
             stats = distill.collect(transformer, lambda: runner.sample(
                 list(prompts), steps=steps or 4, height=height, width=width, seed=seed, latent=True))
-        costs = layer_costs(stats, rank)
+        costs = layer_costs(stats, rank if calib is not None else 0)  # a LoRA fitted on the quick sample would flatter
         cands = candidates(transformer, rows, costs, table)
     finally:
         api.unsparsify(transformer)

@@ -290,9 +290,12 @@ def _synthetic_table(sel_shapes, slow_n=64):
 
 
 @pytest.mark.slow
-def test_select_picks_fast_sites_within_budget(pipes, tmp_path):
+def test_select_picks_fast_sites_within_budget(pipes, tmp_path, monkeypatch):
     from rtlynx import select
     from rtlynx.pipelines import load_runner
+
+    ranks, costs = [], select.layer_costs  # without --calib the costs are norm-only whatever the rank (default fill)
+    monkeypatch.setattr(select, "layer_costs", lambda stats, rank=0, **k: ranks.append(rank) or costs(stats, rank, **k))
 
     runner = load_runner(pipes["flux"], device="cpu")
     rtlynx.sparsify(runner.transformer, preset="flux-all")
@@ -303,6 +306,7 @@ def test_select_picks_fast_sites_within_budget(pipes, tmp_path):
     table = tmp_path / "table.json"
     table.write_text(json.dumps(_synthetic_table(shapes)))
     sel = select.select_layers(runner, budget=0.8, speed_table=table, height=SIZE, width=SIZE, steps=2)
+    assert ranks == [0]
     chosen = sel["selected"]
     assert chosen and all(c.speedup > 1 for c in chosen) and all(c.n > 64 for c in chosen)
     assert sum(c.cost for c in chosen) <= sel["budget"]
