@@ -184,11 +184,13 @@ def main(argv=None) -> int:
         else:
             images[name] = F.generate(model, prompts, args.batch_size, args.seed, num_steps=steps)
         gen_s = time.time() - t1
-        row = {"seconds_generate": gen_s, **({"dense_images": str(dense_cache)} if name == "dense" and cached is not None
-                                             else {})}
-        if name == "dense" and cached is None and dense_cache is not None:
-            dense_cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(dense_cache, images=images[name], key=key)
+        row = {"seconds_generate": gen_s}
+        if name == "dense" and dense_cache is not None:
+            if cached is not None:
+                row["dense_images"] = str(dense_cache)  # scored from the kept images, not regenerated
+            else:
+                dense_cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(dense_cache, images=images[name], key=key)
         if net is not None:
             feats = F.inception_features(net, images[name])
             kid, kid_std = F.kid_from_features(feats, real)
@@ -203,7 +205,8 @@ def main(argv=None) -> int:
             same = not math.isfinite(pair["psnr"])  # identical images: JSON has no inf
             row.update(psnr_vs_sdpa=None if same else pair["psnr"], ssim_vs_sdpa=pair["ssim"])
         out[name] = row
-        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None), flush=True)
+        print(f"{name:12s} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items() if v is not None), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # row by row: a run cut short keeps what it did
         Path(args.out).write_text(json.dumps({"partial": True, "device": torch.cuda.get_device_name(0) if dev == "cuda"
                                               else "cpu", "n_generated": args.n, "variants": out}, indent=1))
