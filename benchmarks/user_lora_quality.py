@@ -56,6 +56,50 @@ def style_data(path, held_out: int, seed: int = 0):
     return d["images"][train], prompts, [f"{n}, noto style" for n in sorted(held)]
 
 
+def train_adapter(images, prompts, cfg, steps: int, batch: int, lr: float, cache: str | None = None):
+    """A PEFT adapter of ``cfg`` trained ``steps`` steps on the dense shipped mini-FLUX (base frozen): its state dict
+    and a description. ``cache``: a safetensors file reused when it holds a run of the same settings."""
+    from safetensors.torch import load_file, save_file
+
+    key = {"rank": str(cfg.r), "steps": str(steps), "batch": str(batch), "lr": repr(lr), "images": str(len(images))}
+    if cache and Path(cache).is_file():
+        from safetensors import safe_open
+
+        with safe_open(cache, "pt") as f:
+            meta = f.metadata() or {}
+        if all(meta.get(k) == v for k, v in key.items()):
+            print(f"adapter from {cache} (trained earlier with the same settings)", flush=True)
+            return load_file(cache), json.loads(meta["info"])
+    model = load_miniflux()
+    model.transformer.add_adapter(cfg, adapter_name="style")
+    ids = model.tokenizer.encode(prompts)
+    params = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, losses = time.time(), []
+    for step in range(steps):
+        i = torch.randint(0, len(images), (batch,))
+        x = torch.as_tensor(images[i.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> NCHW
+        loss = model.loss(x, ids[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            print(f"adapter step {step}: loss {np.mean(losses[-25:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    state = {k: v.detach().clone().contiguous()
+             for k, v in get_peft_model_state_dict(model.transformer, adapter_name="style").items()}
+    info = {"task": "3d style for 'noto style' prompts", "rank": cfg.r, "targets": TARGETS, "train_steps": steps,
+            "batch": batch, "lr": lr, "train_images": len(images), "train_s": round(time.time() - t0, 1),
+            "final_loss": float(np.mean(losses[-25:]))}
+    if cache:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, cache, metadata={**key, "info": json.dumps(info)})
+    return state, info
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=".cache/emoji64.npz")
@@ -67,33 +111,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=15, help="sampling steps")
     ap.add_argument("--refit", type=int, default=16, help="user prompts to refit the compensation LoRA on (0: skip)")
     ap.add_argument("--out", default=str(RESULTS / "user_lora_quality_cpu.json"))
+    ap.add_argument("--adapter-cache", default=None, help="safetensors file: reuse / keep the trained adapter")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     images, prompts, held = style_data(args.data, args.n)
     cfg = LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights=True)
 
     # 1. the adapter, trained on the dense model
-    model = load_miniflux()
-    model.transformer.add_adapter(cfg, adapter_name="style")
-    ids = model.tokenizer.encode(prompts)
-    params = [p for n, p in model.transformer.named_parameters() if "lora_" in n]
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    t0, losses = time.time(), []
-    for step in range(args.steps_train):
-        i = torch.randint(0, len(images), (args.batch,))
-        x = torch.as_tensor(images[i.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1  # NHWC uint8 -> NCHW
-        loss = model.loss(x, ids[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == args.steps_train - 1:
-            print(f"adapter step {step}: loss {np.mean(losses[-25:]):.4f} ({time.time() - t0:.0f} s)", flush=True)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model.transformer, adapter_name="style").items()}
-    train_s = time.time() - t0
+    state, info = train_adapter(images, prompts, cfg, args.steps_train, args.batch, args.lr, args.adapter_cache)
 
     # 2. the shipped RT-Lynx model, then the same adapter added to it (sparsify first, then add_adapter)
     model = load_miniflux()
@@ -166,9 +191,7 @@ def main(argv=None) -> int:
 
     da, sa = dense_a.double() - dense.double(), sparse_a.double() - sparse.double()
     out = {**run_metadata(), "model": "shipped mini-FLUX + shipped RT-Lynx LoRA, reference path",
-           "adapter": {"task": "3d style for 'noto style' prompts", "rank": args.rank, "targets": TARGETS,
-                       "train_steps": args.steps_train, "batch": args.batch, "lr": args.lr,
-                       "train_images": len(images), "train_s": round(train_s, 1), "final_loss": float(np.mean(losses[-25:]))},
+           "adapter": info,
            "n_held_out": len(held), "sampling_steps": args.steps,
            "sparse_vs_dense": pm(sparse, dense), "sparse_adapter_vs_dense_adapter": pm(sparse_a, dense_a),
            "sparse_t0.2_vs_dense": pm(sparse_t, dense), "sparse_adapter_t0.2_vs_dense_adapter": pm(sparse_a_t, dense_a),

@@ -198,7 +198,7 @@ def _save_state(ckpt: Path, transformer, master: _Master, opt, step: int, cfg: G
     save_file(tensors, str(tmp))
     meta = {"step": step, "config": asdict(cfg), "history": history}
     (ckpt / (STATE_META + ".tmp")).write_text(json.dumps(meta))
-    io.save(transformer, ckpt / "lora", overwrite=True)
+    io.save(transformer, ckpt / "lora", overwrite=True, warn_adapters=False)  # said by the final save, once
     tmp.replace(ckpt / STATE_FILE)
     (ckpt / (STATE_META + ".tmp")).replace(ckpt / STATE_META)
 

@@ -8,7 +8,8 @@ Directory layout::
 
     rtlynx_config.json         {"format": 1, "model_class": ..., "config": {...},
                                 "layers": {name: {"in_features", "out_features", "lora_rank"}},
-                                "lora_sha256": sha256 of rtlynx_lora.safetensors}
+                                "lora_sha256": sha256 of rtlynx_lora.safetensors,
+                                "provenance": {...} (optional: how the LoRA was made, e.g. under which adapter)}
     rtlynx_lora.safetensors    "<layer name>.lora_A" [r, K], "<layer name>.lora_B" [N, r] (floating point, finite)
 
 A save is atomic, a new one and an overwrite alike: the tensors are written to a pending file named by their
@@ -45,8 +46,12 @@ FORMAT = 1
 LORA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def save(model, path, overwrite: bool = False) -> Path:
+def save(model, path, overwrite: bool = False, provenance: dict | None = None, warn_adapters: bool = True) -> Path:
     """Write the sparsity config and LoRA tensors of ``model`` to directory ``path``.
+
+    ``provenance``: JSON-able facts of how the LoRA was made, kept beside the config and read back by
+    :func:`provenance` (e.g. ``{"adapter": ...}``: the user adapter active while it was fitted; never applied).
+    ``warn_adapters=False``: no warning that the user's adapters are not written (for a caller that says it once).
 
     Refuses to replace either file of an existing save unless ``overwrite=True``; other files in the
     directory are left alone. Refuses NaN / Inf LoRA tensors. See the module docstring for what a crash leaves.
@@ -56,7 +61,7 @@ def save(model, path, overwrite: bool = False) -> Path:
     if not layers:
         raise ValueError("model has no SparseActLinear layers; nothing to save")
     parallel.refuse_sharded(module, "rtlynx.save")
-    if has_adapters(module):
+    if warn_adapters and has_adapters(module):
         warnings.warn("rtlynx.save writes the sparsity config and the compensation LoRA, not your adapters (save "
                       "those as diffusers does: pipe.save_lora_weights / get_peft_model_state_dict)", UserWarning,
                       stacklevel=2)
@@ -84,6 +89,8 @@ def save(model, path, overwrite: bool = False) -> Path:
                    for n, l in layers.items()},
         "lora_sha256": hashlib.sha256(data).hexdigest(),
     }
+    if provenance:
+        meta["provenance"] = provenance
     _commit(path, data, json.dumps(meta, indent=1), meta["lora_sha256"])
     return path
 
@@ -178,6 +185,17 @@ def _check_layers(meta: dict, cfg_file: Path) -> None:
 
 def _sha_matches(f: Path, sha: str) -> bool:
     return f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == sha
+
+
+def provenance(path) -> dict:
+    """How the save in ``path`` was made (``save(provenance=...)``; {} when it records nothing or is unreadable:
+    provenance informs, it never stops a load)."""
+    try:
+        meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    prov = meta.get("provenance") if isinstance(meta, dict) else None
+    return prov if isinstance(prov, dict) else {}
 
 
 def read(path) -> tuple[dict, dict[str, torch.Tensor]]:

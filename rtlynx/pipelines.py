@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import cudagraphs, schedule
+from .integrations.peft import has_adapters
 from .models.miniflux import ASSET_DIR, load_miniflux, to_uint8
 
 # Pipeline class -> how its __call__ takes guidance ("guidance_scale", or "true_cfg_scale" with a negative
@@ -26,6 +27,7 @@ PIPELINES = {
     "ZImagePipeline": {"guidance": "guidance_scale", "seq_tokenizer": "tokenizer"},
 }
 MINIFLUX = "miniflux"
+ADAPTER = "user"  # the adapter name of `--adapter` (one user adapter per command)
 
 
 class ModelError(ValueError):
@@ -95,6 +97,34 @@ class Runner:
         owner.transformer = cudagraphs.compile(owner.transformer, mode=mode, regional=regional, **compile_kw)
         self.called = owner.transformer
 
+    def load_adapter(self, path: str | Path, scale: float = 1.0) -> dict:
+        """Load a user's LoRA adapter (a .safetensors file in diffusers' or PEFT's key format, or a folder holding
+        one) and make it the active adapter at ``scale``, before sparsify / load, as `--adapter` does. Returns its
+        fingerprint (file name, sha256, scale): what a compensation fitted under it records. ModelError with one
+        line on a missing, unreadable or non-matching file."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_bytes
+
+        file = adapter_file(path)
+        data = file.read_bytes()
+        try:
+            state = load_bytes(data)
+        except (SafetensorError, ValueError) as e:
+            raise ModelError(f"--adapter {file}: not a safetensors file ({e})") from None
+        if not any(".lora_A." in k or ".lora_down." in k for k in state):
+            raise ModelError(f"--adapter {file}: no LoRA factors in it (keys like '...to_q.lora_A.weight')")
+        try:
+            self._load_adapter_state(state, scale)
+        except (ValueError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"--adapter {file}: does not fit this {self.kind}: {first}") from None
+        if not has_adapters(self.transformer):
+            raise ModelError(f"--adapter {file}: none of its layers is in this {self.kind}'s transformer")
+        return _fingerprint(file, data, scale)
+
+    def _load_adapter_state(self, state: dict, scale: float) -> None:
+        raise NotImplementedError
+
     def uncompile(self) -> None:
         owner = self._owner
         owner.transformer = cudagraphs.uncompile(owner.transformer)
@@ -130,6 +160,10 @@ class DiffusersRunner(Runner):
         out = self.pipe(**kw)
         return None if latent else list(out.images)
 
+    def _load_adapter_state(self, state, scale):
+        self.pipe.load_lora_weights(state, adapter_name=ADAPTER)  # converts the other trainers' key formats too
+        self.pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+
 
 class MiniFluxRunner(Runner):
     model = None
@@ -146,6 +180,11 @@ class MiniFluxRunner(Runner):
             raise ModelError(f"the mini-FLUX makes {size}x{size} images only")
         images = self.model.sample(list(prompts), num_steps=steps, guidance_scale=guidance, seed=seed)
         return None if latent else [Image.fromarray(a.numpy()) for a in to_uint8(images)]
+
+    def _load_adapter_state(self, state, scale):
+        prefix = "transformer" if all(k.startswith("transformer.") for k in state) else None  # diffusers' or PEFT's
+        self.transformer.load_lora_adapter(state, prefix=prefix, adapter_name=ADAPTER)
+        self.transformer.set_adapters([ADAPTER], weights=[scale])
 
 
 def load_runner(spec: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> Runner:
@@ -174,6 +213,33 @@ def load_runner(spec: str | Path, device: str | None = None, dtype: torch.dtype 
     runner = DiffusersRunner(kind, str(spec), pipe.transformer, device, dtype)
     runner.pipe = pipe
     return runner
+
+
+def adapter_file(path: str | Path) -> Path:
+    """The safetensors file of ``--adapter``: the path itself, or the one in a folder (diffusers' name first)."""
+    p = Path(path)
+    if p.is_dir():
+        named = p / "pytorch_lora_weights.safetensors"
+        found = [named] if named.is_file() else sorted(p.glob("*.safetensors"))
+        if len(found) != 1:
+            raise ModelError(f"--adapter {p}: {'no' if not found else 'more than one'} .safetensors file in the "
+                             "folder; name the file")
+        return found[0]
+    if not p.is_file():
+        raise ModelError(f"--adapter {p}: no such file or folder")
+    return p
+
+
+def adapter_fingerprint(path: str | Path, scale: float = 1.0) -> dict:
+    """What a compensation fitted under the adapter ``path`` at ``scale`` records: file name, sha256, scale."""
+    file = adapter_file(path)
+    return _fingerprint(file, file.read_bytes(), scale)
+
+
+def _fingerprint(file: Path, data: bytes, scale: float) -> dict:
+    import hashlib
+
+    return {"file": file.name, "sha256": hashlib.sha256(data).hexdigest(), "scale": float(scale)}
 
 
 def load_transformer(spec: str | Path, device: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:

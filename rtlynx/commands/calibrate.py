@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..validate import arg_int, arg_real, arg_t
 from . import help_of, train_global
-from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, read_prompts,
-                       torch_dtype)
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, load_adapter,
+                       read_prompts, same_adapter, torch_dtype)
 
 
 def calibration_prompts(args) -> list[str]:
@@ -66,7 +66,13 @@ def _device(command: str, flag: str, spec: str):
 RESUME_KEYS = ("model", "steps", "guidance", "height", "width", "preset", "seed", "centre")
 
 
-def check_resume(out: Path, args, prompts: list[str]) -> None:
+def adapter_of(meta: dict) -> dict | None:
+    """The adapter fingerprint calibrate recorded in statistics' metadata (None: none was active)."""
+    text = meta.get("adapter", "none")
+    return None if text in (None, "none") else json.loads(text)
+
+
+def check_resume(out: Path, args, prompts: list[str], adapter: dict | None = None) -> None:
     """``--resume`` adds to statistics made with the same settings and the same first prompts, or stops with one
     line naming what differs."""
     from .. import distill
@@ -81,6 +87,11 @@ def check_resume(out: Path, args, prompts: list[str]) -> None:
             if key in meta and meta[key] != (str(args.model) if key == "model" else getattr(args, key)):
                 raise SystemExit(f"rtlynx calibrate: {part} was made with --{key} {meta[key]}, not "
                                  f"{getattr(args, key)}; resume with the same settings (or --overwrite)")
+        if not same_adapter(adapter_of(meta), adapter):
+            had = adapter_of(meta)
+            raise SystemExit(f"rtlynx calibrate: {part} was made with {'adapter ' + had['file'] if had else 'no adapter'}"
+                             f", not {'--adapter ' + str(args.adapter) if adapter else 'without one'} (or at another "
+                             "scale); resume with the same adapter (or --overwrite)")
         done = meta.get("prompts_done", 0)
         if meta.get("prompts_sha") != prompts_digest(prompts[:done]):
             raise SystemExit(f"rtlynx calibrate: {part} was made from other prompts than the first {done} of "
@@ -95,7 +106,7 @@ def run_calibrate(args) -> int:
     from tqdm.auto import tqdm
 
     from .. import api, distill
-    from ..pipelines import ModelError, load_runner, model_kind
+    from ..pipelines import ModelError, adapter_fingerprint, load_runner, model_kind
 
     try:
         model_kind(args.model)
@@ -108,10 +119,11 @@ def run_calibrate(args) -> int:
                          "start over")
     device, dtype = _model_args(args)
     stats_device = _device("calibrate", "--stats-device", args.stats_device)
-    if args.resume and out.exists() and not args.plan_only:
-        check_resume(out, args, prompts)  # before the model loads, and before anything is written
     try:
+        if args.resume and out.exists() and not args.plan_only:  # before the model loads, and before anything is written
+            check_resume(out, args, prompts, adapter_fingerprint(args.adapter, args.adapter_scale) if args.adapter else None)
         runner = load_runner(args.model, device=device, dtype=dtype)
+        adapter = load_adapter(runner, args)  # before sparsify: the adapter's layers are sparsified with it kept
         api.sparsify(runner.transformer, preset=args.preset, centre=centre_of(args.centre))
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx calibrate: {e}") from None
@@ -123,7 +135,8 @@ def run_calibrate(args) -> int:
     if len(paths) > 1:
         out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=str(args.model), kind=runner.kind, steps=args.steps, guidance=args.guidance, height=args.height,
-                width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size, centre=args.centre)
+                width=args.width, preset=args.preset, seed=args.seed, batch_size=args.batch_size, centre=args.centre,
+                adapter="none" if adapter is None else json.dumps(adapter, sort_keys=True))
     nb = -(-len(prompts) // args.batch_size)
     for p, (groups, path) in enumerate(zip(plan.passes, paths)):
         stats, done = None, 0
@@ -171,6 +184,9 @@ def run_train_lora(args) -> int:
         return train_global.run(args, *_model_args(args), closed_form)
     if not args.calib:
         raise SystemExit("rtlynx train-lora: give --calib (statistics from `rtlynx calibrate`)")
+    if args.adapter:
+        raise SystemExit("rtlynx train-lora: the closed form fits the statistics, made under calibrate's --adapter; "
+                         "--adapter here applies to --objective global")
     device, dtype = _model_args(args)
     try:
         transformer = load_transformer(args.model, device=device, dtype=dtype)
@@ -181,7 +197,7 @@ def run_train_lora(args) -> int:
         api.configure(transformer, dense_below_t=None if args.dense_below_t == "none" else args.dense_below_t)
     except (ModelError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
-    io.save(transformer, out, overwrite=args.overwrite)
+    io.save(transformer, out, overwrite=args.overwrite, provenance={"adapter": adapter_of(stats.meta)})
     (out / "distill_report.json").write_text(json.dumps({"rank": args.rank, "ridge": args.ridge, "model": args.model,
                                                           "calib": stats.meta, "layers": rows}, indent=1))
     keys = [k for k in ("err_norm", "err_lora", "val_err_norm", "val_err_lora") if k in rows[0]]

@@ -126,6 +126,7 @@ def run(args) -> int:
         model_kind(args.model)
         device = validate.device("--device", args.device)
         runner = load_runner(args.model, device=device, dtype=torch_dtype(args.dtype))
+        adapter = load_adapter(runner, args)
         what = prepare(runner, args.lynx, args.preset, args.dense_below_t, args.backend, not args.no_speed_rules,
                        args.sparse_dtype, keep_dense_weights=args.compare, dense_above_t=args.dense_above_t)
     except (ModelError, ValueError, FileNotFoundError) as e:
@@ -134,6 +135,12 @@ def run(args) -> int:
     print(f"{runner.kind} from {runner.path} on {runner.device} ({str(runner.dtype).removeprefix('torch.')}), "
           f"{len(api.sparse_layers(runner.transformer))} sparse layers: {what}")
     print(schedule_line(config.dense_below_t, args.dense_below_t, "the saved LoRA" if args.lynx else "the preset"))
+    if args.lynx:
+        from .. import io
+
+        line = adapter_mismatch(io.provenance(args.lynx).get("adapter"), adapter)
+        if line:
+            print(line)
     if config.dense_above_t is not None:
         print(f"the first steps (noise level t > {config.dense_above_t}) run dense too (--dense-above-t none: off)")
     if args.compile != "none":
@@ -158,7 +165,7 @@ def run(args) -> int:
             files.append(f"dense_{i}.png")
     settings = {k: getattr(args, k) for k in ("model", "lynx", "preset", "steps", "guidance", "seed", "height",
                                               "width", "backend", "dtype", "compare", "compile", "reps")}
-    settings.update(prompts=prompts, kind=runner.kind, device=str(runner.device),
+    settings.update(adapter=adapter, prompts=prompts, kind=runner.kind, device=str(runner.device),
                     torch_dtype=str(runner.dtype).removeprefix("torch."), sparsity=config.to_dict(),
                     sparse_layers=len(api.sparse_layers(runner.transformer)))
     (out / "generate.json").write_text(json.dumps({"settings": settings, "timing": result, "files": files}, indent=1))
@@ -214,6 +221,35 @@ def add_model_args(p, steps_help="sampling steps (default: the pipeline's own)")
     p.add_argument("--device", default="auto", help="cuda / cpu (default: auto = cuda if present)")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES),
                    help="weights dtype (default: auto = bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--adapter", default=None, metavar="FILE|DIR",
+                   help="your LoRA adapter (diffusers / PEFT .safetensors), active while this command samples: "
+                        "calibrate / train-lora fit the compensation with it on (default: none)")
+    p.add_argument("--adapter-scale", type=arg_real(0), default=1.0, help="the adapter's weight (default: 1.0)")
+
+
+def load_adapter(runner, args) -> dict | None:
+    """--adapter on ``runner`` before it is sparsified: its fingerprint, or None without one (ModelError if bad)."""
+    if not getattr(args, "adapter", None):
+        return None
+    fp = runner.load_adapter(args.adapter, args.adapter_scale)
+    print(f"adapter {fp['file']} active at scale {fp['scale']:g}")
+    return fp
+
+
+def same_adapter(a: dict | None, b: dict | None) -> bool:
+    """Two fingerprints of load_adapter (None: no adapter) name the same weights at the same scale."""
+    return (a is None) == (b is None) and (a is None or (a["sha256"], a["scale"]) == (b["sha256"], b["scale"]))
+
+
+def adapter_mismatch(fitted: dict | None, running: dict | None) -> str | None:
+    """One line when a compensation fitted under one adapter (or none) runs under another, else None."""
+    if same_adapter(fitted, running):
+        return None
+
+    def name(fp):
+        return "no adapter" if fp is None else f"adapter {fp['file']} (sha256 {fp['sha256'][:12]}) at scale {fp['scale']:g}"
+    return (f"warning: this compensation was fitted with {name(fitted)}, and runs with {name(running)}: fit one for "
+            "this adapter (rtlynx calibrate / train-lora --adapter) for the closest images")
 
 
 def add_centre_arg(p, help: str) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..validate import arg_rank_or_fill, arg_real
 from . import help_of
-from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, read_prompts,
-                       torch_dtype)
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, load_adapter,
+                       read_prompts, torch_dtype)
 
 
 def run(args) -> int:
@@ -29,6 +29,7 @@ def run(args) -> int:
             select.speed_table_for([], None)  # the one-line "no speed table on the CPU" error, before loading
         runner = load_runner(args.model, device=validate.device("--device", args.device),
                              dtype=torch_dtype(args.dtype))
+        load_adapter(runner, args)  # the quick measurement samples with it
         sel = select.select_layers(runner, budget=args.budget, calib=args.calib, rank=args.rank,
                                    speed_table=args.speed_table, min_speedup=args.min_speedup,
                                    candidate_preset=args.candidates, prompts=prompts, steps=args.steps,

@@ -52,7 +52,7 @@ def run(args, device, dtype, solve_closed_form) -> int:
     from .. import api, io
     from ..distill_global import DistillError, GlobalConfig, grow_lora_rank, train_global
     from ..pipelines import ModelError, load_runner
-    from .generate import read_prompts
+    from .generate import load_adapter, read_prompts
 
     out = Path(args.out)
     if not args.prompts:
@@ -72,6 +72,7 @@ def run(args, device, dtype, solve_closed_form) -> int:
                            dense_below_t=below if args.train_for_schedule else None)
         prompts = read_prompts(args.prompts)
         runner = load_runner(args.model, device=device, dtype=dtype)
+        adapter = load_adapter(runner, args)  # trained against dense + adapter on the sparse + adapter sampler
         if args.init:
             io.load(runner.transformer, args.init, dense_below_t=None, dense_above_t=None)
         else:
@@ -91,8 +92,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
         raise SystemExit(f"rtlynx train-lora: {e}") from None
     # the step schedule saved with the LoRA (--dense-below-t; the training ran it only with --train-for-schedule)
     api.configure(runner.transformer, dense_below_t=below)
-    io.save(runner.transformer, out, overwrite=True)
+    io.save(runner.transformer, out, overwrite=True, provenance={"adapter": adapter})
     (out / "distill_report.json").write_text(json.dumps({"objective": "global", "model": args.model,
-                                                          "init": args.init, **report}, indent=1))
+                                                          "init": args.init, "adapter": adapter, **report}, indent=1))
     print(f"wrote {out}")
     return 0
