@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps of the training rollouts")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--fp8-control", action="store_true",
+                    help="also dense FP8 (e4m3 operands, quality.py's emulation) against dense, with and without the "
+                         "adapter: is the adapted sampler as hard on another perturbation of the same layers?")
     ap.add_argument("--out", default=str(RESULTS / "user_lora_compensation_cpu.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)  # as user_lora_quality.py: the same adapter
@@ -103,6 +106,16 @@ def main(argv=None) -> int:
 
     rows, t0 = {}, time.time()
     rows["shipped"] = judge(full=True)
+    if args.fp8_control:
+        from quality import _DenseFP8
+
+        with api.dense_mode(t), _DenseFP8(t):
+            row = {"every_step": F.paired_metrics(sample(), dense_a)}
+            t.disable_adapters()
+            row["no_adapter_every_step"] = F.paired_metrics(sample(), dense)
+            t.enable_adapters()
+        rows["dense_fp8_control"] = row
+        print(json.dumps(row), flush=True)
     if args.global_steps:
         gcfg = GlobalConfig(steps=args.global_steps, lr=args.lr, warmup=min(20, args.global_steps // 4),
                             batch=args.batch, calls_per_batch=8, rollout_prompts=args.rollout_prompts,

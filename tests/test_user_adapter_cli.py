@@ -193,3 +193,38 @@ def test_train_global_trains_the_compensation_only(tiny, seed):
     assert all(torch.equal(p, user[n]) for n, p in t.named_parameters() if n in user)
     assert any(not torch.equal(l.lora_B, comp[n]) for n, l in rtlynx.sparse_layers(t).items())
     assert {n: p.requires_grad for n, p in t.named_parameters()} == flags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["flux", "qwen-image", "z-image"])
+def test_generate_with_an_adapter_on_each_family(kind, tmp_path, seed):
+    """A diffusers-format adapter (what pipe.save_lora_weights writes) through `--adapter`: the same images as
+    the pipeline with the adapter loaded by diffusers' own call, and other images than without it (dense mode)."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    from PIL import Image
+
+    from rtlynx.pipelines import load_runner
+    from rtlynx.testing import SIZE, save_tiny_pipeline
+
+    pipe_dir = save_tiny_pipeline(kind, tmp_path / kind, seed=0)
+    runner = load_runner(str(pipe_dir), device="cpu")
+    t = runner.transformer
+    torch.manual_seed(seed)
+    t.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=rtlynx.eligible_layers(t), init_lora_weights=False),
+                  adapter_name="x")
+    state = {k: v.detach().clone().contiguous() * 2  # the tiny Qwen-Image's images move little at PEFT's init
+             for k, v in get_peft_model_state_dict(t, adapter_name="x").items()}
+    f = write_adapter(tmp_path / "a" / "pytorch_lora_weights.safetensors", state, True)
+    common = ["generate", "--model", str(pipe_dir), "--prompt", "a red cat", "--steps", "2", "--height", str(SIZE),
+              "--width", str(SIZE), "--device", "cpu", "--backend", "reference", "--compare"]
+    assert main([*common, "--adapter", str(f.parent), "--out", str(tmp_path / "with")]) == 0
+    assert main([*common, "--out", str(tmp_path / "without")]) == 0
+    fresh = load_runner(str(pipe_dir), device="cpu")
+    fresh.pipe.load_lora_weights(str(f.parent), adapter_name="ref")  # diffusers' own loader
+    want = np.asarray(fresh.sample(["a red cat"], steps=2, height=SIZE, width=SIZE, seed=0)[0], dtype=np.int16)
+    got = np.asarray(Image.open(tmp_path / "with" / "dense_0.png"), dtype=np.int16)  # dense mode: dense + adapter
+    plain = np.asarray(Image.open(tmp_path / "without" / "dense_0.png"), dtype=np.int16)
+    assert np.abs(got - want).max() <= 1  # PNG rounding
+    assert np.abs(got - plain).max() > 8
+    assert json.loads((tmp_path / "with" / "generate.json").read_text())["settings"]["adapter"]["file"] == f.name

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..validate import arg_int, arg_real, arg_t
 from . import help_of, train_global
-from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, load_adapter,
-                       read_prompts, same_adapter, torch_dtype)
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, describe_adapter, hidden_alias,
+                       load_adapter, read_prompts, same_adapter, torch_dtype)
 
 
 def calibration_prompts(args) -> list[str]:
@@ -88,10 +88,8 @@ def check_resume(out: Path, args, prompts: list[str], adapter: dict | None = Non
                 raise SystemExit(f"rtlynx calibrate: {part} was made with --{key} {meta[key]}, not "
                                  f"{getattr(args, key)}; resume with the same settings (or --overwrite)")
         if not same_adapter(adapter_of(meta), adapter):
-            had = adapter_of(meta)
-            raise SystemExit(f"rtlynx calibrate: {part} was made with {'adapter ' + had['file'] if had else 'no adapter'}"
-                             f", not {'--adapter ' + str(args.adapter) if adapter else 'without one'} (or at another "
-                             "scale); resume with the same adapter (or --overwrite)")
+            raise SystemExit(f"rtlynx calibrate: {part} was made with {describe_adapter(adapter_of(meta))}, not "
+                             f"{describe_adapter(adapter)}; resume with the same adapter (or --overwrite)")
         done = meta.get("prompts_done", 0)
         if meta.get("prompts_sha") != prompts_digest(prompts[:done]):
             raise SystemExit(f"rtlynx calibrate: {part} was made from other prompts than the first {done} of "
@@ -120,8 +118,9 @@ def run_calibrate(args) -> int:
     device, dtype = _model_args(args)
     stats_device = _device("calibrate", "--stats-device", args.stats_device)
     try:
-        if args.resume and out.exists() and not args.plan_only:  # before the model loads, and before anything is written
-            check_resume(out, args, prompts, adapter_fingerprint(args.adapter, args.adapter_scale) if args.adapter else None)
+        if args.resume and out.exists() and not args.plan_only:  # before the model loads and anything is written
+            adapter = adapter_fingerprint(args.adapter, args.adapter_scale) if args.adapter else None
+            check_resume(out, args, prompts, adapter)
         runner = load_runner(args.model, device=device, dtype=dtype)
         adapter = load_adapter(runner, args)  # before sparsify: the adapter's layers are sparsified with it kept
         api.sparsify(runner.transformer, preset=args.preset, centre=centre_of(args.centre))

@@ -245,11 +245,15 @@ def adapter_mismatch(fitted: dict | None, running: dict | None) -> str | None:
     """One line when a compensation fitted under one adapter (or none) runs under another, else None."""
     if same_adapter(fitted, running):
         return None
+    return (f"warning: this compensation was fitted with {describe_adapter(fitted)}, and runs with "
+            f"{describe_adapter(running)}: fit one for this adapter (rtlynx calibrate / train-lora --adapter) for the "
+            "closest images")
 
-    def name(fp):
-        return "no adapter" if fp is None else f"adapter {fp['file']} (sha256 {fp['sha256'][:12]}) at scale {fp['scale']:g}"
-    return (f"warning: this compensation was fitted with {name(fitted)}, and runs with {name(running)}: fit one for "
-            "this adapter (rtlynx calibrate / train-lora --adapter) for the closest images")
+
+def describe_adapter(fp: dict | None) -> str:
+    if fp is None:
+        return "no adapter"
+    return f"adapter {fp['file']} (sha256 {fp['sha256'][:12]}) at scale {fp['scale']:g}"
 
 
 def add_centre_arg(p, help: str) -> None:
