@@ -51,8 +51,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
     train-lora, used when there is no --init."""
     from .. import api, io
     from ..distill_global import DistillError, GlobalConfig, grow_lora_rank, train_global
-    from ..pipelines import ModelError, load_runner
-    from .generate import load_adapter, read_prompts
+    from ..pipelines import ModelError, adapter_fingerprint, load_runner
+    from .generate import describe_adapter, load_adapter, read_prompts, same_adapter
 
     out = Path(args.out)
     if not args.prompts:
@@ -64,7 +64,15 @@ def run(args, device, dtype, solve_closed_form) -> int:
     if not args.init and not args.calib:
         raise SystemExit("rtlynx train-lora --objective global: give --init DIR (a LoRA to start from) or --calib "
                          "(solve the closed form first)")
+    marker = out / "checkpoint" / "adapter.json"  # the adapter a checkpoint was trained under ("null": none)
     try:
+        if args.resume and marker.is_file():  # before the model loads
+            had = json.loads(marker.read_text())
+            now = adapter_fingerprint(args.adapter, args.adapter_scale) if args.adapter else None
+            if not same_adapter(had, now):
+                raise ValueError(f"{out / 'checkpoint'} was trained with {describe_adapter(had)}, not "
+                                 f"{describe_adapter(now)}; resume with the same adapter (or start over without "
+                                 "--resume)")
         cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
                            rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
                            t_weight=args.t_weight, seed=args.seed, target=args.target,
@@ -86,6 +94,8 @@ def run(args, device, dtype, solve_closed_form) -> int:
             return runner.sample(batch, steps=args.steps, guidance=args.guidance, height=args.height,
                                  width=args.width, seed=seed, latent=True)
 
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(adapter))
         report = train_global(runner.transformer, rollout, prompts, cfg, checkpoint=out / "checkpoint",
                               resume=args.resume, store_device=args.store_device)
     except (ModelError, ValueError, FileNotFoundError, DistillError) as e:
