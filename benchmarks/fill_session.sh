@@ -12,11 +12,15 @@
 #   c  weights out; carry .cache/emoji64.npz (~6.5 min): reference features, then FID of the fill closed form (dense,
 #      every step, t < 0.2, FP8 t < 0.2) and of both trainings (t < 0.2), all paired against one dense run
 #   d  weights out, nothing carried (~5 min): FLUX.1-dev speed rows with centring and the rank-8 / fill tails
+#   e  weights in the tree; carry .cache/emoji64.npz .cache/user_style_adapter.safetensors (~6 min): the compensation
+#      fitted with a user's style adapter on (issue 20, NOTES v22), at GPU scale: closed form on 256 user prompts,
+#      300 global steps from the shipped LoRA, the dense-FP8 control; the 16 held-out prompts of the CPU runs (the
+#      cached adapter was trained without them)
 # $OUT holds at most 8 files: each stage tars its own, and logs go to $OUT/calls_<stage>.txt.
-#   run: bash benchmarks/fill_session.sh {a|b|c|d}
+#   run: bash benchmarks/fill_session.sh {a|b|c|d|e}
 set -uo pipefail
 S=benchmarks/quality_global_session.sh
-stage=${1:?a, b, c or d}; L=${OUT:-/tmp/out}/calls_$stage.txt; mkdir -p "$(dirname "$L")"
+stage=${1:?a, b, c, d or e}; L=${OUT:-/tmp/out}/calls_$stage.txt; mkdir -p "$(dirname "$L")"
 case $stage in
   a)
     GATE=0 SUITE_S=70 SUITE="tests/gpu/test_centre_gpu.py::test_centred_fp8_prune_is_the_twin_bit_for_bit
@@ -48,5 +52,12 @@ case $stage in
   d)
     TESTS=0 WHEELS=none BUILD=0 PYTHONPATH=$PWD/.cache/site E2E_S=${E2E_S:-330} bash benchmarks/centre_session.sh verify \
       >> "$L" 2>&1; tail -14 "$L" ;;
+  e)
+    export PYTHONPATH=$PWD/.cache/site:$PWD RTLYNX_BUILD_DIR=$PWD/.cache/build PYTHONUNBUFFERED=1  # as stage a left them
+    [ -f .cache/lib.txt ] && export RTLYNX_LIB=$(cat .cache/lib.txt)
+    timeout ${ADAPTER_S:-420} python3 benchmarks/user_lora_compensation.py --device cuda --n 16 --cal 256 \
+      --global-steps 300 --batch 128 --rollout-prompts 64 --refresh 50 --sample-steps 15 --eval-every 100 \
+      --fp8-control --out "${OUT:-/tmp/out}/user_lora_compensation_h100.json" >> "$L" 2>&1
+    grep -a "^{\|wrote\|Error" "$L" | tail -8 ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

@@ -57,11 +57,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-steps", type=int, default=10, help="sampling steps of the training rollouts")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--global-from", choices=("shipped", "closed"), default="shipped",
+                    help="start the global training from the shipped LoRA or from the closed-form refit (then both "
+                         "run in sequence on one model)")
     ap.add_argument("--fp8-control", action="store_true",
                     help="also dense FP8 (e4m3 operands, quality.py's emulation) against dense, with and without the "
                          "adapter: is the adapted sampler as hard on another perturbation of the same layers?")
+    ap.add_argument("--device", default="cpu", help="cpu: fp32, reference path; cuda: bf16, the kernels (the adapter "
+                                                    "itself is trained on the CPU, or read from --adapter-cache)")
     ap.add_argument("--out", default=str(RESULTS / "user_lora_compensation_cpu.json"))
     args = ap.parse_args(argv)
+    meta = run_metadata()  # the commit that runs, not the one checked out when the (long) run ends
     torch.manual_seed(0)  # as user_lora_quality.py: the same adapter
     images, prompts, held = style_data(args.data, args.n)
     cfg = LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, init_lora_weights=True)
@@ -69,11 +75,12 @@ def main(argv=None) -> int:
     user_prompts = sorted(set(prompts))
 
     def fresh():
-        model = load_miniflux()
+        model = load_miniflux(device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
         io.load(model.transformer, LORA_DIR, dense_below_t=None)
-        api.configure(model.transformer, backend="reference", speed_rules=False)
+        api.configure(model.transformer, backend="reference" if args.device == "cpu" else "auto", speed_rules=False)
         model.transformer.add_adapter(cfg, adapter_name="style")
-        set_peft_model_state_dict(model.transformer, state, adapter_name="style")
+        set_peft_model_state_dict(model.transformer, {k: v.to(args.device) for k, v in state.items()},
+                                  adapter_name="style")
         return model
 
     model = fresh()
@@ -81,7 +88,7 @@ def main(argv=None) -> int:
 
     def sample(m=None):
         with torch.no_grad():
-            return to_uint8((m or model).sample(held, num_steps=args.steps, seed=0)).numpy()
+            return to_uint8((m or model).sample(held, num_steps=args.steps, seed=0)).cpu().numpy()
 
     with api.dense_mode(t):
         dense_a = sample()
@@ -116,24 +123,34 @@ def main(argv=None) -> int:
             t.enable_adapters()
         rows["dense_fp8_control"] = row
         print(json.dumps(row), flush=True)
-    if args.global_steps:
-        gcfg = GlobalConfig(steps=args.global_steps, lr=args.lr, warmup=min(20, args.global_steps // 4),
-                            batch=args.batch, calls_per_batch=8, rollout_prompts=args.rollout_prompts,
-                            refresh=args.refresh, eval_every=args.eval_every, save_every=10 ** 6)
-        t1 = time.time()
-        rep = train_global(t, lambda ps, seed: model.sample(ps, num_steps=args.sample_steps, seed=seed),
-                           user_prompts, gcfg, eval_fn=lambda step: {"psnr": judge()["every_step"]["psnr"]})
-        rows[f"global_{args.global_steps}"] = {**judge(full=True), "train_s": round(time.time() - t1, 1),
-                                               "timings": rep["timings"],
-                                               "curve": [h for h in rep["history"] if "psnr" in h]}
-    if args.cal:
-        m = fresh()
+    def closed_form(m):
+        """the compensation refitted in closed form on dense + adapter statistics of ``args.cal`` user prompts"""
         cal = user_prompts[:: max(1, len(user_prompts) // args.cal)][: args.cal]
         t1 = time.time()
         stats = collect(m.transformer, lambda: m.sample(cal, num_steps=args.steps, seed=1))
         fit_lora(m.transformer, stats, rank=args.rank, progress=False)
         rows[f"closed_form_{len(cal)}"] = {**judge(m, full=True), "fit_s": round(time.time() - t1, 1)}
-    out = {**run_metadata(), "model": "shipped mini-FLUX + shipped RT-Lynx LoRA (centred, global 500), reference path",
+        return f"closed_form_{len(cal)}_then_"
+
+    def global_(m, name):
+        """every compensation LoRA trained jointly against dense + adapter on the sparse + adapter sampler's states"""
+        gcfg = GlobalConfig(steps=args.global_steps, lr=args.lr, warmup=min(20, args.global_steps // 4),
+                            batch=args.batch, calls_per_batch=8, rollout_prompts=args.rollout_prompts,
+                            refresh=args.refresh, eval_every=args.eval_every, save_every=10 ** 6)
+        t1 = time.time()
+        rep = train_global(m.transformer, lambda ps, seed: m.sample(ps, num_steps=args.sample_steps, seed=seed),
+                           user_prompts, gcfg, eval_fn=lambda step: {"psnr": judge(m)["every_step"]["psnr"]})
+        rows[name] = {**judge(m, full=True), "train_s": round(time.time() - t1, 1), "timings": rep["timings"],
+                      "curve": [h for h in rep["history"] if "psnr" in h]}
+
+    if args.global_from == "closed":  # the two in sequence, as the shipped LoRA was made (closed form, then global)
+        global_(model, closed_form(model) + f"global_{args.global_steps}")
+    else:
+        if args.global_steps:
+            global_(model, f"global_{args.global_steps}")
+        if args.cal:
+            closed_form(fresh())
+    out = {**meta, "model": "shipped mini-FLUX + shipped RT-Lynx LoRA (centred, global 500), reference path",
            "adapter": info, "n_held_out": len(held), "sampling_steps": args.steps, "args": vars(args),
            "judged_against": "dense + adapter (no_adapter_*: dense, the adapter off)", "rows": rows,
            "wall_s": round(time.time() - t0, 1)}
