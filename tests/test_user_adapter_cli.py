@@ -90,6 +90,9 @@ def test_bad_adapters_are_one_line(tiny, tmp_path, seed):
         msg = str(e.value.code)
         assert "\n" not in msg and "--adapter" in msg and why in msg, msg
     assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="--adapter-scale needs --adapter"):
+        main(["generate", "--model", str(tiny), "--adapter-scale", "0.5", "--prompt", "x", *SAMPLE,
+              "--out", str(tmp_path / "o")])
 
 
 def test_calibrate_and_train_lora_under_an_adapter(tiny, tmp_path, seed):

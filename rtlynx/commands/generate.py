@@ -229,7 +229,11 @@ def add_model_args(p, steps_help="sampling steps (default: the pipeline's own)")
 
 def load_adapter(runner, args) -> dict | None:
     """--adapter on ``runner`` before it is sparsified: its fingerprint, or None without one (ModelError if bad)."""
+    from ..pipelines import ModelError
+
     if not getattr(args, "adapter", None):
+        if getattr(args, "adapter_scale", 1.0) != 1.0:
+            raise ModelError("--adapter-scale needs --adapter (the adapter file it scales)")
         return None
     fp = runner.load_adapter(args.adapter, args.adapter_scale)
     print(f"adapter {fp['file']} active at scale {fp['scale']:g}")
