@@ -172,7 +172,7 @@ def test_global_training_under_an_adapter_keeps_it_frozen(tiny, tmp_path, seed):
                  "--prompts-file", str(tiny / "prompts.txt"), "--steps", "2", "--train-steps", "3",
                  "--rollout-prompts", "2", "--batch-rows", "4", "--device", "cpu", "--adapter", str(f),
                  "--out", str(out)]) == 0
-    with pytest.raises(SystemExit, match="trained with adapter a.safetensors"):  # resumed without the adapter
+    with pytest.raises(SystemExit, match="made with adapter a.safetensors"):  # resumed without the adapter
         main(["train-lora", "--objective", "global", "--model", str(tiny), "--init", str(tmp_path / "init"),
               "--prompts-file", str(tiny / "prompts.txt"), "--steps", "2", "--train-steps", "4",
               "--rollout-prompts", "2", "--batch-rows", "4", "--device", "cpu", "--resume", "--out", str(out)])

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..validate import arg_int, arg_real, arg_t
 from . import help_of, train_global
-from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, describe_adapter, hidden_alias,
-                       load_adapter, read_prompts, same_adapter, torch_dtype)
+from .generate import (add_centre_arg, add_model_args, add_old_names, centre_of, hidden_alias, load_adapter,
+                       read_prompts, resume_adapter_error, torch_dtype)
 
 
 def calibration_prompts(args) -> list[str]:
@@ -87,9 +87,9 @@ def check_resume(out: Path, args, prompts: list[str], adapter: dict | None = Non
             if key in meta and meta[key] != (str(args.model) if key == "model" else getattr(args, key)):
                 raise SystemExit(f"rtlynx calibrate: {part} was made with --{key} {meta[key]}, not "
                                  f"{getattr(args, key)}; resume with the same settings (or --overwrite)")
-        if not same_adapter(adapter_of(meta), adapter):
-            raise SystemExit(f"rtlynx calibrate: {part} was made with {describe_adapter(adapter_of(meta))}, not "
-                             f"{describe_adapter(adapter)}; resume with the same adapter (or --overwrite)")
+        why = resume_adapter_error(part, adapter_of(meta), adapter)
+        if why:
+            raise SystemExit(f"rtlynx calibrate: {why} (or --overwrite)")
         done = meta.get("prompts_done", 0)
         if meta.get("prompts_sha") != prompts_digest(prompts[:done]):
             raise SystemExit(f"rtlynx calibrate: {part} was made from other prompts than the first {done} of "

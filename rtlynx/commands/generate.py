@@ -254,6 +254,13 @@ def adapter_mismatch(fitted: dict | None, running: dict | None) -> str | None:
             "closest images")
 
 
+def resume_adapter_error(where, had: dict | None, now: dict | None) -> str | None:
+    """Why ``where``, made under the adapter ``had``, cannot be resumed under ``now`` (None: it can)."""
+    if same_adapter(had, now):
+        return None
+    return f"{where} was made with {describe_adapter(had)}, not {describe_adapter(now)}; resume with the same adapter"
+
+
 def describe_adapter(fp: dict | None) -> str:
     if fp is None:
         return "no adapter"

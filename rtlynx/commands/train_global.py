@@ -52,7 +52,7 @@ def run(args, device, dtype, solve_closed_form) -> int:
     from .. import api, io
     from ..distill_global import DistillError, GlobalConfig, grow_lora_rank, train_global
     from ..pipelines import ModelError, adapter_fingerprint, load_runner
-    from .generate import describe_adapter, load_adapter, read_prompts, same_adapter
+    from .generate import load_adapter, read_prompts, resume_adapter_error
 
     out = Path(args.out)
     if not args.prompts:
@@ -67,12 +67,10 @@ def run(args, device, dtype, solve_closed_form) -> int:
     marker = out / "checkpoint" / "adapter.json"  # the adapter a checkpoint was trained under ("null": none)
     try:
         if args.resume and marker.is_file():  # before the model loads
-            had = json.loads(marker.read_text())
             now = adapter_fingerprint(args.adapter, args.adapter_scale) if args.adapter else None
-            if not same_adapter(had, now):
-                raise ValueError(f"{out / 'checkpoint'} was trained with {describe_adapter(had)}, not "
-                                 f"{describe_adapter(now)}; resume with the same adapter (or start over without "
-                                 "--resume)")
+            why = resume_adapter_error(out / "checkpoint", json.loads(marker.read_text()), now)
+            if why:
+                raise ValueError(f"{why} (or start over without --resume)")
         cfg = GlobalConfig(steps=args.train_steps, lr=args.lr, batch=args.batch_rows,
                            rollout_prompts=args.rollout_prompts, refresh=args.refresh, states=args.states,
                            t_weight=args.t_weight, seed=args.seed, target=args.target,
