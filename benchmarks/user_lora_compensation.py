@@ -123,6 +123,7 @@ def main(argv=None) -> int:
             t.enable_adapters()
         rows["dense_fp8_control"] = row
         print(json.dumps(row), flush=True)
+
     def closed_form(m):
         """the compensation refitted in closed form on dense + adapter statistics of ``args.cal`` user prompts"""
         cal = user_prompts[:: max(1, len(user_prompts) // args.cal)][: args.cal]
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
             global_(model, f"global_{args.global_steps}")
         if args.cal:
             closed_form(fresh())
-    out = {**meta, "model": "shipped mini-FLUX + shipped RT-Lynx LoRA (centred, global 500), reference path",
+    out = {**meta, "model": "shipped mini-FLUX + shipped RT-Lynx LoRA (centred, global 500), "
+           + ("fp32, reference path" if args.device == "cpu" else "bf16, backend auto"),
            "adapter": info, "n_held_out": len(held), "sampling_steps": args.steps, "args": vars(args),
            "judged_against": "dense + adapter (no_adapter_*: dense, the adapter off)", "rows": rows,
            "wall_s": round(time.time() - t0, 1)}
